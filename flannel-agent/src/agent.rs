@@ -1,0 +1,543 @@
+//! The node agent: picks the data path, keeps Flannel's kernel objects and
+//! the BPF maps in step with the leases and the registered pods, and serves
+//! the local API.
+//!
+//! Reconciliation is level-triggered: each pass computes the desired state
+//! from the leases and the pod records, reads what the kernel and the maps
+//! hold, and applies only the difference. It runs at start, after every API
+//! change, on SIGHUP and on a timer, so drift is repaired, not just logged.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context};
+use flannel_common::{Config, Endpoint, RemoteNode, CONFIG_F_READY, VXLAN_ENCAP_LEN};
+use ipnet::Ipv4Net;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
+};
+
+use crate::{
+    api::{EndpointRecord, Request, Response, Status},
+    ebpf::{self, Datapath},
+    lease::{self, Lease},
+    mac::MacAddr,
+    netlink::{Link, Netlink, RemoteEntry, VxlanSpec},
+};
+
+/// Which data path the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatapathMode {
+    /// eBPF when it loads, the kernel path otherwise.
+    Auto,
+    /// eBPF or fail.
+    Ebpf,
+    /// Pure Flannel behaviour: bridge, flannel.<VNI>, routes; no eBPF.
+    Kernel,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub iface: Option<String>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub lease_file: PathBuf,
+    pub vni: u32,
+    pub port: u16,
+    pub datapath: DatapathMode,
+    pub bpf_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub bridge: String,
+    pub resync: Duration,
+}
+
+impl Options {
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+
+    fn endpoints_file(&self) -> PathBuf {
+        self.run_dir.join("endpoints.json")
+    }
+
+    fn vtep_name(&self) -> String {
+        format!("flannel.{}", self.vni)
+    }
+}
+
+/// Facts about this node fixed at start.
+struct Node {
+    uplink: Link,
+    ip: Ipv4Addr,
+    lease: Lease,
+}
+
+struct Agent {
+    opts: Options,
+    nl: Netlink,
+    node: Node,
+    dp: Option<Datapath>,
+    reason: String,
+    /// Remote leases last read successfully (kept when the file breaks).
+    leases: Vec<Lease>,
+    endpoints: BTreeMap<Ipv4Addr, EndpointRecord>,
+    /// Pod links this process has already (re)attached or adopted.
+    attached: HashSet<u32>,
+}
+
+type ApiCall = (Request, oneshot::Sender<Response>);
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("creating run directory {}", opts.run_dir.display()))?;
+    let nl = Netlink::connect()?;
+    let uplink = match &opts.iface {
+        Some(name) => nl.require_link(name).await?,
+        None => nl.default_route_link().await?,
+    };
+    let ip = match opts.public_ip {
+        Some(ip) => ip,
+        None => nl
+            .ipv4_addrs(uplink.index)
+            .await?
+            .first()
+            .map(|n| n.addr())
+            .ok_or_else(|| anyhow!("uplink {} has no IPv4 address", uplink.name))?,
+    };
+    let leases = lease::load(&opts.lease_file)?;
+    let lease = *leases
+        .iter()
+        .find(|l| l.public_ip == ip)
+        .ok_or_else(|| anyhow!("{} holds no lease for this node's IP {ip}", opts.lease_file.display()))?;
+    tracing::info!(uplink = %uplink.name, %ip, subnet = %lease.subnet, "starting");
+
+    let mut agent = Agent {
+        endpoints: load_endpoints(&opts.endpoints_file())?,
+        opts,
+        nl,
+        node: Node { uplink, ip, lease },
+        dp: None,
+        reason: String::new(),
+        leases,
+        attached: HashSet::new(),
+    };
+    agent.ensure_kernel_objects().await?;
+    agent.choose_datapath().await?;
+    agent.reconcile().await;
+
+    let socket = agent.opts.socket();
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("binding the agent socket {}", socket.display()))?;
+    let (tx, mut rx) = mpsc::channel::<ApiCall>(64);
+    tokio::spawn(accept_loop(listener, tx));
+
+    let mut tick = tokio::time::interval(agent.opts.resync);
+    tick.tick().await;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tracing::info!(socket = %socket.display(), "ready");
+    loop {
+        tokio::select! {
+            _ = tick.tick() => agent.reconcile().await,
+            _ = hup.recv() => agent.reconcile().await,
+            Some((req, reply)) = rx.recv() => {
+                let resp = agent.handle(req).await;
+                let _ = reply.send(resp);
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    // Pinned maps and links stay: the data path keeps forwarding.
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped; the data path stays in place");
+    Ok(())
+}
+
+async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<ApiCall>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve(stream, tx.clone()));
+            }
+            Err(err) => {
+                tracing::warn!(%err, "accepting an API connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve(stream: UnixStream, tx: mpsc::Sender<ApiCall>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let (rtx, rrx) = oneshot::channel();
+                if tx.send((req, rtx)).await.is_err() {
+                    return;
+                }
+                rrx.await.unwrap_or_else(|_| Response::err("agent is stopping"))
+            }
+            Err(err) => Response::err(format!("malformed request: {err}")),
+        };
+        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn load_endpoints(path: &Path) -> anyhow::Result<BTreeMap<Ipv4Addr, EndpointRecord>> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let list: Vec<EndpointRecord> = serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading pod records {}", path.display()))?;
+            Ok(list.into_iter().map(|e| (e.ip, e)).collect())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("reading pod records {}", path.display())),
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file + rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+impl Agent {
+    fn pod_mtu(&self) -> u32 {
+        self.node.uplink.mtu - VXLAN_ENCAP_LEN
+    }
+
+    fn gateway(&self) -> Ipv4Net {
+        let subnet = self.node.lease.subnet;
+        Ipv4Net::new(Ipv4Addr::from(u32::from(subnet.network()) + 1), subnet.prefix_len())
+            .expect("prefix length comes from a valid subnet")
+    }
+
+    fn vxlan_spec(&self) -> VxlanSpec {
+        VxlanSpec {
+            name: self.opts.vtep_name(),
+            vni: self.opts.vni,
+            local: self.node.ip,
+            uplink: self.node.uplink.index,
+            port: self.opts.port,
+            mtu: self.pod_mtu(),
+            mac: self.node.lease.vtep_mac,
+        }
+    }
+
+    /// `cni0` and `flannel.<VNI>`, created or repaired. Returns their links.
+    async fn ensure_kernel_objects(&mut self) -> anyhow::Result<(Link, Link)> {
+        // The uplink may have been replaced or flapped; refresh what we know.
+        if let Some(up) = self.nl.link_by_name(&self.node.uplink.name).await? {
+            if !up.up {
+                tracing::warn!(uplink = %up.name, "uplink is down");
+            }
+            self.node.uplink = up;
+        }
+        let bridge = self
+            .nl
+            .ensure_bridge(&self.opts.bridge, self.gateway(), self.pod_mtu(), bridge_mac(self.gateway().addr()))
+            .await?;
+        let vtep_addr = Ipv4Net::new(self.node.lease.subnet.network(), 32)?;
+        let vtep = self.nl.ensure_vxlan(&self.vxlan_spec(), vtep_addr).await?;
+        Ok((bridge, vtep))
+    }
+
+    async fn choose_datapath(&mut self) -> anyhow::Result<()> {
+        match self.opts.datapath {
+            DatapathMode::Kernel => {
+                // Coming from an eBPF run: take its programs off the interfaces.
+                ebpf::remove_pins(&self.opts.bpf_dir)?;
+                self.reason = "requested with --datapath kernel".into();
+            }
+            DatapathMode::Auto | DatapathMode::Ebpf => match self.start_ebpf() {
+                Ok(mode) => {
+                    self.reason = format!("XDP ({mode}) on {}, TC on pod veths", self.node.uplink.name);
+                }
+                Err(err) if self.opts.datapath == DatapathMode::Auto => {
+                    self.dp = None;
+                    ebpf::remove_pins(&self.opts.bpf_dir)?;
+                    self.reason = format!("eBPF unavailable: {err:#}");
+                }
+                Err(err) => return Err(err.context("starting the eBPF data path (--datapath ebpf)")),
+            },
+        }
+        let which = if self.dp.is_some() { "ebpf" } else { "kernel" };
+        tracing::info!(datapath = which, reason = %self.reason, "data path selected");
+        Ok(())
+    }
+
+    fn start_ebpf(&mut self) -> anyhow::Result<&'static str> {
+        let mut dp = Datapath::load(&self.opts.bpf_dir)?;
+        let mode = dp.attach_uplink(&self.node.uplink.name, self.node.uplink.index)?;
+        self.dp = Some(dp);
+        Ok(mode)
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            datapath: if self.dp.is_some() { "ebpf" } else { "kernel" }.into(),
+            reason: self.reason.clone(),
+            subnet: self.node.lease.subnet.to_string(),
+            remote_leases: self.remotes().len(),
+            endpoints: self.endpoints.len(),
+        }
+    }
+
+    fn remotes(&self) -> Vec<RemoteEntry> {
+        self.leases
+            .iter()
+            .filter(|l| l.public_ip != self.node.ip)
+            .map(|l| RemoteEntry {
+                subnet: l.subnet,
+                public_ip: l.public_ip,
+                vtep_mac: l.vtep_mac,
+            })
+            .collect()
+    }
+
+    async fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status => Response {
+                status: Some(self.status()),
+                ..Response::ok()
+            },
+            Request::List => Response {
+                endpoints: Some(self.endpoints.values().cloned().collect()),
+                ..Response::ok()
+            },
+            Request::Add(rec) => match self.add_endpoint(rec).await {
+                Ok(()) => Response::ok(),
+                Err(err) => Response::err(format!("{err:#}")),
+            },
+            Request::Del { ip } => match self.del_endpoint(ip) {
+                Ok(()) => Response::ok(),
+                Err(err) => Response::err(format!("{err:#}")),
+            },
+        }
+    }
+
+    async fn add_endpoint(&mut self, rec: EndpointRecord) -> anyhow::Result<()> {
+        if !self.node.lease.subnet.contains(&rec.ip) || rec.ip == self.gateway().addr() {
+            bail!("pod IP {} is not a pod address of this node's lease {}", rec.ip, self.node.lease.subnet);
+        }
+        if !rec.mac.is_unicast() {
+            bail!("pod MAC {} is not a unicast address", rec.mac);
+        }
+        let link = self
+            .nl
+            .link_by_name(&rec.host_ifname)
+            .await?
+            .ok_or_else(|| anyhow!("host interface {} does not exist on this node", rec.host_ifname))?;
+        if let Some(dp) = self.dp.as_mut() {
+            dp.attach_pod(&rec.host_ifname, link.index)?;
+            self.attached.insert(link.index);
+            dp.put_endpoint(
+                rec.ip,
+                &Endpoint {
+                    host_ifindex: link.index,
+                    pod_mac: rec.mac.0,
+                    _pad: [0; 2],
+                },
+            )?;
+        }
+        self.endpoints.insert(rec.ip, rec);
+        self.save_endpoints()
+    }
+
+    fn del_endpoint(&mut self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let rec = self.endpoints.remove(&ip);
+        if let Some(dp) = self.dp.as_mut() {
+            dp.remove_endpoint(ip)?;
+            if let Some(rec) = rec {
+                if let Some(index) = ifindex(&rec.host_ifname) {
+                    dp.detach_pod(index);
+                    self.attached.remove(&index);
+                }
+            }
+        }
+        self.save_endpoints()
+    }
+
+    fn save_endpoints(&self) -> anyhow::Result<()> {
+        let list: Vec<_> = self.endpoints.values().collect();
+        write_atomic(&self.opts.endpoints_file(), &serde_json::to_vec_pretty(&list)?)
+            .context("saving pod records")
+    }
+
+    /// One full pass. Errors are logged; the next pass retries.
+    async fn reconcile(&mut self) {
+        match lease::load(&self.opts.lease_file) {
+            Ok(leases) => self.leases = leases,
+            Err(err) => tracing::warn!(%err, "keeping the last known leases"),
+        }
+        if let Err(err) = self.reconcile_kernel().await {
+            tracing::warn!(err = %format!("{err:#}"), "reconciling kernel objects");
+        }
+        if let Err(err) = self.reconcile_ebpf().await {
+            tracing::warn!(err = %format!("{err:#}"), "reconciling the eBPF data path");
+        }
+    }
+
+    async fn reconcile_kernel(&mut self) -> anyhow::Result<()> {
+        let (_, vtep) = self.ensure_kernel_objects().await?;
+        let want: HashMap<Ipv4Net, RemoteEntry> =
+            self.remotes().into_iter().map(|r| (r.subnet, r)).collect();
+        let routes = self.nl.vtep_routes(vtep.index).await?;
+        let neigh: HashMap<Ipv4Addr, MacAddr> = self.nl.vtep_neighbours(vtep.index).await?.into_iter().collect();
+        let fdb: HashSet<(MacAddr, Option<IpAddr>)> = self.nl.vtep_fdb(vtep.index).await?.into_iter().collect();
+        let have_routes: HashSet<Ipv4Net> = routes
+            .iter()
+            .filter(|r| Netlink::route_onlink(r))
+            .filter_map(Netlink::route_dst)
+            .collect();
+        let mut programmed = 0;
+        for r in want.values() {
+            let ok = have_routes.contains(&r.subnet)
+                && neigh.get(&r.subnet.network()) == Some(&r.vtep_mac)
+                && fdb.contains(&(r.vtep_mac, Some(IpAddr::V4(r.public_ip))));
+            if !ok {
+                self.nl.program_remote(vtep.index, r).await?;
+                programmed += 1;
+            }
+        }
+        let mut removed = 0;
+        for route in routes {
+            if Netlink::route_dst(&route).is_some_and(|d| !want.contains_key(&d)) {
+                self.nl.delete_route(route).await?;
+                removed += 1;
+            }
+        }
+        let want_gw: HashMap<Ipv4Addr, MacAddr> =
+            want.values().map(|r| (r.subnet.network(), r.vtep_mac)).collect();
+        for (ip, _) in neigh.iter().filter(|(ip, mac)| want_gw.get(ip) != Some(mac)) {
+            self.nl.delete_neighbour(vtep.index, *ip).await?;
+            removed += 1;
+        }
+        let want_fdb: HashSet<(MacAddr, Option<IpAddr>)> = want
+            .values()
+            .map(|r| (r.vtep_mac, Some(IpAddr::V4(r.public_ip))))
+            .collect();
+        for (mac, dst) in fdb.iter().filter(|e| !want_fdb.contains(e)) {
+            self.nl.delete_fdb(vtep.index, *mac, *dst).await?;
+            removed += 1;
+        }
+        if programmed + removed > 0 {
+            tracing::info!(programmed, removed, "kernel routes, neighbours and FDB updated");
+        }
+        Ok(())
+    }
+
+    async fn reconcile_ebpf(&mut self) -> anyhow::Result<()> {
+        if self.dp.is_none() {
+            return Ok(());
+        }
+        let bridge = self.nl.require_link(&self.opts.bridge).await?;
+        let uplink = self.node.uplink.clone();
+        let cfg = Config {
+            vni: self.opts.vni,
+            udp_port: self.opts.port,
+            node_ip: ebpf::ip_key(self.node.ip),
+            uplink_ifindex: uplink.index,
+            inner_mtu: self.pod_mtu(),
+            flags: CONFIG_F_READY,
+            vtep_mac: self.node.lease.vtep_mac.0,
+            uplink_mac: uplink.mac.unwrap_or_default().0,
+            gateway_mac: bridge.mac.unwrap_or_default().0,
+            ..Default::default()
+        };
+        let remotes: HashMap<Ipv4Net, RemoteNode> = self
+            .remotes()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.subnet,
+                    RemoteNode {
+                        node_ip: ebpf::ip_key(r.public_ip),
+                        vtep_mac: r.vtep_mac.0,
+                        _pad: [0; 2],
+                    },
+                )
+            })
+            .collect();
+        let vteps: HashSet<Ipv4Addr> = self.remotes().iter().map(|r| r.public_ip).collect();
+
+        // Pods whose interface vanished are gone: forget them.
+        let mut live = BTreeMap::new();
+        for (ip, rec) in &self.endpoints {
+            match self.nl.link_by_name(&rec.host_ifname).await? {
+                Some(link) => {
+                    live.insert(*ip, (rec.clone(), link.index));
+                }
+                None => tracing::info!(pod = %ip, ifname = %rec.host_ifname, "pod interface gone; removing"),
+            }
+        }
+        let vanished = live.len() != self.endpoints.len();
+
+        let dp = self.dp.as_mut().expect("checked above");
+        dp.set_config(&cfg)?;
+        let (rs, rr) = dp.sync_remotes(&remotes)?;
+        let (vs, vr) = dp.sync_vteps(&vteps)?;
+        if rs + rr + vs + vr > 0 {
+            tracing::info!(set = rs, removed = rr, vteps_set = vs, vteps_removed = vr, "remote subnets updated");
+        }
+        let in_map = dp.endpoints()?;
+        for (ip, (rec, index)) in &live {
+            if !self.attached.contains(index) || !dp.pinned_pod_links().contains(index) {
+                dp.attach_pod(&rec.host_ifname, *index)?;
+                self.attached.insert(*index);
+            }
+            let want = Endpoint {
+                host_ifindex: *index,
+                pod_mac: rec.mac.0,
+                _pad: [0; 2],
+            };
+            if in_map.get(ip) != Some(&want) {
+                dp.put_endpoint(*ip, &want)?;
+            }
+        }
+        for ip in in_map.keys().filter(|ip| !live.contains_key(ip)) {
+            dp.remove_endpoint(*ip)?;
+        }
+        let live_indexes: HashSet<u32> = live.values().map(|(_, i)| *i).collect();
+        for index in dp.pinned_pod_links() {
+            if !live_indexes.contains(&index) {
+                dp.detach_pod(index);
+                self.attached.remove(&index);
+            }
+        }
+        if vanished {
+            self.endpoints = live.into_iter().map(|(ip, (rec, _))| (ip, rec)).collect();
+            self.save_endpoints()?;
+        }
+        Ok(())
+    }
+}
+
+/// A fixed bridge MAC, so the gateway MAC does not follow the ports.
+fn bridge_mac(gateway: Ipv4Addr) -> MacAddr {
+    let o = gateway.octets();
+    MacAddr([0x0e, 0xb7, o[0], o[1], o[2], o[3]])
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: plain libc call on a valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}

@@ -1,0 +1,150 @@
+//! The agent's local API: one JSON request and one JSON response per line
+//! over a unix socket. The lab and the CNI plugin register and remove pods
+//! through it; `status` tells whether the node is ready and on which path.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::mac::MacAddr;
+
+/// A pod as registered with the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointRecord {
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
+    /// The host side of the pod's veth, in the agent's network namespace.
+    pub host_ifname: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Add(EndpointRecord),
+    Del { ip: Ipv4Addr },
+    List,
+    Status,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// `ebpf` or `kernel`.
+    pub datapath: String,
+    /// Why this data path is the active one.
+    pub reason: String,
+    pub subnet: String,
+    pub remote_leases: usize,
+    pub endpoints: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<EndpointRecord>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Response {
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn err(msg: impl ToString) -> Self {
+        Self {
+            ok: false,
+            error: Some(msg.to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("agent socket {path}: {source} (is the agent running on this node?)")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("talking to the agent: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("agent sent an unreadable response: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("agent refused: {0}")]
+    Refused(String),
+}
+
+/// Sends one request and waits for its response (blocking).
+pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
+    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut reader = BufReader::new(&stream);
+    let mut buf = String::new();
+    reader.read_line(&mut buf)?;
+    let resp: Response = serde_json::from_str(&buf)?;
+    if !resp.ok {
+        return Err(ClientError::Refused(
+            resp.error.unwrap_or_else(|| "no reason given".into()),
+        ));
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_decode_from_their_wire_form() {
+        let table = [
+            (
+                r#"{"op":"add","ip":"10.244.1.2","mac":"0e:00:00:00:00:02","host_ifname":"veth1"}"#,
+                Request::Add(EndpointRecord {
+                    ip: "10.244.1.2".parse().unwrap(),
+                    mac: "0e:00:00:00:00:02".parse().unwrap(),
+                    host_ifname: "veth1".into(),
+                }),
+            ),
+            (r#"{"op":"del","ip":"10.244.1.2"}"#, Request::Del { ip: "10.244.1.2".parse().unwrap() }),
+            (r#"{"op":"list"}"#, Request::List),
+            (r#"{"op":"status"}"#, Request::Status),
+        ];
+        for (text, want) in table {
+            assert_eq!(serde_json::from_str::<Request>(text).unwrap(), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        for bad in [
+            "",
+            "{}",
+            r#"{"op":"add","ip":"10.244.1.2"}"#,
+            r#"{"op":"add","ip":"300.1.1.1","mac":"0e:00:00:00:00:02","host_ifname":"v"}"#,
+            r#"{"op":"del"}"#,
+            r#"{"op":"reboot"}"#,
+            r#"{"op":"list","extra":1}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad:?}");
+        }
+    }
+}

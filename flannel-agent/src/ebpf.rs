@@ -1,0 +1,462 @@
+//! Loading, attaching and feeding the eBPF data path.
+//!
+//! Maps and program links are pinned under one directory per agent instance
+//! (`<bpf-dir>/maps/<MAP>`, `<bpf-dir>/links/<name>`), so the data path keeps
+//! forwarding while the agent is down. A starting agent loads its programs
+//! against the pinned maps (reusing them) and swaps its programs into the
+//! pinned links atomically (`bpf_link_update`) instead of tearing anything
+//! down.
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+        links::LinkError, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    sys::SyscallError,
+    Ebpf, EbpfLoader,
+};
+use flannel_common::{counters, maps, programs, Config, Endpoint, RemoteNode, Vtep};
+use ipnet::Ipv4Net;
+
+/// The eBPF object, built by `build.rs` and embedded in the binary.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("creating pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("link {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+}
+
+type Result<T> = std::result::Result<T, EbpfError>;
+
+/// Address bytes as the programs compare them (network order in memory).
+pub fn ip_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+pub fn key_ip(key: u32) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+pub struct Datapath {
+    bpf: Ebpf,
+    dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the programs; maps are reused from `dir` when pinned there.
+    pub fn load(dir: &Path) -> Result<Self> {
+        for sub in ["maps", "links"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|source| EbpfError::PinDir { path, source })?;
+        }
+        let map_paths: Vec<(&str, PathBuf)> = maps::ALL
+            .iter()
+            .map(|m| (*m, dir.join("maps").join(m)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut bpf = loader.load(OBJECT)?;
+        for name in [programs::TC_FROM_POD, programs::TC_UPLINK_INGRESS] {
+            let prog: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .ok_or(EbpfError::Missing(name))?
+                .try_into()
+                .map_err(|source| EbpfError::Program { name, source })?;
+            prog.load().map_err(|source| EbpfError::Program { name, source })?;
+        }
+        let xdp: &mut Xdp = bpf
+            .program_mut(programs::XDP_UPLINK)
+            .ok_or(EbpfError::Missing(programs::XDP_UPLINK))?
+            .try_into()
+            .map_err(|source| EbpfError::Program {
+                name: programs::XDP_UPLINK,
+                source,
+            })?;
+        xdp.load().map_err(|source| EbpfError::Program {
+            name: programs::XDP_UPLINK,
+            source,
+        })?;
+        Ok(Self {
+            bpf,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn link_path(&self, name: &str) -> PathBuf {
+        self.dir.join("links").join(name)
+    }
+
+    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
+        self.bpf
+            .program_mut(name)
+            .ok_or(EbpfError::Missing(name))?
+            .try_into()
+            .map_err(|source| EbpfError::Program { name, source })
+    }
+
+    /// Opens a pinned link, or `None` when nothing is pinned there.
+    fn pinned(path: &Path) -> Result<Option<FdLink>> {
+        match PinnedLink::from_pin(path) {
+            Ok(p) => Ok(Some(FdLink::from(p))),
+            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(source) => Err(EbpfError::Link {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Attaches (or takes over the pinned attachment of) a TC ingress
+    /// program on `ifname`, pinned as `link_name`.
+    fn attach_tc(&mut self, prog: &'static str, ifname: &str, link_name: &str) -> Result<()> {
+        let path = self.link_path(link_name);
+        if Self::tc_link_alive(&path, ifname) {
+            if let Some(old) = Self::pinned(&path)? {
+                let link = SchedClassifierLink::try_from(old).map_err(|source| EbpfError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+                let p = self.classifier(prog)?;
+                let id = p
+                    .attach_to_link(link)
+                    .map_err(|source| EbpfError::Program { name: prog, source })?;
+                // The pin keeps the link attached; our fd may close.
+                drop(p.take_link(id));
+                return Ok(());
+            }
+        }
+        // Nothing pinned, or pinned for an interface that is gone.
+        let _ = std::fs::remove_file(&path);
+        let p = self.classifier(prog)?;
+        let id = p
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|source| EbpfError::Program { name: prog, source })?;
+        let link = p
+            .take_link(id)
+            .map_err(|source| EbpfError::Program { name: prog, source })?;
+        let fd = FdLink::try_from(link).map_err(|source| EbpfError::Link {
+            path: path.clone(),
+            source,
+        })?;
+        fd.pin(&path)
+            .map_err(|source| EbpfError::Pin { path, source })?;
+        Ok(())
+    }
+
+    /// A tcx link whose device went away reports ifindex 0.
+    fn tc_link_alive(path: &Path, ifname: &str) -> bool {
+        let want = nix_ifindex(ifname);
+        pinned_link_ifindex(path).is_some_and(|i| i != 0 && Some(i) == want)
+    }
+
+    /// XDP decap and TC redirect on the uplink. Native XDP when the driver
+    /// has it, generic otherwise; returns the XDP mode in use.
+    pub fn attach_uplink(&mut self, ifname: &str, ifindex: u32) -> Result<&'static str> {
+        self.attach_tc(programs::TC_UPLINK_INGRESS, ifname, "tc_uplink")?;
+        let path = self.link_path("xdp_uplink");
+        let xdp: &mut Xdp = self
+            .bpf
+            .program_mut(programs::XDP_UPLINK)
+            .ok_or(EbpfError::Missing(programs::XDP_UPLINK))?
+            .try_into()
+            .map_err(|source| EbpfError::Program {
+                name: programs::XDP_UPLINK,
+                source,
+            })?;
+        let prog_err = |source| EbpfError::Program {
+            name: programs::XDP_UPLINK,
+            source,
+        };
+        if let Some(old) = Self::pinned(&path)? {
+            let alive = pinned_link_ifindex(&path).is_some_and(|i| i == ifindex);
+            if alive {
+                let link = XdpLink::try_from(old).map_err(|source| EbpfError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+                let id = xdp.attach_to_link(link).map_err(prog_err)?;
+                drop(xdp.take_link(id));
+                return Ok("adopted");
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        let (id, mode) = match xdp.attach_to_if_index(ifindex, XdpMode::Driver) {
+            Ok(id) => (id, "native"),
+            Err(err) => {
+                tracing::warn!(%err, uplink = ifname, "native XDP unavailable; using generic XDP");
+                (
+                    xdp.attach_to_if_index(ifindex, XdpMode::Skb)
+                        .map_err(prog_err)?,
+                    "generic",
+                )
+            }
+        };
+        let link = xdp.take_link(id).map_err(prog_err)?;
+        let fd = FdLink::try_from(link).map_err(|source| EbpfError::Link {
+            path: path.clone(),
+            source,
+        })?;
+        fd.pin(&path)
+            .map_err(|source| EbpfError::Pin { path, source })?;
+        Ok(mode)
+    }
+
+    /// Attaches `tc_from_pod` to a pod's host-side veth.
+    pub fn attach_pod(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        self.attach_tc(programs::TC_FROM_POD, ifname, &format!("pod_{ifindex}"))
+    }
+
+    /// Forgets a pod's attachment (the link dies with the interface).
+    pub fn detach_pod(&mut self, ifindex: u32) {
+        let _ = std::fs::remove_file(self.link_path(&format!("pod_{ifindex}")));
+    }
+
+    /// Interface indexes with a pinned pod link.
+    pub fn pinned_pod_links(&self) -> Vec<u32> {
+        let Ok(rd) = std::fs::read_dir(self.dir.join("links")) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("pod_")?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
+        self.bpf.map_mut(name).ok_or(EbpfError::Missing(name))
+    }
+
+    pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
+        let mut arr: Array<_, Config> = Array::try_from(self.map_mut(maps::CONFIG)?)
+            .map_err(|source| EbpfError::Map {
+                name: maps::CONFIG,
+                source,
+            })?;
+        arr.set(0, cfg, 0).map_err(|source| EbpfError::Map {
+            name: maps::CONFIG,
+            source,
+        })
+    }
+
+    /// Makes the remote-subnet trie hold exactly `want`. Returns (set, removed).
+    pub fn sync_remotes(&mut self, want: &StdHashMap<Ipv4Net, RemoteNode>) -> Result<(usize, usize)> {
+        let err = |source| EbpfError::Map {
+            name: maps::REMOTE_SUBNETS,
+            source,
+        };
+        let mut trie: LpmTrie<_, u32, RemoteNode> =
+            LpmTrie::try_from(self.map_mut(maps::REMOTE_SUBNETS)?).map_err(err)?;
+        let mut have = StdHashMap::new();
+        for item in trie.iter() {
+            let (k, v) = item.map_err(err)?;
+            have.insert(Ipv4Net::new(key_ip(k.data()), k.prefix_len() as u8).ok(), (k, v));
+        }
+        let mut set = 0;
+        for (net, node) in want {
+            if have.get(&Some(*net)).map(|(_, v)| v) != Some(node) {
+                trie.insert(&Key::new(u32::from(net.prefix_len()), ip_key(net.network())), node, 0)
+                    .map_err(err)?;
+                set += 1;
+            }
+        }
+        let mut removed = 0;
+        for (net, (k, _)) in have {
+            if !net.is_some_and(|n| want.contains_key(&n)) {
+                trie.remove(&k).map_err(err)?;
+                removed += 1;
+            }
+        }
+        Ok((set, removed))
+    }
+
+    /// Makes the known-VTEP map hold exactly `want`.
+    pub fn sync_vteps(&mut self, want: &HashSet<Ipv4Addr>) -> Result<(usize, usize)> {
+        let err = |source| EbpfError::Map {
+            name: maps::VTEPS,
+            source,
+        };
+        let mut map: HashMap<_, u32, Vtep> =
+            HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(err)?;
+        let have: HashSet<u32> = map.keys().filter_map(|k| k.ok()).collect();
+        let mut set = 0;
+        for ip in want {
+            if !have.contains(&ip_key(*ip)) {
+                map.insert(ip_key(*ip), Vtep::default(), 0).map_err(err)?;
+                set += 1;
+            }
+        }
+        let mut removed = 0;
+        for k in have {
+            if !want.contains(&key_ip(k)) {
+                map.remove(&k).map_err(err)?;
+                removed += 1;
+            }
+        }
+        Ok((set, removed))
+    }
+
+    pub fn endpoints(&mut self) -> Result<StdHashMap<Ipv4Addr, Endpoint>> {
+        let err = |source| EbpfError::Map {
+            name: maps::ENDPOINTS,
+            source,
+        };
+        let map: HashMap<_, u32, Endpoint> =
+            HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(err)?;
+        Ok(map
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (key_ip(k), v))
+            .collect())
+    }
+
+    pub fn put_endpoint(&mut self, ip: Ipv4Addr, ep: &Endpoint) -> Result<()> {
+        let err = |source| EbpfError::Map {
+            name: maps::ENDPOINTS,
+            source,
+        };
+        let mut map: HashMap<_, u32, Endpoint> =
+            HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(err)?;
+        map.insert(ip_key(ip), ep, 0).map_err(err)
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
+        let err = |source| EbpfError::Map {
+            name: maps::ENDPOINTS,
+            source,
+        };
+        let mut map: HashMap<_, u32, Endpoint> =
+            HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(err)?;
+        match map.remove(&ip_key(ip)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
+}
+
+fn nix_ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: plain libc call on a valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// The interface the link pinned at `path` is attached to; 0 once the
+/// device is gone.
+///
+/// Hand-written because aya 0.14 neither exposes a link's fd nor the union
+/// part of `struct bpf_link_info`: `BPF_OBJ_GET` on the pin, then one
+/// `BPF_OBJ_GET_INFO_BY_FD`.
+fn pinned_link_ifindex(path: &Path) -> Option<u32> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let obj = ObjAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: obj points at a valid C string for the duration of the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &obj as *const ObjAttr, std::mem::size_of::<ObjAttr>() as u32)
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this fd to us; OwnedFd closes it.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
+    // whose xdp and tcx variants both start with the ifindex.
+    let mut info = [0u64; 12];
+    let mut attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr and info are valid for the sizes given for the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &mut attr as *mut InfoAttr, std::mem::size_of::<InfoAttr>() as u32)
+    };
+    drop(owned);
+    (rc == 0).then_some((info[2] & 0xffff_ffff) as u32)
+}
+
+/// Reads the pinned per-CPU counters, summed over CPUs, by name.
+pub fn read_counters(dir: &Path) -> std::result::Result<Vec<(&'static str, u64)>, aya::maps::MapError> {
+    let data = MapData::from_pin(dir.join("maps").join(maps::COUNTERS))?;
+    let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+    let mut out = Vec::with_capacity(counters::COUNT as usize);
+    for (i, name) in counters::NAMES.iter().enumerate() {
+        let values = arr.get(&(i as u32), 0)?;
+        out.push((*name, values.iter().sum()));
+    }
+    Ok(out)
+}
+
+/// Removes everything pinned under `dir` (maps and links): the data path of
+/// that instance stops. Used by `flannel-agent cleanup` and the lab.
+pub fn remove_pins(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

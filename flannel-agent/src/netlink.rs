@@ -1,0 +1,556 @@
+//! The kernel objects Flannel keeps, programmed through rtnetlink: the `cni0`
+//! bridge, the `flannel.<VNI>` VXLAN device, and per remote lease the
+//! neighbour, FDB entry and route. Operations "ensure" (create, or reuse when
+//! compatible, or recreate when not) and use replace semantics, so running
+//! them again repairs drift.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteScope},
+    AddressFamily,
+};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+
+use crate::mac::MacAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("opening the rtnetlink socket: {0}")]
+    Connect(std::io::Error),
+    #[error("{op} {target}: {source}")]
+    Request {
+        op: &'static str,
+        target: String,
+        source: rtnetlink::Error,
+    },
+    #[error("interface {0} not found")]
+    NoSuchLink(String),
+    #[error("interface {0} has no IPv4 address")]
+    NoAddress(String),
+    #[error("no IPv4 default route to choose the uplink from (pass --iface)")]
+    NoDefaultRoute,
+}
+
+type Result<T> = std::result::Result<T, NetlinkError>;
+
+fn req(op: &'static str, target: impl ToString) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let target = target.to_string();
+    move |source| NetlinkError::Request { op, target, source }
+}
+
+/// What the agent needs to know about a link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<MacAddr>,
+    pub mtu: u32,
+    pub up: bool,
+    pub kind: Option<InfoKind>,
+    pub controller: Option<u32>,
+    pub vxlan: Vec<InfoVxlan>,
+}
+
+impl Link {
+    fn from_message(msg: &LinkMessage) -> Self {
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            mac: None,
+            mtu: 0,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            kind: None,
+            controller: None,
+            vxlan: Vec::new(),
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Address(a) if a.len() == 6 => {
+                    let mut m = [0u8; 6];
+                    m.copy_from_slice(a);
+                    link.mac = Some(MacAddr(m));
+                }
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        match info {
+                            LinkInfo::Kind(k) => link.kind = Some(k.clone()),
+                            LinkInfo::Data(InfoData::Vxlan(v)) => link.vxlan = v.clone(),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+/// How Flannel configures its VXLAN device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    pub local: Ipv4Addr,
+    pub uplink: u32,
+    pub port: u16,
+    pub mtu: u32,
+    pub mac: MacAddr,
+}
+
+impl VxlanSpec {
+    /// Whether an existing device can be reused as is (MTU and MAC are set
+    /// in place; VNI, port, local address and uplink need a new device).
+    fn compatible(&self, link: &Link) -> bool {
+        if link.kind != Some(InfoKind::Vxlan) {
+            return false;
+        }
+        let has = |want: &InfoVxlan| link.vxlan.iter().any(|v| v == want);
+        has(&InfoVxlan::Id(self.vni))
+            && has(&InfoVxlan::Port(self.port))
+            && has(&InfoVxlan::Local(self.local))
+            && has(&InfoVxlan::Link(self.uplink))
+            && has(&InfoVxlan::Learning(false))
+    }
+}
+
+/// A remote lease as programmed on `flannel.<VNI>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RemoteEntry {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: MacAddr,
+}
+
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a netlink socket in the calling thread's network namespace.
+    pub fn connect() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
+        let mut stream = self.handle.link().get().match_name(name.to_string()).execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(Some(Link::from_message(&msg))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(req("get link", name)(e)),
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
+        let mut stream = self.handle.link().get().match_index(index).execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(Some(Link::from_message(&msg))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(req("get link", index)(e)),
+        }
+    }
+
+    pub async fn require_link(&self, name: &str) -> Result<Link> {
+        self.link_by_name(name)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink(name.to_string()))
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let mut stream = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(req("list links", "*"))? {
+            out.push(Link::from_message(&msg));
+        }
+        Ok(out)
+    }
+
+    /// The interface of the IPv4 default route, as Flannel picks its uplink.
+    pub async fn default_route_link(&self) -> Result<Link> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut stream = self.handle.route().get(filter).execute();
+        while let Some(route) = stream.try_next().await.map_err(req("list routes", "main"))? {
+            if route.header.destination_prefix_length != 0 {
+                continue;
+            }
+            if let Some(oif) = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            }) {
+                if let Some(link) = self.link_by_index(oif).await? {
+                    return Ok(link);
+                }
+            }
+        }
+        Err(NetlinkError::NoDefaultRoute)
+    }
+
+    pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Net>> {
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(req("list addresses", index))? {
+            if msg.header.index != index {
+                continue;
+            }
+            for attr in &msg.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(a)) = attr {
+                    if let Ok(net) = Ipv4Net::new(*a, msg.header.prefix_len) {
+                        out.push(net);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes `index` carry exactly `want` as its IPv4 address(es).
+    pub async fn ensure_only_addrs(&self, index: u32, want: &[Ipv4Net]) -> Result<()> {
+        let have = self.ipv4_addrs(index).await?;
+        for net in want {
+            if !have.contains(net) {
+                self.handle
+                    .address()
+                    .add(index, IpAddr::V4(net.addr()), net.prefix_len())
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(req("add address", net))?;
+            }
+        }
+        if have.iter().all(|h| want.contains(h)) {
+            return Ok(());
+        }
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut stale = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(req("list addresses", index))? {
+            let local = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(a)) => Some(*a),
+                _ => None,
+            });
+            if let Some(a) = local {
+                let net = Ipv4Net::new(a, msg.header.prefix_len).ok();
+                if msg.header.index == index && !net.is_some_and(|n| want.contains(&n)) {
+                    stale.push(msg);
+                }
+            }
+        }
+        for msg in stale {
+            self.handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(req("delete address", index))?;
+        }
+        Ok(())
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(req("set up", index))
+    }
+
+    async fn set_mtu_mac(&self, index: u32, mtu: u32, mac: Option<MacAddr>) -> Result<()> {
+        let mut b = LinkUnspec::new_with_index(index).mtu(mtu);
+        if let Some(mac) = mac {
+            b = b.address(mac.0.to_vec());
+        }
+        self.handle
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .map_err(req("set mtu/mac", index))
+    }
+
+    pub async fn delete_link(&self, index: u32) -> Result<()> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(req("delete link", index)(e)),
+        }
+    }
+
+    /// The pod bridge (`cni0`), with the gateway address and pod MTU.
+    pub async fn ensure_bridge(
+        &self,
+        name: &str,
+        gateway: Ipv4Net,
+        mtu: u32,
+        mac: MacAddr,
+    ) -> Result<Link> {
+        let link = match self.link_by_name(name).await? {
+            Some(l) if l.kind == Some(InfoKind::Bridge) => l,
+            Some(l) => {
+                self.delete_link(l.index).await?;
+                self.create_bridge(name).await?
+            }
+            None => self.create_bridge(name).await?,
+        };
+        // A bridge without a set MAC takes its ports' lowest; pin it so the
+        // gateway MAC the data path writes stays true.
+        if link.mtu != mtu || link.mac != Some(mac) {
+            self.set_mtu_mac(link.index, mtu, Some(mac)).await?;
+        }
+        self.ensure_only_addrs(link.index, &[gateway]).await?;
+        if !link.up {
+            self.set_up(link.index).await?;
+        }
+        self.require_link(name).await
+    }
+
+    async fn create_bridge(&self, name: &str) -> Result<Link> {
+        match self
+            .handle
+            .link()
+            .add(LinkBridge::new(name).build())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+            Err(e) => return Err(req("create bridge", name)(e)),
+        }
+        self.require_link(name).await
+    }
+
+    /// `flannel.<VNI>` as Flannel creates it: nolearning, local = node IP,
+    /// dev = uplink, MTU = uplink MTU − 50, MAC = VtepMAC, address
+    /// `<subnet network>/32`.
+    pub async fn ensure_vxlan(&self, spec: &VxlanSpec, addr: Ipv4Net) -> Result<Link> {
+        let link = match self.link_by_name(&spec.name).await? {
+            Some(l) if spec.compatible(&l) => l,
+            Some(l) => {
+                tracing::warn!(device = %spec.name, "existing VXLAN device is incompatible; recreating it");
+                self.delete_link(l.index).await?;
+                self.create_vxlan(spec).await?
+            }
+            None => self.create_vxlan(spec).await?,
+        };
+        if link.mtu != spec.mtu || link.mac != Some(spec.mac) {
+            self.set_mtu_mac(link.index, spec.mtu, Some(spec.mac)).await?;
+        }
+        self.ensure_only_addrs(link.index, &[addr]).await?;
+        if !link.up {
+            self.set_up(link.index).await?;
+        }
+        self.require_link(&spec.name).await
+    }
+
+    async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<Link> {
+        let msg = LinkVxlan::new(&spec.name, spec.vni)
+            .dev(spec.uplink)
+            .port(spec.port)
+            .local(spec.local)
+            .learning(false)
+            .mtu(spec.mtu)
+            .address(spec.mac.0.to_vec())
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(req("create vxlan", &spec.name))?;
+        self.require_link(&spec.name).await
+    }
+
+    /// Neighbour, FDB and route for one remote lease, in Flannel's order.
+    pub async fn program_remote(&self, vtep: u32, r: &RemoteEntry) -> Result<()> {
+        let gw = r.subnet.network();
+        self.handle
+            .neighbours()
+            .add(vtep, IpAddr::V4(gw))
+            .link_layer_address(&r.vtep_mac.0)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(req("replace neighbour", gw))?;
+        self.handle
+            .neighbours()
+            .add_bridge(vtep, &r.vtep_mac.0)
+            .destination(IpAddr::V4(r.public_ip))
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(req("replace fdb", r.vtep_mac))?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(gw, r.subnet.prefix_len())
+            .gateway(gw)
+            .output_interface(vtep)
+            .onlink()
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(req("replace route", r.subnet))?;
+        Ok(())
+    }
+
+    /// Routes through `vtep` (destination, gateway).
+    pub async fn vtep_routes(&self, vtep: u32) -> Result<Vec<RouteMessage>> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut stream = self.handle.route().get(filter).execute();
+        let mut out = Vec::new();
+        while let Some(route) = stream.try_next().await.map_err(req("list routes", vtep))? {
+            let oif = route.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == vtep));
+            if oif && route.header.scope == RouteScope::Universe {
+                out.push(route);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn route_dst(route: &RouteMessage) -> Option<Ipv4Net> {
+        route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => {
+                Ipv4Net::new(*d, route.header.destination_prefix_length).ok()
+            }
+            _ => None,
+        })
+    }
+
+    pub fn route_onlink(route: &RouteMessage) -> bool {
+        route.header.flags.contains(RouteFlags::Onlink)
+    }
+
+    pub async fn delete_route(&self, route: RouteMessage) -> Result<()> {
+        let dst = Self::route_dst(&route);
+        match self.handle.route().del(route).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            Err(e) => Err(req("delete route", format!("{dst:?}"))(e)),
+        }
+    }
+
+    /// Permanent IPv4 neighbours on `vtep`: (IP, MAC).
+    pub async fn vtep_neighbours(&self, vtep: u32) -> Result<Vec<(Ipv4Addr, MacAddr)>> {
+        self.neighbours(vtep, AddressFamily::Inet).await.map(|v| {
+            v.into_iter()
+                .filter_map(|(ip, mac)| match ip {
+                    Some(IpAddr::V4(ip)) => Some((ip, mac)),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
+    /// FDB entries on `vtep`: (MAC, destination IP).
+    pub async fn vtep_fdb(&self, vtep: u32) -> Result<Vec<(MacAddr, Option<IpAddr>)>> {
+        self.neighbours(vtep, AddressFamily::Bridge)
+            .await
+            .map(|v| v.into_iter().map(|(ip, mac)| (mac, ip)).collect())
+    }
+
+    async fn neighbours(
+        &self,
+        index: u32,
+        family: AddressFamily,
+    ) -> Result<Vec<(Option<IpAddr>, MacAddr)>> {
+        let mut stream = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(req("list neighbours", index))? {
+            if msg.header.ifindex != index || msg.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for attr in &msg.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                        ip = Some(IpAddr::V4(*a))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                        let mut m = [0u8; 6];
+                        m.copy_from_slice(l);
+                        mac = Some(MacAddr(m));
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(mac) = mac {
+                out.push((ip, mac));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn delete_neighbour(&self, vtep: u32, ip: Ipv4Addr) -> Result<()> {
+        let mut msg = netlink_packet_route::neighbour::NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = vtep;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        self.ignore_missing(self.handle.neighbours().del(msg).execute().await, "delete neighbour", ip)
+    }
+
+    pub async fn delete_fdb(&self, vtep: u32, mac: MacAddr, dst: Option<IpAddr>) -> Result<()> {
+        let mut msg = netlink_packet_route::neighbour::NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = vtep;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        if let Some(IpAddr::V4(d)) = dst {
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(d)));
+        }
+        self.ignore_missing(self.handle.neighbours().del(msg).execute().await, "delete fdb", mac)
+    }
+
+    fn ignore_missing(
+        &self,
+        res: std::result::Result<(), rtnetlink::Error>,
+        op: &'static str,
+        target: impl ToString,
+    ) -> Result<()> {
+        match res {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -libc::ENOENT || e.raw_code() == -libc::ENODEV =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(req(op, target)(e)),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Plain-data types shared by the eBPF programs and the agent.
+//!
+//! Every type here crosses the kernel boundary through a BPF map, so each is
+//! `#[repr(C)]`, has explicit padding, no `bool`, no Rust enum and no
+//! `Option`. IPv4 addresses are stored as the four address bytes in network
+//! order (`u32::from_ne_bytes(addr.octets())`), so the kernel side compares
+//! them with packet bytes without swapping.
+#![no_std]
+
+/// Map names, shared so that the agent and the programs cannot disagree.
+pub mod maps {
+    pub const CONFIG: &str = "FLANNEL_CONFIG";
+    pub const REMOTE_SUBNETS: &str = "FLANNEL_REMOTES";
+    pub const ENDPOINTS: &str = "FLANNEL_ENDPOINTS";
+    pub const VTEPS: &str = "FLANNEL_VTEPS";
+    pub const COUNTERS: &str = "FLANNEL_COUNTERS";
+    /// Every map the agent pins, in the order it pins them.
+    pub const ALL: [&str; 5] = [CONFIG, REMOTE_SUBNETS, ENDPOINTS, VTEPS, COUNTERS];
+}
+
+/// Program (function) names in the eBPF object.
+pub mod programs {
+    /// TC ingress on the host side of each pod veth: traffic leaving a pod.
+    pub const TC_FROM_POD: &str = "tc_from_pod";
+    /// XDP on the uplink: VXLAN decapsulation.
+    pub const XDP_UPLINK: &str = "xdp_uplink";
+    /// TC ingress on the uplink: hands decapsulated packets straight to the pod.
+    pub const TC_UPLINK_INGRESS: &str = "tc_uplink_ingress";
+}
+
+/// Capacity of the maps; the agent refuses to program more than this.
+pub const MAX_REMOTE_SUBNETS: u32 = 16_384;
+pub const MAX_ENDPOINTS: u32 = 16_384;
+pub const MAX_VTEPS: u32 = 16_384;
+
+/// VXLAN overhead added in front of the inner Ethernet frame:
+/// outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_ENCAP_LEN: u32 = 50;
+
+/// `Config::flags`: the data path is configured and may act.
+pub const CONFIG_F_READY: u32 = 1;
+
+/// Node-wide configuration, one entry at index 0 of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// VXLAN network identifier (24 bits used).
+    pub vni: u32,
+    /// VXLAN UDP destination port, host byte order.
+    pub udp_port: u16,
+    pub _pad0: u16,
+    /// This node's IPv4 address on the uplink (network order bytes).
+    pub node_ip: u32,
+    /// Interface index of the uplink.
+    pub uplink_ifindex: u32,
+    /// Largest inner IPv4 packet (IP header included) that fits once
+    /// encapsulated: uplink MTU − 50.
+    pub inner_mtu: u32,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+    /// MAC of this node's VTEP (`flannel.<VNI>`), the inner source MAC.
+    pub vtep_mac: [u8; 6],
+    /// MAC of the uplink, the outer source MAC and the inner destination
+    /// MAC of decapsulated packets handed to the stack.
+    pub uplink_mac: [u8; 6],
+    /// MAC of the pod gateway (`cni0`), the source MAC of routed packets
+    /// delivered to pods.
+    pub gateway_mac: [u8; 6],
+    pub _pad1: [u8; 2],
+}
+
+/// Value of the remote-subnet LPM trie: where a remote lease lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteNode {
+    /// The remote node's public IP (outer destination), network order bytes.
+    pub node_ip: u32,
+    /// The remote node's VtepMAC (inner destination MAC).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Key of the remote-subnet LPM trie data part: IPv4 address bytes.
+pub type SubnetKey = u32;
+
+/// Value of the local endpoint map, keyed by pod IPv4 (network order bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Interface index of the host side of the pod's veth.
+    pub host_ifindex: u32,
+    /// MAC of the pod's interface.
+    pub pod_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Value of the known-VTEP map, keyed by node IPv4 (network order bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vtep {
+    /// Reserved for per-node flags; zero today.
+    pub flags: u32,
+}
+
+/// Per-CPU counters, one per verdict and per drop reason. The index is the
+/// position in the counter array; `NAMES` gives each a stable name.
+pub mod counters {
+    // tc_from_pod
+    pub const POD_LOCAL_REDIRECT: u32 = 0;
+    pub const POD_ENCAP_REDIRECT: u32 = 1;
+    pub const POD_ENCAP_NEIGH: u32 = 2;
+    pub const POD_PASS_NOT_IPV4: u32 = 3;
+    pub const POD_PASS_NOT_POD_DST: u32 = 4;
+    pub const POD_PASS_TTL: u32 = 5;
+    pub const POD_PASS_TOO_BIG: u32 = 6;
+    pub const POD_PASS_NO_CONFIG: u32 = 7;
+    pub const POD_PASS_NO_ROUTE: u32 = 8;
+    pub const POD_PASS_MALFORMED: u32 = 9;
+    pub const POD_DROP_ENCAP_FAILED: u32 = 10;
+    // xdp_uplink
+    pub const XDP_DECAP: u32 = 11;
+    pub const XDP_PASS_NOT_IPV4: u32 = 12;
+    pub const XDP_PASS_NOT_VXLAN: u32 = 13;
+    pub const XDP_PASS_FRAGMENT: u32 = 14;
+    pub const XDP_PASS_IP_OPTIONS: u32 = 15;
+    pub const XDP_PASS_WRONG_VNI: u32 = 16;
+    pub const XDP_PASS_UNKNOWN_VTEP: u32 = 17;
+    pub const XDP_PASS_NOT_LOCAL: u32 = 18;
+    pub const XDP_PASS_MALFORMED: u32 = 19;
+    pub const XDP_PASS_INNER_NOT_IPV4: u32 = 20;
+    pub const XDP_PASS_NO_CONFIG: u32 = 21;
+    pub const XDP_DROP_ADJUST_FAILED: u32 = 22;
+    // tc_uplink_ingress
+    pub const UPLINK_REDIRECT: u32 = 23;
+    pub const UPLINK_PASS: u32 = 24;
+    pub const UPLINK_PASS_TTL: u32 = 25;
+    pub const UPLINK_DROP_REDIRECT_FAILED: u32 = 26;
+
+    /// Size of the counter array.
+    pub const COUNT: u32 = 27;
+
+    /// Stable names, indexed by counter.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pod_local_redirect",
+        "pod_encap_redirect",
+        "pod_encap_neigh",
+        "pod_pass_not_ipv4",
+        "pod_pass_not_pod_dst",
+        "pod_pass_ttl",
+        "pod_pass_too_big",
+        "pod_pass_no_config",
+        "pod_pass_no_route",
+        "pod_pass_malformed",
+        "pod_drop_encap_failed",
+        "xdp_decap",
+        "xdp_pass_not_ipv4",
+        "xdp_pass_not_vxlan",
+        "xdp_pass_fragment",
+        "xdp_pass_ip_options",
+        "xdp_pass_wrong_vni",
+        "xdp_pass_unknown_vtep",
+        "xdp_pass_not_local",
+        "xdp_pass_malformed",
+        "xdp_pass_inner_not_ipv4",
+        "xdp_pass_no_config",
+        "xdp_drop_adjust_failed",
+        "uplink_redirect",
+        "uplink_pass",
+        "uplink_pass_ttl",
+        "uplink_drop_redirect_failed",
+    ];
+
+    /// Index of a counter by its name.
+    pub fn index(name: &str) -> Option<u32> {
+        NAMES.iter().position(|n| *n == name).map(|i| i as u32)
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: all of these are repr(C), made only of integers and byte
+    // arrays, with every padding byte spelled out as a field.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::RemoteNode {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::Vtep {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Config>(), 44);
+        assert_eq!(size_of::<RemoteNode>(), 12);
+        assert_eq!(size_of::<Endpoint>(), 12);
+        assert_eq!(size_of::<Vtep>(), 4);
+    }
+
+    #[test]
+    fn counter_names_are_unique_and_indexed() {
+        for (i, name) in counters::NAMES.iter().enumerate() {
+            assert_eq!(counters::index(name), Some(i as u32), "{name}");
+        }
+        assert_eq!(counters::index("no_such_counter"), None);
+    }
+}
