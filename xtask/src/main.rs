@@ -1,1 +1,166 @@
-fn main(){}
+//! `cargo xtask`: the project's entry points.
+//!
+//! * `setup`: installs, idempotently and only what is missing, the nightly
+//!   `rust-src`, `bpf-linker` built against the nightly's own libLLVM, the
+//!   Debian packages the lab needs, and mounts bpffs.
+//! * `build-ebpf`: builds the eBPF object.
+//! * `demo`: a 3-node lab with pod traffic and the counters that show the
+//!   eBPF path at work.
+//! * `test`: every test, the privileged ones included, one at a time.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Build the eBPF object.
+    BuildEbpf,
+    /// Run the 3-node demo.
+    Demo,
+    /// Run all tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages the lab, the tests and the demo use.
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("iputils-ping", "ping"),
+    ("iperf3", "iperf3"),
+    ("ethtool", "ethtool"),
+    ("bpftool", "bpftool"),
+    ("tcpdump", "tcpdump"),
+];
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => {
+            setup_toolchain()?;
+            run(Command::new("cargo")
+                .current_dir(workspace().join("flannel-ebpf"))
+                .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"]))
+        }
+        Cmd::Demo => {
+            setup()?;
+            run(Command::new("cargo")
+                .current_dir(workspace())
+                .args(["run", "--release", "-p", "flannel-tests", "--bin", "flannel-demo"]))
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            // The lab starts the agent binary; build it first.
+            run(Command::new("cargo").current_dir(workspace()).args(["build", "-p", "flannel-agent"]))?;
+            let mut cmd = Command::new("cargo");
+            cmd.current_dir(workspace())
+                .args(["test", "--", "--test-threads=1"])
+                .args(args);
+            run(&mut cmd)
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> Result<()> {
+    setup_toolchain()?;
+    setup_packages()?;
+    mount_bpffs()
+}
+
+fn setup_toolchain() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for nightly");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    // Build bpf-linker against the nightly's own LLVM so the two always match.
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV names no LLVM version")?
+        .to_string();
+    let prefix = workspace().join("target").join("llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib").join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link)?;
+    eprintln!("xtask: building bpf-linker against {} (llvm-{major})", llvm.display());
+    run(Command::new("cargo")
+        .env("LLVM_PREFIX", &prefix)
+        .args(["install", "bpf-linker", "--no-default-features", "--features", &format!("llvm-{major}")]))
+}
+
+fn setup_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, bin)| !Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success()))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq"])
+        .args(&missing))
+}
+
+fn mount_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+        return Ok(());
+    }
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}

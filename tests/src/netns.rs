@@ -1,0 +1,70 @@
+//! Running code and commands inside the lab's network namespaces.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    process::{Command, Output},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Runs `f` on a fresh thread that has entered namespace `ns`; sockets it
+/// opens belong to that namespace.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    spawn_in_netns(ns, f)?
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+}
+
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<std::thread::JoinHandle<Result<T>>> {
+    let file = File::open(format!("/run/netns/{ns}")).with_context(|| format!("opening netns {ns}"))?;
+    let ns = ns.to_string();
+    Ok(std::thread::spawn(move || {
+        // SAFETY: setns on this thread only; the fd is valid for the call.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns({ns}): {}", std::io::Error::last_os_error());
+        }
+        f()
+    }))
+}
+
+/// `ip <args>`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<String> {
+    sh(Command::new("ip").args(args))
+}
+
+/// A command inside `ns` (through `ip netns exec`).
+pub fn exec(ns: &str, args: &[&str]) -> Result<Output> {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .with_context(|| format!("running {args:?} in {ns}"))
+}
+
+pub fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// tx/rx packet counters of a link inside `ns`.
+pub fn link_packets(ns: &str, dev: &str) -> Result<(u64, u64)> {
+    let out = ip(&["-n", ns, "-j", "-s", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let stats = &v[0]["stats64"];
+    let get = |dir: &str| stats[dir]["packets"].as_u64().context("no packet counter");
+    Ok((get("tx")?, get("rx")?))
+}

@@ -1,0 +1,131 @@
+//! Real traffic between lab pods: TCP and UDP request/response exchanges and
+//! a byte-exact bulk transfer, over sockets opened inside pod namespaces.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::{in_netns, spawn_in_netns};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Deterministic pseudo-random payload (xorshift), so the receiver can
+/// verify every byte without the sender shipping a copy.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A server in `server_ns` echoes one message from a client in
+/// `client_ns` over TCP; the client checks the echo.
+pub fn tcp_exchange(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port: u16) -> Result<()> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = spawn_in_netns(server_ns, move || {
+        let l = TcpListener::bind(SocketAddrV4::new(server_ip, port))?;
+        ready_tx.send(()).ok();
+        let (mut s, _) = l.accept()?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf)?;
+        s.write_all(&buf[..n])?;
+        Ok(())
+    })?;
+    ready_rx.recv_timeout(TIMEOUT).context("TCP server did not start")?;
+    let msg = pattern(u64::from(port), 1000);
+    let got = in_netns(client_ns, move || {
+        let mut s = TcpStream::connect_timeout(&SocketAddrV4::new(server_ip, port).into(), TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.write_all(&msg)?;
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf)?;
+        Ok(buf == msg)
+    });
+    let served = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
+    if !got? {
+        bail!("TCP echo differs");
+    }
+    served
+}
+
+/// UDP request/response between two pods.
+pub fn udp_exchange(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port: u16) -> Result<()> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = spawn_in_netns(server_ns, move || {
+        let s = UdpSocket::bind(SocketAddrV4::new(server_ip, port))?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        ready_tx.send(()).ok();
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf)?;
+        s.send_to(&buf[..n], from)?;
+        Ok(())
+    })?;
+    ready_rx.recv_timeout(TIMEOUT).context("UDP server did not start")?;
+    let msg = pattern(u64::from(port) + 7, 512);
+    let ok = in_netns(client_ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.send_to(&msg, SocketAddrV4::new(server_ip, port))?;
+        let mut buf = [0u8; 2048];
+        let (n, _) = s.recv_from(&mut buf)?;
+        Ok(buf[..n] == msg[..])
+    });
+    let served = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
+    if !ok? {
+        bail!("UDP echo differs");
+    }
+    served
+}
+
+/// Sends `len` bytes over TCP and returns how many arrived intact.
+pub fn bulk_transfer(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port: u16, len: usize) -> Result<usize> {
+    const CHUNK: usize = 1 << 20;
+    let block = pattern(42, CHUNK);
+    let expect = block.clone();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = spawn_in_netns(server_ns, move || {
+        let l = TcpListener::bind(SocketAddrV4::new(server_ip, port))?;
+        ready_tx.send(()).ok();
+        let (mut s, _) = l.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut got = 0usize;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            for (k, b) in buf[..n].iter().enumerate() {
+                if *b != expect[(got + k) % CHUNK] {
+                    bail!("byte {} differs", got + k);
+                }
+            }
+            got += n;
+        }
+        Ok(got)
+    })?;
+    ready_rx.recv_timeout(TIMEOUT).context("bulk server did not start")?;
+    in_netns(client_ns, move || {
+        let mut s = TcpStream::connect_timeout(&SocketAddrV4::new(server_ip, port).into(), TIMEOUT)?;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            s.write_all(&block[..n])?;
+            left -= n;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    })?;
+    server.join().map_err(|_| anyhow::anyhow!("server panicked"))?
+}
