@@ -116,6 +116,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .find(|l| l.public_ip == ip)
         .ok_or_else(|| anyhow!("{} holds no lease for this node's IP {ip}", opts.lease_file.display()))?;
     tracing::info!(uplink = %uplink.name, %ip, subnet = %lease.subnet, "starting");
+    if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+        tracing::warn!("net.ipv4.ip_forward is 0: neither data path can route pod traffic off this node");
+    }
 
     let mut agent = Agent {
         endpoints: load_endpoints(&opts.endpoints_file())?,

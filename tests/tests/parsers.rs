@@ -1,0 +1,422 @@
+//! Crafted packets through `BPF_PROG_TEST_RUN` (aya `TestRun`): every parser
+//! branch of the XDP and TC programs gets its verdict and its counter, and
+//! the encapsulation is checked byte by byte against the VXLAN wire format.
+//! Needs root (BPF) and runs in a network namespace it creates.
+
+use std::{net::Ipv4Addr, process::Command};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use flannel_agent::ebpf::{ip_key, OBJECT};
+use flannel_common::{counters, maps, programs, Config, Endpoint, RemoteNode, Vtep, CONFIG_F_READY};
+use flannel_tests::netns::{in_netns, ip};
+
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 9, 1);
+const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 9, 2);
+const STRANGER_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 9, 99);
+const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 11);
+const UPLINK_MAC: [u8; 6] = [0x0e, 0xaa, 0, 0, 0, 1];
+const NEIGH_MAC: [u8; 6] = [0x0e, 0xaa, 0, 0, 0, 2];
+const VTEP_MAC: [u8; 6] = [0x0e, 0x66, 0, 0, 0, 1];
+const REMOTE_VTEP_MAC: [u8; 6] = [0x0e, 0x66, 0, 0, 0, 2];
+const POD_MAC: [u8; 6] = [0x0e, 0x99, 0, 0, 0, 11];
+const GATEWAY_MAC: [u8; 6] = [0x0e, 0xb7, 10, 244, 1, 1];
+const VNI: u32 = 1;
+const PORT: u16 = 4789;
+
+/// A private namespace with an "uplink" that can route to REMOTE_IP.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Result<Self> {
+        let name = format!("flpt{:06x}", std::process::id() ^ rand_u32());
+        ip(&["netns", "add", &name])?;
+        let ns = Netns(name);
+        let n = ns.0.as_str();
+        // A veth pair stands in for the uplink (this kernel has no dummy).
+        ip(&["-n", n, "link", "add", "up0", "type", "veth", "peer", "name", "up0p"])?;
+        ip(&["-n", n, "link", "set", "up0p", "up"])?;
+        ip(&["-n", n, "link", "set", "up0", "address", &mac(UPLINK_MAC), "up"])?;
+        ip(&["-n", n, "addr", "add", &format!("{NODE_IP}/24"), "dev", "up0"])?;
+        // The FIB helper refuses to route on a node that does not forward.
+        flannel_tests::netns::exec(n, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        Ok(ns)
+    }
+
+    fn set_neigh(&self, present: bool) -> Result<()> {
+        let n = self.0.as_str();
+        let _ = Command::new("ip").args(["-n", n, "neigh", "del", &REMOTE_IP.to_string(), "dev", "up0"]).output();
+        if present {
+            ip(&["-n", n, "neigh", "replace", &REMOTE_IP.to_string(), "lladdr", &mac(NEIGH_MAC), "dev", "up0", "nud", "permanent"])?;
+        }
+        Ok(())
+    }
+
+    fn uplink_index(&self) -> Result<u32> {
+        let v: serde_json::Value = serde_json::from_str(&ip(&["-n", &self.0, "-j", "link", "show", "up0"])?)?;
+        Ok(v[0]["ifindex"].as_u64().context("ifindex")? as u32)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn rand_u32() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+fn mac(m: [u8; 6]) -> String {
+    flannel_agent::mac::MacAddr(m).to_string()
+}
+
+struct Harness {
+    bpf: Ebpf,
+}
+
+impl Harness {
+    fn new(uplink_ifindex: u32) -> Result<Self> {
+        let mut bpf = Ebpf::load(OBJECT)?;
+        for name in [programs::TC_FROM_POD, programs::TC_UPLINK_INGRESS] {
+            let p: &mut SchedClassifier = bpf.program_mut(name).context(name)?.try_into()?;
+            p.load()?;
+        }
+        let x: &mut Xdp = bpf.program_mut(programs::XDP_UPLINK).context("xdp")?.try_into()?;
+        x.load()?;
+        let mut h = Harness { bpf };
+        h.set_config(uplink_ifindex, CONFIG_F_READY)?;
+        let mut remotes: LpmTrie<_, u32, RemoteNode> = LpmTrie::try_from(h.bpf.map_mut(maps::REMOTE_SUBNETS).unwrap())?;
+        remotes.insert(
+            &Key::new(24, ip_key(Ipv4Addr::new(10, 244, 2, 0))),
+            RemoteNode { node_ip: ip_key(REMOTE_IP), vtep_mac: REMOTE_VTEP_MAC, _pad: [0; 2] },
+            0,
+        )?;
+        let mut vteps: HashMap<_, u32, Vtep> = HashMap::try_from(h.bpf.map_mut(maps::VTEPS).unwrap())?;
+        vteps.insert(ip_key(REMOTE_IP), Vtep::default(), 0)?;
+        let mut eps: HashMap<_, u32, Endpoint> = HashMap::try_from(h.bpf.map_mut(maps::ENDPOINTS).unwrap())?;
+        eps.insert(ip_key(LOCAL_POD), Endpoint { host_ifindex: 4242, pod_mac: POD_MAC, _pad: [0; 2] }, 0)?;
+        Ok(h)
+    }
+
+    fn set_config(&mut self, uplink_ifindex: u32, flags: u32) -> Result<()> {
+        let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap())?;
+        cfg.set(
+            0,
+            Config {
+                vni: VNI,
+                udp_port: PORT,
+                node_ip: ip_key(NODE_IP),
+                uplink_ifindex,
+                inner_mtu: 1450,
+                flags,
+                vtep_mac: VTEP_MAC,
+                uplink_mac: UPLINK_MAC,
+                gateway_mac: GATEWAY_MAC,
+                ..Default::default()
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::COUNTERS).unwrap()).unwrap();
+        let idx = counters::index(name).unwrap_or_else(|| panic!("no counter {name}"));
+        arr.get(&idx, 0).unwrap().iter().sum()
+    }
+
+    fn all_counters(&self) -> Vec<u64> {
+        counters::NAMES.iter().map(|n| self.counter(n)).collect()
+    }
+
+    fn run(&self, prog: &str, pkt: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..TestRunOptions::new() };
+        let res = match prog {
+            programs::XDP_UPLINK => {
+                let p: &Xdp = self.bpf.program(prog).unwrap().try_into()?;
+                p.test_run(opts)?
+            }
+            _ => {
+                let p: &SchedClassifier = self.bpf.program(prog).unwrap().try_into()?;
+                p.test_run(opts)?
+            }
+        };
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
+    }
+
+    /// Runs `pkt` and asserts the verdict and that exactly `counter` moved by one.
+    fn expect(&self, prog: &str, pkt: &[u8], verdict: u32, counter: &str, what: &str) -> Result<Vec<u8>> {
+        let before = self.all_counters();
+        let (ret, out) = self.run(prog, pkt).with_context(|| format!("{what}: test run"))?;
+        let after = self.all_counters();
+        let moved: Vec<_> = counters::NAMES
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a != b)
+            .map(|(n, (b, a))| (*n, a - b))
+            .collect();
+        assert_eq!((ret, moved), (verdict, vec![(counter, 1)]), "{what}: verdict and counters");
+        Ok(out)
+    }
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, ttl: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0, 0, ttl, proto, 0, 0];
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    let len = (h.len() + payload.len()) as u16;
+    h[2..4].copy_from_slice(&len.to_be_bytes());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn icmp_echo() -> Vec<u8> {
+    let mut p = vec![8, 0, 0, 0, 0, 1, 0, 1];
+    p.extend_from_slice(&[0x5a; 32]);
+    let c = checksum(&p);
+    p[2..4].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// A pod frame as it leaves a pod: to the gateway MAC, an ICMP echo.
+fn pod_frame(dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
+    eth(GATEWAY_MAC, POD_MAC, 0x0800, &ipv4(Ipv4Addr::new(10, 244, 1, 12), dst, 1, ttl, &icmp_echo()))
+}
+
+/// A VXLAN frame from `src` node as Flannel's VXLAN device builds it.
+fn vxlan_frame(src: Ipv4Addr, port: u16, vni: u32, flags: u8, inner: &[u8]) -> Vec<u8> {
+    let mut vx = vec![flags, 0, 0, 0];
+    vx.extend_from_slice(&vni.to_be_bytes()[1..]);
+    vx.push(0);
+    vx.extend_from_slice(inner);
+    let mut udp = 40000u16.to_be_bytes().to_vec();
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&((8 + vx.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&vx);
+    eth(UPLINK_MAC, NEIGH_MAC, 0x0800, &ipv4(src, NODE_IP, 17, 64, &udp))
+}
+
+fn inner_frame(dst: Ipv4Addr) -> Vec<u8> {
+    eth(VTEP_MAC, REMOTE_VTEP_MAC, 0x0800, &ipv4(REMOTE_POD, dst, 1, 63, &icmp_echo()))
+}
+
+fn in_lab_netns<T: Send + 'static>(f: impl FnOnce(&Netns) -> Result<T> + Send + 'static) -> Result<T> {
+    let ns = Netns::new()?;
+    let name = ns.0.clone();
+    let ns = std::sync::Arc::new(ns);
+    let inner = ns.clone();
+    in_netns(&name, move || f(&inner))
+}
+
+#[test]
+fn xdp_decapsulates_valid_vxlan_for_local_pods() -> Result<()> {
+    in_lab_netns(|ns| {
+        let h = Harness::new(ns.uplink_index()?)?;
+        let inner = inner_frame(LOCAL_POD);
+        let pkt = vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &inner);
+        let out = h.expect(programs::XDP_UPLINK, &pkt, XDP_PASS, "xdp_decap", "valid VXLAN")?;
+        assert_eq!(out.len(), pkt.len() - 50, "outer headers stripped");
+        assert_eq!(&out[0..6], &UPLINK_MAC, "addressed to the uplink for the stack");
+        assert_eq!(&out[6..], &inner[6..], "rest of the inner frame untouched");
+        Ok(())
+    })
+}
+
+#[test]
+fn xdp_passes_everything_else_untouched_with_its_reason() -> Result<()> {
+    in_lab_netns(|ns| {
+        let mut h = Harness::new(ns.uplink_index()?)?;
+        let local = inner_frame(LOCAL_POD);
+        let good = vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &local);
+        let mut options = good.clone();
+        options[14] = 0x46; // IHL 6: 4 bytes of options (NOPs) after the header
+        options.splice(34..34, [1u8, 1, 1, 1]);
+        let mut more_frags = good.clone();
+        more_frags[20] = 0x20;
+        let mut frag_offset = good.clone();
+        frag_offset[21] = 0x10;
+        let mut tcp = good.clone();
+        tcp[23] = 6;
+        let mut udp_len_lies = good.clone();
+        udp_len_lies[38..40].copy_from_slice(&2000u16.to_be_bytes());
+        let mut ip_len_lies = good.clone();
+        ip_len_lies[16..18].copy_from_slice(&3000u16.to_be_bytes());
+        let mut bad_version = good.clone();
+        bad_version[14] = 0x65;
+        let mut inner_bad_version = good.clone();
+        inner_bad_version[64] = 0x35;
+        let arp = eth([0xff; 6], NEIGH_MAC, 0x0806, &[0u8; 28]);
+        let v6 = eth(UPLINK_MAC, NEIGH_MAC, 0x86dd, &[0x60; 60]);
+        let inner_arp = vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &eth(VTEP_MAC, REMOTE_VTEP_MAC, 0x0806, &[0u8; 28]));
+
+        let table: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("ARP", arp, "xdp_pass_not_ipv4"),
+            ("IPv6", v6, "xdp_pass_not_ipv4"),
+            ("wrong VNI", vxlan_frame(REMOTE_IP, PORT, VNI + 1, 0x08, &local), "xdp_pass_wrong_vni"),
+            ("I flag clear", vxlan_frame(REMOTE_IP, PORT, VNI, 0x00, &local), "xdp_pass_wrong_vni"),
+            ("wrong port", vxlan_frame(REMOTE_IP, 8472, VNI, 0x08, &local), "xdp_pass_not_vxlan"),
+            ("TCP", tcp, "xdp_pass_not_vxlan"),
+            ("outer IP options", options, "xdp_pass_ip_options"),
+            ("more fragments", more_frags, "xdp_pass_fragment"),
+            ("fragment offset", frag_offset, "xdp_pass_fragment"),
+            ("unknown node", vxlan_frame(STRANGER_IP, PORT, VNI, 0x08, &local), "xdp_pass_unknown_vtep"),
+            ("inner ARP", inner_arp, "xdp_pass_inner_not_ipv4"),
+            ("inner dst not local", vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &inner_frame(Ipv4Addr::new(10, 244, 1, 99))), "xdp_pass_not_local"),
+            ("UDP length beyond packet", udp_len_lies, "xdp_pass_malformed"),
+            ("IP length beyond packet", ip_len_lies, "xdp_pass_malformed"),
+            ("outer IP version 6", bad_version, "xdp_pass_malformed"),
+            ("inner IP version 3", inner_bad_version, "xdp_pass_malformed"),
+        ];
+        for (what, pkt, counter) in &table {
+            let out = h.expect(programs::XDP_UPLINK, pkt, XDP_PASS, counter, what)?;
+            assert_eq!(&out, pkt, "{what}: must pass untouched");
+        }
+        // Truncated at every length, across every header boundary (the
+        // kernel refuses test frames shorter than an Ethernet header).
+        for cut in 14..good.len() {
+            let pkt = &good[..cut];
+            let out = h.expect(programs::XDP_UPLINK, pkt, XDP_PASS, "xdp_pass_malformed", &format!("cut at {cut}"))?;
+            assert_eq!(out, pkt, "cut at {cut}: untouched");
+        }
+        // Not configured yet: hands off.
+        h.set_config(ns.uplink_index()?, 0)?;
+        h.expect(programs::XDP_UPLINK, &good, XDP_PASS, "xdp_pass_no_config", "no config")?;
+        Ok(())
+    })
+}
+
+#[test]
+fn tc_from_pod_verdicts() -> Result<()> {
+    in_lab_netns(|ns| {
+        let mut h = Harness::new(ns.uplink_index()?)?;
+        let tc = programs::TC_FROM_POD;
+        let out = h.expect(tc, &pod_frame(LOCAL_POD, 64), TC_ACT_REDIRECT, "pod_local_redirect", "same node")?;
+        assert_eq!(&out[0..6], &POD_MAC, "to the destination pod's MAC");
+        assert_eq!(out[22], 64, "bridged: TTL untouched");
+        h.expect(tc, &eth([0xff; 6], POD_MAC, 0x0806, &[0u8; 28]), TC_ACT_OK, "pod_pass_not_ipv4", "ARP")?;
+        // (The kernel refuses test frames with a cut IPv4 header; the XDP
+        // test covers truncation at every length.)
+        let mut v6_in_v4 = pod_frame(LOCAL_POD, 64);
+        v6_in_v4[14] = 0x65;
+        h.expect(tc, &v6_in_v4, TC_ACT_OK, "pod_pass_malformed", "IP version 6 in an IPv4 frame")?;
+        let mut short_ihl = pod_frame(LOCAL_POD, 64);
+        short_ihl[14] = 0x44;
+        h.expect(tc, &short_ihl, TC_ACT_OK, "pod_pass_malformed", "IHL below 5")?;
+        h.expect(tc, &pod_frame(Ipv4Addr::new(172, 30, 9, 50), 64), TC_ACT_OK, "pod_pass_not_pod_dst", "node network")?;
+        h.expect(tc, &pod_frame(REMOTE_POD, 1), TC_ACT_OK, "pod_pass_ttl", "TTL 1")?;
+        let big = eth(GATEWAY_MAC, POD_MAC, 0x0800, &ipv4(LOCAL_POD, REMOTE_POD, 17, 64, &[0u8; 1480]));
+        h.expect(tc, &big, TC_ACT_OK, "pod_pass_too_big", "1500-byte packet")?;
+        // No route to the remote node: the stack gets the packet intact.
+        h.set_config(999, CONFIG_F_READY)?;
+        let pkt = pod_frame(REMOTE_POD, 64);
+        let out = h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_no_route", "no route")?;
+        assert_eq!(out, pkt);
+        h.set_config(0, 0)?;
+        h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_no_config", "no config")?;
+        Ok(())
+    })
+}
+
+#[test]
+fn tc_from_pod_encapsulates_like_flannel() -> Result<()> {
+    in_lab_netns(|ns| {
+        let h = Harness::new(ns.uplink_index()?)?;
+        ns.set_neigh(true)?;
+        let pkt = pod_frame(REMOTE_POD, 64);
+        let out = h.expect(programs::TC_FROM_POD, &pkt, TC_ACT_REDIRECT, "pod_encap_redirect", "encap")?;
+        assert_eq!(out.len(), pkt.len() + 50);
+        // Outer Ethernet: from the uplink to the resolved next hop.
+        assert_eq!(&out[0..6], &NEIGH_MAC);
+        assert_eq!(&out[6..12], &UPLINK_MAC);
+        assert_eq!(&out[12..14], &[0x08, 0x00]);
+        // Outer IPv4: valid checksum, UDP, node to node, right length.
+        let oip = &out[14..34];
+        assert_eq!(oip[0], 0x45);
+        assert_eq!(checksum(oip), 0, "outer IPv4 checksum");
+        assert_eq!(u16::from_be_bytes([oip[2], oip[3]]) as usize, out.len() - 14);
+        assert_eq!(oip[9], 17);
+        assert_eq!(&oip[12..16], &NODE_IP.octets());
+        assert_eq!(&oip[16..20], &REMOTE_IP.octets());
+        // UDP: source port from the flow hash, VXLAN port, length, no checksum.
+        let sport = u16::from_be_bytes([out[34], out[35]]);
+        assert!((32768..61000).contains(&sport), "sport {sport}");
+        assert_eq!(u16::from_be_bytes([out[36], out[37]]), PORT);
+        assert_eq!(u16::from_be_bytes([out[38], out[39]]) as usize, out.len() - 34);
+        // VXLAN: I flag and VNI.
+        assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0, VNI as u8, 0]);
+        // Inner Ethernet: our VTEP to theirs.
+        assert_eq!(&out[50..56], &REMOTE_VTEP_MAC);
+        assert_eq!(&out[56..62], &VTEP_MAC);
+        // Inner IPv4: TTL decremented once, checksum still valid, rest intact.
+        let iip = &out[64..84];
+        assert_eq!(iip[8], 63);
+        assert_eq!(checksum(iip), 0, "inner IPv4 checksum");
+        assert_eq!(&out[84..], &pkt[34..]);
+
+        // Next hop not resolved yet: the kernel resolves it (redirect_neigh).
+        ns.set_neigh(false)?;
+        h.expect(programs::TC_FROM_POD, &pkt, TC_ACT_REDIRECT, "pod_encap_neigh", "unresolved neighbour")?;
+
+        // Same flow, same source port; other flows spread.
+        ns.set_neigh(true)?;
+        let (_, again) = h.run(programs::TC_FROM_POD, &pkt)?;
+        assert_eq!(&again[34..36], &out[34..36]);
+        Ok(())
+    })
+}
+
+#[test]
+fn tc_uplink_ingress_routes_into_local_pods_only() -> Result<()> {
+    in_lab_netns(|ns| {
+        let h = Harness::new(ns.uplink_index()?)?;
+        let up = programs::TC_UPLINK_INGRESS;
+        let decapped = eth(UPLINK_MAC, REMOTE_VTEP_MAC, 0x0800, &ipv4(REMOTE_POD, LOCAL_POD, 1, 63, &icmp_echo()));
+        let out = h.expect(up, &decapped, TC_ACT_REDIRECT, "uplink_redirect", "to local pod")?;
+        assert_eq!(&out[0..6], &POD_MAC);
+        assert_eq!(&out[6..12], &GATEWAY_MAC);
+        assert_eq!(out[22], 62, "routed: TTL - 1");
+        assert_eq!(checksum(&out[14..34]), 0);
+        let other_mac = eth([0x0e, 1, 2, 3, 4, 5], REMOTE_VTEP_MAC, 0x0800, &ipv4(REMOTE_POD, LOCAL_POD, 1, 63, &icmp_echo()));
+        h.expect(up, &other_mac, TC_ACT_OK, "uplink_pass", "not addressed to us")?;
+        let ttl1 = eth(UPLINK_MAC, REMOTE_VTEP_MAC, 0x0800, &ipv4(REMOTE_POD, LOCAL_POD, 1, 1, &icmp_echo()));
+        h.expect(up, &ttl1, TC_ACT_OK, "uplink_pass_ttl", "TTL 1")?;
+        let vx = vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &inner_frame(LOCAL_POD));
+        h.expect(up, &vx, TC_ACT_OK, "uplink_pass", "VXLAN to the node itself")?;
+        Ok(())
+    })
+}
