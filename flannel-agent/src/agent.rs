@@ -111,13 +111,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow!("uplink {} has no IPv4 address", uplink.name))?,
     };
     let leases = lease::load(&opts.lease_file)?;
-    let lease = *leases
-        .iter()
-        .find(|l| l.public_ip == ip)
-        .ok_or_else(|| anyhow!("{} holds no lease for this node's IP {ip}", opts.lease_file.display()))?;
+    let lease = *leases.iter().find(|l| l.public_ip == ip).ok_or_else(|| {
+        anyhow!(
+            "{} holds no lease for this node's IP {ip}",
+            opts.lease_file.display()
+        )
+    })?;
     tracing::info!(uplink = %uplink.name, %ip, subnet = %lease.subnet, "starting");
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
-        tracing::warn!("net.ipv4.ip_forward is 0: neither data path can route pod traffic off this node");
+        tracing::warn!(
+            "net.ipv4.ip_forward is 0: neither data path can route pod traffic off this node"
+        );
     }
 
     let mut agent = Agent {
@@ -189,7 +193,8 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<ApiCall>) {
                 if tx.send((req, rtx)).await.is_err() {
                     return;
                 }
-                rrx.await.unwrap_or_else(|_| Response::err("agent is stopping"))
+                rrx.await
+                    .unwrap_or_else(|_| Response::err("agent is stopping"))
             }
             Err(err) => Response::err(format!("malformed request: {err}")),
         };
@@ -227,8 +232,11 @@ impl Agent {
 
     fn gateway(&self) -> Ipv4Net {
         let subnet = self.node.lease.subnet;
-        Ipv4Net::new(Ipv4Addr::from(u32::from(subnet.network()) + 1), subnet.prefix_len())
-            .expect("prefix length comes from a valid subnet")
+        Ipv4Net::new(
+            Ipv4Addr::from(u32::from(subnet.network()) + 1),
+            subnet.prefix_len(),
+        )
+        .expect("prefix length comes from a valid subnet")
     }
 
     fn vxlan_spec(&self) -> VxlanSpec {
@@ -254,7 +262,12 @@ impl Agent {
         }
         let bridge = self
             .nl
-            .ensure_bridge(&self.opts.bridge, self.gateway(), self.pod_mtu(), bridge_mac(self.gateway().addr()))
+            .ensure_bridge(
+                &self.opts.bridge,
+                self.gateway(),
+                self.pod_mtu(),
+                bridge_mac(self.gateway().addr()),
+            )
             .await?;
         let vtep_addr = Ipv4Net::new(self.node.lease.subnet.network(), 32)?;
         let vtep = self.nl.ensure_vxlan(&self.vxlan_spec(), vtep_addr).await?;
@@ -270,14 +283,17 @@ impl Agent {
             }
             DatapathMode::Auto | DatapathMode::Ebpf => match self.start_ebpf() {
                 Ok(mode) => {
-                    self.reason = format!("XDP ({mode}) on {}, TC on pod veths", self.node.uplink.name);
+                    self.reason =
+                        format!("XDP ({mode}) on {}, TC on pod veths", self.node.uplink.name);
                 }
                 Err(err) if self.opts.datapath == DatapathMode::Auto => {
                     self.dp = None;
                     ebpf::remove_pins(&self.opts.bpf_dir)?;
                     self.reason = format!("eBPF unavailable: {err:#}");
                 }
-                Err(err) => return Err(err.context("starting the eBPF data path (--datapath ebpf)")),
+                Err(err) => {
+                    return Err(err.context("starting the eBPF data path (--datapath ebpf)"))
+                }
             },
         }
         let which = if self.dp.is_some() { "ebpf" } else { "kernel" };
@@ -316,11 +332,11 @@ impl Agent {
 
     async fn handle(&mut self, req: Request) -> Response {
         match req {
-            Request::Status => Response {
+            Request::Status {} => Response {
                 status: Some(self.status()),
                 ..Response::ok()
             },
-            Request::List => Response {
+            Request::List {} => Response {
                 endpoints: Some(self.endpoints.values().cloned().collect()),
                 ..Response::ok()
             },
@@ -337,7 +353,11 @@ impl Agent {
 
     async fn add_endpoint(&mut self, rec: EndpointRecord) -> anyhow::Result<()> {
         if !self.node.lease.subnet.contains(&rec.ip) || rec.ip == self.gateway().addr() {
-            bail!("pod IP {} is not a pod address of this node's lease {}", rec.ip, self.node.lease.subnet);
+            bail!(
+                "pod IP {} is not a pod address of this node's lease {}",
+                rec.ip,
+                self.node.lease.subnet
+            );
         }
         if !rec.mac.is_unicast() {
             bail!("pod MAC {} is not a unicast address", rec.mac);
@@ -346,7 +366,12 @@ impl Agent {
             .nl
             .link_by_name(&rec.host_ifname)
             .await?
-            .ok_or_else(|| anyhow!("host interface {} does not exist on this node", rec.host_ifname))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "host interface {} does not exist on this node",
+                    rec.host_ifname
+                )
+            })?;
         if let Some(dp) = self.dp.as_mut() {
             dp.attach_pod(&rec.host_ifname, link.index)?;
             self.attached.insert(link.index);
@@ -379,8 +404,11 @@ impl Agent {
 
     fn save_endpoints(&self) -> anyhow::Result<()> {
         let list: Vec<_> = self.endpoints.values().collect();
-        write_atomic(&self.opts.endpoints_file(), &serde_json::to_vec_pretty(&list)?)
-            .context("saving pod records")
+        write_atomic(
+            &self.opts.endpoints_file(),
+            &serde_json::to_vec_pretty(&list)?,
+        )
+        .context("saving pod records")
     }
 
     /// One full pass. Errors are logged; the next pass retries.
@@ -402,8 +430,14 @@ impl Agent {
         let want: HashMap<Ipv4Net, RemoteEntry> =
             self.remotes().into_iter().map(|r| (r.subnet, r)).collect();
         let routes = self.nl.vtep_routes(vtep.index).await?;
-        let neigh: HashMap<Ipv4Addr, MacAddr> = self.nl.vtep_neighbours(vtep.index).await?.into_iter().collect();
-        let fdb: HashSet<(MacAddr, Option<IpAddr>)> = self.nl.vtep_fdb(vtep.index).await?.into_iter().collect();
+        let neigh: HashMap<Ipv4Addr, MacAddr> = self
+            .nl
+            .vtep_neighbours(vtep.index)
+            .await?
+            .into_iter()
+            .collect();
+        let fdb: HashSet<(MacAddr, Option<IpAddr>)> =
+            self.nl.vtep_fdb(vtep.index).await?.into_iter().collect();
         let have_routes: HashSet<Ipv4Net> = routes
             .iter()
             .filter(|r| Netlink::route_onlink(r))
@@ -426,9 +460,14 @@ impl Agent {
                 removed += 1;
             }
         }
-        let want_gw: HashMap<Ipv4Addr, MacAddr> =
-            want.values().map(|r| (r.subnet.network(), r.vtep_mac)).collect();
-        for (ip, _) in neigh.iter().filter(|(ip, mac)| want_gw.get(ip) != Some(mac)) {
+        let want_gw: HashMap<Ipv4Addr, MacAddr> = want
+            .values()
+            .map(|r| (r.subnet.network(), r.vtep_mac))
+            .collect();
+        for (ip, _) in neigh
+            .iter()
+            .filter(|(ip, mac)| want_gw.get(ip) != Some(mac))
+        {
             self.nl.delete_neighbour(vtep.index, *ip).await?;
             removed += 1;
         }
@@ -441,7 +480,11 @@ impl Agent {
             removed += 1;
         }
         if programmed + removed > 0 {
-            tracing::info!(programmed, removed, "kernel routes, neighbours and FDB updated");
+            tracing::info!(
+                programmed,
+                removed,
+                "kernel routes, neighbours and FDB updated"
+            );
         }
         Ok(())
     }
@@ -487,7 +530,9 @@ impl Agent {
                 Some(link) => {
                     live.insert(*ip, (rec.clone(), link.index));
                 }
-                None => tracing::info!(pod = %ip, ifname = %rec.host_ifname, "pod interface gone; removing"),
+                None => {
+                    tracing::info!(pod = %ip, ifname = %rec.host_ifname, "pod interface gone; removing")
+                }
             }
         }
         let vanished = live.len() != self.endpoints.len();
@@ -497,7 +542,13 @@ impl Agent {
         let (rs, rr) = dp.sync_remotes(&remotes)?;
         let (vs, vr) = dp.sync_vteps(&vteps)?;
         if rs + rr + vs + vr > 0 {
-            tracing::info!(set = rs, removed = rr, vteps_set = vs, vteps_removed = vr, "remote subnets updated");
+            tracing::info!(
+                set = rs,
+                removed = rr,
+                vteps_set = vs,
+                vteps_removed = vr,
+                "remote subnets updated"
+            );
         }
         let in_map = dp.endpoints()?;
         for (ip, (rec, index)) in &live {

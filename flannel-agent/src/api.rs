@@ -29,8 +29,9 @@ pub struct EndpointRecord {
 pub enum Request {
     Add(EndpointRecord),
     Del { ip: Ipv4Addr },
-    List,
-    Status,
+    // Struct variants (not unit) so that unknown fields are refused here too.
+    List {},
+    Status {},
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,12 +125,21 @@ mod tests {
                     host_ifname: "veth1".into(),
                 }),
             ),
-            (r#"{"op":"del","ip":"10.244.1.2"}"#, Request::Del { ip: "10.244.1.2".parse().unwrap() }),
-            (r#"{"op":"list"}"#, Request::List),
-            (r#"{"op":"status"}"#, Request::Status),
+            (
+                r#"{"op":"del","ip":"10.244.1.2"}"#,
+                Request::Del {
+                    ip: "10.244.1.2".parse().unwrap(),
+                },
+            ),
+            (r#"{"op":"list"}"#, Request::List {}),
+            (r#"{"op":"status"}"#, Request::Status {}),
         ];
         for (text, want) in table {
-            assert_eq!(serde_json::from_str::<Request>(text).unwrap(), want, "{text}");
+            assert_eq!(
+                serde_json::from_str::<Request>(text).unwrap(),
+                want,
+                "{text}"
+            );
         }
     }
 

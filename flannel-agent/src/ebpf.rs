@@ -17,10 +17,11 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
     programs::{
+        links::LinkError,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        links::LinkError, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     sys::SyscallError,
     Ebpf, EbpfLoader,
@@ -96,7 +97,8 @@ impl Datapath {
                 .ok_or(EbpfError::Missing(name))?
                 .try_into()
                 .map_err(|source| EbpfError::Program { name, source })?;
-            prog.load().map_err(|source| EbpfError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| EbpfError::Program { name, source })?;
         }
         let xdp: &mut Xdp = bpf
             .program_mut(programs::XDP_UPLINK)
@@ -150,10 +152,11 @@ impl Datapath {
         let path = self.link_path(link_name);
         if Self::tc_link_alive(&path, ifname) {
             if let Some(old) = Self::pinned(&path)? {
-                let link = SchedClassifierLink::try_from(old).map_err(|source| EbpfError::Link {
-                    path: path.clone(),
-                    source,
-                })?;
+                let link =
+                    SchedClassifierLink::try_from(old).map_err(|source| EbpfError::Link {
+                        path: path.clone(),
+                        source,
+                    })?;
                 let p = self.classifier(prog)?;
                 let id = p
                     .attach_to_link(link)
@@ -259,13 +262,7 @@ impl Datapath {
             return Vec::new();
         };
         rd.filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix("pod_")?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("pod_")?.parse().ok())
             .collect()
     }
 
@@ -274,8 +271,8 @@ impl Datapath {
     }
 
     pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
-        let mut arr: Array<_, Config> = Array::try_from(self.map_mut(maps::CONFIG)?)
-            .map_err(|source| EbpfError::Map {
+        let mut arr: Array<_, Config> =
+            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(|source| EbpfError::Map {
                 name: maps::CONFIG,
                 source,
             })?;
@@ -286,7 +283,10 @@ impl Datapath {
     }
 
     /// Makes the remote-subnet trie hold exactly `want`. Returns (set, removed).
-    pub fn sync_remotes(&mut self, want: &StdHashMap<Ipv4Net, RemoteNode>) -> Result<(usize, usize)> {
+    pub fn sync_remotes(
+        &mut self,
+        want: &StdHashMap<Ipv4Net, RemoteNode>,
+    ) -> Result<(usize, usize)> {
         let err = |source| EbpfError::Map {
             name: maps::REMOTE_SUBNETS,
             source,
@@ -296,13 +296,20 @@ impl Datapath {
         let mut have = StdHashMap::new();
         for item in trie.iter() {
             let (k, v) = item.map_err(err)?;
-            have.insert(Ipv4Net::new(key_ip(k.data()), k.prefix_len() as u8).ok(), (k, v));
+            have.insert(
+                Ipv4Net::new(key_ip(k.data()), k.prefix_len() as u8).ok(),
+                (k, v),
+            );
         }
         let mut set = 0;
         for (net, node) in want {
             if have.get(&Some(*net)).map(|(_, v)| v) != Some(node) {
-                trie.insert(&Key::new(u32::from(net.prefix_len()), ip_key(net.network())), node, 0)
-                    .map_err(err)?;
+                trie.insert(
+                    &Key::new(u32::from(net.prefix_len()), ip_key(net.network())),
+                    node,
+                    0,
+                )
+                .map_err(err)?;
                 set += 1;
             }
         }
@@ -417,7 +424,12 @@ fn pinned_link_ifindex(path: &Path) -> Option<u32> {
     };
     // SAFETY: obj points at a valid C string for the duration of the call.
     let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &obj as *const ObjAttr, std::mem::size_of::<ObjAttr>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &obj as *const ObjAttr,
+            std::mem::size_of::<ObjAttr>() as u32,
+        )
     };
     if fd < 0 {
         return None;
@@ -434,14 +446,21 @@ fn pinned_link_ifindex(path: &Path) -> Option<u32> {
     };
     // SAFETY: attr and info are valid for the sizes given for the call.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &mut attr as *mut InfoAttr, std::mem::size_of::<InfoAttr>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            std::mem::size_of::<InfoAttr>() as u32,
+        )
     };
     drop(owned);
     (rc == 0).then_some((info[2] & 0xffff_ffff) as u32)
 }
 
 /// Reads the pinned per-CPU counters, summed over CPUs, by name.
-pub fn read_counters(dir: &Path) -> std::result::Result<Vec<(&'static str, u64)>, aya::maps::MapError> {
+pub fn read_counters(
+    dir: &Path,
+) -> std::result::Result<Vec<(&'static str, u64)>, aya::maps::MapError> {
     let data = MapData::from_pin(dir.join("maps").join(maps::COUNTERS))?;
     let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
     let mut out = Vec::with_capacity(counters::COUNT as usize);

@@ -22,11 +22,20 @@ pub struct Lease {
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     #[error("reading lease file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("lease file {path} is not a JSON list of leases: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("lease for {public_ip}: subnet {subnet} is not a network address (did you mean {}?)", .subnet.trunc())]
-    NotNetwork { public_ip: Ipv4Addr, subnet: Ipv4Net },
+    NotNetwork {
+        public_ip: Ipv4Addr,
+        subnet: Ipv4Net,
+    },
     #[error("lease for {public_ip}: VtepMAC {mac} is not a unicast address")]
     BadMac { public_ip: Ipv4Addr, mac: MacAddr },
     #[error("subnets {a} and {b} overlap")]
@@ -105,13 +114,28 @@ mod tests {
         let table = [
             ("{}", "not a JSON list"),
             ("[{\"subnet\":\"10.244.1.0/24\"}]", "not a JSON list"),
-            (r#"[{"subnet":"10.244.1.5/24","public_ip":"10.0.0.1","vtep_mac":"0e:00:00:00:00:01"}]"#, "not a network address"),
-            (r#"[{"subnet":"10.244.1.0/24","public_ip":"10.0.0.1","vtep_mac":"01:00:00:00:00:01"}]"#, "not a unicast"),
-            (r#"[{"subnet":"10.244.1.0/24","public_ip":"10.0.0.1","vtep_mac":"0e:00:00:00:00:01"},
-                {"subnet":"10.244.0.0/16","public_ip":"10.0.0.2","vtep_mac":"0e:00:00:00:00:02"}]"#, "overlap"),
-            (r#"[{"subnet":"10.244.1.0/24","public_ip":"10.0.0.1","vtep_mac":"0e:00:00:00:00:01"},
-                {"subnet":"10.244.2.0/24","public_ip":"10.0.0.1","vtep_mac":"0e:00:00:00:00:02"}]"#, "more than one lease"),
-            (r#"[{"subnet":"10.244.1.0/24","public_ip":"10.0.0.1","vtep_mac":"0e:00:00:00:00:01","x":1}]"#, "unknown field"),
+            (
+                r#"[{"subnet":"10.244.1.5/24","public_ip":"10.0.0.1","vtep_mac":"0e:00:00:00:00:01"}]"#,
+                "not a network address",
+            ),
+            (
+                r#"[{"subnet":"10.244.1.0/24","public_ip":"10.0.0.1","vtep_mac":"01:00:00:00:00:01"}]"#,
+                "not a unicast",
+            ),
+            (
+                r#"[{"subnet":"10.244.1.0/24","public_ip":"10.0.0.1","vtep_mac":"0e:00:00:00:00:01"},
+                {"subnet":"10.244.0.0/16","public_ip":"10.0.0.2","vtep_mac":"0e:00:00:00:00:02"}]"#,
+                "overlap",
+            ),
+            (
+                r#"[{"subnet":"10.244.1.0/24","public_ip":"10.0.0.1","vtep_mac":"0e:00:00:00:00:01"},
+                {"subnet":"10.244.2.0/24","public_ip":"10.0.0.1","vtep_mac":"0e:00:00:00:00:02"}]"#,
+                "more than one lease",
+            ),
+            (
+                r#"[{"subnet":"10.244.1.0/24","public_ip":"10.0.0.1","vtep_mac":"0e:00:00:00:00:01","x":1}]"#,
+                "unknown field",
+            ),
         ];
         for (text, want) in table {
             let err = parse("t", text).unwrap_err().to_string();

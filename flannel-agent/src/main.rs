@@ -12,7 +12,11 @@ use flannel_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "flannel-agent", version, about = "Flannel-compatible pod network with an eBPF VXLAN data path")]
+#[command(
+    name = "flannel-agent",
+    version,
+    about = "Flannel-compatible pod network with an eBPF VXLAN data path"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -94,8 +98,7 @@ struct RunArgs {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -134,8 +137,20 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::AddPod { socket, ip, mac, host_if } => {
-            api::call(&socket, &Request::Add(EndpointRecord { ip, mac, host_ifname: host_if }))?;
+        Cmd::AddPod {
+            socket,
+            ip,
+            mac,
+            host_if,
+        } => {
+            api::call(
+                &socket,
+                &Request::Add(EndpointRecord {
+                    ip,
+                    mac,
+                    host_ifname: host_if,
+                }),
+            )?;
             Ok(())
         }
         Cmd::DelPod { socket, ip } => {
@@ -143,7 +158,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { socket } => {
-            let resp = api::call(&socket, &Request::Status)?;
+            let resp = api::call(&socket, &Request::Status {})?;
             println!("{}", serde_json::to_string_pretty(&resp.status)?);
             Ok(())
         }

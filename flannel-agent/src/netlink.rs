@@ -145,7 +145,12 @@ impl Netlink {
     }
 
     pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
-        let mut stream = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut stream = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match stream.try_next().await {
             Ok(Some(msg)) => Ok(Some(Link::from_message(&msg))),
             Ok(None) => Ok(None),
@@ -183,7 +188,11 @@ impl Netlink {
     pub async fn default_route_link(&self) -> Result<Link> {
         let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
         let mut stream = self.handle.route().get(filter).execute();
-        while let Some(route) = stream.try_next().await.map_err(req("list routes", "main"))? {
+        while let Some(route) = stream
+            .try_next()
+            .await
+            .map_err(req("list routes", "main"))?
+        {
             if route.header.destination_prefix_length != 0 {
                 continue;
             }
@@ -207,7 +216,11 @@ impl Netlink {
             .set_link_index_filter(index)
             .execute();
         let mut out = Vec::new();
-        while let Some(msg) = stream.try_next().await.map_err(req("list addresses", index))? {
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(req("list addresses", index))?
+        {
             if msg.header.index != index {
                 continue;
             }
@@ -246,7 +259,11 @@ impl Netlink {
             .set_link_index_filter(index)
             .execute();
         let mut stale = Vec::new();
-        while let Some(msg) = stream.try_next().await.map_err(req("list addresses", index))? {
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(req("list addresses", index))?
+        {
             let local = msg.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Local(IpAddr::V4(a)) => Some(*a),
                 _ => None,
@@ -356,7 +373,8 @@ impl Netlink {
             None => self.create_vxlan(spec).await?,
         };
         if link.mtu != spec.mtu || link.mac != Some(spec.mac) {
-            self.set_mtu_mac(link.index, spec.mtu, Some(spec.mac)).await?;
+            self.set_mtu_mac(link.index, spec.mtu, Some(spec.mac))
+                .await?;
         }
         self.ensure_only_addrs(link.index, &[addr]).await?;
         if !link.up {
@@ -427,7 +445,10 @@ impl Netlink {
         let mut stream = self.handle.route().get(filter).execute();
         let mut out = Vec::new();
         while let Some(route) = stream.try_next().await.map_err(req("list routes", vtep))? {
-            let oif = route.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == vtep));
+            let oif = route
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == vtep));
             if oif && route.header.scope == RouteScope::Universe {
                 out.push(route);
             }
@@ -488,7 +509,11 @@ impl Netlink {
             .set_address_family(family)
             .execute();
         let mut out = Vec::new();
-        while let Some(msg) = stream.try_next().await.map_err(req("list neighbours", index))? {
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(req("list neighbours", index))?
+        {
             if msg.header.ifindex != index || msg.header.state != NeighbourState::Permanent {
                 continue;
             }
@@ -520,7 +545,11 @@ impl Netlink {
         msg.header.ifindex = vtep;
         msg.attributes
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-        self.ignore_missing(self.handle.neighbours().del(msg).execute().await, "delete neighbour", ip)
+        self.ignore_missing(
+            self.handle.neighbours().del(msg).execute().await,
+            "delete neighbour",
+            ip,
+        )
     }
 
     pub async fn delete_fdb(&self, vtep: u32, mac: MacAddr, dst: Option<IpAddr>) -> Result<()> {
@@ -534,7 +563,11 @@ impl Netlink {
             msg.attributes
                 .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(d)));
         }
-        self.ignore_missing(self.handle.neighbours().del(msg).execute().await, "delete fdb", mac)
+        self.ignore_missing(
+            self.handle.neighbours().del(msg).execute().await,
+            "delete fdb",
+            mac,
+        )
     }
 
     fn ignore_missing(

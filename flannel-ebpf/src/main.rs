@@ -26,8 +26,8 @@ use aya_ebpf::{
         TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
-        bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect,
-        bpf_redirect_neigh, bpf_redirect_peer, bpf_xdp_adjust_head,
+        bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect_peer, bpf_xdp_adjust_head,
     },
     macros::{classifier, map, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
@@ -93,7 +93,7 @@ pub fn tc_from_pod(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn from_pod(ctx: &TcContext) -> (i32, u32) {
-    let pass = TC_ACT_OK as i32;
+    let pass = TC_ACT_OK;
     let Some(cfg) = config() else {
         return (pass, POD_PASS_NO_CONFIG);
     };
@@ -113,9 +113,9 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
 
     // Same node: what the bridge would do, without the bridge. No routing
     // happens on a bridged path, so the TTL is left alone.
-    if let Some(ep) = unsafe { ENDPOINTS.get(&dst) } {
+    if let Some(ep) = unsafe { ENDPOINTS.get(dst) } {
         if ctx.store(0, &ep.pod_mac, 0).is_err() {
-            return (TC_ACT_SHOT as i32, POD_DROP_ENCAP_FAILED);
+            return (TC_ACT_SHOT, POD_DROP_ENCAP_FAILED);
         }
         let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) } as i32;
         return (action, POD_LOCAL_REDIRECT);
@@ -146,8 +146,8 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
 /// is done first, so that such a failure still passes it to the stack intact.
 #[inline(always)]
 fn encap(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, remote: &RemoteNode) -> (i32, u32) {
-    let pass = TC_ACT_OK as i32;
-    let drop = TC_ACT_SHOT as i32;
+    let pass = TC_ACT_OK;
+    let drop = TC_ACT_SHOT;
 
     // Outer next hop through the FIB, as the kernel would route the outer packet.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
@@ -201,8 +201,8 @@ fn encap(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, remote: &RemoteNode) -> (i
 
     // The inner packet is routed once by this node, as through flannel.1.
     let inner_ip = EthHdr::LEN + VXLAN_ENCAP_LEN as usize;
-    let old = u16::from_ne_bytes([ip.ttl, ip.proto as u8]);
-    let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto as u8]);
+    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto]);
     if ctx.store(inner_ip + 8, &(ip.ttl - 1), 0).is_err()
         || ctx
             .l3_csum_replace(inner_ip + 10, u64::from(old), u64::from(new), 2)
@@ -271,7 +271,7 @@ fn uplink(ctx: &XdpContext) -> (u32, u32) {
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         return (pass, XDP_PASS_FRAGMENT);
     }
-    if ip.proto as u8 != IPPROTO_UDP {
+    if ip.proto != IPPROTO_UDP {
         return (pass, XDP_PASS_NOT_VXLAN);
     }
     let Some(udp) = pkt.get::<network_types::udp::UdpHdr>(parse::OUTER_UDP) else {
@@ -300,7 +300,7 @@ fn uplink(ctx: &XdpContext) -> (u32, u32) {
         return (pass, XDP_PASS_WRONG_VNI);
     }
     let src = u32::from_ne_bytes(ip.src_addr);
-    if unsafe { VTEPS.get(&src) }.is_none() {
+    if unsafe { VTEPS.get(src) }.is_none() {
         return (pass, XDP_PASS_UNKNOWN_VTEP);
     }
     let Some(inner_eth) = pkt.get_mut::<EthHdr>(parse::INNER_ETH) else {
@@ -317,7 +317,7 @@ fn uplink(ctx: &XdpContext) -> (u32, u32) {
         return (pass, XDP_PASS_MALFORMED);
     }
     let dst = u32::from_ne_bytes(inner_ip.dst_addr);
-    if unsafe { ENDPOINTS.get(&dst) }.is_none() {
+    if unsafe { ENDPOINTS.get(dst) }.is_none() {
         return (pass, XDP_PASS_NOT_LOCAL);
     }
     // Addressed to the uplink, the stack (or tc_uplink_ingress) takes it as a
@@ -342,7 +342,7 @@ pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
-    let pass = TC_ACT_OK as i32;
+    let pass = TC_ACT_OK;
     let Some(cfg) = config() else {
         return (pass, UPLINK_PASS);
     };
@@ -359,15 +359,15 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
         return (pass, UPLINK_PASS);
     }
     let dst = u32::from_ne_bytes(ip.dst_addr);
-    let Some(ep) = (unsafe { ENDPOINTS.get(&dst) }) else {
+    let Some(ep) = (unsafe { ENDPOINTS.get(dst) }) else {
         return (pass, UPLINK_PASS);
     };
     if ip.ttl <= 1 {
         return (pass, UPLINK_PASS_TTL);
     }
     // Routed by this node into the pod: TTL − 1, MACs of the cni0 hop.
-    let old = u16::from_ne_bytes([ip.ttl, ip.proto as u8]);
-    let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto as u8]);
+    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto]);
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&ep.pod_mac);
     macs[6..].copy_from_slice(&cfg.gateway_mac);
@@ -377,10 +377,10 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
             .l3_csum_replace(EthHdr::LEN + 10, u64::from(old), u64::from(new), 2)
             .is_err()
     {
-        return (TC_ACT_SHOT as i32, UPLINK_DROP_REDIRECT_FAILED);
+        return (TC_ACT_SHOT, UPLINK_DROP_REDIRECT_FAILED);
     }
     let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) } as i32;
-    if action == TC_ACT_SHOT as i32 {
+    if action == TC_ACT_SHOT {
         return (action, UPLINK_DROP_REDIRECT_FAILED);
     }
     (action, UPLINK_REDIRECT)

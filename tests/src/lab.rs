@@ -104,7 +104,11 @@ fn unique_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let mix = std::process::id() ^ nanos.rotate_left(7) ^ SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9);
+    let mix = std::process::id()
+        ^ nanos.rotate_left(7)
+        ^ SEQ
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9);
     format!("fl{:06x}", mix & 0xff_ffff)
 }
 
@@ -161,13 +165,35 @@ impl Lab {
             let ns = format!("{}-n{n}", self.id);
             self.add_ns(&ns)?;
             let port = format!("n{n}");
-            ip(&["-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
             ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
             let node_ip = Ipv4Addr::new(172, 30, 0, n as u8);
-            ip(&["-n", &ns, "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{node_ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             // A default route, so the agent finds its uplink as Flannel does.
-            ip(&["-n", &ns, "route", "add", "default", "via", "172.30.0.254", "dev", "eth0", "onlink"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                "172.30.0.254",
+                "dev",
+                "eth0",
+                "onlink",
+            ])?;
             sysctl(&ns, "net.ipv4.ip_forward", "1")?;
             self.nodes.push(Node {
                 bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{ns}")),
@@ -203,7 +229,10 @@ impl Lab {
     /// Writes every node's lease to the shared lease file.
     pub fn write_leases(&self) -> Result<()> {
         let leases: Vec<Lease> = self.nodes.iter().map(|n| n.lease()).collect();
-        flannel_agent::agent::write_atomic(&self.lease_file(), &serde_json::to_vec_pretty(&leases)?)?;
+        flannel_agent::agent::write_atomic(
+            &self.lease_file(),
+            &serde_json::to_vec_pretty(&leases)?,
+        )?;
         Ok(())
     }
 
@@ -224,7 +253,14 @@ impl Lab {
         let mut cmd = Command::new(bin);
         cmd.args(["run", "--lease-file"])
             .arg(self.lease_file())
-            .args(["--port", &PORT.to_string(), "--vni", &VNI.to_string(), "--datapath", mode])
+            .args([
+                "--port",
+                &PORT.to_string(),
+                "--vni",
+                &VNI.to_string(),
+                "--datapath",
+                mode,
+            ])
             .arg("--bpf-dir")
             .arg(&node.bpf_dir)
             .arg("--run-dir")
@@ -255,7 +291,7 @@ impl Lab {
     fn wait_ready(&mut self, i: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = api::call(&self.nodes[i].socket(), &Request::Status) {
+            if let Ok(r) = api::call(&self.nodes[i].socket(), &Request::Status {}) {
                 if r.status.is_some() {
                     return Ok(());
                 }
@@ -265,10 +301,18 @@ impl Lab {
                 None => None,
             };
             if let Some(status) = exited {
-                bail!("agent on {} exited ({status}): {}", self.nodes[i].ns, self.agent_log(i));
+                bail!(
+                    "agent on {} exited ({status}): {}",
+                    self.nodes[i].ns,
+                    self.agent_log(i)
+                );
             }
             if Instant::now() > deadline {
-                bail!("agent on {} not ready after 20 s: {}", self.nodes[i].ns, self.agent_log(i));
+                bail!(
+                    "agent on {} not ready after 20 s: {}",
+                    self.nodes[i].ns,
+                    self.agent_log(i)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -294,23 +338,99 @@ impl Lab {
         let gw = format!("{}/24", node.gateway());
         ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
         ip(&["-n", ns, "addr", "add", &gw, "dev", "cni0"])?;
-        ip(&["-n", ns, "link", "set", "cni0", "mtu", &POD_MTU.to_string(), "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "link",
+            "set",
+            "cni0",
+            "mtu",
+            &POD_MTU.to_string(),
+            "up",
+        ])?;
         let local = node.ip.to_string();
         ip(&[
-            "-n", ns, "link", "add", "flannel.1", "type", "vxlan", "id", &VNI.to_string(), "local", &local,
-            "dev", "eth0", "dstport", &PORT.to_string(), "nolearning",
+            "-n",
+            ns,
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            &VNI.to_string(),
+            "local",
+            &local,
+            "dev",
+            "eth0",
+            "dstport",
+            &PORT.to_string(),
+            "nolearning",
         ])?;
-        ip(&["-n", ns, "link", "set", "flannel.1", "address", &node.vtep_mac.to_string(), "mtu", &POD_MTU.to_string()])?;
-        ip(&["-n", ns, "addr", "add", &format!("{}/32", node.subnet.network()), "dev", "flannel.1"])?;
+        ip(&[
+            "-n",
+            ns,
+            "link",
+            "set",
+            "flannel.1",
+            "address",
+            &node.vtep_mac.to_string(),
+            "mtu",
+            &POD_MTU.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/32", node.subnet.network()),
+            "dev",
+            "flannel.1",
+        ])?;
         ip(&["-n", ns, "link", "set", "flannel.1", "up"])?;
         for other in self.nodes.iter().filter(|o| o.ns != node.ns) {
             let gw = other.subnet.network().to_string();
             let mac = other.vtep_mac.to_string();
-            ip(&["-n", ns, "neigh", "replace", &gw, "lladdr", &mac, "dev", "flannel.1", "nud", "permanent"])?;
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &gw,
+                "lladdr",
+                &mac,
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ])?;
             Command::new("bridge")
-                .args(["-n", ns, "fdb", "replace", &mac, "dev", "flannel.1", "dst", &other.ip.to_string(), "self", "permanent"])
+                .args([
+                    "-n",
+                    ns,
+                    "fdb",
+                    "replace",
+                    &mac,
+                    "dev",
+                    "flannel.1",
+                    "dst",
+                    &other.ip.to_string(),
+                    "self",
+                    "permanent",
+                ])
                 .status()?;
-            ip(&["-n", ns, "route", "replace", &other.subnet.to_string(), "via", &gw, "dev", "flannel.1", "onlink"])?;
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                "replace",
+                &other.subnet.to_string(),
+                "via",
+                &gw,
+                "dev",
+                "flannel.1",
+                "onlink",
+            ])?;
         }
         Ok(())
     }
@@ -328,12 +448,49 @@ impl Lab {
         let has_agent = node.agent.is_some();
         let socket = node.socket();
         self.add_ns(&pod_ns)?;
-        ip(&["-n", &node_ns, "link", "add", &host_if, "mtu", &POD_MTU.to_string(), "type", "veth", "peer", "name", "eth0", "netns", &pod_ns])?;
-        ip(&["-n", &node_ns, "link", "set", &host_if, "master", "cni0", "up"])?;
-        ip(&["-n", &pod_ns, "link", "set", "eth0", "mtu", &POD_MTU.to_string(), "up"])?;
-        ip(&["-n", &pod_ns, "addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
-        ip(&["-n", &pod_ns, "route", "add", "default", "via", &gateway, "dev", "eth0"])?;
-        let link: serde_json::Value = serde_json::from_str(&ip(&["-n", &pod_ns, "-j", "link", "show", "eth0"])?)?;
+        ip(&[
+            "-n",
+            &node_ns,
+            "link",
+            "add",
+            &host_if,
+            "mtu",
+            &POD_MTU.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &pod_ns,
+        ])?;
+        ip(&[
+            "-n", &node_ns, "link", "set", &host_if, "master", "cni0", "up",
+        ])?;
+        ip(&[
+            "-n",
+            &pod_ns,
+            "link",
+            "set",
+            "eth0",
+            "mtu",
+            &POD_MTU.to_string(),
+            "up",
+        ])?;
+        ip(&[
+            "-n",
+            &pod_ns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n", &pod_ns, "route", "add", "default", "via", &gateway, "dev", "eth0",
+        ])?;
+        let link: serde_json::Value =
+            serde_json::from_str(&ip(&["-n", &pod_ns, "-j", "link", "show", "eth0"])?)?;
         let mac: MacAddr = link[0]["address"]
             .as_str()
             .context("pod eth0 has no MAC")?
@@ -371,10 +528,29 @@ impl Lab {
     }
 
     /// `ping` from a pod; true when every echo was answered.
-    pub fn ping(&self, from: (usize, usize), to: Ipv4Addr, count: u32, size: usize) -> Result<bool> {
+    pub fn ping(
+        &self,
+        from: (usize, usize),
+        to: Ipv4Addr,
+        count: u32,
+        size: usize,
+    ) -> Result<bool> {
         let out = exec(
             &self.pod(from).ns,
-            &["ping", "-q", "-n", "-c", &count.to_string(), "-i", "0.05", "-W", "2", "-s", &size.to_string(), &to.to_string()],
+            &[
+                "ping",
+                "-q",
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.05",
+                "-W",
+                "2",
+                "-s",
+                &size.to_string(),
+                &to.to_string(),
+            ],
         )?;
         Ok(out.status.success())
     }
@@ -387,7 +563,10 @@ impl Lab {
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     let out = exec(ns, &["sysctl", "-q", "-w", &format!("{key}={value}")])?;
     if !out.status.success() {
-        bail!("sysctl {key} in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "sysctl {key} in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }

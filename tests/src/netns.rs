@@ -23,7 +23,8 @@ pub fn spawn_in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<std::thread::JoinHandle<Result<T>>> {
-    let file = File::open(format!("/run/netns/{ns}")).with_context(|| format!("opening netns {ns}"))?;
+    let file =
+        File::open(format!("/run/netns/{ns}")).with_context(|| format!("opening netns {ns}"))?;
     let ns = ns.to_string();
     Ok(std::thread::spawn(move || {
         // SAFETY: setns on this thread only; the fd is valid for the call.

@@ -30,7 +30,12 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// A server in `server_ns` echoes one message from a client in
 /// `client_ns` over TCP; the client checks the echo.
-pub fn tcp_exchange(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port: u16) -> Result<()> {
+pub fn tcp_exchange(
+    client_ns: &str,
+    server_ns: &str,
+    server_ip: Ipv4Addr,
+    port: u16,
+) -> Result<()> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let server = spawn_in_netns(server_ns, move || {
         let l = TcpListener::bind(SocketAddrV4::new(server_ip, port))?;
@@ -42,17 +47,22 @@ pub fn tcp_exchange(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port:
         s.write_all(&buf[..n])?;
         Ok(())
     })?;
-    ready_rx.recv_timeout(TIMEOUT).context("TCP server did not start")?;
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .context("TCP server did not start")?;
     let msg = pattern(u64::from(port), 1000);
     let got = in_netns(client_ns, move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddrV4::new(server_ip, port).into(), TIMEOUT)?;
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddrV4::new(server_ip, port).into(), TIMEOUT)?;
         s.set_read_timeout(Some(TIMEOUT))?;
         s.write_all(&msg)?;
         let mut buf = vec![0u8; msg.len()];
         s.read_exact(&mut buf)?;
         Ok(buf == msg)
     });
-    let served = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
     if !got? {
         bail!("TCP echo differs");
     }
@@ -60,7 +70,12 @@ pub fn tcp_exchange(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port:
 }
 
 /// UDP request/response between two pods.
-pub fn udp_exchange(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port: u16) -> Result<()> {
+pub fn udp_exchange(
+    client_ns: &str,
+    server_ns: &str,
+    server_ip: Ipv4Addr,
+    port: u16,
+) -> Result<()> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let server = spawn_in_netns(server_ns, move || {
         let s = UdpSocket::bind(SocketAddrV4::new(server_ip, port))?;
@@ -71,7 +86,9 @@ pub fn udp_exchange(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port:
         s.send_to(&buf[..n], from)?;
         Ok(())
     })?;
-    ready_rx.recv_timeout(TIMEOUT).context("UDP server did not start")?;
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .context("UDP server did not start")?;
     let msg = pattern(u64::from(port) + 7, 512);
     let ok = in_netns(client_ns, move || {
         let s = UdpSocket::bind("0.0.0.0:0")?;
@@ -81,7 +98,9 @@ pub fn udp_exchange(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port:
         let (n, _) = s.recv_from(&mut buf)?;
         Ok(buf[..n] == msg[..])
     });
-    let served = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
     if !ok? {
         bail!("UDP echo differs");
     }
@@ -89,7 +108,13 @@ pub fn udp_exchange(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port:
 }
 
 /// Sends `len` bytes over TCP and returns how many arrived intact.
-pub fn bulk_transfer(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port: u16, len: usize) -> Result<usize> {
+pub fn bulk_transfer(
+    client_ns: &str,
+    server_ns: &str,
+    server_ip: Ipv4Addr,
+    port: u16,
+    len: usize,
+) -> Result<usize> {
     const CHUNK: usize = 1 << 20;
     let block = pattern(42, CHUNK);
     let expect = block.clone();
@@ -115,9 +140,12 @@ pub fn bulk_transfer(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port
         }
         Ok(got)
     })?;
-    ready_rx.recv_timeout(TIMEOUT).context("bulk server did not start")?;
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .context("bulk server did not start")?;
     in_netns(client_ns, move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddrV4::new(server_ip, port).into(), TIMEOUT)?;
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddrV4::new(server_ip, port).into(), TIMEOUT)?;
         let mut left = len;
         while left > 0 {
             let n = left.min(CHUNK);
@@ -127,5 +155,7 @@ pub fn bulk_transfer(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port
         s.shutdown(std::net::Shutdown::Write)?;
         Ok(())
     })?;
-    server.join().map_err(|_| anyhow::anyhow!("server panicked"))?
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?
 }

@@ -11,7 +11,13 @@ use flannel_tests::{
 };
 
 fn ebpf_nodes(n: usize, pods: usize) -> Vec<NodeSpec> {
-    vec![NodeSpec { kind: NodeKind::Ebpf, pods }; n]
+    vec![
+        NodeSpec {
+            kind: NodeKind::Ebpf,
+            pods
+        };
+        n
+    ]
 }
 
 fn snapshot(lab: &Lab) -> Result<Vec<HashMap<&'static str, u64>>> {
@@ -19,10 +25,18 @@ fn snapshot(lab: &Lab) -> Result<Vec<HashMap<&'static str, u64>>> {
 }
 
 fn vtep_packets(lab: &Lab) -> Result<Vec<(u64, u64)>> {
-    lab.nodes.iter().map(|n| link_packets(&n.ns, "flannel.1")).collect()
+    lab.nodes
+        .iter()
+        .map(|n| link_packets(&n.ns, "flannel.1"))
+        .collect()
 }
 
-fn delta(before: &[HashMap<&str, u64>], after: &[HashMap<&str, u64>], node: usize, name: &str) -> u64 {
+fn delta(
+    before: &[HashMap<&str, u64>],
+    after: &[HashMap<&str, u64>],
+    node: usize,
+    name: &str,
+) -> u64 {
     after[node][name] - before[node][name]
 }
 
@@ -47,7 +61,12 @@ fn every_pod_pair_talks_over_the_ebpf_path() -> Result<()> {
             if a.0 == b.0 {
                 // ping 3 + TCP (handshake, data, fin) + UDP 1, both ways.
                 let local = delta(&before, &after, a.0, "pod_local_redirect");
-                assert!(local >= 10, "{} -> {}: local redirects {local}", pa.ip, pb.ip);
+                assert!(
+                    local >= 10,
+                    "{} -> {}: local redirects {local}",
+                    pa.ip,
+                    pb.ip
+                );
                 assert_eq!(delta(&before, &after, a.0, "pod_encap_redirect"), 0);
             } else {
                 let enc = delta(&before, &after, a.0, "pod_encap_redirect")
@@ -57,12 +76,22 @@ fn every_pod_pair_talks_over_the_ebpf_path() -> Result<()> {
                 let back = delta(&before, &after, b.0, "pod_encap_redirect")
                     + delta(&before, &after, b.0, "pod_encap_neigh");
                 let back_dec = delta(&before, &after, a.0, "xdp_decap");
-                for (what, n) in [("encap", enc), ("decap", dec), ("delivery", deliver), ("reply encap", back), ("reply decap", back_dec)] {
+                for (what, n) in [
+                    ("encap", enc),
+                    ("decap", dec),
+                    ("delivery", deliver),
+                    ("reply encap", back),
+                    ("reply decap", back_dec),
+                ] {
                     assert!(n >= 5, "{} -> {}: {what} counted {n}", pa.ip, pb.ip);
                 }
             }
             let vtep_after = vtep_packets(&lab)?;
-            assert_eq!(vtep_before, vtep_after, "flannel.1 carried pod traffic ({} -> {})", pa.ip, pb.ip);
+            assert_eq!(
+                vtep_before, vtep_after,
+                "flannel.1 carried pod traffic ({} -> {})",
+                pa.ip, pb.ip
+            );
         }
     }
     Ok(())
@@ -89,13 +118,40 @@ fn bulk_transfer_is_byte_exact_and_mtu_is_honoured() -> Result<()> {
     }
     // A pod whose MTU is too large sends 1500-byte packets: the data path
     // hands them to the stack, which answers "fragmentation needed, mtu 1450".
-    flannel_tests::netns::ip(&["-n", &lab.nodes[0].ns, "link", "set", &pa.host_if, "mtu", "1500"])?;
+    flannel_tests::netns::ip(&[
+        "-n",
+        &lab.nodes[0].ns,
+        "link",
+        "set",
+        &pa.host_if,
+        "mtu",
+        "1500",
+    ])?;
     flannel_tests::netns::ip(&["-n", &pa.ns, "link", "set", "eth0", "mtu", "1500"])?;
     let before = snapshot(&lab)?;
-    let out = flannel_tests::netns::exec(&pa.ns, &["ping", "-n", "-c", "2", "-M", "do", "-s", "1472", "-W", "2", &pb.ip.to_string()])?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = flannel_tests::netns::exec(
+        &pa.ns,
+        &[
+            "ping",
+            "-n",
+            "-c",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "1472",
+            "-W",
+            "2",
+            &pb.ip.to_string(),
+        ],
+    )?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "oversize DF ping must fail: {text}");
-    assert!(text.contains("mtu = 1450") || text.contains("mtu=1450"), "want frag-needed with mtu 1450: {text}");
+    assert!(
+        text.contains("mtu = 1450") || text.contains("mtu=1450"),
+        "want frag-needed with mtu 1450: {text}"
+    );
     let after = snapshot(&lab)?;
     assert!(delta(&before, &after, 0, "pod_pass_too_big") >= 1);
     Ok(())

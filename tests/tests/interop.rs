@@ -13,7 +13,12 @@ fn both_ways(lab: &Lab, a: (usize, usize), b: (usize, usize), port: u16) -> Resu
     for (x, y, p) in [(a, b, port), (b, a, port + 1)] {
         let (px, py) = (lab.pod(x), lab.pod(y));
         assert!(lab.ping(x, py.ip, 3, 56)?, "ping {} -> {}", px.ip, py.ip);
-        assert!(lab.ping(x, py.ip, 2, 1422)?, "full-size ping {} -> {}", px.ip, py.ip);
+        assert!(
+            lab.ping(x, py.ip, 2, 1422)?,
+            "full-size ping {} -> {}",
+            px.ip,
+            py.ip
+        );
         tcp_exchange(&px.ns, &py.ns, py.ip, p)?;
         udp_exchange(&px.ns, &py.ns, py.ip, p)?;
     }
@@ -23,9 +28,18 @@ fn both_ways(lab: &Lab, a: (usize, usize), b: (usize, usize), port: u16) -> Resu
 #[test]
 fn ebpf_nodes_and_a_stock_flannel_node_exchange_pod_traffic() -> Result<()> {
     let lab = Lab::new(&[
-        NodeSpec { kind: NodeKind::Ebpf, pods: 1 },
-        NodeSpec { kind: NodeKind::Ebpf, pods: 1 },
-        NodeSpec { kind: NodeKind::StockFlannel, pods: 1 },
+        NodeSpec {
+            kind: NodeKind::Ebpf,
+            pods: 1,
+        },
+        NodeSpec {
+            kind: NodeKind::Ebpf,
+            pods: 1,
+        },
+        NodeSpec {
+            kind: NodeKind::StockFlannel,
+            pods: 1,
+        },
     ])?;
     let stock_before = link_packets(&lab.nodes[2].ns, "flannel.1")?;
     let c0 = lab.nodes[0].counters()?;
@@ -34,7 +48,10 @@ fn ebpf_nodes_and_a_stock_flannel_node_exchange_pod_traffic() -> Result<()> {
     let c1 = lab.nodes[0].counters()?;
     // The eBPF node encapsulated towards the stock node and decapsulated
     // what the stock node's kernel VXLAN device sent.
-    assert!(c1["pod_encap_redirect"] + c1["pod_encap_neigh"] > c0["pod_encap_redirect"] + c0["pod_encap_neigh"]);
+    assert!(
+        c1["pod_encap_redirect"] + c1["pod_encap_neigh"]
+            > c0["pod_encap_redirect"] + c0["pod_encap_neigh"]
+    );
     assert!(c1["xdp_decap"] > c0["xdp_decap"]);
     // The stock node really used its kernel VXLAN device both ways.
     let stock_after = link_packets(&lab.nodes[2].ns, "flannel.1")?;
@@ -45,21 +62,40 @@ fn ebpf_nodes_and_a_stock_flannel_node_exchange_pod_traffic() -> Result<()> {
 #[test]
 fn an_ebpf_node_and_a_kernel_datapath_node_interoperate() -> Result<()> {
     let lab = Lab::new(&[
-        NodeSpec { kind: NodeKind::Ebpf, pods: 1 },
-        NodeSpec { kind: NodeKind::Kernel, pods: 1 },
+        NodeSpec {
+            kind: NodeKind::Ebpf,
+            pods: 1,
+        },
+        NodeSpec {
+            kind: NodeKind::Kernel,
+            pods: 1,
+        },
     ])?;
-    let status = flannel_agent::api::call(&lab.nodes[1].socket(), &flannel_agent::api::Request::Status)?
-        .status
-        .unwrap();
+    let status = flannel_agent::api::call(
+        &lab.nodes[1].socket(),
+        &flannel_agent::api::Request::Status {},
+    )?
+    .status
+    .unwrap();
     assert_eq!(status.datapath, "kernel");
-    assert!(status.reason.contains("--datapath kernel"), "{}", status.reason);
-    assert!(!lab.nodes[1].bpf_dir.exists(), "kernel node must pin nothing");
+    assert!(
+        status.reason.contains("--datapath kernel"),
+        "{}",
+        status.reason
+    );
+    assert!(
+        !lab.nodes[1].bpf_dir.exists(),
+        "kernel node must pin nothing"
+    );
     let kernel_before = link_packets(&lab.nodes[1].ns, "flannel.1")?;
     let c0 = lab.nodes[0].counters()?;
     both_ways(&lab, (0, 0), (1, 0), 22000)?;
     let c1 = lab.nodes[0].counters()?;
     assert!(c1["xdp_decap"] > c0["xdp_decap"]);
-    assert!(c1["pod_encap_redirect"] + c1["pod_encap_neigh"] > c0["pod_encap_redirect"] + c0["pod_encap_neigh"]);
+    assert!(
+        c1["pod_encap_redirect"] + c1["pod_encap_neigh"]
+            > c0["pod_encap_redirect"] + c0["pod_encap_neigh"]
+    );
     let kernel_after = link_packets(&lab.nodes[1].ns, "flannel.1")?;
     assert!(kernel_after.0 > kernel_before.0 && kernel_after.1 > kernel_before.1);
     Ok(())

@@ -12,7 +12,9 @@ use aya::{
     Ebpf,
 };
 use flannel_agent::ebpf::{ip_key, OBJECT};
-use flannel_common::{counters, maps, programs, Config, Endpoint, RemoteNode, Vtep, CONFIG_F_READY};
+use flannel_common::{
+    counters, maps, programs, Config, Endpoint, RemoteNode, Vtep, CONFIG_F_READY,
+};
 use flannel_tests::netns::{in_netns, ip};
 
 const XDP_PASS: u32 = 2;
@@ -43,10 +45,29 @@ impl Netns {
         let ns = Netns(name);
         let n = ns.0.as_str();
         // A veth pair stands in for the uplink (this kernel has no dummy).
-        ip(&["-n", n, "link", "add", "up0", "type", "veth", "peer", "name", "up0p"])?;
+        ip(&[
+            "-n", n, "link", "add", "up0", "type", "veth", "peer", "name", "up0p",
+        ])?;
         ip(&["-n", n, "link", "set", "up0p", "up"])?;
-        ip(&["-n", n, "link", "set", "up0", "address", &mac(UPLINK_MAC), "up"])?;
-        ip(&["-n", n, "addr", "add", &format!("{NODE_IP}/24"), "dev", "up0"])?;
+        ip(&[
+            "-n",
+            n,
+            "link",
+            "set",
+            "up0",
+            "address",
+            &mac(UPLINK_MAC),
+            "up",
+        ])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "up0",
+        ])?;
         // The FIB helper refuses to route on a node that does not forward.
         flannel_tests::netns::exec(n, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
         Ok(ns)
@@ -54,15 +75,38 @@ impl Netns {
 
     fn set_neigh(&self, present: bool) -> Result<()> {
         let n = self.0.as_str();
-        let _ = Command::new("ip").args(["-n", n, "neigh", "del", &REMOTE_IP.to_string(), "dev", "up0"]).output();
+        let _ = Command::new("ip")
+            .args([
+                "-n",
+                n,
+                "neigh",
+                "del",
+                &REMOTE_IP.to_string(),
+                "dev",
+                "up0",
+            ])
+            .output();
         if present {
-            ip(&["-n", n, "neigh", "replace", &REMOTE_IP.to_string(), "lladdr", &mac(NEIGH_MAC), "dev", "up0", "nud", "permanent"])?;
+            ip(&[
+                "-n",
+                n,
+                "neigh",
+                "replace",
+                &REMOTE_IP.to_string(),
+                "lladdr",
+                &mac(NEIGH_MAC),
+                "dev",
+                "up0",
+                "nud",
+                "permanent",
+            ])?;
         }
         Ok(())
     }
 
     fn uplink_index(&self) -> Result<u32> {
-        let v: serde_json::Value = serde_json::from_str(&ip(&["-n", &self.0, "-j", "link", "show", "up0"])?)?;
+        let v: serde_json::Value =
+            serde_json::from_str(&ip(&["-n", &self.0, "-j", "link", "show", "up0"])?)?;
         Ok(v[0]["ifindex"].as_u64().context("ifindex")? as u32)
     }
 }
@@ -95,20 +139,38 @@ impl Harness {
             let p: &mut SchedClassifier = bpf.program_mut(name).context(name)?.try_into()?;
             p.load()?;
         }
-        let x: &mut Xdp = bpf.program_mut(programs::XDP_UPLINK).context("xdp")?.try_into()?;
+        let x: &mut Xdp = bpf
+            .program_mut(programs::XDP_UPLINK)
+            .context("xdp")?
+            .try_into()?;
         x.load()?;
         let mut h = Harness { bpf };
         h.set_config(uplink_ifindex, CONFIG_F_READY)?;
-        let mut remotes: LpmTrie<_, u32, RemoteNode> = LpmTrie::try_from(h.bpf.map_mut(maps::REMOTE_SUBNETS).unwrap())?;
+        let mut remotes: LpmTrie<_, u32, RemoteNode> =
+            LpmTrie::try_from(h.bpf.map_mut(maps::REMOTE_SUBNETS).unwrap())?;
         remotes.insert(
             &Key::new(24, ip_key(Ipv4Addr::new(10, 244, 2, 0))),
-            RemoteNode { node_ip: ip_key(REMOTE_IP), vtep_mac: REMOTE_VTEP_MAC, _pad: [0; 2] },
+            RemoteNode {
+                node_ip: ip_key(REMOTE_IP),
+                vtep_mac: REMOTE_VTEP_MAC,
+                _pad: [0; 2],
+            },
             0,
         )?;
-        let mut vteps: HashMap<_, u32, Vtep> = HashMap::try_from(h.bpf.map_mut(maps::VTEPS).unwrap())?;
+        let mut vteps: HashMap<_, u32, Vtep> =
+            HashMap::try_from(h.bpf.map_mut(maps::VTEPS).unwrap())?;
         vteps.insert(ip_key(REMOTE_IP), Vtep::default(), 0)?;
-        let mut eps: HashMap<_, u32, Endpoint> = HashMap::try_from(h.bpf.map_mut(maps::ENDPOINTS).unwrap())?;
-        eps.insert(ip_key(LOCAL_POD), Endpoint { host_ifindex: 4242, pod_mac: POD_MAC, _pad: [0; 2] }, 0)?;
+        let mut eps: HashMap<_, u32, Endpoint> =
+            HashMap::try_from(h.bpf.map_mut(maps::ENDPOINTS).unwrap())?;
+        eps.insert(
+            ip_key(LOCAL_POD),
+            Endpoint {
+                host_ifindex: 4242,
+                pod_mac: POD_MAC,
+                _pad: [0; 2],
+            },
+            0,
+        )?;
         Ok(h)
     }
 
@@ -134,7 +196,8 @@ impl Harness {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::COUNTERS).unwrap()).unwrap();
+        let arr: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.bpf.map(maps::COUNTERS).unwrap()).unwrap();
         let idx = counters::index(name).unwrap_or_else(|| panic!("no counter {name}"));
         arr.get(&idx, 0).unwrap().iter().sum()
     }
@@ -145,7 +208,11 @@ impl Harness {
 
     fn run(&self, prog: &str, pkt: &[u8]) -> Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; pkt.len() + 256];
-        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..TestRunOptions::new() };
+        let opts = TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
         let res = match prog {
             programs::XDP_UPLINK => {
                 let p: &Xdp = self.bpf.program(prog).unwrap().try_into()?;
@@ -161,9 +228,18 @@ impl Harness {
     }
 
     /// Runs `pkt` and asserts the verdict and that exactly `counter` moved by one.
-    fn expect(&self, prog: &str, pkt: &[u8], verdict: u32, counter: &str, what: &str) -> Result<Vec<u8>> {
+    fn expect(
+        &self,
+        prog: &str,
+        pkt: &[u8],
+        verdict: u32,
+        counter: &str,
+        what: &str,
+    ) -> Result<Vec<u8>> {
         let before = self.all_counters();
-        let (ret, out) = self.run(prog, pkt).with_context(|| format!("{what}: test run"))?;
+        let (ret, out) = self
+            .run(prog, pkt)
+            .with_context(|| format!("{what}: test run"))?;
         let after = self.all_counters();
         let moved: Vec<_> = counters::NAMES
             .iter()
@@ -171,13 +247,20 @@ impl Harness {
             .filter(|(_, (b, a))| a != b)
             .map(|(n, (b, a))| (*n, a - b))
             .collect();
-        assert_eq!((ret, moved), (verdict, vec![(counter, 1)]), "{what}: verdict and counters");
+        assert_eq!(
+            (ret, moved),
+            (verdict, vec![(counter, 1)]),
+            "{what}: verdict and counters"
+        );
         Ok(out)
     }
 }
 
 fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -214,7 +297,12 @@ fn icmp_echo() -> Vec<u8> {
 
 /// A pod frame as it leaves a pod: to the gateway MAC, an ICMP echo.
 fn pod_frame(dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
-    eth(GATEWAY_MAC, POD_MAC, 0x0800, &ipv4(Ipv4Addr::new(10, 244, 1, 12), dst, 1, ttl, &icmp_echo()))
+    eth(
+        GATEWAY_MAC,
+        POD_MAC,
+        0x0800,
+        &ipv4(Ipv4Addr::new(10, 244, 1, 12), dst, 1, ttl, &icmp_echo()),
+    )
 }
 
 /// A VXLAN frame from `src` node as Flannel's VXLAN device builds it.
@@ -228,14 +316,26 @@ fn vxlan_frame(src: Ipv4Addr, port: u16, vni: u32, flags: u8, inner: &[u8]) -> V
     udp.extend_from_slice(&((8 + vx.len()) as u16).to_be_bytes());
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(&vx);
-    eth(UPLINK_MAC, NEIGH_MAC, 0x0800, &ipv4(src, NODE_IP, 17, 64, &udp))
+    eth(
+        UPLINK_MAC,
+        NEIGH_MAC,
+        0x0800,
+        &ipv4(src, NODE_IP, 17, 64, &udp),
+    )
 }
 
 fn inner_frame(dst: Ipv4Addr) -> Vec<u8> {
-    eth(VTEP_MAC, REMOTE_VTEP_MAC, 0x0800, &ipv4(REMOTE_POD, dst, 1, 63, &icmp_echo()))
+    eth(
+        VTEP_MAC,
+        REMOTE_VTEP_MAC,
+        0x0800,
+        &ipv4(REMOTE_POD, dst, 1, 63, &icmp_echo()),
+    )
 }
 
-fn in_lab_netns<T: Send + 'static>(f: impl FnOnce(&Netns) -> Result<T> + Send + 'static) -> Result<T> {
+fn in_lab_netns<T: Send + 'static>(
+    f: impl FnOnce(&Netns) -> Result<T> + Send + 'static,
+) -> Result<T> {
     let ns = Netns::new()?;
     let name = ns.0.clone();
     let ns = std::sync::Arc::new(ns);
@@ -249,9 +349,19 @@ fn xdp_decapsulates_valid_vxlan_for_local_pods() -> Result<()> {
         let h = Harness::new(ns.uplink_index()?)?;
         let inner = inner_frame(LOCAL_POD);
         let pkt = vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &inner);
-        let out = h.expect(programs::XDP_UPLINK, &pkt, XDP_PASS, "xdp_decap", "valid VXLAN")?;
+        let out = h.expect(
+            programs::XDP_UPLINK,
+            &pkt,
+            XDP_PASS,
+            "xdp_decap",
+            "valid VXLAN",
+        )?;
         assert_eq!(out.len(), pkt.len() - 50, "outer headers stripped");
-        assert_eq!(&out[0..6], &UPLINK_MAC, "addressed to the uplink for the stack");
+        assert_eq!(
+            &out[0..6],
+            &UPLINK_MAC,
+            "addressed to the uplink for the stack"
+        );
         assert_eq!(&out[6..], &inner[6..], "rest of the inner frame untouched");
         Ok(())
     })
@@ -282,25 +392,65 @@ fn xdp_passes_everything_else_untouched_with_its_reason() -> Result<()> {
         inner_bad_version[64] = 0x35;
         let arp = eth([0xff; 6], NEIGH_MAC, 0x0806, &[0u8; 28]);
         let v6 = eth(UPLINK_MAC, NEIGH_MAC, 0x86dd, &[0x60; 60]);
-        let inner_arp = vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &eth(VTEP_MAC, REMOTE_VTEP_MAC, 0x0806, &[0u8; 28]));
+        let inner_arp = vxlan_frame(
+            REMOTE_IP,
+            PORT,
+            VNI,
+            0x08,
+            &eth(VTEP_MAC, REMOTE_VTEP_MAC, 0x0806, &[0u8; 28]),
+        );
 
         let table: Vec<(&str, Vec<u8>, &str)> = vec![
             ("ARP", arp, "xdp_pass_not_ipv4"),
             ("IPv6", v6, "xdp_pass_not_ipv4"),
-            ("wrong VNI", vxlan_frame(REMOTE_IP, PORT, VNI + 1, 0x08, &local), "xdp_pass_wrong_vni"),
-            ("I flag clear", vxlan_frame(REMOTE_IP, PORT, VNI, 0x00, &local), "xdp_pass_wrong_vni"),
-            ("wrong port", vxlan_frame(REMOTE_IP, 8472, VNI, 0x08, &local), "xdp_pass_not_vxlan"),
+            (
+                "wrong VNI",
+                vxlan_frame(REMOTE_IP, PORT, VNI + 1, 0x08, &local),
+                "xdp_pass_wrong_vni",
+            ),
+            (
+                "I flag clear",
+                vxlan_frame(REMOTE_IP, PORT, VNI, 0x00, &local),
+                "xdp_pass_wrong_vni",
+            ),
+            (
+                "wrong port",
+                vxlan_frame(REMOTE_IP, 8472, VNI, 0x08, &local),
+                "xdp_pass_not_vxlan",
+            ),
             ("TCP", tcp, "xdp_pass_not_vxlan"),
             ("outer IP options", options, "xdp_pass_ip_options"),
             ("more fragments", more_frags, "xdp_pass_fragment"),
             ("fragment offset", frag_offset, "xdp_pass_fragment"),
-            ("unknown node", vxlan_frame(STRANGER_IP, PORT, VNI, 0x08, &local), "xdp_pass_unknown_vtep"),
+            (
+                "unknown node",
+                vxlan_frame(STRANGER_IP, PORT, VNI, 0x08, &local),
+                "xdp_pass_unknown_vtep",
+            ),
             ("inner ARP", inner_arp, "xdp_pass_inner_not_ipv4"),
-            ("inner dst not local", vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &inner_frame(Ipv4Addr::new(10, 244, 1, 99))), "xdp_pass_not_local"),
-            ("UDP length beyond packet", udp_len_lies, "xdp_pass_malformed"),
+            (
+                "inner dst not local",
+                vxlan_frame(
+                    REMOTE_IP,
+                    PORT,
+                    VNI,
+                    0x08,
+                    &inner_frame(Ipv4Addr::new(10, 244, 1, 99)),
+                ),
+                "xdp_pass_not_local",
+            ),
+            (
+                "UDP length beyond packet",
+                udp_len_lies,
+                "xdp_pass_malformed",
+            ),
             ("IP length beyond packet", ip_len_lies, "xdp_pass_malformed"),
             ("outer IP version 6", bad_version, "xdp_pass_malformed"),
-            ("inner IP version 3", inner_bad_version, "xdp_pass_malformed"),
+            (
+                "inner IP version 3",
+                inner_bad_version,
+                "xdp_pass_malformed",
+            ),
         ];
         for (what, pkt, counter) in &table {
             let out = h.expect(programs::XDP_UPLINK, pkt, XDP_PASS, counter, what)?;
@@ -310,12 +460,24 @@ fn xdp_passes_everything_else_untouched_with_its_reason() -> Result<()> {
         // kernel refuses test frames shorter than an Ethernet header).
         for cut in 14..good.len() {
             let pkt = &good[..cut];
-            let out = h.expect(programs::XDP_UPLINK, pkt, XDP_PASS, "xdp_pass_malformed", &format!("cut at {cut}"))?;
+            let out = h.expect(
+                programs::XDP_UPLINK,
+                pkt,
+                XDP_PASS,
+                "xdp_pass_malformed",
+                &format!("cut at {cut}"),
+            )?;
             assert_eq!(out, pkt, "cut at {cut}: untouched");
         }
         // Not configured yet: hands off.
         h.set_config(ns.uplink_index()?, 0)?;
-        h.expect(programs::XDP_UPLINK, &good, XDP_PASS, "xdp_pass_no_config", "no config")?;
+        h.expect(
+            programs::XDP_UPLINK,
+            &good,
+            XDP_PASS,
+            "xdp_pass_no_config",
+            "no config",
+        )?;
         Ok(())
     })
 }
@@ -325,21 +487,62 @@ fn tc_from_pod_verdicts() -> Result<()> {
     in_lab_netns(|ns| {
         let mut h = Harness::new(ns.uplink_index()?)?;
         let tc = programs::TC_FROM_POD;
-        let out = h.expect(tc, &pod_frame(LOCAL_POD, 64), TC_ACT_REDIRECT, "pod_local_redirect", "same node")?;
+        let out = h.expect(
+            tc,
+            &pod_frame(LOCAL_POD, 64),
+            TC_ACT_REDIRECT,
+            "pod_local_redirect",
+            "same node",
+        )?;
         assert_eq!(&out[0..6], &POD_MAC, "to the destination pod's MAC");
         assert_eq!(out[22], 64, "bridged: TTL untouched");
-        h.expect(tc, &eth([0xff; 6], POD_MAC, 0x0806, &[0u8; 28]), TC_ACT_OK, "pod_pass_not_ipv4", "ARP")?;
+        h.expect(
+            tc,
+            &eth([0xff; 6], POD_MAC, 0x0806, &[0u8; 28]),
+            TC_ACT_OK,
+            "pod_pass_not_ipv4",
+            "ARP",
+        )?;
         // (The kernel refuses test frames with a cut IPv4 header; the XDP
         // test covers truncation at every length.)
         let mut v6_in_v4 = pod_frame(LOCAL_POD, 64);
         v6_in_v4[14] = 0x65;
-        h.expect(tc, &v6_in_v4, TC_ACT_OK, "pod_pass_malformed", "IP version 6 in an IPv4 frame")?;
+        h.expect(
+            tc,
+            &v6_in_v4,
+            TC_ACT_OK,
+            "pod_pass_malformed",
+            "IP version 6 in an IPv4 frame",
+        )?;
         let mut short_ihl = pod_frame(LOCAL_POD, 64);
         short_ihl[14] = 0x44;
-        h.expect(tc, &short_ihl, TC_ACT_OK, "pod_pass_malformed", "IHL below 5")?;
-        h.expect(tc, &pod_frame(Ipv4Addr::new(172, 30, 9, 50), 64), TC_ACT_OK, "pod_pass_not_pod_dst", "node network")?;
-        h.expect(tc, &pod_frame(REMOTE_POD, 1), TC_ACT_OK, "pod_pass_ttl", "TTL 1")?;
-        let big = eth(GATEWAY_MAC, POD_MAC, 0x0800, &ipv4(LOCAL_POD, REMOTE_POD, 17, 64, &[0u8; 1480]));
+        h.expect(
+            tc,
+            &short_ihl,
+            TC_ACT_OK,
+            "pod_pass_malformed",
+            "IHL below 5",
+        )?;
+        h.expect(
+            tc,
+            &pod_frame(Ipv4Addr::new(172, 30, 9, 50), 64),
+            TC_ACT_OK,
+            "pod_pass_not_pod_dst",
+            "node network",
+        )?;
+        h.expect(
+            tc,
+            &pod_frame(REMOTE_POD, 1),
+            TC_ACT_OK,
+            "pod_pass_ttl",
+            "TTL 1",
+        )?;
+        let big = eth(
+            GATEWAY_MAC,
+            POD_MAC,
+            0x0800,
+            &ipv4(LOCAL_POD, REMOTE_POD, 17, 64, &[0u8; 1480]),
+        );
         h.expect(tc, &big, TC_ACT_OK, "pod_pass_too_big", "1500-byte packet")?;
         // No route to the remote node: the stack gets the packet intact.
         h.set_config(999, CONFIG_F_READY)?;
@@ -358,7 +561,13 @@ fn tc_from_pod_encapsulates_like_flannel() -> Result<()> {
         let h = Harness::new(ns.uplink_index()?)?;
         ns.set_neigh(true)?;
         let pkt = pod_frame(REMOTE_POD, 64);
-        let out = h.expect(programs::TC_FROM_POD, &pkt, TC_ACT_REDIRECT, "pod_encap_redirect", "encap")?;
+        let out = h.expect(
+            programs::TC_FROM_POD,
+            &pkt,
+            TC_ACT_REDIRECT,
+            "pod_encap_redirect",
+            "encap",
+        )?;
         assert_eq!(out.len(), pkt.len() + 50);
         // Outer Ethernet: from the uplink to the resolved next hop.
         assert_eq!(&out[0..6], &NEIGH_MAC);
@@ -368,7 +577,10 @@ fn tc_from_pod_encapsulates_like_flannel() -> Result<()> {
         let oip = &out[14..34];
         assert_eq!(oip[0], 0x45);
         assert_eq!(checksum(oip), 0, "outer IPv4 checksum");
-        assert_eq!(u16::from_be_bytes([oip[2], oip[3]]) as usize, out.len() - 14);
+        assert_eq!(
+            u16::from_be_bytes([oip[2], oip[3]]) as usize,
+            out.len() - 14
+        );
         assert_eq!(oip[9], 17);
         assert_eq!(&oip[12..16], &NODE_IP.octets());
         assert_eq!(&oip[16..20], &REMOTE_IP.octets());
@@ -376,7 +588,10 @@ fn tc_from_pod_encapsulates_like_flannel() -> Result<()> {
         let sport = u16::from_be_bytes([out[34], out[35]]);
         assert!((32768..61000).contains(&sport), "sport {sport}");
         assert_eq!(u16::from_be_bytes([out[36], out[37]]), PORT);
-        assert_eq!(u16::from_be_bytes([out[38], out[39]]) as usize, out.len() - 34);
+        assert_eq!(
+            u16::from_be_bytes([out[38], out[39]]) as usize,
+            out.len() - 34
+        );
         // VXLAN: I flag and VNI.
         assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0, VNI as u8, 0]);
         // Inner Ethernet: our VTEP to theirs.
@@ -390,7 +605,13 @@ fn tc_from_pod_encapsulates_like_flannel() -> Result<()> {
 
         // Next hop not resolved yet: the kernel resolves it (redirect_neigh).
         ns.set_neigh(false)?;
-        h.expect(programs::TC_FROM_POD, &pkt, TC_ACT_REDIRECT, "pod_encap_neigh", "unresolved neighbour")?;
+        h.expect(
+            programs::TC_FROM_POD,
+            &pkt,
+            TC_ACT_REDIRECT,
+            "pod_encap_neigh",
+            "unresolved neighbour",
+        )?;
 
         // Same flow, same source port; other flows spread.
         ns.set_neigh(true)?;
@@ -405,18 +626,51 @@ fn tc_uplink_ingress_routes_into_local_pods_only() -> Result<()> {
     in_lab_netns(|ns| {
         let h = Harness::new(ns.uplink_index()?)?;
         let up = programs::TC_UPLINK_INGRESS;
-        let decapped = eth(UPLINK_MAC, REMOTE_VTEP_MAC, 0x0800, &ipv4(REMOTE_POD, LOCAL_POD, 1, 63, &icmp_echo()));
-        let out = h.expect(up, &decapped, TC_ACT_REDIRECT, "uplink_redirect", "to local pod")?;
+        let decapped = eth(
+            UPLINK_MAC,
+            REMOTE_VTEP_MAC,
+            0x0800,
+            &ipv4(REMOTE_POD, LOCAL_POD, 1, 63, &icmp_echo()),
+        );
+        let out = h.expect(
+            up,
+            &decapped,
+            TC_ACT_REDIRECT,
+            "uplink_redirect",
+            "to local pod",
+        )?;
         assert_eq!(&out[0..6], &POD_MAC);
         assert_eq!(&out[6..12], &GATEWAY_MAC);
         assert_eq!(out[22], 62, "routed: TTL - 1");
         assert_eq!(checksum(&out[14..34]), 0);
-        let other_mac = eth([0x0e, 1, 2, 3, 4, 5], REMOTE_VTEP_MAC, 0x0800, &ipv4(REMOTE_POD, LOCAL_POD, 1, 63, &icmp_echo()));
-        h.expect(up, &other_mac, TC_ACT_OK, "uplink_pass", "not addressed to us")?;
-        let ttl1 = eth(UPLINK_MAC, REMOTE_VTEP_MAC, 0x0800, &ipv4(REMOTE_POD, LOCAL_POD, 1, 1, &icmp_echo()));
+        let other_mac = eth(
+            [0x0e, 1, 2, 3, 4, 5],
+            REMOTE_VTEP_MAC,
+            0x0800,
+            &ipv4(REMOTE_POD, LOCAL_POD, 1, 63, &icmp_echo()),
+        );
+        h.expect(
+            up,
+            &other_mac,
+            TC_ACT_OK,
+            "uplink_pass",
+            "not addressed to us",
+        )?;
+        let ttl1 = eth(
+            UPLINK_MAC,
+            REMOTE_VTEP_MAC,
+            0x0800,
+            &ipv4(REMOTE_POD, LOCAL_POD, 1, 1, &icmp_echo()),
+        );
         h.expect(up, &ttl1, TC_ACT_OK, "uplink_pass_ttl", "TTL 1")?;
         let vx = vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &inner_frame(LOCAL_POD));
-        h.expect(up, &vx, TC_ACT_OK, "uplink_pass", "VXLAN to the node itself")?;
+        h.expect(
+            up,
+            &vx,
+            TC_ACT_OK,
+            "uplink_pass",
+            "VXLAN to the node itself",
+        )?;
         Ok(())
     })
 }

@@ -15,12 +15,31 @@ use flannel_tests::{
 
 #[test]
 fn sigkill_loses_no_ping_and_restart_adopts_pinned_state() -> Result<()> {
-    let mut lab = Lab::new(&[NodeSpec { kind: NodeKind::Ebpf, pods: 1 }; 2])?;
+    let mut lab = Lab::new(
+        &[NodeSpec {
+            kind: NodeKind::Ebpf,
+            pods: 1,
+        }; 2],
+    )?;
     let (a, b) = ((0, 0), (1, 0));
     let dst = lab.pod(b).ip.to_string();
     // 100 pings, 50 ms apart: the agents are killed and restarted meanwhile.
     let ping = Command::new("ip")
-        .args(["netns", "exec", &lab.pod(a).ns, "ping", "-n", "-q", "-c", "100", "-i", "0.05", "-W", "2", &dst])
+        .args([
+            "netns",
+            "exec",
+            &lab.pod(a).ns,
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "100",
+            "-i",
+            "0.05",
+            "-W",
+            "2",
+            &dst,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -31,7 +50,10 @@ fn sigkill_loses_no_ping_and_restart_adopts_pinned_state() -> Result<()> {
     let decap_while_down = lab.nodes[1].counters()?["xdp_decap"];
     std::thread::sleep(Duration::from_secs(2));
     // Still forwarding with no agent at all.
-    assert!(lab.nodes[1].counters()?["xdp_decap"] > decap_while_down, "decap stopped with the agent");
+    assert!(
+        lab.nodes[1].counters()?["xdp_decap"] > decap_while_down,
+        "decap stopped with the agent"
+    );
     lab.start_agent(0)?;
     lab.start_agent(1)?;
     let out = ping.wait_with_output()?;
@@ -50,7 +72,10 @@ fn sigkill_loses_no_ping_and_restart_adopts_pinned_state() -> Result<()> {
     assert!(lab.nodes[1].counters()?["xdp_decap"] >= 100);
     let log = lab.agent_log(0);
     assert!(log.matches("data path selected").count() == 2, "{log}");
-    assert!(log.contains("adopted"), "restart must adopt the pinned XDP link: {log}");
+    assert!(
+        log.contains("adopted"),
+        "restart must adopt the pinned XDP link: {log}"
+    );
     let (pa, pb) = (lab.pod(a), lab.pod(b));
     tcp_exchange(&pa.ns, &pb.ns, pb.ip, 23000)?;
     Ok(())

@@ -55,23 +55,40 @@ fn main() -> Result<()> {
             setup_toolchain()?;
             run(Command::new("cargo")
                 .current_dir(workspace().join("flannel-ebpf"))
-                .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"]))
+                .args([
+                    "+nightly",
+                    "build",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                ]))
         }
         Cmd::Demo => {
             setup()?;
-            run(Command::new("cargo")
-                .current_dir(workspace())
-                .args(["run", "--release", "-p", "flannel-tests", "--bin", "flannel-demo"]))
+            run(Command::new("cargo").current_dir(workspace()).args([
+                "run",
+                "--release",
+                "-p",
+                "flannel-tests",
+                "--bin",
+                "flannel-demo",
+            ]))
         }
         Cmd::Test { args } => {
             setup()?;
             // The lab starts the agent binary; build it first.
-            run(Command::new("cargo").current_dir(workspace()).args(["build", "-p", "flannel-agent"]))?;
+            run(Command::new("cargo").current_dir(workspace()).args([
+                "build",
+                "-p",
+                "flannel-agent",
+            ]))?;
             let mut cmd = Command::new("cargo");
             cmd.current_dir(workspace())
                 .args(["test", "--", "--test-threads=1"])
                 .args(args);
-            run(&mut cmd)
+            run_tests(&mut cmd)
         }
     }
 }
@@ -91,6 +108,40 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, echoing its output, and closes with one summary line
+/// over every test binary (cargo's own last line is the last binary's).
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                match (
+                    words.next().and_then(|n| n.parse::<u64>().ok()),
+                    words.next(),
+                ) {
+                    (Some(n), Some("passed")) => passed += n,
+                    (Some(n), Some("failed")) => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
+
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
@@ -106,12 +157,28 @@ fn setup() -> Result<()> {
 }
 
 fn setup_toolchain() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: installing rust-src for nightly");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
-    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         return Ok(());
     }
     // Build bpf-linker against the nightly's own LLVM so the two always match.
@@ -120,7 +187,11 @@ fn setup_toolchain() -> Result<()> {
     let llvm = std::fs::read_dir(&lib)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
     let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
     let major = version
@@ -134,16 +205,28 @@ fn setup_toolchain() -> Result<()> {
     let link = prefix.join("lib").join("libLLVM.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&llvm, &link)?;
-    eprintln!("xtask: building bpf-linker against {} (llvm-{major})", llvm.display());
-    run(Command::new("cargo")
-        .env("LLVM_PREFIX", &prefix)
-        .args(["install", "bpf-linker", "--no-default-features", "--features", &format!("llvm-{major}")]))
+    eprintln!(
+        "xtask: building bpf-linker against {} (llvm-{major})",
+        llvm.display()
+    );
+    run(Command::new("cargo").env("LLVM_PREFIX", &prefix).args([
+        "install",
+        "bpf-linker",
+        "--no-default-features",
+        "--features",
+        &format!("llvm-{major}"),
+    ]))
 }
 
 fn setup_packages() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(_, bin)| !Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success()))
+        .filter(|(_, bin)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {bin}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
@@ -159,7 +242,10 @@ fn setup_packages() -> Result<()> {
 
 fn mount_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         return Ok(());
     }
     run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))

@@ -12,10 +12,21 @@ use flannel_tests::{
 
 fn main() -> Result<()> {
     println!("building a 3-node lab (fabric bridge, 3 node namespaces, 2 pods each) ...");
-    let lab = Lab::new(&[NodeSpec { kind: NodeKind::Ebpf, pods: 2 }; 3])?;
+    let lab = Lab::new(
+        &[NodeSpec {
+            kind: NodeKind::Ebpf,
+            pods: 2,
+        }; 3],
+    )?;
     for (i, node) in lab.nodes.iter().enumerate() {
         let pods: Vec<String> = node.pods.iter().map(|p| p.ip.to_string()).collect();
-        println!("  node{} {}  lease {}  pods {}", i + 1, node.ip, node.subnet, pods.join(", "));
+        println!(
+            "  node{} {}  lease {}  pods {}",
+            i + 1,
+            node.ip,
+            node.subnet,
+            pods.join(", ")
+        );
     }
     let pods = lab.all_pods();
     let mut port = 30000;
@@ -30,7 +41,11 @@ fn main() -> Result<()> {
             port += 1;
             let tcp = tcp_exchange(&pa.ns, &pb.ns, pb.ip, port).is_ok();
             let udp = udp_exchange(&pa.ns, &pb.ns, pb.ip, port).is_ok();
-            let kind = if a.0 == b.0 { "same node " } else { "cross node" };
+            let kind = if a.0 == b.0 {
+                "same node "
+            } else {
+                "cross node"
+            };
             println!(
                 "  {kind} {:>12} -> {:<12} icmp {} tcp {} udp {}",
                 pa.ip.to_string(),
@@ -71,7 +86,11 @@ fn main() -> Result<()> {
         print!("{:>12}", format!("node{}", i + 1));
     }
     println!();
-    let counters: Vec<_> = lab.nodes.iter().map(|n| n.counters()).collect::<Result<_>>()?;
+    let counters: Vec<_> = lab
+        .nodes
+        .iter()
+        .map(|n| n.counters())
+        .collect::<Result<_>>()?;
     for name in names {
         print!("  {name:<24}");
         for c in &counters {
