@@ -67,6 +67,9 @@ fn main() -> Result<()> {
         }
         Cmd::Demo => {
             setup()?;
+            run(Command::new("cargo")
+                .current_dir(workspace())
+                .args(["build", "--release", "-p", "flannel-agent"]))?;
             run(Command::new("cargo").current_dir(workspace()).args([
                 "run",
                 "--release",
@@ -174,8 +177,10 @@ fn setup_toolchain() -> Result<()> {
             "nightly",
         ]))?;
     }
-    if Command::new("bpf-linker")
-        .arg("--version")
+    // bpf-linker links the nightly's libLLVM dynamically: it runs (as
+    // aya-build runs it) under `rustup run nightly`, which sets the path.
+    if Command::new("rustup")
+        .args(["run", "nightly", "bpf-linker", "--version"])
         .output()
         .is_ok_and(|o| o.status.success())
     {
