@@ -30,6 +30,13 @@ enum Cmd {
     BuildEbpf,
     /// Run the 3-node demo.
     Demo,
+    /// Cross-node throughput (eBPF, kernel path, node-to-node) and the
+    /// verifier's instruction counts; first cut of the benchmark.
+    Bench {
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+    },
     /// Run all tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -67,9 +74,12 @@ fn main() -> Result<()> {
         }
         Cmd::Demo => {
             setup()?;
-            run(Command::new("cargo")
-                .current_dir(workspace())
-                .args(["build", "--release", "-p", "flannel-agent"]))?;
+            run(Command::new("cargo").current_dir(workspace()).args([
+                "build",
+                "--release",
+                "-p",
+                "flannel-agent",
+            ]))?;
             run(Command::new("cargo").current_dir(workspace()).args([
                 "run",
                 "--release",
@@ -77,6 +87,25 @@ fn main() -> Result<()> {
                 "flannel-tests",
                 "--bin",
                 "flannel-demo",
+            ]))
+        }
+        Cmd::Bench { secs } => {
+            setup()?;
+            run(Command::new("cargo").current_dir(workspace()).args([
+                "build",
+                "--release",
+                "-p",
+                "flannel-agent",
+            ]))?;
+            run(Command::new("cargo").current_dir(workspace()).args([
+                "run",
+                "--release",
+                "-p",
+                "flannel-tests",
+                "--bin",
+                "flannel-bench",
+                "--",
+                &secs.to_string(),
             ]))
         }
         Cmd::Test { args } => {
