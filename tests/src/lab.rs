@@ -36,6 +36,12 @@ pub struct NodeSpec {
     pub pods: usize,
 }
 
+impl NodeSpec {
+    pub const fn new(kind: NodeKind, pods: usize) -> Self {
+        Self { kind, pods }
+    }
+}
+
 pub const VNI: u32 = 1;
 pub const PORT: u16 = 4789;
 pub const POD_MTU: u32 = 1450;

@@ -14,6 +14,24 @@ use crate::netns::{in_netns, spawn_in_netns};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Starts `serve` in `ns` and waits until it says it listens (it calls the
+/// `ready` closure it is given once its socket is bound).
+fn start_server<T: Send + 'static>(
+    ns: &str,
+    serve: impl FnOnce(&dyn Fn()) -> Result<T> + Send + 'static,
+) -> Result<std::thread::JoinHandle<Result<T>>> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let handle = spawn_in_netns(ns, move || {
+        serve(&|| {
+            ready_tx.send(()).ok();
+        })
+    })?;
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .context("server did not start")?;
+    Ok(handle)
+}
+
 /// Deterministic pseudo-random payload (xorshift), so the receiver can
 /// verify every byte without the sender shipping a copy.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -36,10 +54,9 @@ pub fn tcp_exchange(
     server_ip: Ipv4Addr,
     port: u16,
 ) -> Result<()> {
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let server = spawn_in_netns(server_ns, move || {
+    let server = start_server(server_ns, move |ready| {
         let l = TcpListener::bind(SocketAddrV4::new(server_ip, port))?;
-        ready_tx.send(()).ok();
+        ready();
         let (mut s, _) = l.accept()?;
         s.set_read_timeout(Some(TIMEOUT))?;
         let mut buf = [0u8; 4096];
@@ -47,9 +64,6 @@ pub fn tcp_exchange(
         s.write_all(&buf[..n])?;
         Ok(())
     })?;
-    ready_rx
-        .recv_timeout(TIMEOUT)
-        .context("TCP server did not start")?;
     let msg = pattern(u64::from(port), 1000);
     let got = in_netns(client_ns, move || {
         let mut s =
@@ -76,19 +90,15 @@ pub fn udp_exchange(
     server_ip: Ipv4Addr,
     port: u16,
 ) -> Result<()> {
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let server = spawn_in_netns(server_ns, move || {
+    let server = start_server(server_ns, move |ready| {
         let s = UdpSocket::bind(SocketAddrV4::new(server_ip, port))?;
         s.set_read_timeout(Some(TIMEOUT))?;
-        ready_tx.send(()).ok();
+        ready();
         let mut buf = [0u8; 2048];
         let (n, from) = s.recv_from(&mut buf)?;
         s.send_to(&buf[..n], from)?;
         Ok(())
     })?;
-    ready_rx
-        .recv_timeout(TIMEOUT)
-        .context("UDP server did not start")?;
     let msg = pattern(u64::from(port) + 7, 512);
     let ok = in_netns(client_ns, move || {
         let s = UdpSocket::bind("0.0.0.0:0")?;
@@ -118,10 +128,9 @@ pub fn bulk_transfer(
     const CHUNK: usize = 1 << 20;
     let block = pattern(42, CHUNK);
     let expect = block.clone();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let server = spawn_in_netns(server_ns, move || {
+    let server = start_server(server_ns, move |ready| {
         let l = TcpListener::bind(SocketAddrV4::new(server_ip, port))?;
-        ready_tx.send(()).ok();
+        ready();
         let (mut s, _) = l.accept()?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut got = 0usize;
@@ -140,9 +149,6 @@ pub fn bulk_transfer(
         }
         Ok(got)
     })?;
-    ready_rx
-        .recv_timeout(TIMEOUT)
-        .context("bulk server did not start")?;
     in_netns(client_ns, move || {
         let mut s =
             TcpStream::connect_timeout(&SocketAddrV4::new(server_ip, port).into(), TIMEOUT)?;

@@ -28,18 +28,9 @@ fn both_ways(lab: &Lab, a: (usize, usize), b: (usize, usize), port: u16) -> Resu
 #[test]
 fn ebpf_nodes_and_a_stock_flannel_node_exchange_pod_traffic() -> Result<()> {
     let lab = Lab::new(&[
-        NodeSpec {
-            kind: NodeKind::Ebpf,
-            pods: 1,
-        },
-        NodeSpec {
-            kind: NodeKind::Ebpf,
-            pods: 1,
-        },
-        NodeSpec {
-            kind: NodeKind::StockFlannel,
-            pods: 1,
-        },
+        NodeSpec::new(NodeKind::Ebpf, 1),
+        NodeSpec::new(NodeKind::Ebpf, 1),
+        NodeSpec::new(NodeKind::StockFlannel, 1),
     ])?;
     let stock_before = link_packets(&lab.nodes[2].ns, "flannel.1")?;
     let c0 = lab.nodes[0].counters()?;
@@ -62,14 +53,8 @@ fn ebpf_nodes_and_a_stock_flannel_node_exchange_pod_traffic() -> Result<()> {
 #[test]
 fn an_ebpf_node_and_a_kernel_datapath_node_interoperate() -> Result<()> {
     let lab = Lab::new(&[
-        NodeSpec {
-            kind: NodeKind::Ebpf,
-            pods: 1,
-        },
-        NodeSpec {
-            kind: NodeKind::Kernel,
-            pods: 1,
-        },
+        NodeSpec::new(NodeKind::Ebpf, 1),
+        NodeSpec::new(NodeKind::Kernel, 1),
     ])?;
     let status = flannel_agent::api::call(
         &lab.nodes[1].socket(),

@@ -15,12 +15,7 @@ use flannel_tests::{
 
 #[test]
 fn sigkill_loses_no_ping_and_restart_adopts_pinned_state() -> Result<()> {
-    let mut lab = Lab::new(
-        &[NodeSpec {
-            kind: NodeKind::Ebpf,
-            pods: 1,
-        }; 2],
-    )?;
+    let mut lab = Lab::new(&[NodeSpec::new(NodeKind::Ebpf, 1); 2])?;
     let (a, b) = ((0, 0), (1, 0));
     let dst = lab.pod(b).ip.to_string();
     // 100 pings, 50 ms apart: the agents are killed and restarted meanwhile.

@@ -72,42 +72,8 @@ fn main() -> Result<()> {
                     "build-std=core",
                 ]))
         }
-        Cmd::Demo => {
-            setup()?;
-            run(Command::new("cargo").current_dir(workspace()).args([
-                "build",
-                "--release",
-                "-p",
-                "flannel-agent",
-            ]))?;
-            run(Command::new("cargo").current_dir(workspace()).args([
-                "run",
-                "--release",
-                "-p",
-                "flannel-tests",
-                "--bin",
-                "flannel-demo",
-            ]))
-        }
-        Cmd::Bench { secs } => {
-            setup()?;
-            run(Command::new("cargo").current_dir(workspace()).args([
-                "build",
-                "--release",
-                "-p",
-                "flannel-agent",
-            ]))?;
-            run(Command::new("cargo").current_dir(workspace()).args([
-                "run",
-                "--release",
-                "-p",
-                "flannel-tests",
-                "--bin",
-                "flannel-bench",
-                "--",
-                &secs.to_string(),
-            ]))
-        }
+        Cmd::Demo => run_lab_bin("flannel-demo", &[]),
+        Cmd::Bench { secs } => run_lab_bin("flannel-bench", &[secs.to_string()]),
         Cmd::Test { args } => {
             setup()?;
             // The lab starts the agent binary; build it first.
@@ -123,6 +89,28 @@ fn main() -> Result<()> {
             run_tests(&mut cmd)
         }
     }
+}
+
+/// Sets up, builds the agent, and runs one of the lab binaries (demo, bench).
+fn run_lab_bin(bin: &str, args: &[String]) -> Result<()> {
+    setup()?;
+    let cargo = || {
+        let mut c = Command::new("cargo");
+        c.current_dir(workspace());
+        c
+    };
+    run(cargo().args(["build", "--release", "-p", "flannel-agent"]))?;
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "flannel-tests",
+            "--bin",
+            bin,
+            "--",
+        ])
+        .args(args))
 }
 
 fn workspace() -> PathBuf {

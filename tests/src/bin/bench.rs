@@ -51,22 +51,10 @@ fn main() -> Result<()> {
         .unwrap_or(5);
     let runs = 3;
     let lab = Lab::new(&[
-        NodeSpec {
-            kind: NodeKind::Ebpf,
-            pods: 1,
-        },
-        NodeSpec {
-            kind: NodeKind::Ebpf,
-            pods: 1,
-        },
-        NodeSpec {
-            kind: NodeKind::Kernel,
-            pods: 1,
-        },
-        NodeSpec {
-            kind: NodeKind::Kernel,
-            pods: 1,
-        },
+        NodeSpec::new(NodeKind::Ebpf, 1),
+        NodeSpec::new(NodeKind::Ebpf, 1),
+        NodeSpec::new(NodeKind::Kernel, 1),
+        NodeSpec::new(NodeKind::Kernel, 1),
     ])?;
     let paths = [
         (

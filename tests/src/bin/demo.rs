@@ -12,12 +12,7 @@ use flannel_tests::{
 
 fn main() -> Result<()> {
     println!("building a 3-node lab (fabric bridge, 3 node namespaces, 2 pods each) ...");
-    let lab = Lab::new(
-        &[NodeSpec {
-            kind: NodeKind::Ebpf,
-            pods: 2,
-        }; 3],
-    )?;
+    let lab = Lab::new(&[NodeSpec::new(NodeKind::Ebpf, 2); 3])?;
     for (i, node) in lab.nodes.iter().enumerate() {
         let pods: Vec<String> = node.pods.iter().map(|p| p.ip.to_string()).collect();
         println!(
