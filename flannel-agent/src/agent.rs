@@ -113,7 +113,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let leases = lease::load(&opts.lease_file)?;
     let lease = *leases.iter().find(|l| l.public_ip == ip).ok_or_else(|| {
         anyhow!(
-            "{} holds no lease for this node's IP {ip}",
+            "{} holds no lease for this node's IP {ip}: add one, or pass --public-ip with the IP its lease names",
             opts.lease_file.display()
         )
     })?;
@@ -393,7 +393,7 @@ impl Agent {
         if let Some(dp) = self.dp.as_mut() {
             dp.remove_endpoint(ip)?;
             if let Some(rec) = rec {
-                if let Some(index) = ifindex(&rec.host_ifname) {
+                if let Some(index) = ebpf::ifindex(&rec.host_ifname) {
                     dp.detach_pod(index);
                     self.attached.remove(&index);
                 }
@@ -507,8 +507,9 @@ impl Agent {
             gateway_mac: bridge.mac.unwrap_or_default().0,
             ..Default::default()
         };
-        let remotes: HashMap<Ipv4Net, RemoteNode> = self
-            .remotes()
+        let remote_entries = self.remotes();
+        let vteps: HashSet<Ipv4Addr> = remote_entries.iter().map(|r| r.public_ip).collect();
+        let remotes: HashMap<Ipv4Net, RemoteNode> = remote_entries
             .into_iter()
             .map(|r| {
                 (
@@ -521,14 +522,21 @@ impl Agent {
                 )
             })
             .collect();
-        let vteps: HashSet<Ipv4Addr> = self.remotes().iter().map(|r| r.public_ip).collect();
 
-        // Pods whose interface vanished are gone: forget them.
+        // Pods whose interface vanished are gone: forget them. One listing
+        // of the node's links serves every pod.
+        let indexes: HashMap<String, u32> = self
+            .nl
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.name, l.index))
+            .collect();
         let mut live = BTreeMap::new();
         for (ip, rec) in &self.endpoints {
-            match self.nl.link_by_name(&rec.host_ifname).await? {
-                Some(link) => {
-                    live.insert(*ip, (rec.clone(), link.index));
+            match indexes.get(&rec.host_ifname) {
+                Some(index) => {
+                    live.insert(*ip, (rec.clone(), *index));
                 }
                 None => {
                     tracing::info!(pod = %ip, ifname = %rec.host_ifname, "pod interface gone; removing")
@@ -551,8 +559,9 @@ impl Agent {
             );
         }
         let in_map = dp.endpoints()?;
+        let pinned: HashSet<u32> = dp.pinned_pod_links().into_iter().collect();
         for (ip, (rec, index)) in &live {
-            if !self.attached.contains(index) || !dp.pinned_pod_links().contains(index) {
+            if !self.attached.contains(index) || !pinned.contains(index) {
                 dp.attach_pod(&rec.host_ifname, *index)?;
                 self.attached.insert(*index);
             }
@@ -569,7 +578,7 @@ impl Agent {
             dp.remove_endpoint(*ip)?;
         }
         let live_indexes: HashSet<u32> = live.values().map(|(_, i)| *i).collect();
-        for index in dp.pinned_pod_links() {
+        for index in pinned {
             if !live_indexes.contains(&index) {
                 dp.detach_pod(index);
                 self.attached.remove(&index);
@@ -587,11 +596,4 @@ impl Agent {
 fn bridge_mac(gateway: Ipv4Addr) -> MacAddr {
     let o = gateway.octets();
     MacAddr([0x0e, 0xb7, o[0], o[1], o[2], o[3]])
-}
-
-fn ifindex(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: plain libc call on a valid C string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i)
 }

@@ -190,7 +190,7 @@ impl Datapath {
 
     /// A tcx link whose device went away reports ifindex 0.
     fn tc_link_alive(path: &Path, ifname: &str) -> bool {
-        let want = nix_ifindex(ifname);
+        let want = ifindex(ifname);
         pinned_link_ifindex(path).is_some_and(|i| i != 0 && Some(i) == want)
     }
 
@@ -387,7 +387,8 @@ impl Datapath {
     }
 }
 
-fn nix_ifindex(name: &str) -> Option<u32> {
+/// The index of interface `name` in this network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: plain libc call on a valid C string.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
-    address::AddressAttribute,
+    address::{AddressAttribute, AddressMessage},
     link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteScope},
@@ -31,8 +31,6 @@ pub enum NetlinkError {
     },
     #[error("interface {0} not found")]
     NoSuchLink(String),
-    #[error("interface {0} has no IPv4 address")]
-    NoAddress(String),
     #[error("no IPv4 default route to choose the uplink from (pass --iface)")]
     NoDefaultRoute,
 }
@@ -209,6 +207,16 @@ impl Netlink {
     }
 
     pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Net>> {
+        Ok(self
+            .ipv4_addr_messages(index)
+            .await?
+            .into_iter()
+            .map(|(net, _)| net)
+            .collect())
+    }
+
+    /// IPv4 addresses of `index` with the messages that delete them.
+    async fn ipv4_addr_messages(&self, index: u32) -> Result<Vec<(Ipv4Net, AddressMessage)>> {
         let mut stream = self
             .handle
             .address()
@@ -224,12 +232,14 @@ impl Netlink {
             if msg.header.index != index {
                 continue;
             }
-            for attr in &msg.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(a)) = attr {
-                    if let Ok(net) = Ipv4Net::new(*a, msg.header.prefix_len) {
-                        out.push(net);
-                    }
+            let local = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(a)) => {
+                    Ipv4Net::new(*a, msg.header.prefix_len).ok()
                 }
+                _ => None,
+            });
+            if let Some(net) = local {
+                out.push((net, msg));
             }
         }
         Ok(out)
@@ -237,9 +247,9 @@ impl Netlink {
 
     /// Makes `index` carry exactly `want` as its IPv4 address(es).
     pub async fn ensure_only_addrs(&self, index: u32, want: &[Ipv4Net]) -> Result<()> {
-        let have = self.ipv4_addrs(index).await?;
+        let have = self.ipv4_addr_messages(index).await?;
         for net in want {
-            if !have.contains(net) {
+            if !have.iter().any(|(h, _)| h == net) {
                 self.handle
                     .address()
                     .add(index, IpAddr::V4(net.addr()), net.prefix_len())
@@ -249,39 +259,13 @@ impl Netlink {
                     .map_err(req("add address", net))?;
             }
         }
-        if have.iter().all(|h| want.contains(h)) {
-            return Ok(());
-        }
-        let mut stream = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        let mut stale = Vec::new();
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .map_err(req("list addresses", index))?
-        {
-            let local = msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(a)) => Some(*a),
-                _ => None,
-            });
-            if let Some(a) = local {
-                let net = Ipv4Net::new(a, msg.header.prefix_len).ok();
-                if msg.header.index == index && !net.is_some_and(|n| want.contains(&n)) {
-                    stale.push(msg);
-                }
-            }
-        }
-        for msg in stale {
+        for (net, msg) in have.into_iter().filter(|(h, _)| !want.contains(h)) {
             self.handle
                 .address()
                 .del(msg)
                 .execute()
                 .await
-                .map_err(req("delete address", index))?;
+                .map_err(req("delete address", net))?;
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -16,7 +16,7 @@ use flannel_agent::{
 };
 use ipnet::Ipv4Net;
 
-use crate::netns::{exec, ip};
+use crate::netns::{exec, ip, sh};
 
 /// How a lab node runs its network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,10 +88,6 @@ impl Node {
     pub fn counters(&self) -> Result<std::collections::HashMap<&'static str, u64>> {
         Ok(ebpf::read_counters(&self.bpf_dir)?.into_iter().collect())
     }
-
-    pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(|c| c.id())
-    }
 }
 
 pub struct Lab {
@@ -103,7 +99,7 @@ pub struct Lab {
 }
 
 /// A short id unique to this run (and to each lab inside it).
-fn unique_id() -> String {
+pub fn unique_id() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static SEQ: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
@@ -410,21 +406,19 @@ impl Lab {
                 "nud",
                 "permanent",
             ])?;
-            Command::new("bridge")
-                .args([
-                    "-n",
-                    ns,
-                    "fdb",
-                    "replace",
-                    &mac,
-                    "dev",
-                    "flannel.1",
-                    "dst",
-                    &other.ip.to_string(),
-                    "self",
-                    "permanent",
-                ])
-                .status()?;
+            sh(Command::new("bridge").args([
+                "-n",
+                ns,
+                "fdb",
+                "replace",
+                &mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &other.ip.to_string(),
+                "self",
+                "permanent",
+            ]))?;
             ip(&[
                 "-n",
                 ns,
@@ -559,10 +553,6 @@ impl Lab {
             ],
         )?;
         Ok(out.status.success())
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.dir
     }
 }
 

@@ -32,6 +32,25 @@ fn start_server<T: Send + 'static>(
     Ok(handle)
 }
 
+fn join<T>(server: std::thread::JoinHandle<Result<T>>) -> Result<T> {
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?
+}
+
+/// Waits for the echo server, then fails if the client saw a wrong echo.
+fn finish(
+    server: std::thread::JoinHandle<Result<()>>,
+    echoed: Result<bool>,
+    proto: &str,
+) -> Result<()> {
+    let served = join(server);
+    if !echoed? {
+        bail!("{proto} echo differs");
+    }
+    served
+}
+
 /// Deterministic pseudo-random payload (xorshift), so the receiver can
 /// verify every byte without the sender shipping a copy.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -74,13 +93,7 @@ pub fn tcp_exchange(
         s.read_exact(&mut buf)?;
         Ok(buf == msg)
     });
-    let served = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server panicked"))?;
-    if !got? {
-        bail!("TCP echo differs");
-    }
-    served
+    finish(server, got, "TCP")
 }
 
 /// UDP request/response between two pods.
@@ -108,13 +121,7 @@ pub fn udp_exchange(
         let (n, _) = s.recv_from(&mut buf)?;
         Ok(buf[..n] == msg[..])
     });
-    let served = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server panicked"))?;
-    if !ok? {
-        bail!("UDP echo differs");
-    }
-    served
+    finish(server, ok, "UDP")
 }
 
 /// Sends `len` bytes over TCP and returns how many arrived intact.
@@ -161,7 +168,5 @@ pub fn bulk_transfer(
         s.shutdown(std::net::Shutdown::Write)?;
         Ok(())
     })?;
-    server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server panicked"))?
+    join(server)
 }

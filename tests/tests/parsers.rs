@@ -40,7 +40,7 @@ struct Netns(String);
 
 impl Netns {
     fn new() -> Result<Self> {
-        let name = format!("flpt{:06x}", std::process::id() ^ rand_u32());
+        let name = format!("{}-pt", flannel_tests::lab::unique_id());
         ip(&["netns", "add", &name])?;
         let ns = Netns(name);
         let n = ns.0.as_str();
@@ -115,13 +115,6 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
-}
-
-fn rand_u32() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
 }
 
 fn mac(m: [u8; 6]) -> String {

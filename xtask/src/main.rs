@@ -48,11 +48,10 @@ enum Cmd {
 /// Debian packages the lab, the tests and the demo use.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
+    ("iproute2", "bridge"),
     ("iputils-ping", "ping"),
+    ("procps", "sysctl"),
     ("iperf3", "iperf3"),
-    ("ethtool", "ethtool"),
-    ("bpftool", "bpftool"),
-    ("tcpdump", "tcpdump"),
 ];
 
 fn main() -> Result<()> {
@@ -241,7 +240,7 @@ fn setup_toolchain() -> Result<()> {
 }
 
 fn setup_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(_, bin)| {
             !Command::new("sh")
@@ -251,6 +250,7 @@ fn setup_packages() -> Result<()> {
         })
         .map(|(pkg, _)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
