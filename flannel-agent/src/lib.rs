@@ -6,7 +6,9 @@
 //! * [`lease`]: the lease file; [`api`]: the local API; [`mac`]: MAC addresses.
 pub mod agent;
 pub mod api;
+pub mod config;
 pub mod ebpf;
 pub mod lease;
 pub mod mac;
 pub mod netlink;
+pub mod subnet;

@@ -1,0 +1,116 @@
+//! `/run/flannel/subnet.env`: what the CNI plugin reads, in Flannel's keys.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use ipnet::Ipv4Net;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubnetEnv {
+    pub network: Ipv4Net,
+    /// The lease with the gateway address: `10.244.1.1/24`.
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
+    pub ipmasq: bool,
+}
+
+impl SubnetEnv {
+    pub fn new(network: Ipv4Net, lease: Ipv4Net, mtu: u32, ipmasq: bool) -> Self {
+        let gw = Ipv4Addr::from(u32::from(lease.network()) + 1);
+        SubnetEnv {
+            network,
+            subnet: Ipv4Net::new(gw, lease.prefix_len()).expect("prefix from a valid net"),
+            mtu,
+            ipmasq,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.network, self.subnet, self.mtu, self.ipmasq
+        )
+    }
+
+    /// Parses the file; unknown keys (the IPv6 pair) are skipped.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut network = None;
+        let mut subnet = None;
+        let mut mtu = None;
+        let mut ipmasq = None;
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| format!("line {line:?} is not KEY=VALUE"))?;
+            let bad = |what: &str| format!("{k}={v} is not {what}");
+            match k {
+                "FLANNEL_NETWORK" => network = Some(v.parse().map_err(|_| bad("a CIDR"))?),
+                "FLANNEL_SUBNET" => subnet = Some(v.parse().map_err(|_| bad("a CIDR"))?),
+                "FLANNEL_MTU" => mtu = Some(v.parse().map_err(|_| bad("a number"))?),
+                "FLANNEL_IPMASQ" => ipmasq = Some(v.parse().map_err(|_| bad("true or false"))?),
+                _ => {}
+            }
+        }
+        Ok(SubnetEnv {
+            network: network.ok_or("FLANNEL_NETWORK is missing")?,
+            subnet: subnet.ok_or("FLANNEL_SUBNET is missing")?,
+            mtu: mtu.ok_or("FLANNEL_MTU is missing")?,
+            ipmasq: ipmasq.unwrap_or(false),
+        })
+    }
+
+    /// The lease subnet this file names (`10.244.1.0/24`).
+    pub fn lease(&self) -> Ipv4Net {
+        self.subnet.trunc()
+    }
+
+    pub fn read(path: &Path) -> Option<Self> {
+        Self::parse(&std::fs::read_to_string(path).ok()?).ok()
+    }
+
+    /// Writes the file atomically (temp file in the same directory + rename).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        crate::agent::write_atomic(path, self.render().as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_flannels_keys_and_reads_them_back() {
+        let env = SubnetEnv::new(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.7.0/24".parse().unwrap(),
+            1450,
+            true,
+        );
+        assert_eq!(
+            env.render(),
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
+        assert_eq!(SubnetEnv::parse(&env.render()).unwrap(), env);
+        assert_eq!(env.lease(), "10.244.7.0/24".parse::<Ipv4Net>().unwrap());
+        let dir = std::env::temp_dir().join(format!("subnet-env-{}", std::process::id()));
+        let path = dir.join("subnet.env");
+        env.write(&path).unwrap();
+        assert_eq!(SubnetEnv::read(&path), Some(env));
+        std::fs::remove_dir_all(dir).unwrap();
+        for (bad, want) in [
+            (
+                "FLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450",
+                "FLANNEL_NETWORK is missing",
+            ),
+            (
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=x\nFLANNEL_MTU=1",
+                "FLANNEL_SUBNET=x is not a CIDR",
+            ),
+            ("garbage", "not KEY=VALUE"),
+        ] {
+            assert!(SubnetEnv::parse(bad).unwrap_err().contains(want), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The `kube` store: leases are Kubernetes Node objects.
+//!
+//! The subnet is the node's `spec.podCIDR` (or the first IPv4 entry of
+//! `spec.podCIDRs`), allocated by kube-controller-manager, never by us. The
+//! rest of the lease lives in Flannel's annotations under
+//! `flannel.alpha.coreos.com/`, written by patching the node's status as
+//! Flannel does; other nodes' annotations become their leases through a
+//! kube-runtime watcher on Nodes.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::watcher;
+use kube::{
+    api::{Api, Patch, PatchParams},
+    Client, Config,
+};
+
+use super::{publish, Lease, LeaseAttrs, LeaseSet, Result, SubnetError};
+use crate::config::NetConfig;
+
+pub const PREFIX: &str = "flannel.alpha.coreos.com/";
+pub const BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
+pub const BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
+pub const SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
+pub const PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+pub const PUBLIC_IP_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ip-overwrite";
+pub const NODE_PUBLIC_IP: &str = "flannel.alpha.coreos.com/node-public-ip";
+
+/// How to reach the API server (Flannel's `--kube-api-url`,
+/// `--kubeconfig-file`; in-cluster config otherwise).
+#[derive(Clone, Debug, Default)]
+pub struct KubeOptions {
+    pub api_url: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+}
+
+#[derive(Clone)]
+pub struct KubeStore {
+    nodes: Api<Node>,
+    node_name: String,
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> SubnetError {
+    SubnetError::Store(format!("kube: {what}: {e:#}"))
+}
+
+fn annotations(node: &Node) -> BTreeMap<String, String> {
+    node.metadata.annotations.clone().unwrap_or_default()
+}
+
+/// The node's IPv4 pod CIDR: `spec.podCIDR`, else the first IPv4 entry of
+/// `spec.podCIDRs`.
+pub fn pod_cidr(node: &Node) -> Option<Ipv4Net> {
+    let spec = node.spec.as_ref()?;
+    spec.pod_cidr
+        .iter()
+        .chain(spec.pod_cidrs.iter().flatten())
+        .find_map(|c| c.parse::<Ipv4Net>().ok())
+        .map(|n| n.trunc())
+}
+
+/// Another node's lease from its annotations, as Flannel reads them; `None`
+/// for nodes that run no Flannel (yet), with the reason.
+pub fn node_lease(node: &Node) -> std::result::Result<Lease, String> {
+    let name = node.metadata.name.as_deref().unwrap_or("?");
+    let subnet = pod_cidr(node).ok_or_else(|| format!("node {name} has no IPv4 podCIDR"))?;
+    let ann = annotations(node);
+    let get = |k: &str| {
+        ann.get(k)
+            .ok_or_else(|| format!("node {name} has no {k} annotation"))
+    };
+    let ip_text = match ann.get(PUBLIC_IP_OVERWRITE).filter(|v| !v.is_empty()) {
+        Some(v) => v,
+        None => get(PUBLIC_IP)?,
+    };
+    let public_ip: Ipv4Addr = ip_text
+        .parse()
+        .map_err(|_| format!("node {name}: public IP {ip_text:?} is not IPv4"))?;
+    let backend_data: serde_json::Value = serde_json::from_str(get(BACKEND_DATA)?)
+        .map_err(|e| format!("node {name}: {BACKEND_DATA} is not JSON: {e}"))?;
+    let attrs = LeaseAttrs {
+        public_ip,
+        public_ipv6: None,
+        backend_type: get(BACKEND_TYPE)?.clone(),
+        backend_data,
+        backend_v6_data: serde_json::Value::Null,
+    };
+    attrs
+        .vxlan_data()
+        .map_err(|e| format!("node {name}: {e}"))?;
+    Ok(Lease {
+        subnet,
+        attrs,
+        expiration: None,
+    })
+}
+
+impl KubeStore {
+    pub async fn connect(opts: &KubeOptions) -> Result<Self> {
+        if opts.node_name.is_empty() {
+            return Err(SubnetError::Config(
+                "the kube subnet manager needs this node's name: set --node-name or NODE_NAME"
+                    .into(),
+            ));
+        }
+        let config = match (&opts.api_url, &opts.kubeconfig) {
+            (_, Some(path)) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| err(&format!("reading {}", path.display()), e))?;
+                let mut c = Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| err("loading the kubeconfig", e))?;
+                if let Some(url) = &opts.api_url {
+                    c.cluster_url = url.parse().map_err(|e| err("--kube-api-url", e))?;
+                }
+                c
+            }
+            (Some(url), None) => Config::new(url.parse().map_err(|e| err("--kube-api-url", e))?),
+            (None, None) => Config::infer()
+                .await
+                .map_err(|e| err("finding the API server", e))?,
+        };
+        let client = Client::try_from(config).map_err(|e| err("building the client", e))?;
+        Ok(KubeStore {
+            nodes: Api::all(client),
+            node_name: opts.node_name.clone(),
+        })
+    }
+
+    async fn node(&self) -> Result<Node> {
+        self.nodes
+            .get(&self.node_name)
+            .await
+            .map_err(|e| err(&format!("reading node {}", self.node_name), e))
+    }
+
+    /// The `node-public-ip` annotation of this node, if set: Flannel uses it
+    /// as the public IP when none is given on the command line.
+    pub async fn node_public_ip(&self) -> Result<Option<Ipv4Addr>> {
+        let node = self.node().await?;
+        match annotations(&node).get(NODE_PUBLIC_IP) {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                SubnetError::Config(format!(
+                    "node {}: {NODE_PUBLIC_IP} {v:?} is not IPv4",
+                    self.node_name
+                ))
+            }),
+        }
+    }
+
+    pub async fn acquire(&self, cfg: &NetConfig, attrs: &LeaseAttrs) -> Result<Lease> {
+        let node = self.node().await?;
+        let subnet = pod_cidr(&node).ok_or_else(|| {
+            SubnetError::Config(format!(
+                "node {} has no spec.podCIDR yet: kube-controller-manager assigns it with --allocate-node-cidrs and --cluster-cidr={}",
+                self.node_name, cfg.network
+            ))
+        })?;
+        if !cfg.network.contains(&subnet) {
+            return Err(SubnetError::Config(format!(
+                "node {}'s podCIDR {subnet} is outside Network {}: make --cluster-cidr and net-conf.json agree",
+                self.node_name, cfg.network
+            )));
+        }
+        let mut attrs = attrs.clone();
+        if let Some(ip) = annotations(&node)
+            .get(PUBLIC_IP_OVERWRITE)
+            .and_then(|v| v.parse().ok())
+        {
+            attrs.public_ip = ip;
+        }
+        self.write_annotations(&node, &attrs).await?;
+        Ok(Lease {
+            subnet,
+            attrs,
+            expiration: None,
+        })
+    }
+
+    async fn write_annotations(&self, node: &Node, attrs: &LeaseAttrs) -> Result<()> {
+        let want = [
+            (BACKEND_DATA, attrs.backend_data.to_string()),
+            (BACKEND_TYPE, attrs.backend_type.clone()),
+            (SUBNET_MANAGER, "true".to_string()),
+            (PUBLIC_IP, attrs.public_ip.to_string()),
+        ];
+        let have = annotations(node);
+        if want.iter().all(|(k, v)| have.get(*k) == Some(v)) {
+            return Ok(());
+        }
+        let ann: serde_json::Map<String, serde_json::Value> = want
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        let patch = serde_json::json!({"metadata": {"annotations": ann}});
+        self.nodes
+            .patch_status(
+                &self.node_name,
+                &PatchParams::default(),
+                &Patch::Strategic(patch),
+            )
+            .await
+            .map_err(|e| err(&format!("annotating node {}", self.node_name), e))?;
+        Ok(())
+    }
+
+    /// Nodes carry no TTL; renewal puts back annotations someone removed.
+    pub async fn renew(&self, lease: &Lease) -> Result<Lease> {
+        let node = self.node().await?;
+        self.write_annotations(&node, &lease.attrs).await?;
+        Ok(lease.clone())
+    }
+
+    /// Condition `NetworkUnavailable=False`, reason `FlannelIsUp`.
+    pub async fn mark_network_available(&self) -> Result<()> {
+        let now = chrono_now();
+        let patch = serde_json::json!({"status": {"conditions": [{
+            "type": "NetworkUnavailable",
+            "status": "False",
+            "reason": "FlannelIsUp",
+            "message": "Flannel is running on this node",
+            "lastTransitionTime": now,
+            "lastHeartbeatTime": now,
+        }]}});
+        self.nodes
+            .patch_status(
+                &self.node_name,
+                &PatchParams::default(),
+                &Patch::Strategic(patch),
+            )
+            .await
+            .map_err(|e| err("setting NetworkUnavailable=False", e))?;
+        Ok(())
+    }
+
+    pub async fn watch(&self, tx: &tokio::sync::watch::Sender<LeaseSet>) -> Result<()> {
+        let mut stream = watcher(self.nodes.clone(), watcher::Config::default()).boxed();
+        let mut nodes: BTreeMap<String, Lease> = BTreeMap::new();
+        let mut init: Option<BTreeMap<String, Lease>> = None;
+        let lease = |n: &Node| match node_lease(n) {
+            Ok(l) => Some(l),
+            Err(why) => {
+                tracing::debug!(%why, "node carries no usable lease");
+                None
+            }
+        };
+        let publish_nodes = |nodes: &BTreeMap<String, Lease>| {
+            publish(tx, nodes.values().map(|l| (l.subnet, l.clone())).collect());
+        };
+        while let Some(ev) = stream.next().await {
+            match ev.map_err(|e| err("watching nodes", e))? {
+                watcher::Event::Init => init = Some(BTreeMap::new()),
+                watcher::Event::InitApply(n) => {
+                    if let (Some(buf), Some(l)) = (init.as_mut(), lease(&n)) {
+                        buf.insert(n.metadata.name.clone().unwrap_or_default(), l);
+                    }
+                }
+                watcher::Event::InitDone => {
+                    nodes = init.take().unwrap_or_default();
+                    publish_nodes(&nodes);
+                }
+                watcher::Event::Apply(n) => {
+                    let name = n.metadata.name.clone().unwrap_or_default();
+                    match lease(&n) {
+                        Some(l) => nodes.insert(name, l),
+                        None => nodes.remove(&name),
+                    };
+                    publish_nodes(&nodes);
+                }
+                watcher::Event::Delete(n) => {
+                    nodes.remove(n.metadata.name.as_deref().unwrap_or_default());
+                    publish_nodes(&nodes);
+                }
+            }
+        }
+        Err(err("watching nodes", "the watch stream ended"))
+    }
+}
+
+/// RFC 3339 UTC time, as the API server writes timestamps.
+fn chrono_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(json: serde_json::Value) -> Node {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn annotations_become_leases_as_flannel_reads_them() {
+        let good = serde_json::json!({
+            "metadata": {"name": "n2", "annotations": {
+                BACKEND_DATA: "{\"VNI\":1,\"VtepMAC\":\"0e:00:00:00:00:02\"}",
+                BACKEND_TYPE: "vxlan",
+                SUBNET_MANAGER: "true",
+                PUBLIC_IP: "172.30.0.2",
+            }},
+            "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24", "fd00::/64"]},
+        });
+        let l = node_lease(&node(good.clone())).unwrap();
+        assert_eq!(l.subnet, "10.244.2.0/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(l.attrs.public_ip, Ipv4Addr::new(172, 30, 0, 2));
+        assert_eq!(l.attrs.vxlan_data().unwrap().vni, 1);
+
+        let mut over = good.clone();
+        over["metadata"]["annotations"][PUBLIC_IP_OVERWRITE] = "192.0.2.9".into();
+        assert_eq!(
+            node_lease(&node(over)).unwrap().attrs.public_ip,
+            Ipv4Addr::new(192, 0, 2, 9)
+        );
+
+        let mut only_list = good.clone();
+        only_list["spec"] = serde_json::json!({"podCIDRs": ["fd00::/64", "10.244.9.0/24"]});
+        assert_eq!(
+            node_lease(&node(only_list)).unwrap().subnet.to_string(),
+            "10.244.9.0/24"
+        );
+
+        let cases: [(&str, serde_json::Value, &str); 5] = [
+            ("spec", serde_json::json!({}), "no IPv4 podCIDR"),
+            (
+                "metadata",
+                serde_json::json!({"name": "n2"}),
+                "has no flannel.alpha.coreos.com/public-ip",
+            ),
+            ("public", serde_json::json!("not-an-ip"), "is not IPv4"),
+            ("data", serde_json::json!("{bad"), "is not JSON"),
+            ("type", serde_json::json!("host-gw"), "not vxlan"),
+        ];
+        for (what, value, want) in cases {
+            let mut n = good.clone();
+            match what {
+                "spec" => n["spec"] = value,
+                "metadata" => n["metadata"] = value,
+                "public" => n["metadata"]["annotations"][PUBLIC_IP] = value,
+                "data" => n["metadata"]["annotations"][BACKEND_DATA] = value,
+                _ => n["metadata"]["annotations"][BACKEND_TYPE] = value,
+            }
+            let e = node_lease(&node(n)).unwrap_err();
+            assert!(e.contains(want), "{what}: {e}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = chrono_now();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(
+            t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T",
+            "{t}"
+        );
+    }
+}

@@ -1,0 +1,413 @@
+//! The `local` store: leases in one JSON file on disk, for a single machine
+//! and for the lab, with etcd's semantics (TTL, renewal, reservations,
+//! watch).
+//!
+//! Writers take an exclusive `flock` on `<dir>/lock`, read, change and
+//! replace `<dir>/leases.json` (temp file, fsync, rename), so several agents
+//! on one host never hand out the same subnet and a crash never leaves a
+//! half-written file. Readers need no lock: rename is atomic. Watch polls
+//! the file's metadata every 100 ms and re-reads only when it changed; a
+//! crate for inotify would save the polling but not a line of logic.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::Write,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    choose_subnet, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs, LeaseSet, LeaseTiming,
+    Result, SubnetError,
+};
+use crate::config::NetConfig;
+
+#[derive(Clone, Debug)]
+pub struct LocalStore {
+    dir: PathBuf,
+    timing: LeaseTiming,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StoreFile {
+    revision: u64,
+    /// Flannel's subnet keys (`10.244.1.0-24`) to lease records.
+    subnets: BTreeMap<String, Record>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    attrs: LeaseAttrs,
+    /// Milliseconds since the epoch; absent for a reservation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_ms: Option<u64>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn store_err(what: &str, path: &Path, e: impl std::fmt::Display) -> SubnetError {
+    SubnetError::Store(format!("local store: {what} {}: {e}", path.display()))
+}
+
+impl StoreFile {
+    fn live(&self, now: u64) -> BTreeMap<Ipv4Net, Lease> {
+        self.subnets
+            .iter()
+            .filter(|(_, r)| r.expires_ms.is_none_or(|e| e > now))
+            .filter_map(|(k, r)| {
+                let subnet = parse_subnet_key(k)?;
+                Some((
+                    subnet,
+                    Lease {
+                        subnet,
+                        attrs: r.attrs.clone(),
+                        expiration: r
+                            .expires_ms
+                            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn expire(&mut self, now: u64) -> bool {
+        let before = self.subnets.len();
+        self.subnets
+            .retain(|_, r| r.expires_ms.is_none_or(|e| e > now));
+        before != self.subnets.len()
+    }
+}
+
+impl LocalStore {
+    pub fn open(dir: &Path, timing: LeaseTiming) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| store_err("creating", dir, e))?;
+        Ok(LocalStore {
+            dir: dir.to_path_buf(),
+            timing,
+        })
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("leases.json")
+    }
+
+    fn read(&self) -> Result<StoreFile> {
+        let path = self.file();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| store_err("parsing", &path, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreFile::default()),
+            Err(e) => Err(store_err("reading", &path, e)),
+        }
+    }
+
+    /// Runs `f` on the store under the lock; writes it back when `f` says
+    /// it changed something.
+    fn update<T>(&self, f: impl FnOnce(&mut StoreFile) -> Result<(T, bool)>) -> Result<T> {
+        let lock_path = self.dir.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| store_err("opening", &lock_path, e))?;
+        // SAFETY: flock on a descriptor we own; released when `lock` drops.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(store_err(
+                "locking",
+                &lock_path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let mut store = self.read()?;
+        let expired = store.expire(now_ms());
+        let (out, changed) = f(&mut store)?;
+        if changed || expired {
+            store.revision += 1;
+            let path = self.file();
+            let tmp = self
+                .dir
+                .join(format!(".leases.json.{}", std::process::id()));
+            let bytes = serde_json::to_vec(&store).map_err(|e| store_err("encoding", &path, e))?;
+            (|| -> std::io::Result<()> {
+                let mut f = File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)
+            })()
+            .map_err(|e| store_err("writing", &path, e))?;
+        }
+        drop(lock);
+        Ok(out)
+    }
+
+    fn expiry(&self) -> u64 {
+        now_ms() + self.timing.ttl.as_millis() as u64
+    }
+
+    /// Every live lease (expired ones are treated as gone).
+    pub fn leases(&self) -> Result<BTreeMap<Ipv4Net, Lease>> {
+        Ok(self.read()?.live(now_ms()))
+    }
+
+    pub fn acquire(
+        &self,
+        cfg: &NetConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+    ) -> Result<Lease> {
+        let expires = self.expiry();
+        self.update(|s| {
+            // Reuse this node's lease: same public IP.
+            let own = s
+                .subnets
+                .iter_mut()
+                .find(|(_, r)| r.attrs.public_ip == attrs.public_ip);
+            if let Some((key, rec)) = own {
+                if let Some(subnet) = parse_subnet_key(key).filter(|s| cfg.in_range(*s)) {
+                    rec.attrs = attrs.clone();
+                    if rec.expires_ms.is_some() {
+                        rec.expires_ms = Some(expires);
+                    }
+                    return Ok((lease_of(subnet, rec), true));
+                }
+            }
+            let taken = |n: Ipv4Net| {
+                s.subnets
+                    .keys()
+                    .filter_map(|k| parse_subnet_key(k))
+                    .any(|t| t.contains(&n.network()) || n.contains(&t.network()))
+            };
+            let subnet = choose_subnet(cfg, &taken, previous)?;
+            let rec = Record {
+                attrs: attrs.clone(),
+                expires_ms: Some(expires),
+            };
+            let lease = lease_of(subnet, &rec);
+            s.subnets.insert(subnet_key(subnet), rec);
+            Ok((lease, true))
+        })
+    }
+
+    pub fn renew(&self, lease: &Lease) -> Result<Lease> {
+        let expires = self.expiry();
+        self.update(|s| {
+            let key = subnet_key(lease.subnet);
+            match s.subnets.get_mut(&key) {
+                Some(rec) if rec.attrs.public_ip != lease.attrs.public_ip => {
+                    Err(SubnetError::LeaseLost {
+                        subnet: lease.subnet,
+                        holder: rec.attrs.public_ip,
+                    })
+                }
+                Some(rec) => {
+                    rec.attrs = lease.attrs.clone();
+                    if rec.expires_ms.is_some() {
+                        rec.expires_ms = Some(expires);
+                    }
+                    Ok((lease_of(lease.subnet, rec), true))
+                }
+                None => {
+                    let rec = Record {
+                        attrs: lease.attrs.clone(),
+                        expires_ms: Some(expires),
+                    };
+                    let out = lease_of(lease.subnet, &rec);
+                    s.subnets.insert(key, rec);
+                    Ok((out, true))
+                }
+            }
+        })
+    }
+
+    /// Writes a lease as another node (or an operator) would: with a TTL,
+    /// or as a reservation when `ttl` is `None`.
+    pub fn put(&self, subnet: Ipv4Net, attrs: &LeaseAttrs, ttl: Option<Duration>) -> Result<()> {
+        self.update(|s| {
+            let rec = Record {
+                attrs: attrs.clone(),
+                expires_ms: ttl.map(|t| now_ms() + t.as_millis() as u64),
+            };
+            s.subnets.insert(subnet_key(subnet), rec);
+            Ok(((), true))
+        })
+    }
+
+    /// Deletes a lease; true when it existed.
+    pub fn delete(&self, subnet: Ipv4Net) -> Result<bool> {
+        self.update(|s| {
+            let gone = s.subnets.remove(&subnet_key(subnet)).is_some();
+            Ok((gone, gone))
+        })
+    }
+
+    /// Publishes the lease set now and whenever the file or an expiry
+    /// changes it.
+    pub async fn watch(&self, tx: &tokio::sync::watch::Sender<LeaseSet>) -> Result<()> {
+        let path = self.file();
+        let mut seen: Option<(u64, SystemTime, u64)> = None;
+        let mut store = StoreFile::default();
+        loop {
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => {
+                    use std::os::unix::fs::MetadataExt;
+                    Some((m.ino(), m.modified().unwrap_or(UNIX_EPOCH), m.len()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(store_err("watching", &path, e)),
+            };
+            if meta != seen {
+                store = self.read()?;
+                seen = meta;
+            }
+            publish(tx, store.live(now_ms()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn lease_of(subnet: Ipv4Net, rec: &Record) -> Lease {
+    Lease {
+        subnet,
+        attrs: rec.attrs.clone(),
+        expiration: rec
+            .expires_ms
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::mac::MacAddr;
+
+    fn store(name: &str, ttl: Duration) -> (LocalStore, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("local-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let timing = LeaseTiming {
+            ttl,
+            renew_margin: ttl / 2,
+        };
+        (LocalStore::open(&dir, timing).unwrap(), dir)
+    }
+
+    fn attrs(n: u8) -> LeaseAttrs {
+        LeaseAttrs::vxlan(
+            Ipv4Addr::new(10, 0, 0, n),
+            1,
+            MacAddr([0x0e, 0, 0, 0, 0, n]),
+        )
+    }
+
+    fn cfg(text: &str) -> NetConfig {
+        NetConfig::parse(text).unwrap()
+    }
+
+    #[test]
+    fn leases_are_reused_reserved_and_run_out() {
+        let (s, dir) = store("alloc", Duration::from_secs(60));
+        let c = cfg(
+            r#"{"Network":"10.7.0.0/16","SubnetMin":"10.7.1.0","SubnetMax":"10.7.4.0","Backend":{"Type":"vxlan"}}"#,
+        );
+        let reserved: Ipv4Net = "10.7.2.0/24".parse().unwrap();
+        s.put(reserved, &attrs(99), None).unwrap();
+        let a = s.acquire(&c, &attrs(1), None).unwrap();
+        let b = s.acquire(&c, &attrs(2), None).unwrap();
+        assert_ne!(a.subnet, b.subnet);
+        assert!(a.subnet != reserved && b.subnet != reserved);
+        // Same public IP: the same lease again.
+        assert_eq!(s.acquire(&c, &attrs(1), None).unwrap().subnet, a.subnet);
+        // The reservation's holder gets it, and it stays without TTL.
+        let r = s.acquire(&c, &attrs(99), None).unwrap();
+        assert_eq!((r.subnet, r.expiration), (reserved, None));
+        s.acquire(&c, &attrs(3), None).unwrap();
+        let err = s.acquire(&c, &attrs(4), None).unwrap_err().to_string();
+        assert!(err.contains("out of subnets"), "{err}");
+        // A deleted lease frees its subnet; renew of a lost lease says so.
+        assert!(s.delete(a.subnet).unwrap());
+        let d = s.acquire(&c, &attrs(4), None).unwrap();
+        assert_eq!(d.subnet, a.subnet);
+        let err = s.renew(&a).unwrap_err().to_string();
+        assert!(err.contains("taken by 10.0.0.4"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn leases_expire_unless_renewed() {
+        let (s, dir) = store("ttl", Duration::from_millis(300));
+        let c = cfg(r#"{"Network":"10.8.0.0/16","Backend":{"Type":"vxlan"}}"#);
+        let a = s.acquire(&c, &attrs(1), None).unwrap();
+        let b = s.acquire(&c, &attrs(2), None).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        s.renew(&a).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let live = s.leases().unwrap();
+        assert!(live.contains_key(&a.subnet), "renewed lease expired");
+        assert!(!live.contains_key(&b.subnet), "unrenewed lease still live");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Many agents at once on one host: every subnet handed out once.
+    #[test]
+    fn concurrent_agents_never_share_a_subnet() {
+        let (s, dir) = store("race", Duration::from_secs(60));
+        let c = cfg(
+            r#"{"Network":"10.9.0.0/16","SubnetMin":"10.9.1.0","SubnetMax":"10.9.40.0","Backend":{"Type":"vxlan"}}"#,
+        );
+        let threads: Vec<_> = (1..=40u8)
+            .map(|n| {
+                let (s, c) = (s.clone(), c.clone());
+                std::thread::spawn(move || s.acquire(&c, &attrs(n), None).unwrap().subnet)
+            })
+            .collect();
+        let mut got: Vec<Ipv4Net> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), 40);
+        assert_eq!(s.leases().unwrap().len(), 40);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn watch_sees_changes_and_expiry() {
+        let (s, dir) = store("watch", Duration::from_millis(400));
+        let (tx, mut rx) = tokio::sync::watch::channel(LeaseSet::default());
+        let w = s.clone();
+        let task = tokio::spawn(async move { w.watch(&tx).await });
+        let subnet: Ipv4Net = "10.10.5.0/24".parse().unwrap();
+        s.put(subnet, &attrs(5), Some(Duration::from_millis(400)))
+            .unwrap();
+        let wait = |rx: &mut tokio::sync::watch::Receiver<LeaseSet>, want: bool| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(3),
+                    rx.wait_for(|s| s.contains_key(&subnet) == want),
+                )
+                .await
+                .expect("watch did not deliver")
+                .unwrap();
+            }
+        };
+        wait(&mut rx, true).await;
+        // Expiry alone (no write) removes it.
+        wait(&mut rx, false).await;
+        s.put(subnet, &attrs(5), None).unwrap();
+        wait(&mut rx, true).await;
+        s.delete(subnet).unwrap();
+        wait(&mut rx, false).await;
+        task.abort();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

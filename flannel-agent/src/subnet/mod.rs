@@ -1,0 +1,372 @@
+//! Subnet leases: what every node holds, where it is stored, and how a node
+//! gets its own.
+//!
+//! One interface ([`SubnetManager`]) over three stores:
+//! * [`local`]: a file-locked store on disk (single machine, the lab);
+//! * [`etcd`]: Flannel's etcd layout under `/coreos.com/network`;
+//! * [`kube`]: the Node objects of a Kubernetes API server.
+//!
+//! Every store publishes the full lease set through a
+//! `tokio::sync::watch` channel; the agent reconciles against the latest
+//! set, so bursts of changes coalesce into one pass.
+
+pub mod env;
+pub mod etcd;
+pub mod kube;
+pub mod local;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::{config::NetConfig, mac::MacAddr};
+
+/// Flannel's `LeaseAttrs`, field for field, as stored in etcd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAttrs {
+    #[serde(rename = "PublicIP")]
+    pub public_ip: Ipv4Addr,
+    #[serde(rename = "PublicIPv6", default)]
+    pub public_ipv6: Option<Ipv6Addr>,
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub backend_type: String,
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "serde_json::Value::is_null"
+    )]
+    pub backend_data: serde_json::Value,
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "serde_json::Value::is_null"
+    )]
+    pub backend_v6_data: serde_json::Value,
+}
+
+/// The VXLAN backend's `BackendData`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanData {
+    #[serde(rename = "VNI")]
+    pub vni: u32,
+    #[serde(rename = "VtepMAC")]
+    pub vtep_mac: MacAddr,
+}
+
+impl LeaseAttrs {
+    pub fn vxlan(public_ip: Ipv4Addr, vni: u32, vtep_mac: MacAddr) -> Self {
+        LeaseAttrs {
+            public_ip,
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: serde_json::to_value(VxlanData { vni, vtep_mac })
+                .expect("plain struct serializes"),
+            backend_v6_data: serde_json::Value::Null,
+        }
+    }
+
+    /// The VXLAN data of a lease, or why it cannot be used.
+    pub fn vxlan_data(&self) -> std::result::Result<VxlanData, String> {
+        if self.backend_type != "vxlan" {
+            return Err(format!("backend type {:?} is not vxlan", self.backend_type));
+        }
+        let data: VxlanData = serde_json::from_value(self.backend_data.clone())
+            .map_err(|e| format!("BackendData {}: {e}", self.backend_data))?;
+        if !data.vtep_mac.is_unicast() {
+            return Err(format!("VtepMAC {} is not unicast", data.vtep_mac));
+        }
+        Ok(data)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub subnet: Ipv4Net,
+    pub attrs: LeaseAttrs,
+    /// `None`: a reservation (a key without TTL), never expires.
+    pub expiration: Option<SystemTime>,
+}
+
+/// Every lease in the store, by subnet.
+pub type LeaseSet = Arc<BTreeMap<Ipv4Net, Lease>>;
+
+/// Flannel's key for a subnet: `10.244.1.0-24`.
+pub fn subnet_key(subnet: Ipv4Net) -> String {
+    format!("{}-{}", subnet.network(), subnet.prefix_len())
+}
+
+pub fn parse_subnet_key(key: &str) -> Option<Ipv4Net> {
+    let (ip, len) = key.rsplit_once('-')?;
+    let net = Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?).ok()?;
+    (net.trunc() == net).then_some(net)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubnetError {
+    #[error("out of subnets: all {total} subnets from {min} to {max} are leased or reserved; widen Network/SubnetMin/SubnetMax or remove stale leases")]
+    OutOfSubnets {
+        total: usize,
+        min: Ipv4Addr,
+        max: Ipv4Addr,
+    },
+    #[error("lease for {subnet} was taken by {holder}")]
+    LeaseLost { subnet: Ipv4Net, holder: Ipv4Addr },
+    #[error("{0}")]
+    Store(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, SubnetError>;
+
+/// How long a lease lives and when it is renewed.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseTiming {
+    pub ttl: Duration,
+    /// Renew this long before expiry.
+    pub renew_margin: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        // Flannel: 24 h leases, renewed an hour before they expire.
+        LeaseTiming {
+            ttl: Duration::from_secs(24 * 3600),
+            renew_margin: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Picks a subnet the way Flannel does: the subnet from the last
+/// subnet.env if it is in range and free, else one at random among the
+/// first 100 free ones.
+pub fn choose_subnet(
+    cfg: &NetConfig,
+    taken: &dyn Fn(Ipv4Net) -> bool,
+    previous: Option<Ipv4Net>,
+) -> Result<Ipv4Net> {
+    if let Some(prev) = previous.filter(|p| cfg.in_range(*p) && !taken(*p)) {
+        return Ok(prev);
+    }
+    let free: Vec<Ipv4Net> = cfg.subnets().filter(|s| !taken(*s)).take(100).collect();
+    if free.is_empty() {
+        return Err(SubnetError::OutOfSubnets {
+            total: cfg.subnets().count(),
+            min: cfg.subnet_min,
+            max: cfg.subnet_max,
+        });
+    }
+    Ok(free[random_index(free.len())])
+}
+
+fn random_index(n: usize) -> usize {
+    // Random enough to spread racing nodes; not security relevant.
+    use std::hash::BuildHasher;
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (std::collections::hash_map::RandomState::new().hash_one(nanos) % n as u64) as usize
+}
+
+/// The node's own lease among `leases`: same public IP (Flannel's reuse rule).
+pub fn own_lease<'a>(
+    leases: impl IntoIterator<Item = &'a Lease>,
+    public_ip: Ipv4Addr,
+) -> Option<&'a Lease> {
+    leases.into_iter().find(|l| l.attrs.public_ip == public_ip)
+}
+
+/// One of the three stores.
+#[derive(Clone)]
+pub enum SubnetManager {
+    Local(local::LocalStore),
+    Etcd(etcd::EtcdStore),
+    Kube(kube::KubeStore),
+}
+
+impl SubnetManager {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SubnetManager::Local(_) => "local",
+            SubnetManager::Etcd(_) => "etcd",
+            SubnetManager::Kube(_) => "kube",
+        }
+    }
+
+    /// The network config this store serves (etcd) or `None` when it comes
+    /// from `--net-config-path` (local, kube).
+    pub async fn network_config(&self) -> Result<Option<String>> {
+        match self {
+            SubnetManager::Etcd(s) => s.network_config().await.map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Gets this node a lease (see [`choose_subnet`]).
+    pub async fn acquire(
+        &self,
+        cfg: &NetConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+    ) -> Result<Lease> {
+        match self {
+            SubnetManager::Local(s) => s.acquire(cfg, attrs, previous),
+            SubnetManager::Etcd(s) => s.acquire(cfg, attrs, previous).await,
+            SubnetManager::Kube(s) => s.acquire(cfg, attrs).await,
+        }
+    }
+
+    /// Extends the lease (recreating it if it was deleted).
+    pub async fn renew(&self, lease: &Lease) -> Result<Lease> {
+        match self {
+            SubnetManager::Local(s) => s.renew(lease),
+            SubnetManager::Etcd(s) => s.renew(lease).await,
+            SubnetManager::Kube(s) => s.renew(lease).await,
+        }
+    }
+
+    /// Lists, then follows changes, publishing every new lease set; returns
+    /// only on error (the caller backs off and calls again).
+    pub async fn watch(&self, tx: &tokio::sync::watch::Sender<LeaseSet>) -> Result<()> {
+        match self {
+            SubnetManager::Local(s) => s.watch(tx).await,
+            SubnetManager::Etcd(s) => s.watch(tx).await,
+            SubnetManager::Kube(s) => s.watch(tx).await,
+        }
+    }
+}
+
+/// Publishes `set` unless it equals what was last sent.
+pub(crate) fn publish(tx: &tokio::sync::watch::Sender<LeaseSet>, set: BTreeMap<Ipv4Net, Lease>) {
+    tx.send_if_modified(|cur| {
+        if **cur == set {
+            false
+        } else {
+            *cur = Arc::new(set);
+            true
+        }
+    });
+}
+
+/// Exponential backoff from 200 ms to 5 s.
+pub struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(200))
+    }
+}
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        d
+    }
+    pub fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> NetConfig {
+        NetConfig::parse(text).unwrap()
+    }
+
+    #[test]
+    fn keys_round_trip_and_bad_keys_are_refused() {
+        let s: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        assert_eq!(subnet_key(s), "10.244.3.0-24");
+        assert_eq!(parse_subnet_key("10.244.3.0-24"), Some(s));
+        for bad in [
+            "10.244.3.0/24",
+            "10.244.3.1-24",
+            "x-24",
+            "10.244.3.0-33",
+            "",
+            "-",
+        ] {
+            assert_eq!(parse_subnet_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn attrs_match_flannels_json() {
+        let a = LeaseAttrs::vxlan(
+            Ipv4Addr::new(192, 168, 64, 3),
+            1,
+            "c6:d2:32:6f:8f:44".parse().unwrap(),
+        );
+        let text = serde_json::to_string(&a).unwrap();
+        assert_eq!(
+            text,
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#
+        );
+        // What Flannel itself writes decodes to the same.
+        let flannel: LeaseAttrs = serde_json::from_str(&text).unwrap();
+        assert_eq!(flannel, a);
+        assert_eq!(flannel.vxlan_data().unwrap().vni, 1);
+        let hostgw: LeaseAttrs =
+            serde_json::from_str(r#"{"PublicIP":"10.0.0.1","BackendType":"host-gw"}"#).unwrap();
+        assert!(hostgw.vxlan_data().unwrap_err().contains("not vxlan"));
+        let broken: LeaseAttrs = serde_json::from_str(
+            r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#,
+        )
+        .unwrap();
+        assert!(broken.vxlan_data().unwrap_err().contains("BackendData"));
+    }
+
+    #[test]
+    fn allocation_follows_flannels_rules() {
+        let c = cfg(
+            r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.10.0","SubnetMax":"10.5.13.0","Backend":{"Type":"vxlan"}}"#,
+        );
+        let none = |_: Ipv4Net| false;
+        // The previous subnet is reused when free and in range.
+        let prev: Ipv4Net = "10.5.12.0/24".parse().unwrap();
+        assert_eq!(choose_subnet(&c, &none, Some(prev)).unwrap(), prev);
+        // Out of range or taken: a free one instead.
+        let outside: Ipv4Net = "10.5.99.0/24".parse().unwrap();
+        let got = choose_subnet(&c, &none, Some(outside)).unwrap();
+        assert!(c.in_range(got));
+        let taken = |s: Ipv4Net| s == prev || s.network() == Ipv4Addr::new(10, 5, 10, 0);
+        for _ in 0..50 {
+            let got = choose_subnet(&c, &taken, Some(prev)).unwrap();
+            assert!(got != prev && c.in_range(got) && got.network() != Ipv4Addr::new(10, 5, 10, 0));
+        }
+        // Full.
+        let all = |_: Ipv4Net| true;
+        let err = choose_subnet(&c, &all, None).unwrap_err().to_string();
+        assert!(
+            err.starts_with("out of subnets: all 4 subnets from 10.5.10.0 to 10.5.13.0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn random_choice_stays_among_the_first_hundred_free() {
+        let c = cfg(r#"{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..300 {
+            let s = choose_subnet(&c, &|_| false, None).unwrap();
+            let idx = (u32::from(s.network()) - u32::from(c.subnet_min)) / c.subnet_size();
+            assert!(idx < 100, "{s} is not among the first 100");
+            seen.insert(s);
+        }
+        assert!(seen.len() > 20, "choices are not spread: {}", seen.len());
+    }
+}
