@@ -1,35 +1,39 @@
-//! The node agent: picks the data path, keeps Flannel's kernel objects and
-//! the BPF maps in step with the leases and the registered pods, and serves
-//! the local API.
+//! The node agent: gets this node's lease, picks the data path, keeps
+//! Flannel's kernel objects and the BPF maps in step with every node's
+//! lease and the registered pods, and serves the local API.
 //!
 //! Reconciliation is level-triggered: each pass computes the desired state
-//! from the leases and the pod records, reads what the kernel and the maps
-//! hold, and applies only the difference. It runs at start, after every API
-//! change, on SIGHUP and on a timer, so drift is repaired, not just logged.
+//! from the lease set and the pod records, reads what the kernel and the
+//! maps hold, and applies only the difference. It runs at start, whenever
+//! the lease set changes, after every API change, on SIGHUP and on a timer,
+//! so drift is repaired, not just logged.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context};
 use flannel_common::{Config, Endpoint, RemoteNode, CONFIG_F_READY, VXLAN_ENCAP_LEN};
 use ipnet::Ipv4Net;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
 };
 
 use crate::{
     api::{EndpointRecord, Request, Response, Status},
+    config::NetConfig,
+    control::{self, LeaseFeed, StoreOptions},
     ebpf::{self, Datapath},
-    lease::{self, Lease},
     mac::MacAddr,
+    masq,
     netlink::{Link, Netlink, RemoteEntry, VxlanSpec},
+    subnet::{env::SubnetEnv, Lease, LeaseSet, LeaseTiming, SubnetManager},
 };
 
 /// Which data path the operator asked for.
@@ -45,11 +49,17 @@ pub enum DatapathMode {
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub iface: Option<String>,
+    pub net_config_path: PathBuf,
+    /// `--iface`: interface names or addresses, first match wins.
+    pub iface: Vec<String>,
+    /// `--iface-regex`: matched against interface names and addresses.
+    pub iface_regex: Vec<String>,
     pub public_ip: Option<Ipv4Addr>,
-    pub lease_file: PathBuf,
-    pub vni: u32,
-    pub port: u16,
+    pub subnet_file: PathBuf,
+    pub store: StoreOptions,
+    pub timing: LeaseTiming,
+    pub ip_masq: bool,
+    pub healthz: Option<SocketAddr>,
     pub datapath: DatapathMode,
     pub bpf_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -65,10 +75,6 @@ impl Options {
     fn endpoints_file(&self) -> PathBuf {
         self.run_dir.join("endpoints.json")
     }
-
-    fn vtep_name(&self) -> String {
-        format!("flannel.{}", self.vni)
-    }
 }
 
 /// Facts about this node fixed at start.
@@ -76,19 +82,25 @@ struct Node {
     uplink: Link,
     ip: Ipv4Addr,
     lease: Lease,
+    vtep_mac: MacAddr,
 }
 
 struct Agent {
     opts: Options,
+    cfg: NetConfig,
     nl: Netlink,
     node: Node,
+    store: SubnetManager,
     dp: Option<Datapath>,
     reason: String,
-    /// Remote leases last read successfully (kept when the file breaks).
-    leases: Vec<Lease>,
+    /// The lease set last published by the store (kept while it is away).
+    leases: LeaseSet,
+    feed: LeaseFeed,
     endpoints: BTreeMap<Ipv4Addr, EndpointRecord>,
     /// Pod links this process has already (re)attached or adopted.
     attached: HashSet<u32>,
+    /// Subnets whose lease was unusable, already logged.
+    skipped: HashSet<Ipv4Net>,
 }
 
 type ApiCall = (Request, oneshot::Sender<Response>);
@@ -97,46 +109,124 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("creating run directory {}", opts.run_dir.display()))?;
     let nl = Netlink::connect()?;
-    let uplink = match &opts.iface {
-        Some(name) => nl.require_link(name).await?,
-        None => nl.default_route_link().await?,
+
+    let store = control::retry("connecting to the lease store", || {
+        control::connect(&opts.store, opts.timing)
+    })
+    .await;
+    // A bad config is refused at once; a store that has none yet is waited for.
+    let cfg = loop {
+        match control::network_config(&store, &opts.net_config_path).await {
+            Ok(cfg) => break cfg,
+            Err(err) if matches!(store, SubnetManager::Etcd(_)) && !is_config_error(&err) => {
+                tracing::warn!(err = %format!("{err:#}"), "waiting for the network config");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(err) => return Err(err),
+        }
     };
-    let ip = match opts.public_ip {
-        Some(ip) => ip,
-        None => nl
-            .ipv4_addrs(uplink.index)
-            .await?
-            .first()
-            .map(|n| n.addr())
-            .ok_or_else(|| anyhow!("uplink {} has no IPv4 address", uplink.name))?,
+
+    let mut public_ip = opts.public_ip;
+    if let (None, SubnetManager::Kube(k)) = (public_ip, &store) {
+        public_ip = control::retry("reading this node's node-public-ip", || async {
+            Ok(k.node_public_ip().await?)
+        })
+        .await;
+    }
+    let (uplink, ip) = choose_uplink(&nl, &opts.iface, &opts.iface_regex, public_ip).await?;
+    let vtep_name = format!("flannel.{}", cfg.backend.vni);
+    // Flannel keeps the VTEP's MAC across restarts; so do we.
+    let vtep_mac = match nl.link_by_name(&vtep_name).await?.and_then(|l| l.mac) {
+        Some(mac) if mac.is_unicast() => mac,
+        _ => MacAddr::for_vtep(ip, cfg.backend.vni),
     };
-    let leases = lease::load(&opts.lease_file)?;
-    let lease = *leases.iter().find(|l| l.public_ip == ip).ok_or_else(|| {
-        anyhow!(
-            "{} holds no lease for this node's IP {ip}: add one, or pass --public-ip with the IP its lease names",
-            opts.lease_file.display()
-        )
-    })?;
-    tracing::info!(uplink = %uplink.name, %ip, subnet = %lease.subnet, "starting");
+    let attrs = control::attrs(ip, &cfg, vtep_mac);
+    let previous = control::previous_subnet(&opts.subnet_file);
+    let lease = control::retry("acquiring a subnet lease", || async {
+        Ok(store.acquire(&cfg, &attrs, previous).await?)
+    })
+    .await;
+    tracing::info!(
+        store = store.name(),
+        uplink = %uplink.name,
+        %ip,
+        subnet = %lease.subnet,
+        vtep_mac = %vtep_mac,
+        "lease acquired"
+    );
+    if let Some(mtu) = cfg.backend.mtu {
+        if mtu + VXLAN_ENCAP_LEN > uplink.mtu {
+            bail!(
+                "Backend.MTU: {mtu} is invalid: the uplink {} has MTU {}, so at most {}",
+                uplink.name,
+                uplink.mtu,
+                uplink.mtu - VXLAN_ENCAP_LEN
+            );
+        }
+    }
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
         tracing::warn!(
             "net.ipv4.ip_forward is 0: neither data path can route pod traffic off this node"
         );
     }
 
+    let mut feed = control::spawn_watch(store.clone());
+    // The first full listing decides which remote state is stale; until it
+    // arrives, whatever is programmed keeps forwarding.
+    let first = feed
+        .wait_for(|s| s.is_some())
+        .await
+        .map_err(|_| anyhow!("the lease watch stopped"))?
+        .clone()
+        .unwrap_or_default();
+    let mut fatal = control::spawn_renew(store.clone(), lease.clone(), opts.timing, feed.clone());
+
     let mut agent = Agent {
         endpoints: load_endpoints(&opts.endpoints_file())?,
         opts,
+        cfg,
         nl,
-        node: Node { uplink, ip, lease },
+        node: Node {
+            uplink,
+            ip,
+            lease,
+            vtep_mac,
+        },
+        store,
         dp: None,
         reason: String::new(),
-        leases,
+        leases: first,
+        feed,
         attached: HashSet::new(),
+        skipped: HashSet::new(),
     };
     agent.ensure_kernel_objects().await?;
     agent.choose_datapath().await?;
     agent.reconcile().await;
+    if agent.opts.ip_masq {
+        masq::ensure(agent.cfg.network, agent.node.lease.subnet)
+            .context("installing the ip-masq rules")?;
+    } else {
+        masq::remove().context("removing ip-masq rules of an earlier run")?;
+    }
+    // subnet.env last: the CNI plugin may create pods once it exists.
+    let env = SubnetEnv::new(
+        agent.cfg.network,
+        agent.node.lease.subnet,
+        agent.pod_mtu(),
+        agent.opts.ip_masq,
+    );
+    env.write(&agent.opts.subnet_file)
+        .with_context(|| format!("writing {}", agent.opts.subnet_file.display()))?;
+    if let SubnetManager::Kube(k) = &agent.store {
+        let k = k.clone();
+        tokio::spawn(async move {
+            control::retry("setting NetworkUnavailable=False", || async {
+                Ok(k.mark_network_available().await?)
+            })
+            .await
+        });
+    }
 
     let socket = agent.opts.socket();
     let _ = std::fs::remove_file(&socket);
@@ -144,29 +234,158 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .with_context(|| format!("binding the agent socket {}", socket.display()))?;
     let (tx, mut rx) = mpsc::channel::<ApiCall>(64);
     tokio::spawn(accept_loop(listener, tx));
+    if let Some(addr) = agent.opts.healthz {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the healthz port {addr}"))?;
+        tokio::spawn(healthz(l));
+    }
 
     let mut tick = tokio::time::interval(agent.opts.resync);
     tick.tick().await;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tracing::info!(socket = %socket.display(), "ready");
-    loop {
+    tracing::info!(socket = %socket.display(), subnet_file = %agent.opts.subnet_file.display(), "ready");
+    let result = loop {
         tokio::select! {
             _ = tick.tick() => agent.reconcile().await,
             _ = hup.recv() => agent.reconcile().await,
+            changed = agent.feed.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow!("the lease watch stopped"));
+                }
+                let set = agent.feed.borrow_and_update().clone();
+                if let Some(set) = set {
+                    let started = Instant::now();
+                    agent.leases = set;
+                    agent.reconcile().await;
+                    tracing::debug!(took = ?started.elapsed(), leases = agent.leases.len(), "lease change applied");
+                }
+            }
             Some((req, reply)) = rx.recv() => {
                 let resp = agent.handle(req).await;
                 let _ = reply.send(resp);
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            Some(err) = fatal.recv() => break Err(err),
+            _ = term.recv() => break Ok(()),
+            _ = int.recv() => break Ok(()),
         }
-    }
+    };
     // Pinned maps and links stay: the data path keeps forwarding.
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped; the data path stays in place");
-    Ok(())
+    result
+}
+
+/// A config that is there but wrong: waiting will not fix it.
+fn is_config_error(err: &anyhow::Error) -> bool {
+    err.chain()
+        .any(|e| e.downcast_ref::<crate::config::ConfigError>().is_some())
+}
+
+/// The uplink and public IP, chosen as Flannel does: `--iface` entries
+/// (names or addresses) in order, else `--iface-regex` against names and
+/// addresses, else the interface holding `--public-ip`, else the interface
+/// of the default route.
+async fn choose_uplink(
+    nl: &Netlink,
+    ifaces: &[String],
+    regexes: &[String],
+    public_ip: Option<Ipv4Addr>,
+) -> anyhow::Result<(Link, Ipv4Addr)> {
+    let links = nl.links().await?;
+    let mut addrs = Vec::new();
+    for l in &links {
+        for a in nl.ipv4_addrs(l.index).await? {
+            addrs.push((l.clone(), a.addr()));
+        }
+    }
+    let first_addr = |l: &Link| {
+        addrs
+            .iter()
+            .find(|(x, _)| x.index == l.index)
+            .map(|(_, a)| *a)
+    };
+    let found: Option<(Link, Option<Ipv4Addr>)> = if !ifaces.is_empty() {
+        let hit = ifaces
+            .iter()
+            .find_map(|want| match want.parse::<Ipv4Addr>() {
+                Ok(ip) => addrs
+                    .iter()
+                    .find(|(_, a)| *a == ip)
+                    .map(|(l, a)| (l.clone(), Some(*a))),
+                Err(_) => links
+                    .iter()
+                    .find(|l| &l.name == want)
+                    .map(|l| (l.clone(), first_addr(l))),
+            });
+        Some(hit.ok_or_else(|| {
+            anyhow!("--iface: none of {ifaces:?} is an interface name or address on this node")
+        })?)
+    } else if !regexes.is_empty() {
+        let mut hit = None;
+        for text in regexes {
+            let re = regex::Regex::new(text).with_context(|| {
+                format!("--iface-regex: {text:?} is not a valid regular expression")
+            })?;
+            hit = addrs
+                .iter()
+                .find(|(_, a)| re.is_match(&a.to_string()))
+                .map(|(l, a)| (l.clone(), Some(*a)))
+                .or_else(|| {
+                    links
+                        .iter()
+                        .find(|l| re.is_match(&l.name))
+                        .map(|l| (l.clone(), first_addr(l)))
+                });
+            if hit.is_some() {
+                break;
+            }
+        }
+        Some(hit.ok_or_else(|| {
+            anyhow!("--iface-regex: no interface name or address matches {regexes:?}")
+        })?)
+    } else {
+        public_ip.and_then(|ip| {
+            addrs
+                .iter()
+                .find(|(_, a)| *a == ip)
+                .map(|(l, a)| (l.clone(), Some(*a)))
+        })
+    };
+    let (link, addr) = match found {
+        Some(f) => f,
+        None => {
+            let l = nl.default_route_link().await?;
+            let a = first_addr(&l);
+            (l, a)
+        }
+    };
+    let ip = public_ip
+        .or(addr)
+        .ok_or_else(|| anyhow!("uplink {} has no IPv4 address; pass --public-ip", link.name))?;
+    Ok((link, ip))
+}
+
+async fn healthz(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let reply = if req.starts_with("GET /healthz ") || req.starts_with("GET / ") {
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            };
+            let _ = s.write_all(reply.as_bytes()).await;
+        });
+    }
 }
 
 async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<ApiCall>) {
@@ -227,7 +446,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 impl Agent {
     fn pod_mtu(&self) -> u32 {
-        self.node.uplink.mtu - VXLAN_ENCAP_LEN
+        self.cfg
+            .backend
+            .mtu
+            .unwrap_or(self.node.uplink.mtu.saturating_sub(VXLAN_ENCAP_LEN))
     }
 
     fn gateway(&self) -> Ipv4Net {
@@ -241,13 +463,13 @@ impl Agent {
 
     fn vxlan_spec(&self) -> VxlanSpec {
         VxlanSpec {
-            name: self.opts.vtep_name(),
-            vni: self.opts.vni,
+            name: format!("flannel.{}", self.cfg.backend.vni),
+            vni: self.cfg.backend.vni,
             local: self.node.ip,
             uplink: self.node.uplink.index,
-            port: self.opts.port,
+            port: self.cfg.backend.port,
             mtu: self.pod_mtu(),
-            mac: self.node.lease.vtep_mac,
+            mac: self.node.vtep_mac,
         }
     }
 
@@ -315,19 +537,48 @@ impl Agent {
             subnet: self.node.lease.subnet.to_string(),
             remote_leases: self.remotes().len(),
             endpoints: self.endpoints.len(),
+            subnet_manager: self.store.name().into(),
+            public_ip: self.node.ip.to_string(),
+            ignored_leases: self.skipped.len(),
         }
+    }
+
+    /// A remote node's lease as data path state; `Ok(None)` for our own.
+    fn remote(&self, l: &Lease) -> Result<Option<RemoteEntry>, String> {
+        let own = &self.node.lease.subnet;
+        if l.attrs.public_ip == self.node.ip || l.subnet == *own {
+            return Ok(None);
+        }
+        if own.contains(&l.subnet.network()) || l.subnet.contains(&own.network()) {
+            return Err(format!("overlaps this node's lease {own}"));
+        }
+        let data = l.attrs.vxlan_data()?;
+        Ok(Some(RemoteEntry {
+            subnet: l.subnet,
+            public_ip: l.attrs.public_ip,
+            vtep_mac: data.vtep_mac,
+        }))
     }
 
     fn remotes(&self) -> Vec<RemoteEntry> {
         self.leases
-            .iter()
-            .filter(|l| l.public_ip != self.node.ip)
-            .map(|l| RemoteEntry {
-                subnet: l.subnet,
-                public_ip: l.public_ip,
-                vtep_mac: l.vtep_mac,
-            })
+            .values()
+            .filter_map(|l| self.remote(l).ok().flatten())
             .collect()
+    }
+
+    /// Logs each unusable lease once (they are left out of the data path).
+    fn log_skipped(&mut self) {
+        let mut now = HashSet::new();
+        for l in self.leases.values() {
+            if let Err(why) = self.remote(l) {
+                if !self.skipped.contains(&l.subnet) {
+                    tracing::warn!(subnet = %l.subnet, node = %l.attrs.public_ip, %why, "ignoring a lease");
+                }
+                now.insert(l.subnet);
+            }
+        }
+        self.skipped = now;
     }
 
     async fn handle(&mut self, req: Request) -> Response {
@@ -413,9 +664,18 @@ impl Agent {
 
     /// One full pass. Errors are logged; the next pass retries.
     async fn reconcile(&mut self) {
-        match lease::load(&self.opts.lease_file) {
-            Ok(leases) => self.leases = leases,
-            Err(err) => tracing::warn!(%err, "keeping the last known leases"),
+        self.log_skipped();
+        if self.opts.ip_masq {
+            match masq::present() {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("the ip-masq table is gone; installing it again");
+                    if let Err(err) = masq::ensure(self.cfg.network, self.node.lease.subnet) {
+                        tracing::warn!(%err, "installing the ip-masq rules");
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "checking the ip-masq rules"),
+            }
         }
         if let Err(err) = self.reconcile_kernel().await {
             tracing::warn!(err = %format!("{err:#}"), "reconciling kernel objects");
@@ -496,13 +756,13 @@ impl Agent {
         let bridge = self.nl.require_link(&self.opts.bridge).await?;
         let uplink = self.node.uplink.clone();
         let cfg = Config {
-            vni: self.opts.vni,
-            udp_port: self.opts.port,
+            vni: self.cfg.backend.vni,
+            udp_port: self.cfg.backend.port,
             node_ip: ebpf::ip_key(self.node.ip),
             uplink_ifindex: uplink.index,
             inner_mtu: self.pod_mtu(),
             flags: CONFIG_F_READY,
-            vtep_mac: self.node.lease.vtep_mac.0,
+            vtep_mac: self.node.vtep_mac.0,
             uplink_mac: uplink.mac.unwrap_or_default().0,
             gateway_mac: bridge.mac.unwrap_or_default().0,
             ..Default::default()

@@ -43,6 +43,14 @@ pub struct Status {
     pub subnet: String,
     pub remote_leases: usize,
     pub endpoints: usize,
+    /// `local`, `etcd` or `kube`.
+    #[serde(default)]
+    pub subnet_manager: String,
+    #[serde(default)]
+    pub public_ip: String,
+    /// Leases left out of the data path (wrong backend, bad data, overlap).
+    #[serde(default)]
+    pub ignored_leases: usize,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

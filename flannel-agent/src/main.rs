@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 use flannel_agent::{
     agent::{self, DatapathMode, Options},
     api::{self, EndpointRecord, Request},
+    control::StoreOptions,
     ebpf,
     mac::MacAddr,
+    subnet::{etcd, kube, LeaseTiming},
 };
 
 #[derive(Parser)]
@@ -64,22 +66,82 @@ enum Cmd {
     },
 }
 
+/// Where leases live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SubnetMgr {
+    /// A file-locked store on this machine (`--store-dir`).
+    Local,
+    /// etcd v3, Flannel's layout under `--etcd-prefix`.
+    Etcd,
+    /// The Kubernetes API: node podCIDRs and Flannel's annotations.
+    Kube,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Uplink interface (default: the interface of the IPv4 default route).
+    /// Flannel's net-conf.json (read by the local and kube stores; etcd
+    /// serves it under <etcd-prefix>/config).
+    #[arg(long, default_value = "/etc/kube-flannel/net-conf.json")]
+    net_config_path: PathBuf,
+    /// Uplink interface name or address; repeat to give fallbacks (default:
+    /// the interface of the IPv4 default route).
     #[arg(long)]
-    iface: Option<String>,
-    /// This node's public IP (default: the uplink's first IPv4 address).
+    iface: Vec<String>,
+    /// Regular expression matched against interface names and addresses;
+    /// repeatable.
+    #[arg(long)]
+    iface_regex: Vec<String>,
+    /// The IP other nodes reach this one at (default: the uplink's address).
     #[arg(long)]
     public_ip: Option<Ipv4Addr>,
-    /// Static lease file: JSON list of {subnet, public_ip, vtep_mac}.
+    /// Where the lease is written for the CNI plugin.
+    #[arg(long, default_value = "/run/flannel/subnet.env")]
+    subnet_file: PathBuf,
+    #[arg(long, value_enum, default_value_t = SubnetMgr::Local)]
+    subnet_mgr: SubnetMgr,
+    /// Flannel's switch for the Kubernetes store (same as --subnet-mgr kube).
     #[arg(long)]
-    lease_file: PathBuf,
-    #[arg(long, default_value_t = 1)]
-    vni: u32,
-    /// VXLAN UDP port; 0 means the Linux default, 8472, as in Flannel.
+    kube_subnet_mgr: bool,
+    /// The local store's directory (shared by every agent on the machine).
+    #[arg(long, default_value = "/var/lib/flannel-ebpf/store")]
+    store_dir: PathBuf,
+    /// Comma-separated etcd endpoints.
+    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    #[arg(long, default_value = etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    #[arg(long)]
+    etcd_certfile: Option<PathBuf>,
+    #[arg(long)]
+    etcd_keyfile: Option<PathBuf>,
+    #[arg(long)]
+    etcd_username: Option<String>,
+    #[arg(long, env = "ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+    /// API server URL (default: kubeconfig or in-cluster config).
+    #[arg(long)]
+    kube_api_url: Option<String>,
+    #[arg(long)]
+    kubeconfig_file: Option<PathBuf>,
+    /// This node's Node object (kube store).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    /// Lease lifetime in seconds (etcd and local stores).
+    #[arg(long, default_value_t = 24 * 3600)]
+    subnet_lease_ttl_secs: u64,
+    /// Renew this many minutes before the lease expires (Flannel's flag).
+    #[arg(long, default_value_t = 60)]
+    subnet_lease_renew_margin: u64,
+    /// Masquerade traffic from pods to outside the cluster network.
+    #[arg(long)]
+    ip_masq: bool,
+    #[arg(long, default_value = "0.0.0.0")]
+    healthz_ip: std::net::IpAddr,
+    /// Serve GET /healthz on this port (0: off).
     #[arg(long, default_value_t = 0)]
-    port: u16,
+    healthz_port: u16,
     #[arg(long, value_enum, default_value_t = DatapathMode::Auto)]
     datapath: DatapathMode,
     /// Where maps and links are pinned (one directory per instance).
@@ -95,6 +157,57 @@ struct RunArgs {
     resync_secs: u64,
 }
 
+impl RunArgs {
+    fn options(self) -> Options {
+        let mgr = if self.kube_subnet_mgr {
+            SubnetMgr::Kube
+        } else {
+            self.subnet_mgr
+        };
+        let store = match mgr {
+            SubnetMgr::Local => StoreOptions::Local {
+                dir: self.store_dir,
+            },
+            SubnetMgr::Etcd => StoreOptions::Etcd(etcd::EtcdOptions {
+                endpoints: self.etcd_endpoints,
+                prefix: self.etcd_prefix,
+                cafile: self.etcd_cafile,
+                certfile: self.etcd_certfile,
+                keyfile: self.etcd_keyfile,
+                username: self.etcd_username,
+                password: self.etcd_password,
+            }),
+            SubnetMgr::Kube => StoreOptions::Kube(kube::KubeOptions {
+                api_url: self.kube_api_url,
+                kubeconfig: self.kubeconfig_file,
+                node_name: self.node_name,
+            }),
+        };
+        let ttl = Duration::from_secs(self.subnet_lease_ttl_secs.max(1));
+        Options {
+            net_config_path: self.net_config_path,
+            iface: self.iface,
+            iface_regex: self.iface_regex,
+            public_ip: self.public_ip,
+            subnet_file: self.subnet_file,
+            store,
+            timing: LeaseTiming {
+                ttl,
+                // A margin longer than half the TTL would renew constantly.
+                renew_margin: Duration::from_secs(self.subnet_lease_renew_margin * 60).min(ttl / 2),
+            },
+            ip_masq: self.ip_masq,
+            healthz: (self.healthz_port != 0)
+                .then(|| std::net::SocketAddr::new(self.healthz_ip, self.healthz_port)),
+            datapath: self.datapath,
+            bpf_dir: self.bpf_dir,
+            run_dir: self.run_dir,
+            bridge: self.bridge,
+            resync: Duration::from_secs(self.resync_secs.max(1)),
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -103,24 +216,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Run(a) => {
-            let opts = Options {
-                iface: a.iface,
-                public_ip: a.public_ip,
-                lease_file: a.lease_file,
-                vni: a.vni,
-                port: if a.port == 0 { 8472 } else { a.port },
-                datapath: a.datapath,
-                bpf_dir: a.bpf_dir,
-                run_dir: a.run_dir,
-                bridge: a.bridge,
-                resync: Duration::from_secs(a.resync_secs.max(1)),
-            };
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(agent::run(opts))
-        }
+        Cmd::Run(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(agent::run(a.options())),
         Cmd::Stats { bpf_dir, json } => {
             let counters = ebpf::read_counters(&bpf_dir)
                 .with_context(|| format!("reading counters pinned under {}", bpf_dir.display()))?;

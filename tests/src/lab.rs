@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use flannel_agent::{
     api::{self, EndpointRecord, Request},
     ebpf,
-    lease::Lease,
     mac::MacAddr,
+    subnet::{env::SubnetEnv, local::LocalStore, LeaseAttrs, LeaseTiming},
 };
 use ipnet::Ipv4Net;
 
@@ -45,6 +45,35 @@ impl NodeSpec {
 pub const VNI: u32 = 1;
 pub const PORT: u16 = 4789;
 pub const POD_MTU: u32 = 1450;
+/// The fabric bridge's own address: where lab-wide services (etcd, the
+/// fake API server) listen, and the nodes' default gateway.
+pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
+/// The lab's net-conf.json.
+pub const NET_CONF: &str =
+    r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1,"Port":4789}}"#;
+
+/// Where the lab's agents keep their leases.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LabStore {
+    /// The embedded file store, shared through the lab's directory.
+    #[default]
+    Local,
+    /// Agents use `--subnet-mgr etcd` against this endpoint; the caller
+    /// runs etcd and writes the lab's config and stock-Flannel leases.
+    Etcd(String),
+    /// Agents use `--kube-subnet-mgr` against this API server URL; the
+    /// caller serves Node objects.
+    Kube(String),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LabOptions {
+    pub store: LabStore,
+    /// Extra `flannel-agent run` arguments for every agent.
+    pub agent_args: Vec<String>,
+    /// Called once the fabric exists and before any agent starts.
+    pub before_agents: Option<fn(&Lab) -> Result<()>>,
+}
 
 pub struct Pod {
     /// Namespace name.
@@ -76,12 +105,20 @@ impl Node {
         Ipv4Addr::from(u32::from(self.subnet.network()) + 1)
     }
 
-    pub fn lease(&self) -> Lease {
-        Lease {
-            subnet: self.subnet,
-            public_ip: self.ip,
-            vtep_mac: self.vtep_mac,
-        }
+    /// The lease attrs this node advertises (as Flannel writes them).
+    pub fn attrs(&self) -> LeaseAttrs {
+        LeaseAttrs::vxlan(self.ip, VNI, self.vtep_mac)
+    }
+
+    pub fn subnet_file(&self) -> PathBuf {
+        self.run_dir.join("subnet.env")
+    }
+
+    /// The agent's status, if it answers.
+    pub fn status(&self) -> Result<api::Status> {
+        api::call(&self.socket(), &Request::Status {})?
+            .status
+            .context("agent sent no status")
     }
 
     /// Counters of this node's data path, by name.
@@ -95,6 +132,7 @@ pub struct Lab {
     pub fabric: String,
     pub nodes: Vec<Node>,
     pub dir: PathBuf,
+    pub opts: LabOptions,
     namespaces: Vec<String>,
 }
 
@@ -132,6 +170,10 @@ pub fn agent_bin() -> Result<PathBuf> {
 impl Lab {
     /// Builds the fabric, the nodes (agents started and ready) and the pods.
     pub fn new(specs: &[NodeSpec]) -> Result<Self> {
+        Self::with(specs, LabOptions::default())
+    }
+
+    pub fn with(specs: &[NodeSpec], opts: LabOptions) -> Result<Self> {
         let id = unique_id();
         let dir = std::env::temp_dir().join(format!("flannel-lab-{id}"));
         std::fs::create_dir_all(&dir)?;
@@ -140,6 +182,7 @@ impl Lab {
             id,
             nodes: Vec::new(),
             dir,
+            opts,
             namespaces: Vec::new(),
         };
         lab.build(specs)?;
@@ -162,60 +205,47 @@ impl Lab {
         self.add_ns(&fab)?;
         ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &fab, "link", "set", "br0", "up"])?;
-        for (i, spec) in specs.iter().enumerate() {
-            let n = i + 1;
-            let ns = format!("{}-n{n}", self.id);
-            self.add_ns(&ns)?;
-            let port = format!("n{n}");
-            ip(&[
-                "-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ])?;
-            ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
-            let node_ip = Ipv4Addr::new(172, 30, 0, n as u8);
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{node_ip}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            // A default route, so the agent finds its uplink as Flannel does.
-            ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                "172.30.0.254",
-                "dev",
-                "eth0",
-                "onlink",
-            ])?;
-            sysctl(&ns, "net.ipv4.ip_forward", "1")?;
-            self.nodes.push(Node {
-                bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{ns}")),
-                run_dir: self.dir.join(format!("n{n}")),
-                ns,
-                kind: spec.kind,
-                ip: node_ip,
-                subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, n as u8, 0), 24)?,
-                vtep_mac: MacAddr([0x0e, 0x66, 0, 0, 0, n as u8]),
-                pods: Vec::new(),
-                agent: None,
-            });
+        ip(&[
+            "-n",
+            &fab,
+            "addr",
+            "add",
+            &format!("{FABRIC_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
+        for spec in specs {
+            self.create_node(spec.kind)?;
         }
-        self.write_leases()?;
+        std::fs::write(self.net_conf(), NET_CONF)?;
+        if let Some(f) = self.opts.before_agents {
+            f(self)?;
+        }
         for i in 0..self.nodes.len() {
-            match self.nodes[i].kind {
-                NodeKind::StockFlannel => self.setup_stock_flannel(i)?,
-                _ => self.start_agent(i)?,
+            let node = &self.nodes[i];
+            std::fs::create_dir_all(&node.run_dir)?;
+            if node.kind == NodeKind::StockFlannel {
+                if self.opts.store == LabStore::Local {
+                    self.local_store()?.put(
+                        node.subnet,
+                        &node.attrs(),
+                        Some(Duration::from_secs(3600)),
+                    )?;
+                }
+                self.setup_stock_flannel(i)?;
+            } else {
+                // Flannel reuses the subnet of an existing subnet.env when
+                // it is free: that keeps the lab's addresses predictable.
+                SubnetEnv::new("10.244.0.0/16".parse()?, node.subnet, POD_MTU, false)
+                    .write(&node.subnet_file())?;
             }
         }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].kind != NodeKind::StockFlannel {
+                self.start_agent(i)?;
+            }
+        }
+        self.wait_converged(Duration::from_secs(20))?;
         for (i, spec) in specs.iter().enumerate() {
             for _ in 0..spec.pods {
                 self.add_pod(i)?;
@@ -224,18 +254,119 @@ impl Lab {
         Ok(())
     }
 
-    pub fn lease_file(&self) -> PathBuf {
-        self.dir.join("leases.json")
+    /// Adds node namespace number `len+1` to the fabric (no agent yet).
+    fn create_node(&mut self, kind: NodeKind) -> Result<usize> {
+        let n = self.nodes.len() + 1;
+        let fab = self.fabric.clone();
+        let ns = format!("{}-n{n}", self.id);
+        self.add_ns(&ns)?;
+        let port = format!("n{n}");
+        ip(&[
+            "-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
+        let node_ip = Ipv4Addr::new(172, 30, 0, n as u8);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{node_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        // A default route, so the agent finds its uplink as Flannel does.
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "172.30.0.254",
+            "dev",
+            "eth0",
+            "onlink",
+        ])?;
+        sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        self.nodes.push(Node {
+            bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{ns}")),
+            run_dir: self.dir.join(format!("n{n}")),
+            ns,
+            kind,
+            ip: node_ip,
+            subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, n as u8, 0), 24)?,
+            vtep_mac: match kind {
+                NodeKind::StockFlannel => MacAddr([0x0e, 0x66, 0, 0, 0, n as u8]),
+                // What the agent derives for a fresh flannel.<VNI>.
+                _ => MacAddr::for_vtep(node_ip, VNI),
+            },
+            pods: Vec::new(),
+            agent: None,
+        });
+        Ok(n - 1)
     }
 
-    /// Writes every node's lease to the shared lease file.
-    pub fn write_leases(&self) -> Result<()> {
-        let leases: Vec<Lease> = self.nodes.iter().map(|n| n.lease()).collect();
-        flannel_agent::agent::write_atomic(
-            &self.lease_file(),
-            &serde_json::to_vec_pretty(&leases)?,
+    /// A node joining the running lab: its namespace, then its agent, which
+    /// takes a lease like any other node would.
+    pub fn join_node(&mut self, kind: NodeKind) -> Result<usize> {
+        let i = self.create_node(kind)?;
+        std::fs::create_dir_all(&self.nodes[i].run_dir)?;
+        self.start_agent(i)?;
+        Ok(i)
+    }
+
+    pub fn net_conf(&self) -> PathBuf {
+        self.dir.join("net-conf.json")
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+
+    /// The lab's local store, as a test or another tool would open it.
+    pub fn local_store(&self) -> Result<LocalStore> {
+        Ok(LocalStore::open(&self.store_dir(), LeaseTiming::default())?)
+    }
+
+    /// Waits until every running agent has the lease of every other node in
+    /// its data path.
+    pub fn wait_converged(&self, timeout: Duration) -> Result<()> {
+        let want = self.nodes.len() - 1;
+        self.wait_for(
+            timeout,
+            "every agent to see every other node's lease",
+            |lab| {
+                lab.nodes
+                    .iter()
+                    .filter(|n| n.agent.is_some())
+                    .all(|n| n.status().is_ok_and(|s| s.remote_leases == want))
+            },
         )?;
         Ok(())
+    }
+
+    /// Polls `cond` every 20 ms until it holds or `timeout` passes.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&Lab) -> bool,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        while !cond(self) {
+            if start.elapsed() > timeout {
+                let status: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| format!("{}: {:?}", n.ns, n.status().ok()))
+                    .collect();
+                bail!("timed out after {timeout:?} waiting for {what}; {status:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(start.elapsed())
     }
 
     /// Starts (or restarts) node `i`'s agent and waits until it answers.
@@ -253,16 +384,25 @@ impl Lab {
         };
         let netns = std::fs::File::open(format!("/run/netns/{}", node.ns))?;
         let mut cmd = Command::new(bin);
-        cmd.args(["run", "--lease-file"])
-            .arg(self.lease_file())
-            .args([
-                "--port",
-                &PORT.to_string(),
-                "--vni",
-                &VNI.to_string(),
-                "--datapath",
-                mode,
-            ])
+        cmd.args(["run", "--datapath", mode])
+            .arg("--net-config-path")
+            .arg(self.net_conf())
+            .arg("--subnet-file")
+            .arg(node.subnet_file());
+        match &self.opts.store {
+            LabStore::Local => {
+                cmd.args(["--subnet-mgr", "local", "--store-dir"])
+                    .arg(self.store_dir());
+            }
+            LabStore::Etcd(endpoint) => {
+                cmd.args(["--subnet-mgr", "etcd", "--etcd-endpoints", endpoint]);
+            }
+            LabStore::Kube(url) => {
+                cmd.args(["--kube-subnet-mgr", "--kube-api-url", url, "--node-name"])
+                    .arg(node_name(i));
+            }
+        }
+        cmd.args(&self.opts.agent_args)
             .arg("--bpf-dir")
             .arg(&node.bpf_dir)
             .arg("--run-dir")
@@ -293,10 +433,10 @@ impl Lab {
     fn wait_ready(&mut self, i: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = api::call(&self.nodes[i].socket(), &Request::Status {}) {
-                if r.status.is_some() {
-                    return Ok(());
-                }
+            if let Ok(st) = self.nodes[i].status() {
+                // The store decides the subnet; the lab follows it.
+                self.nodes[i].subnet = st.subnet.parse()?;
+                return Ok(());
             }
             let exited = match self.nodes[i].agent.as_mut() {
                 Some(child) => child.try_wait()?,
@@ -554,6 +694,11 @@ impl Lab {
         )?;
         Ok(out.status.success())
     }
+}
+
+/// The Node object name of lab node `i` (kube store).
+pub fn node_name(i: usize) -> String {
+    format!("node{}", i + 1)
 }
 
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {

@@ -45,13 +45,19 @@ enum Cmd {
     },
 }
 
-/// Debian packages the lab, the tests and the demo use.
+/// Debian packages the build, the lab, the tests and the demo use.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("iproute2", "bridge"),
     ("iputils-ping", "ping"),
     ("procps", "sysctl"),
     ("iperf3", "iperf3"),
+    // etcd-client compiles etcd's protobufs at build time.
+    ("protobuf-compiler", "protoc"),
+    // The etcd store's tests run a real etcd server.
+    ("etcd-server", "etcd"),
+    // The ip-masq tests read the rules back with nft.
+    ("nftables", "nft"),
 ];
 
 fn main() -> Result<()> {

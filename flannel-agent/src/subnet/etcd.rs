@@ -24,7 +24,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::Mutex;
 
 use super::{
-    choose_subnet, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs, LeaseSet, LeaseTiming,
+    choose_subnet, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs, LeaseTiming, LeaseTx,
     Result, SubnetError,
 };
 use crate::config::NetConfig;
@@ -320,7 +320,7 @@ impl EtcdStore {
         Ok(())
     }
 
-    pub async fn watch(&self, tx: &tokio::sync::watch::Sender<LeaseSet>) -> Result<()> {
+    pub async fn watch(&self, tx: &LeaseTx) -> Result<()> {
         let mut seen = self.seen.lock().await;
         loop {
             let (rev, mut set) = match seen.take() {

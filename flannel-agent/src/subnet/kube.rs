@@ -18,7 +18,7 @@ use kube::{
     Client, Config,
 };
 
-use super::{publish, Lease, LeaseAttrs, LeaseSet, Result, SubnetError};
+use super::{publish, Lease, LeaseAttrs, LeaseTx, Result, SubnetError};
 use crate::config::NetConfig;
 
 pub const PREFIX: &str = "flannel.alpha.coreos.com/";
@@ -238,7 +238,7 @@ impl KubeStore {
         Ok(())
     }
 
-    pub async fn watch(&self, tx: &tokio::sync::watch::Sender<LeaseSet>) -> Result<()> {
+    pub async fn watch(&self, tx: &LeaseTx) -> Result<()> {
         let mut stream = watcher(self.nodes.clone(), watcher::Config::default()).boxed();
         let mut nodes: BTreeMap<String, Lease> = BTreeMap::new();
         let mut init: Option<BTreeMap<String, Lease>> = None;

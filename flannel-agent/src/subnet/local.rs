@@ -22,7 +22,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    choose_subnet, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs, LeaseSet, LeaseTiming,
+    choose_subnet, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs, LeaseTiming, LeaseTx,
     Result, SubnetError,
 };
 use crate::config::NetConfig;
@@ -252,7 +252,7 @@ impl LocalStore {
 
     /// Publishes the lease set now and whenever the file or an expiry
     /// changes it.
-    pub async fn watch(&self, tx: &tokio::sync::watch::Sender<LeaseSet>) -> Result<()> {
+    pub async fn watch(&self, tx: &LeaseTx) -> Result<()> {
         let path = self.file();
         let mut seen: Option<(u64, SystemTime, u64)> = None;
         let mut store = StoreFile::default();
@@ -291,6 +291,7 @@ mod tests {
 
     use super::*;
     use crate::mac::MacAddr;
+    use crate::subnet::LeaseSet;
 
     fn store(name: &str, ttl: Duration) -> (LocalStore, PathBuf) {
         let dir = std::env::temp_dir().join(format!("local-store-{name}-{}", std::process::id()));
@@ -382,18 +383,18 @@ mod tests {
     #[tokio::test]
     async fn watch_sees_changes_and_expiry() {
         let (s, dir) = store("watch", Duration::from_millis(400));
-        let (tx, mut rx) = tokio::sync::watch::channel(LeaseSet::default());
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
         let w = s.clone();
         let task = tokio::spawn(async move { w.watch(&tx).await });
         let subnet: Ipv4Net = "10.10.5.0/24".parse().unwrap();
         s.put(subnet, &attrs(5), Some(Duration::from_millis(400)))
             .unwrap();
-        let wait = |rx: &mut tokio::sync::watch::Receiver<LeaseSet>, want: bool| {
+        let wait = |rx: &mut tokio::sync::watch::Receiver<Option<LeaseSet>>, want: bool| {
             let mut rx = rx.clone();
             async move {
                 tokio::time::timeout(
                     Duration::from_secs(3),
-                    rx.wait_for(|s| s.contains_key(&subnet) == want),
+                    rx.wait_for(|s| s.as_ref().is_some_and(|s| s.contains_key(&subnet) == want)),
                 )
                 .await
                 .expect("watch did not deliver")

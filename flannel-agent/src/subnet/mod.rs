@@ -100,6 +100,9 @@ pub struct Lease {
 /// Every lease in the store, by subnet.
 pub type LeaseSet = Arc<BTreeMap<Ipv4Net, Lease>>;
 
+/// Where a store publishes: `None` until its first full listing.
+pub type LeaseTx = tokio::sync::watch::Sender<Option<LeaseSet>>;
+
 /// Flannel's key for a subnet: `10.244.1.0-24`.
 pub fn subnet_key(subnet: Ipv4Net) -> String {
     format!("{}-{}", subnet.network(), subnet.prefix_len())
@@ -238,7 +241,7 @@ impl SubnetManager {
 
     /// Lists, then follows changes, publishing every new lease set; returns
     /// only on error (the caller backs off and calls again).
-    pub async fn watch(&self, tx: &tokio::sync::watch::Sender<LeaseSet>) -> Result<()> {
+    pub async fn watch(&self, tx: &LeaseTx) -> Result<()> {
         match self {
             SubnetManager::Local(s) => s.watch(tx).await,
             SubnetManager::Etcd(s) => s.watch(tx).await,
@@ -248,12 +251,12 @@ impl SubnetManager {
 }
 
 /// Publishes `set` unless it equals what was last sent.
-pub(crate) fn publish(tx: &tokio::sync::watch::Sender<LeaseSet>, set: BTreeMap<Ipv4Net, Lease>) {
+pub(crate) fn publish(tx: &LeaseTx, set: BTreeMap<Ipv4Net, Lease>) {
     tx.send_if_modified(|cur| {
-        if **cur == set {
+        if cur.as_deref() == Some(&set) {
             false
         } else {
-            *cur = Arc::new(set);
+            *cur = Some(Arc::new(set));
             true
         }
     });
