@@ -472,6 +472,24 @@ pub fn read_counters(
     Ok(out)
 }
 
+/// The pinned remote-subnet trie: subnet → (node IP, VtepMAC). For
+/// `flannel-agent` tools and tests that check what the data path holds.
+pub fn read_remotes(
+    dir: &Path,
+) -> std::result::Result<Vec<(Ipv4Net, Ipv4Addr, [u8; 6])>, aya::maps::MapError> {
+    let data = MapData::from_pin(dir.join("maps").join(maps::REMOTE_SUBNETS))?;
+    let trie: LpmTrie<_, u32, RemoteNode> = LpmTrie::try_from(Map::LpmTrie(data))?;
+    let mut out = Vec::new();
+    for item in trie.iter() {
+        let (k, v) = item?;
+        if let Ok(net) = Ipv4Net::new(key_ip(k.data()), k.prefix_len() as u8) {
+            out.push((net, key_ip(v.node_ip), v.vtep_mac));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Removes everything pinned under `dir` (maps and links): the data path of
 /// that instance stops. Used by `flannel-agent cleanup` and the lab.
 pub fn remove_pins(dir: &Path) -> io::Result<()> {

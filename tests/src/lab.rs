@@ -71,8 +71,41 @@ pub struct LabOptions {
     pub store: LabStore,
     /// Extra `flannel-agent run` arguments for every agent.
     pub agent_args: Vec<String>,
-    /// Called once the fabric exists and before any agent starts.
-    pub before_agents: Option<fn(&Lab) -> Result<()>>,
+    /// Called once the fabric exists and before any agent starts (starts
+    /// the store's server, writes the config and stock-Flannel leases).
+    pub before_agents: Option<fn(&mut Lab) -> Result<()>>,
+    /// net-conf.json for the lab (default [`NET_CONF`]).
+    pub net_conf: Option<String>,
+}
+
+/// A process the lab runs in one of its namespaces (etcd, say), killed
+/// when the lab ends; stoppable and restartable with the same arguments.
+pub struct Service {
+    pub name: String,
+    ns: String,
+    argv: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A command that runs inside network namespace `ns` (setns before exec;
+/// `ip netns exec` would remount /sys and hide bpffs).
+pub fn command_in_netns(program: impl AsRef<std::ffi::OsStr>, ns: &str) -> Result<Command> {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let file = std::fs::File::open(format!("/run/netns/{ns}"))
+        .with_context(|| format!("opening netns {ns}"))?;
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe setns between fork and exec. The
+    // closure owns the namespace file; it closes when the Command drops.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
 }
 
 pub struct Pod {
@@ -133,6 +166,7 @@ pub struct Lab {
     pub nodes: Vec<Node>,
     pub dir: PathBuf,
     pub opts: LabOptions,
+    pub services: Vec<Service>,
     namespaces: Vec<String>,
 }
 
@@ -183,6 +217,7 @@ impl Lab {
             nodes: Vec::new(),
             dir,
             opts,
+            services: Vec::new(),
             namespaces: Vec::new(),
         };
         lab.build(specs)?;
@@ -217,7 +252,7 @@ impl Lab {
         for spec in specs {
             self.create_node(spec.kind)?;
         }
-        std::fs::write(self.net_conf(), NET_CONF)?;
+        std::fs::write(self.net_conf(), self.net_conf_text())?;
         if let Some(f) = self.opts.before_agents {
             f(self)?;
         }
@@ -317,8 +352,54 @@ impl Lab {
         Ok(i)
     }
 
+    /// Like [`Lab::join_node`] but returns once the agent runs, ready or
+    /// not, with `prefer` written to its subnet.env first.
+    pub fn join_node_nowait(&mut self, kind: NodeKind, prefer: Option<Ipv4Net>) -> Result<usize> {
+        let i = self.create_node(kind)?;
+        std::fs::create_dir_all(&self.nodes[i].run_dir)?;
+        if let Some(p) = prefer {
+            SubnetEnv::new("10.244.0.0/16".parse()?, p, POD_MTU, false)
+                .write(&self.nodes[i].subnet_file())?;
+        }
+        self.spawn_agent(i)?;
+        Ok(i)
+    }
+
+    /// Waits for node `i`'s agent to answer (and learns its subnet).
+    pub fn wait_agent(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        self.wait_ready_within(i, timeout)
+    }
+
     pub fn net_conf(&self) -> PathBuf {
         self.dir.join("net-conf.json")
+    }
+
+    pub fn net_conf_text(&self) -> String {
+        self.opts
+            .net_conf
+            .clone()
+            .unwrap_or_else(|| NET_CONF.to_string())
+    }
+
+    /// Starts a service in namespace `ns`, logging to the lab directory.
+    pub fn start_service(&mut self, name: &str, ns: &str, argv: &[String]) -> Result<()> {
+        let mut svc = Service {
+            name: name.to_string(),
+            ns: ns.to_string(),
+            argv: argv.to_vec(),
+            log: self.dir.join(format!("{name}.log")),
+            child: None,
+        };
+        svc.start()?;
+        self.services.push(svc);
+        Ok(())
+    }
+
+    pub fn service(&mut self, name: &str) -> Result<&mut Service> {
+        self.services
+            .iter_mut()
+            .find(|s| s.name == name)
+            .with_context(|| format!("no service {name}"))
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -371,6 +452,11 @@ impl Lab {
 
     /// Starts (or restarts) node `i`'s agent and waits until it answers.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        self.spawn_agent(i)?;
+        self.wait_ready(i)
+    }
+
+    fn spawn_agent(&mut self, i: usize) -> Result<()> {
         let bin = agent_bin()?;
         let node = &self.nodes[i];
         std::fs::create_dir_all(&node.run_dir)?;
@@ -382,8 +468,7 @@ impl Lab {
             NodeKind::Kernel => "kernel",
             _ => "ebpf",
         };
-        let netns = std::fs::File::open(format!("/run/netns/{}", node.ns))?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = command_in_netns(bin, &node.ns)?;
         cmd.args(["run", "--datapath", mode])
             .arg("--net-config-path")
             .arg(self.net_conf())
@@ -411,27 +496,17 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        {
-            use std::os::{fd::AsRawFd, unix::process::CommandExt};
-            let fd = netns.as_raw_fd();
-            // SAFETY: only async-signal-safe setns between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
         let child = cmd.spawn().context("starting flannel-agent")?;
-        drop(netns);
         self.nodes[i].agent = Some(child);
-        self.wait_ready(i)
+        Ok(())
     }
 
     fn wait_ready(&mut self, i: usize) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_ready_within(i, Duration::from_secs(20))
+    }
+
+    fn wait_ready_within(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Ok(st) = self.nodes[i].status() {
                 // The store decides the subnet; the lab follows it.
@@ -451,7 +526,7 @@ impl Lab {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agent on {} not ready after 20 s: {}",
+                    "agent on {} not ready after {timeout:?}: {}",
                     self.nodes[i].ns,
                     self.agent_log(i)
                 );
@@ -712,8 +787,46 @@ fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+impl Service {
+    pub fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = command_in_netns(&self.argv[0], &self.ns)?
+            .args(&self.argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.argv[0]))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash or a pulled cable would look to its clients.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.services.clear();
         for node in &mut self.nodes {
             if let Some(mut child) = node.agent.take() {
                 let _ = child.kill();

@@ -8,6 +8,7 @@
 //! touches the root namespace's interfaces, and `Drop` removes everything
 //! (agents, namespaces, pins, temp files), on failure and panic too.
 
+pub mod etcd;
 pub mod lab;
 pub mod netns;
 pub mod traffic;

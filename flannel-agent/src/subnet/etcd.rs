@@ -132,6 +132,17 @@ impl EtcdStore {
             .map_err(|e| err(&format!("{key} is not UTF-8"), e))
     }
 
+    /// Writes net-conf.json where Flannel reads it (`<prefix>/config`).
+    pub async fn put_config(&self, text: &str) -> Result<()> {
+        let key = format!("{}/config", self.prefix);
+        timed(
+            "writing the network config",
+            self.client.clone().put(key, text, None),
+        )
+        .await?;
+        Ok(())
+    }
+
     fn decode(&self, kv: &KeyValue) -> Option<Lease> {
         let key = kv.key_str().ok()?;
         let subnet = parse_subnet_key(key.strip_prefix(&self.subnets_prefix())?)?;
@@ -167,6 +178,11 @@ impl EtcdStore {
             .map(|l| (l.subnet, l))
             .collect();
         Ok((rev, set, kvs))
+    }
+
+    /// Every lease in the store now.
+    pub async fn list_subnets(&self) -> Result<Vec<(Ipv4Net, Lease)>> {
+        Ok(self.list().await?.1.into_iter().collect())
     }
 
     async fn grant(&self) -> Result<i64> {
