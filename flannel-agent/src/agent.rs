@@ -709,6 +709,13 @@ impl Agent {
                 && neigh.get(&r.subnet.network()) == Some(&r.vtep_mac)
                 && fdb.contains(&(r.vtep_mac, Some(IpAddr::V4(r.public_ip))));
             if !ok {
+                tracing::debug!(
+                    subnet = %r.subnet,
+                    route = have_routes.contains(&r.subnet),
+                    neighbour = ?neigh.get(&r.subnet.network()),
+                    fdb = fdb.contains(&(r.vtep_mac, Some(IpAddr::V4(r.public_ip)))),
+                    "reprogramming a remote"
+                );
                 self.nl.program_remote(vtep.index, r).await?;
                 programmed += 1;
             }

@@ -508,6 +508,12 @@ impl Netlink {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
                         ip = Some(IpAddr::V4(*a))
                     }
+                    // In an AF_BRIDGE (FDB) dump the VXLAN dst arrives as
+                    // raw bytes: the parser keys the address type on the
+                    // message family, not on the length.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                        ip = Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+                    }
                     NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                         let mut m = [0u8; 6];
                         m.copy_from_slice(l);

@@ -539,6 +539,51 @@ impl Lab {
         std::fs::read_to_string(self.nodes[i].run_dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// Remote subnets node `i`'s data path holds: the pinned trie (eBPF)
+    /// and the kernel routes on flannel.1.
+    pub fn remote_state(&self, i: usize) -> (Vec<Ipv4Net>, Vec<Ipv4Net>) {
+        let node = &self.nodes[i];
+        let maps = ebpf::read_remotes(&node.bpf_dir)
+            .map(|v| v.into_iter().map(|(n, _, _)| n).collect())
+            .unwrap_or_default();
+        let routes: serde_json::Value =
+            exec(&node.ns, &["ip", "-j", "route", "show", "dev", "flannel.1"])
+                .ok()
+                .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+                .unwrap_or_default();
+        let mut kernel: Vec<Ipv4Net> = routes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["dst"].as_str()?.parse().ok())
+            .collect();
+        kernel.sort();
+        (maps, kernel)
+    }
+
+    /// Node `i` has `subnet` in its routes and, on the eBPF path, its map.
+    pub fn holds(&self, i: usize, subnet: Ipv4Net) -> bool {
+        let (m, k) = self.remote_state(i);
+        (m.contains(&subnet) || self.nodes[i].kind != NodeKind::Ebpf) && k.contains(&subnet)
+    }
+
+    /// Node `i` has `subnet` in neither.
+    pub fn lacks(&self, i: usize, subnet: Ipv4Net) -> bool {
+        let (m, k) = self.remote_state(i);
+        !m.contains(&subnet) && !k.contains(&subnet)
+    }
+
+    /// Resident memory of node `i`'s agent, in KiB.
+    pub fn agent_rss_kib(&self, i: usize) -> Result<u64> {
+        let pid = self.nodes[i].agent.as_ref().context("no agent")?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmRSS")
+    }
+
     /// SIGKILLs node `i`'s agent (the pinned data path stays).
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {
         if let Some(mut child) = self.nodes[i].agent.take() {

@@ -21,37 +21,6 @@ fn net(s: &str) -> Ipv4Net {
     s.parse().unwrap()
 }
 
-/// What node `i`'s data path holds for remote subnets: the pinned trie
-/// (eBPF) and the kernel routes via flannel.1.
-fn programmed(lab: &Lab, i: usize) -> (Vec<Ipv4Net>, Vec<Ipv4Net>) {
-    let node = &lab.nodes[i];
-    let maps = flannel_agent::ebpf::read_remotes(&node.bpf_dir)
-        .unwrap()
-        .into_iter()
-        .map(|(n, _, _)| n)
-        .collect();
-    let out = exec(&node.ns, &["ip", "-j", "route", "show", "dev", "flannel.1"]).unwrap();
-    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let mut kernel: Vec<Ipv4Net> = routes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r["dst"].as_str()?.parse().ok())
-        .collect();
-    kernel.sort();
-    (maps, kernel)
-}
-
-fn holds(lab: &Lab, i: usize, subnet: Ipv4Net) -> bool {
-    let (m, k) = programmed(lab, i);
-    m.contains(&subnet) && k.contains(&subnet)
-}
-
-fn gone(lab: &Lab, i: usize, subnet: Ipv4Net) -> bool {
-    let (m, k) = programmed(lab, i);
-    !m.contains(&subnet) && !k.contains(&subnet)
-}
-
 #[test]
 fn etcd_store_end_to_end() {
     let mut lab = Lab::with(
@@ -91,7 +60,7 @@ fn etcd_store_end_to_end() {
     // every agent, and pods talk both ways.
     for i in 0..3 {
         assert!(
-            holds(&lab, i, net("10.244.4.0/24")),
+            lab.holds(i, net("10.244.4.0/24")),
             "node {i} lacks the stock lease"
         );
         assert!(lab.ping((i, 0), lab.pod((3, 0)).ip, 3, 56).unwrap());
@@ -108,7 +77,7 @@ fn etcd_store_end_to_end() {
     lab.wait_for(
         Duration::from_secs(10),
         "node 5's lease everywhere",
-        |lab| (0..3).all(|i| holds(lab, i, net("10.244.5.0/24"))),
+        |lab| (0..3).all(|i| lab.holds(i, net("10.244.5.0/24"))),
     )
     .unwrap();
     eprintln!(
@@ -151,7 +120,7 @@ fn etcd_store_end_to_end() {
     let five = net("10.244.5.0/24");
     etcd::with_store(&lab, move |s| async move { Ok(s.delete(five).await?) }).unwrap();
     lab.wait_for(Duration::from_secs(10), "node 5's state removed", |lab| {
-        (0..3).all(|i| gone(lab, i, five))
+        (0..3).all(|i| lab.lacks(i, five))
     })
     .unwrap();
     lab.wait_agent(n6, Duration::from_secs(20)).unwrap();
@@ -236,7 +205,7 @@ fn etcd_store_end_to_end() {
         |lab| {
             [0, 1, 2, n6]
                 .into_iter()
-                .all(|i| holds(lab, i, net("10.244.7.0/24")))
+                .all(|i| lab.holds(i, net("10.244.7.0/24")))
         },
     )
     .unwrap();

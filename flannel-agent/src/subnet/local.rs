@@ -242,6 +242,32 @@ impl LocalStore {
         })
     }
 
+    /// Writes many leases in one update (tools, tests, bulk imports).
+    pub fn put_many(&self, leases: &[(Ipv4Net, LeaseAttrs)], ttl: Option<Duration>) -> Result<()> {
+        self.update(|s| {
+            let expires_ms = ttl.map(|t| now_ms() + t.as_millis() as u64);
+            for (subnet, attrs) in leases {
+                let rec = Record {
+                    attrs: attrs.clone(),
+                    expires_ms,
+                };
+                s.subnets.insert(subnet_key(*subnet), rec);
+            }
+            Ok(((), !leases.is_empty()))
+        })
+    }
+
+    /// Deletes many leases in one update.
+    pub fn delete_many(&self, subnets: &[Ipv4Net]) -> Result<()> {
+        self.update(|s| {
+            let before = s.subnets.len();
+            for subnet in subnets {
+                s.subnets.remove(&subnet_key(*subnet));
+            }
+            Ok(((), s.subnets.len() != before))
+        })
+    }
+
     /// Deletes a lease; true when it existed.
     pub fn delete(&self, subnet: Ipv4Net) -> Result<bool> {
         self.update(|s| {
