@@ -167,6 +167,8 @@ pub struct Lab {
     pub dir: PathBuf,
     pub opts: LabOptions,
     pub services: Vec<Service>,
+    /// Things the lab keeps alive until it ends (a fake API server).
+    pub extras: Vec<Box<dyn std::any::Any>>,
     namespaces: Vec<String>,
 }
 
@@ -218,6 +220,7 @@ impl Lab {
             dir,
             opts,
             services: Vec::new(),
+            extras: Vec::new(),
             namespaces: Vec::new(),
         };
         lab.build(specs)?;
@@ -872,6 +875,7 @@ impl Drop for Service {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.services.clear();
+        self.extras.clear();
         for node in &mut self.nodes {
             if let Some(mut child) = node.agent.take() {
                 let _ = child.kill();

@@ -9,6 +9,7 @@
 //! (agents, namespaces, pins, temp files), on failure and panic too.
 
 pub mod etcd;
+pub mod fakekube;
 pub mod lab;
 pub mod netns;
 pub mod traffic;

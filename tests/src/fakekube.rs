@@ -1,0 +1,303 @@
+//! A small, faithful stand-in for the Kubernetes API server, for the calls
+//! the kube subnet manager makes on Nodes: get, list, watch (JSON lines
+//! with resource versions and `410 Gone` for versions too old), and patch
+//! of the status subresource (JSON merge patch; strategic merge patch
+//! merging `conditions` by `type`, as the real server does). It listens on
+//! the fabric bridge's address inside the lab's fabric namespace. Tests add,
+//! change and delete nodes through [`FakeKube`].
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Result;
+use axum::{
+    body::{Body, Bytes},
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Router,
+};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use crate::{lab::FABRIC_IP, netns::spawn_in_netns};
+
+pub const PORT: u16 = 6443;
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    nodes: BTreeMap<String, Value>,
+    /// Every event, for watches that start from an older version.
+    history: Vec<(u64, Value)>,
+}
+
+#[derive(Clone)]
+struct Shared {
+    inner: Arc<Mutex<Inner>>,
+    events: broadcast::Sender<(u64, Value)>,
+}
+
+impl Shared {
+    /// Records a change: new resourceVersion, history, live watches.
+    fn emit(&self, inner: &mut Inner, kind: &str, mut node: Value) -> Value {
+        inner.rv += 1;
+        node["metadata"]["resourceVersion"] = inner.rv.to_string().into();
+        let ev = json!({"type": kind, "object": node});
+        inner.history.push((inner.rv, ev.clone()));
+        let _ = self.events.send((inner.rv, ev));
+        node
+    }
+}
+
+/// The running fake; stops when dropped.
+pub struct FakeKube {
+    shared: Shared,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+pub fn url() -> String {
+    format!("http://{FABRIC_IP}:{PORT}")
+}
+
+fn status(code: StatusCode, reason: &str, msg: String) -> Response {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": msg, "reason": reason, "code": code.as_u16()});
+    (code, [("content-type", "application/json")], body.to_string()).into_response()
+}
+
+fn ok_json(v: &Value) -> Response {
+    (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response()
+}
+
+async fn get_node(State(s): State<Shared>, Path(name): Path<String>) -> Response {
+    match s.inner.lock().unwrap().nodes.get(&name) {
+        Some(n) => ok_json(n),
+        None => status(StatusCode::NOT_FOUND, "NotFound", format!("nodes \"{name}\" not found")),
+    }
+}
+
+/// RFC 7386 merge, with the strategic rule for `conditions` (keyed by type).
+fn merge(target: &mut Value, patch: &Value, strategic: bool) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else if strategic && k == "conditions" && v.is_array() {
+                    let list = t.entry(k.clone()).or_insert_with(|| json!([]));
+                    if !list.is_array() {
+                        *list = json!([]);
+                    }
+                    let items = list.as_array_mut().expect("array");
+                    for c in v.as_array().expect("array") {
+                        match items.iter_mut().find(|i| i["type"] == c["type"]) {
+                            Some(i) => merge(i, c, true),
+                            None => items.push(c.clone()),
+                        }
+                    }
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v, strategic);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+async fn patch_status(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let strategic = ct.starts_with("application/strategic-merge-patch+json");
+    if !strategic && !ct.starts_with("application/merge-patch+json") {
+        return status(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", format!("the body of the request was in an unknown format: {ct}"));
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "patch is not JSON".into());
+    };
+    let mut inner = s.inner.lock().unwrap();
+    let Some(mut node) = inner.nodes.get(&name).cloned() else {
+        return status(StatusCode::NOT_FOUND, "NotFound", format!("nodes \"{name}\" not found"));
+    };
+    // The status subresource takes metadata and status, never spec.
+    let mut patch = patch;
+    if let Some(o) = patch.as_object_mut() {
+        o.remove("spec");
+    }
+    merge(&mut node, &patch, strategic);
+    let node = s.emit(&mut inner, "MODIFIED", node);
+    inner.nodes.insert(name, node.clone());
+    ok_json(&node)
+}
+
+async fn list_or_watch(State(s): State<Shared>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+    let watch = q.get("watch").is_some_and(|v| v == "true" || v == "1");
+    if !watch {
+        let inner = s.inner.lock().unwrap();
+        let items: Vec<Value> = inner.nodes.values().cloned().collect();
+        return ok_json(&json!({"kind": "NodeList", "apiVersion": "v1",
+            "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}));
+    }
+    let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let timeout = q.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290u64);
+    let (backlog, mut rx) = {
+        let inner = s.inner.lock().unwrap();
+        let oldest = inner.history.first().map(|(rv, _)| *rv).unwrap_or(inner.rv + 1);
+        if from != 0 && from + 1 < oldest {
+            return status(StatusCode::GONE, "Expired", format!("too old resource version: {from}"));
+        }
+        let backlog: Vec<Value> = inner.history.iter().filter(|(rv, _)| *rv > from).map(|(_, e)| e.clone()).collect();
+        (backlog, s.events.subscribe())
+    };
+    let stream = async_stream(backlog, move |tx| async move {
+        let deadline = tokio::time::sleep(Duration::from_secs(timeout));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return,
+                ev = rx.recv() => match ev {
+                    Ok((rv, ev)) if rv > from => { if tx.send(ev).await.is_err() { return; } }
+                    Ok(_) => {}
+                    Err(_) => return,
+                },
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(stream)
+        .expect("valid response")
+}
+
+/// A streaming body: first `backlog`, then whatever `feed` sends, one JSON
+/// object per line.
+fn async_stream<F, Fut>(backlog: Vec<Value>, feed: F) -> Body
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Value>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Value>(256);
+    tokio::spawn(async move {
+        for ev in backlog {
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+        feed(tx).await;
+    });
+    let lines = futures::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        Some((Ok::<_, std::io::Error>(Bytes::from(format!("{ev}\n"))), rx))
+    });
+    Body::from_stream(lines)
+}
+
+impl FakeKube {
+    /// Starts the server inside namespace `ns`.
+    pub fn start(ns: &str) -> Result<Self> {
+        let (events, _) = broadcast::channel(4096);
+        let shared = Shared {
+            inner: Arc::default(),
+            events,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let app = Router::new()
+            .route("/api/v1/nodes", get(list_or_watch))
+            .route("/api/v1/nodes/{name}", get(get_node))
+            .route("/api/v1/nodes/{name}/status", axum::routing::patch(patch_status))
+            .with_state(shared.clone());
+        spawn_in_netns(ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind((FABRIC_IP, PORT)).await?;
+                ready_tx.send(()).ok();
+                axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await?;
+                anyhow::Ok(())
+            })
+        })?;
+        ready_rx.recv_timeout(Duration::from_secs(5))?;
+        Ok(FakeKube {
+            shared,
+            stop: Some(stop_tx),
+        })
+    }
+
+    /// Adds a Node (as kubelet registers it), with its podCIDR if given.
+    pub fn add_node(&self, name: &str, pod_cidr: Option<&str>, annotations: Value) {
+        let mut node = json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "uid": format!("uid-{name}"), "annotations": annotations},
+            "spec": {}, "status": {"conditions": []}});
+        if let Some(c) = pod_cidr {
+            node["spec"] = json!({"podCIDR": c, "podCIDRs": [c]});
+        }
+        let mut inner = self.shared.inner.lock().unwrap();
+        let node = self.shared.emit(&mut inner, "ADDED", node);
+        inner.nodes.insert(name.to_string(), node);
+    }
+
+    /// Sets a node's podCIDR (as kube-controller-manager does).
+    pub fn set_pod_cidr(&self, name: &str, cidr: &str) {
+        let mut inner = self.shared.inner.lock().unwrap();
+        let mut node = inner.nodes.get(name).cloned().expect("node exists");
+        node["spec"] = json!({"podCIDR": cidr, "podCIDRs": [cidr]});
+        let node = self.shared.emit(&mut inner, "MODIFIED", node);
+        inner.nodes.insert(name.to_string(), node);
+    }
+
+    pub fn delete_node(&self, name: &str) {
+        let mut inner = self.shared.inner.lock().unwrap();
+        if let Some(node) = inner.nodes.remove(name) {
+            self.shared.emit(&mut inner, "DELETED", node);
+        }
+    }
+
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.shared.inner.lock().unwrap().nodes.get(name).cloned()
+    }
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// `before_agents` hook: the fake API server in the fabric, with a Node per
+/// lab node whose podCIDR is 10.244.(10+N).0/24 (deliberately not the
+/// subnet its subnet.env names: the podCIDR must win).
+pub fn start_for_lab(lab: &mut crate::Lab) -> Result<()> {
+    let fake = FakeKube::start(&lab.fabric)?;
+    for (i, _) in lab.nodes.iter().enumerate() {
+        let cidr = format!("10.244.{}.0/24", 11 + i);
+        fake.add_node(&crate::lab::node_name(i), Some(&cidr), json!({}));
+    }
+    lab.extras.push(Box::new(fake));
+    Ok(())
+}
+
+/// The lab's fake API server.
+pub fn of(lab: &crate::Lab) -> &FakeKube {
+    lab.extras
+        .iter()
+        .find_map(|e| e.downcast_ref::<FakeKube>())
+        .expect("the lab runs a fake API server")
+}
