@@ -59,8 +59,10 @@ where
 pub async fn connect(opts: &StoreOptions, timing: LeaseTiming) -> anyhow::Result<SubnetManager> {
     Ok(match opts {
         StoreOptions::Local { dir } => SubnetManager::Local(LocalStore::open(dir, timing)?),
-        StoreOptions::Etcd(o) => SubnetManager::Etcd(EtcdStore::connect(o, timing).await?),
-        StoreOptions::Kube(o) => SubnetManager::Kube(KubeStore::connect(o).await?),
+        StoreOptions::Etcd(o) => {
+            SubnetManager::Etcd(Box::new(EtcdStore::connect(o, timing).await?))
+        }
+        StoreOptions::Kube(o) => SubnetManager::Kube(Box::new(KubeStore::connect(o).await?)),
     })
 }
 

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the data path's per-verdict counters (summed over CPUs).
     Stats {
         #[arg(long, default_value = "/sys/fs/bpf/flannel")]

@@ -67,17 +67,31 @@ pub fn url() -> String {
 fn status(code: StatusCode, reason: &str, msg: String) -> Response {
     let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": msg, "reason": reason, "code": code.as_u16()});
-    (code, [("content-type", "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn ok_json(v: &Value) -> Response {
-    (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response()
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        v.to_string(),
+    )
+        .into_response()
 }
 
 async fn get_node(State(s): State<Shared>, Path(name): Path<String>) -> Response {
     match s.inner.lock().unwrap().nodes.get(&name) {
         Some(n) => ok_json(n),
-        None => status(StatusCode::NOT_FOUND, "NotFound", format!("nodes \"{name}\" not found")),
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("nodes \"{name}\" not found"),
+        ),
     }
 }
 
@@ -121,14 +135,26 @@ async fn patch_status(
         .unwrap_or("");
     let strategic = ct.starts_with("application/strategic-merge-patch+json");
     if !strategic && !ct.starts_with("application/merge-patch+json") {
-        return status(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", format!("the body of the request was in an unknown format: {ct}"));
+        return status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format: {ct}"),
+        );
     }
     let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", "patch is not JSON".into());
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "patch is not JSON".into(),
+        );
     };
     let mut inner = s.inner.lock().unwrap();
     let Some(mut node) = inner.nodes.get(&name).cloned() else {
-        return status(StatusCode::NOT_FOUND, "NotFound", format!("nodes \"{name}\" not found"));
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("nodes \"{name}\" not found"),
+        );
     };
     // The status subresource takes metadata and status, never spec.
     let mut patch = patch;
@@ -141,7 +167,10 @@ async fn patch_status(
     ok_json(&node)
 }
 
-async fn list_or_watch(State(s): State<Shared>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+async fn list_or_watch(
+    State(s): State<Shared>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
     let watch = q.get("watch").is_some_and(|v| v == "true" || v == "1");
     if !watch {
         let inner = s.inner.lock().unwrap();
@@ -149,15 +178,34 @@ async fn list_or_watch(State(s): State<Shared>, Query(q): Query<BTreeMap<String,
         return ok_json(&json!({"kind": "NodeList", "apiVersion": "v1",
             "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}));
     }
-    let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let timeout = q.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290u64);
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(290u64);
     let (backlog, mut rx) = {
         let inner = s.inner.lock().unwrap();
-        let oldest = inner.history.first().map(|(rv, _)| *rv).unwrap_or(inner.rv + 1);
+        let oldest = inner
+            .history
+            .first()
+            .map(|(rv, _)| *rv)
+            .unwrap_or(inner.rv + 1);
         if from != 0 && from + 1 < oldest {
-            return status(StatusCode::GONE, "Expired", format!("too old resource version: {from}"));
+            return status(
+                StatusCode::GONE,
+                "Expired",
+                format!("too old resource version: {from}"),
+            );
         }
-        let backlog: Vec<Value> = inner.history.iter().filter(|(rv, _)| *rv > from).map(|(_, e)| e.clone()).collect();
+        let backlog: Vec<Value> = inner
+            .history
+            .iter()
+            .filter(|(rv, _)| *rv > from)
+            .map(|(_, e)| e.clone())
+            .collect();
         (backlog, s.events.subscribe())
     };
     let stream = async_stream(backlog, move |tx| async move {
@@ -217,10 +265,15 @@ impl FakeKube {
         let app = Router::new()
             .route("/api/v1/nodes", get(list_or_watch))
             .route("/api/v1/nodes/{name}", get(get_node))
-            .route("/api/v1/nodes/{name}/status", axum::routing::patch(patch_status))
+            .route(
+                "/api/v1/nodes/{name}/status",
+                axum::routing::patch(patch_status),
+            )
             .with_state(shared.clone());
         spawn_in_netns(ns, move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::bind((FABRIC_IP, PORT)).await?;
                 ready_tx.send(()).ok();

@@ -198,6 +198,20 @@ fn etcd_store_end_to_end() {
     );
     lab.service(etcd::SERVICE).unwrap().start().unwrap();
     let back = Instant::now();
+    // While the agents are still backing off, a lease changes and etcd
+    // compacts its history: their watches cannot resume and must list.
+    etcd::wait_up(&mut lab).unwrap();
+    let extra = net("10.244.100.0/24");
+    etcd::with_store(&lab, move |s| async move {
+        let attrs = LeaseAttrs::vxlan(
+            std::net::Ipv4Addr::new(172, 30, 0, 97),
+            1,
+            MacAddr([0x0e, 0, 0, 0, 0, 0x97]),
+        );
+        s.put(extra, &attrs, Some(Duration::from_secs(600))).await?;
+        Ok(s.compact_now().await?)
+    })
+    .unwrap();
     lab.wait_agent(n7, Duration::from_secs(30)).unwrap();
     lab.wait_for(
         Duration::from_secs(15),

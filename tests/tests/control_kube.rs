@@ -20,7 +20,10 @@ fn net(s: &str) -> Ipv4Net {
 #[test]
 fn kube_store_end_to_end() {
     let mut lab = Lab::with(
-        &[NodeSpec::new(NodeKind::Ebpf, 1), NodeSpec::new(NodeKind::Kernel, 1)],
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+        ],
         LabOptions {
             store: LabStore::Kube(fakekube::url()),
             before_agents: Some(fakekube::start_for_lab),
@@ -40,12 +43,20 @@ fn kube_store_end_to_end() {
     assert_eq!(ann[BACKEND_TYPE], "vxlan");
     assert_eq!(ann[SUBNET_MANAGER], "true");
     assert_eq!(ann[PUBLIC_IP], "172.30.0.1");
-    let data: serde_json::Value = serde_json::from_str(ann[BACKEND_DATA].as_str().unwrap()).unwrap();
-    assert_eq!(data, serde_json::json!({"VNI": 1, "VtepMAC": lab.nodes[0].vtep_mac.to_string()}));
+    let data: serde_json::Value =
+        serde_json::from_str(ann[BACKEND_DATA].as_str().unwrap()).unwrap();
+    assert_eq!(
+        data,
+        serde_json::json!({"VNI": 1, "VtepMAC": lab.nodes[0].vtep_mac.to_string()})
+    );
     lab.wait_for(Duration::from_secs(10), "NetworkUnavailable=False", |lab| {
         fakekube::of(lab).node("node1").is_some_and(|n| {
             n["status"]["conditions"].as_array().is_some_and(|c| {
-                c.iter().any(|c| c["type"] == "NetworkUnavailable" && c["status"] == "False" && c["reason"] == "FlannelIsUp")
+                c.iter().any(|c| {
+                    c["type"] == "NetworkUnavailable"
+                        && c["status"] == "False"
+                        && c["reason"] == "FlannelIsUp"
+                })
             })
         })
     })
@@ -59,9 +70,14 @@ fn kube_store_end_to_end() {
     // A node without a podCIDR: a clear error, retried until it has one.
     fakekube::of(&lab).add_node(&node_name(2), None, serde_json::json!({}));
     let n3 = lab.join_node_nowait(NodeKind::Ebpf, None).unwrap();
-    lab.wait_for(Duration::from_secs(10), "the missing podCIDR error", |lab| {
-        lab.agent_log(n3).contains("node node3 has no spec.podCIDR yet")
-    })
+    lab.wait_for(
+        Duration::from_secs(10),
+        "the missing podCIDR error",
+        |lab| {
+            lab.agent_log(n3)
+                .contains("node node3 has no spec.podCIDR yet")
+        },
+    )
     .unwrap();
     fakekube::of(&lab).set_pod_cidr(&node_name(2), "10.244.13.0/24");
     lab.wait_agent(n3, Duration::from_secs(20)).unwrap();

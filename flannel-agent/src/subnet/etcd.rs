@@ -43,13 +43,16 @@ pub struct EtcdOptions {
     pub password: Option<String>,
 }
 
+/// The last revision a watch delivered, and the lease set at it.
+type Seen = Option<(i64, BTreeMap<Ipv4Net, Lease>)>;
+
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
     prefix: String,
     timing: LeaseTiming,
     /// The last revision the watch delivered and the set at that revision.
-    seen: Arc<Mutex<Option<(i64, BTreeMap<Ipv4Net, Lease>)>>>,
+    seen: Arc<Mutex<Seen>>,
 }
 
 /// Unary calls fail after this long instead of hanging on a dead store.
@@ -178,6 +181,18 @@ impl EtcdStore {
             .map(|l| (l.subnet, l))
             .collect();
         Ok((rev, set, kvs))
+    }
+
+    /// Compacts etcd's history up to now (operators and tests: a watch
+    /// resuming from before this point must list again).
+    pub async fn compact_now(&self) -> Result<()> {
+        let rev = timed("reading the revision", self.client.clone().get("x", None))
+            .await?
+            .header()
+            .map(|h| h.revision())
+            .unwrap_or(0);
+        timed("compacting", self.client.clone().compact(rev, None)).await?;
+        Ok(())
     }
 
     /// Every lease in the store now.

@@ -194,8 +194,10 @@ pub fn own_lease<'a>(
 #[derive(Clone)]
 pub enum SubnetManager {
     Local(local::LocalStore),
-    Etcd(etcd::EtcdStore),
-    Kube(kube::KubeStore),
+    // Boxed: the clients are hundreds of bytes to a few KiB; the enum is
+    // cloned into each task.
+    Etcd(Box<etcd::EtcdStore>),
+    Kube(Box<kube::KubeStore>),
 }
 
 impl SubnetManager {
