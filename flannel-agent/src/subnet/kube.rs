@@ -198,6 +198,12 @@ impl KubeStore {
             .map(|(k, v)| (k.to_string(), v.into()))
             .collect();
         let patch = serde_json::json!({"metadata": {"annotations": ann}});
+        self.patch_status(patch, "annotating the node").await
+    }
+
+    /// A strategic merge patch of this node's status subresource, the way
+    /// Flannel writes both its annotations and its condition.
+    async fn patch_status(&self, patch: serde_json::Value, what: &str) -> Result<()> {
         self.nodes
             .patch_status(
                 &self.node_name,
@@ -205,7 +211,7 @@ impl KubeStore {
                 &Patch::Strategic(patch),
             )
             .await
-            .map_err(|e| err(&format!("annotating node {}", self.node_name), e))?;
+            .map_err(|e| err(&format!("{what} {}", self.node_name), e))?;
         Ok(())
     }
 
@@ -227,15 +233,8 @@ impl KubeStore {
             "lastTransitionTime": now,
             "lastHeartbeatTime": now,
         }]}});
-        self.nodes
-            .patch_status(
-                &self.node_name,
-                &PatchParams::default(),
-                &Patch::Strategic(patch),
-            )
+        self.patch_status(patch, "setting NetworkUnavailable=False on")
             .await
-            .map_err(|e| err("setting NetworkUnavailable=False", e))?;
-        Ok(())
     }
 
     pub async fn watch(&self, tx: &LeaseTx) -> Result<()> {
