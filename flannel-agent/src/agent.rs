@@ -33,7 +33,7 @@ use crate::{
     mac::MacAddr,
     masq,
     netlink::{Link, Netlink, RemoteEntry, VxlanSpec},
-    subnet::{env::SubnetEnv, Lease, LeaseSet, LeaseTiming, SubnetManager},
+    subnet::{env::SubnetEnv, Lease, LeaseAttrs, LeaseSet, LeaseTiming, SubnetManager},
 };
 
 /// Which data path the operator asked for.
@@ -99,6 +99,8 @@ struct Agent {
     endpoints: BTreeMap<Ipv4Addr, EndpointRecord>,
     /// Pod links this process has already (re)attached or adopted.
     attached: HashSet<u32>,
+    /// Remote nodes' data path state, derived from `leases` once per pass.
+    remotes: Vec<RemoteEntry>,
     /// Subnets whose lease was unusable, already logged.
     skipped: HashSet<Ipv4Net>,
 }
@@ -140,7 +142,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Some(mac) if mac.is_unicast() => mac,
         _ => MacAddr::for_vtep(ip, cfg.backend.vni),
     };
-    let attrs = control::attrs(ip, &cfg, vtep_mac);
+    let attrs = LeaseAttrs::vxlan(ip, cfg.backend.vni, vtep_mac);
     let previous = control::previous_subnet(&opts.subnet_file);
     let lease = control::retry("acquiring a subnet lease", || async {
         Ok(store.acquire(&cfg, &attrs, previous).await?)
@@ -198,6 +200,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         leases: first,
         feed,
         attached: HashSet::new(),
+        remotes: Vec::new(),
         skipped: HashSet::new(),
     };
     agent.ensure_kernel_objects().await?;
@@ -535,7 +538,7 @@ impl Agent {
             datapath: if self.dp.is_some() { "ebpf" } else { "kernel" }.into(),
             reason: self.reason.clone(),
             subnet: self.node.lease.subnet.to_string(),
-            remote_leases: self.remotes().len(),
+            remote_leases: self.remotes.len(),
             endpoints: self.endpoints.len(),
             subnet_manager: self.store.name().into(),
             public_ip: self.node.ip.to_string(),
@@ -560,25 +563,25 @@ impl Agent {
         }))
     }
 
-    fn remotes(&self) -> Vec<RemoteEntry> {
-        self.leases
-            .values()
-            .filter_map(|l| self.remote(l).ok().flatten())
-            .collect()
-    }
-
-    /// Logs each unusable lease once (they are left out of the data path).
-    fn log_skipped(&mut self) {
-        let mut now = HashSet::new();
+    /// Derives the remote entries from the lease set, logging each
+    /// unusable lease once (they are left out of the data path).
+    fn refresh_remotes(&mut self) {
+        let mut remotes = Vec::with_capacity(self.leases.len());
+        let mut skipped = HashSet::new();
         for l in self.leases.values() {
-            if let Err(why) = self.remote(l) {
-                if !self.skipped.contains(&l.subnet) {
-                    tracing::warn!(subnet = %l.subnet, node = %l.attrs.public_ip, %why, "ignoring a lease");
+            match self.remote(l) {
+                Ok(Some(r)) => remotes.push(r),
+                Ok(None) => {}
+                Err(why) => {
+                    if !self.skipped.contains(&l.subnet) {
+                        tracing::warn!(subnet = %l.subnet, node = %l.attrs.public_ip, %why, "ignoring a lease");
+                    }
+                    skipped.insert(l.subnet);
                 }
-                now.insert(l.subnet);
             }
         }
-        self.skipped = now;
+        self.remotes = remotes;
+        self.skipped = skipped;
     }
 
     async fn handle(&mut self, req: Request) -> Response {
@@ -664,7 +667,7 @@ impl Agent {
 
     /// One full pass. Errors are logged; the next pass retries.
     async fn reconcile(&mut self) {
-        self.log_skipped();
+        self.refresh_remotes();
         if self.opts.ip_masq {
             match masq::present() {
                 Ok(true) => {}
@@ -688,7 +691,7 @@ impl Agent {
     async fn reconcile_kernel(&mut self) -> anyhow::Result<()> {
         let (_, vtep) = self.ensure_kernel_objects().await?;
         let want: HashMap<Ipv4Net, RemoteEntry> =
-            self.remotes().into_iter().map(|r| (r.subnet, r)).collect();
+            self.remotes.iter().map(|r| (r.subnet, *r)).collect();
         let routes = self.nl.vtep_routes(vtep.index).await?;
         let neigh: HashMap<Ipv4Addr, MacAddr> = self
             .nl
@@ -774,10 +777,10 @@ impl Agent {
             gateway_mac: bridge.mac.unwrap_or_default().0,
             ..Default::default()
         };
-        let remote_entries = self.remotes();
-        let vteps: HashSet<Ipv4Addr> = remote_entries.iter().map(|r| r.public_ip).collect();
-        let remotes: HashMap<Ipv4Net, RemoteNode> = remote_entries
-            .into_iter()
+        let vteps: HashSet<Ipv4Addr> = self.remotes.iter().map(|r| r.public_ip).collect();
+        let remotes: HashMap<Ipv4Net, RemoteNode> = self
+            .remotes
+            .iter()
             .map(|r| {
                 (
                     r.subnet,

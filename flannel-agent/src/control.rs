@@ -7,7 +7,6 @@
 //! the reconcile loop goes on with what it has.
 
 use std::{
-    net::Ipv4Addr,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
@@ -22,7 +21,7 @@ use crate::{
         etcd::{EtcdOptions, EtcdStore},
         kube::{KubeOptions, KubeStore},
         local::LocalStore,
-        Backoff, Lease, LeaseAttrs, LeaseSet, LeaseTiming, SubnetError, SubnetManager,
+        Backoff, Lease, LeaseSet, LeaseTiming, SubnetError, SubnetManager,
     },
 };
 
@@ -186,11 +185,6 @@ pub fn spawn_renew(
         }
     });
     fatal_rx
-}
-
-/// The attrs this node advertises.
-pub fn attrs(public_ip: Ipv4Addr, cfg: &NetConfig, vtep_mac: crate::mac::MacAddr) -> LeaseAttrs {
-    LeaseAttrs::vxlan(public_ip, cfg.backend.vni, vtep_mac)
 }
 
 /// The lease subnet in an existing subnet.env (Flannel reuses it if free).

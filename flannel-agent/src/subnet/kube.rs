@@ -21,7 +21,6 @@ use kube::{
 use super::{publish, Lease, LeaseAttrs, LeaseTx, Result, SubnetError};
 use crate::config::NetConfig;
 
-pub const PREFIX: &str = "flannel.alpha.coreos.com/";
 pub const BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
 pub const BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
 pub const SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
@@ -224,7 +223,7 @@ impl KubeStore {
 
     /// Condition `NetworkUnavailable=False`, reason `FlannelIsUp`.
     pub async fn mark_network_available(&self) -> Result<()> {
-        let now = chrono_now();
+        let now = rfc3339_now();
         let patch = serde_json::json!({"status": {"conditions": [{
             "type": "NetworkUnavailable",
             "status": "False",
@@ -281,30 +280,11 @@ impl KubeStore {
     }
 }
 
-/// RFC 3339 UTC time, as the API server writes timestamps.
-fn chrono_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// RFC 3339 UTC time in whole seconds, as the API server writes times.
+fn rfc3339_now() -> String {
+    use k8s_openapi::jiff::{Timestamp, Unit};
+    let now = Timestamp::now();
+    now.round(Unit::Second).unwrap_or(now).to_string()
 }
 
 #[cfg(test)]
@@ -372,7 +352,7 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339() {
-        let t = chrono_now();
+        let t = rfc3339_now();
         assert_eq!(t.len(), 20, "{t}");
         assert!(
             t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T",

@@ -182,14 +182,6 @@ fn random_index(n: usize) -> usize {
     (std::collections::hash_map::RandomState::new().hash_one(nanos) % n as u64) as usize
 }
 
-/// The node's own lease among `leases`: same public IP (Flannel's reuse rule).
-pub fn own_lease<'a>(
-    leases: impl IntoIterator<Item = &'a Lease>,
-    public_ip: Ipv4Addr,
-) -> Option<&'a Lease> {
-    leases.into_iter().find(|l| l.attrs.public_ip == public_ip)
-}
-
 /// One of the three stores.
 #[derive(Clone)]
 pub enum SubnetManager {
