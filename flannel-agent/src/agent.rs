@@ -65,6 +65,11 @@ pub struct Options {
     pub run_dir: PathBuf,
     pub bridge: String,
     pub resync: Duration,
+    /// The CNI plugin's records, read to register pods it wired while the
+    /// agent was away.
+    pub cni_data_dir: PathBuf,
+    /// Install the plugin and conflist once the node is ready.
+    pub install_cni: Option<crate::cni::install::InstallSpec>,
 }
 
 impl Options {
@@ -221,6 +226,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
     env.write(&agent.opts.subnet_file)
         .with_context(|| format!("writing {}", agent.opts.subnet_file.display()))?;
+    // The conflist goes in last: a runtime that sees it may ADD at once.
+    if let Some(spec) = &agent.opts.install_cni {
+        let changed = crate::cni::install::install(spec).context("installing the CNI plugin")?;
+        tracing::info!(
+            bin_dir = %spec.bin_dir.display(),
+            conf = %spec.conf_dir.join(&spec.conf_name).display(),
+            changed = changed.len(),
+            "CNI plugin and conflist installed"
+        );
+    }
     if let SubnetManager::Kube(k) = &agent.store {
         let k = k.clone();
         tokio::spawn(async move {
@@ -491,7 +506,7 @@ impl Agent {
                 &self.opts.bridge,
                 self.gateway(),
                 self.pod_mtu(),
-                bridge_mac(self.gateway().addr()),
+                MacAddr::for_bridge(self.gateway().addr()),
             )
             .await?;
         let vtep_addr = Ipv4Net::new(self.node.lease.subnet.network(), 32)?;
@@ -665,9 +680,56 @@ impl Agent {
         .context("saving pod records")
     }
 
+    /// Registers pods the CNI plugin wired while this agent was not there
+    /// to hear about it: a record in the plugin's dataDir whose host veth
+    /// is on our bridge and whose address the IPAM plugin still holds.
+    async fn adopt_cni_pods(&mut self) -> anyhow::Result<()> {
+        let (records, bad) = crate::cni::record::list(&self.opts.cni_data_dir);
+        if records.is_empty() {
+            return Ok(());
+        }
+        for b in bad {
+            tracing::debug!(record = %b, "unreadable CNI record");
+        }
+        let links = self.nl.links().await?;
+        let Some(bridge) = links.iter().find(|l| l.name == self.opts.bridge) else {
+            return Ok(());
+        };
+        let on_bridge: HashSet<&str> = links
+            .iter()
+            .filter(|l| l.controller == Some(bridge.index))
+            .map(|l| l.name.as_str())
+            .collect();
+        let mut adopted = 0;
+        for rec in records {
+            let want = EndpointRecord {
+                ip: rec.ip.addr(),
+                mac: rec.mac,
+                host_ifname: rec.host_ifname.clone(),
+            };
+            if self.endpoints.get(&want.ip) == Some(&want)
+                || !self.node.lease.subnet.contains(&want.ip)
+                || !on_bridge.contains(rec.host_ifname.as_str())
+                || !rec.ipam_holds()
+            {
+                continue;
+            }
+            tracing::info!(pod = %want.ip, container = %rec.container_id, host_if = %want.host_ifname, "registering a pod from the CNI plugin's records");
+            self.endpoints.insert(want.ip, want);
+            adopted += 1;
+        }
+        if adopted > 0 {
+            self.save_endpoints()?;
+        }
+        Ok(())
+    }
+
     /// One full pass. Errors are logged; the next pass retries.
     async fn reconcile(&mut self) {
         self.refresh_remotes();
+        if let Err(err) = self.adopt_cni_pods().await {
+            tracing::warn!(err = %format!("{err:#}"), "reading the CNI plugin's records");
+        }
         if self.opts.ip_masq {
             match masq::present() {
                 Ok(true) => {}
@@ -860,10 +922,4 @@ impl Agent {
         }
         Ok(())
     }
-}
-
-/// A fixed bridge MAC, so the gateway MAC does not follow the ports.
-fn bridge_mac(gateway: Ipv4Addr) -> MacAddr {
-    let o = gateway.octets();
-    MacAddr([0x0e, 0xb7, o[0], o[1], o[2], o[3]])
 }

@@ -7,8 +7,10 @@
 //!   [`control`]: the agent's store tasks (watch, renew).
 //! * [`masq`]: the ip-masq rules (nftables over netlink).
 //! * [`api`]: the local API; [`mac`]: MAC addresses.
+//! * [`cni`]: the `flannel` CNI plugin.
 pub mod agent;
 pub mod api;
+pub mod cni;
 pub mod config;
 pub mod control;
 pub mod ebpf;

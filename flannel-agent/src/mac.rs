@@ -21,6 +21,13 @@ impl MacAddr {
         MacAddr([0x0e, o[0] ^ v[3], o[1] ^ v[2], o[2], o[3], 0x01 ^ v[1]])
     }
 
+    /// The fixed MAC of the pod bridge, so that the gateway MAC the data
+    /// path writes does not follow the bridge's ports.
+    pub fn for_bridge(gateway: std::net::Ipv4Addr) -> Self {
+        let o = gateway.octets();
+        MacAddr([0x0e, 0xb7, o[0], o[1], o[2], o[3]])
+    }
+
     pub fn is_unicast(&self) -> bool {
         self.0[0] & 1 == 0 && self.0 != [0; 6]
     }

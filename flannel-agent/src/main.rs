@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use flannel_agent::{
     agent::{self, DatapathMode, Options},
     api::{self, EndpointRecord, Request},
+    cni,
     control::StoreOptions,
     ebpf,
     mac::MacAddr,
@@ -155,10 +156,56 @@ struct RunArgs {
     /// Full resync period in seconds.
     #[arg(long, default_value_t = 10)]
     resync_secs: u64,
+    /// The CNI plugin's dataDir: pods it wired while this agent was down
+    /// are registered from the records there.
+    #[arg(long, default_value = cni::conf::DEFAULT_DATA_DIR)]
+    cni_data_dir: PathBuf,
+    /// Install the `flannel` plugin and the conflist into the CNI
+    /// directories once the node is ready (Flannel's install-cni).
+    #[arg(long)]
+    install_cni: bool,
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    #[arg(long, default_value = "10-flannel.conflist")]
+    cni_conf_name: String,
+    /// The conflist to install (default: Flannel's cni-conf.json).
+    #[arg(long)]
+    cni_conf_file: Option<PathBuf>,
+    /// The plugin binary to install (default: `flannel` next to this
+    /// executable).
+    #[arg(long)]
+    cni_plugin: Option<PathBuf>,
 }
 
 impl RunArgs {
-    fn options(self) -> Options {
+    fn install_spec(&self) -> anyhow::Result<Option<cni::install::InstallSpec>> {
+        if !self.install_cni {
+            return Ok(None);
+        }
+        let plugin = match &self.cni_plugin {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .context("locating this executable")?
+                .with_file_name("flannel"),
+        };
+        let conflist = match &self.cni_conf_file {
+            Some(p) => std::fs::read_to_string(p)
+                .with_context(|| format!("reading --cni-conf-file {}", p.display()))?,
+            None => cni::install::FLANNEL_CONFLIST.to_string(),
+        };
+        Ok(Some(cni::install::InstallSpec {
+            plugin,
+            bin_dir: self.cni_bin_dir.clone(),
+            conf_dir: self.cni_conf_dir.clone(),
+            conf_name: self.cni_conf_name.clone(),
+            conflist,
+        }))
+    }
+
+    fn options(self) -> anyhow::Result<Options> {
+        let install_cni = self.install_spec()?;
         let mgr = if self.kube_subnet_mgr {
             SubnetMgr::Kube
         } else {
@@ -184,7 +231,7 @@ impl RunArgs {
             }),
         };
         let ttl = Duration::from_secs(self.subnet_lease_ttl_secs.max(1));
-        Options {
+        Ok(Options {
             net_config_path: self.net_config_path,
             iface: self.iface,
             iface_regex: self.iface_regex,
@@ -204,7 +251,9 @@ impl RunArgs {
             run_dir: self.run_dir,
             bridge: self.bridge,
             resync: Duration::from_secs(self.resync_secs.max(1)),
-        }
+            cni_data_dir: self.cni_data_dir,
+            install_cni,
+        })
     }
 }
 
@@ -219,7 +268,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(a) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(agent::run(a.options())),
+            .block_on(agent::run(a.options()?)),
         Cmd::Stats { bpf_dir, json } => {
             let counters = ebpf::read_counters(&bpf_dir)
                 .with_context(|| format!("reading counters pinned under {}", bpf_dir.display()))?;

@@ -33,6 +33,10 @@ const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
 const NFPROTO_IPV4: u8 = 2;
 
 const NLM_F_REQUEST: u16 = 1;
@@ -156,6 +160,12 @@ impl Rule {
                     v.be32(1, NFT_RETURN as u32);
                 });
             });
+        })
+    }
+    /// `ip saddr @set`.
+    fn saddr_in_set(&mut self, set: &str) -> &mut Self {
+        self.ip_field(12).expr("lookup", |a| {
+            a.str(1, set).be32(2, NFT_REG_1);
         })
     }
     fn masquerade(&mut self) -> &mut Self {
@@ -431,5 +441,112 @@ pub fn present() -> Result<bool, MasqError> {
             Ok(false)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Per-pod masquerading done by the CNI plugin when the agent does not
+/// (`ipMasq`, Flannel's `!FLANNEL_IPMASQ`): table `ip flannel-cni`, set
+/// `masq-pods` of pod addresses, and one rule
+/// `ip saddr @masq-pods ip daddr != <cluster net> ip daddr != 224.0.0.0/4 masquerade`.
+/// Pods come and go as set elements; the rule is rewritten with each ADD
+/// inside the same transaction, so concurrent ADDs leave exactly one.
+pub const POD_TABLE: &str = "flannel-cni";
+pub const POD_SET: &str = "masq-pods";
+pub const POD_CHAIN: &str = "postrouting";
+
+fn pod_table_attrs() -> Attrs {
+    let mut a = Attrs::default();
+    a.str(1, POD_TABLE);
+    a
+}
+
+fn set_elem(ip: Ipv4Addr) -> Attrs {
+    let mut a = Attrs::default();
+    a.str(1, POD_TABLE).str(2, POD_SET).nest(3, |list| {
+        list.nest(1, |elem| {
+            elem.value(1, &ip.octets());
+        });
+    });
+    a
+}
+
+/// Masquerades traffic from pod `ip` that leaves the cluster `network`.
+pub fn pod_add(network: Ipv4Net, ip: Ipv4Addr) -> Result<(), MasqError> {
+    let mut s = Socket::open()?;
+    s.batch(NFNL_MSG_BATCH_BEGIN);
+    s.nft(
+        NFT_MSG_NEWTABLE,
+        NLM_F_CREATE,
+        &pod_table_attrs(),
+        "creating the pod table",
+    );
+    let mut chain = Attrs::default();
+    chain
+        .str(1, POD_TABLE)
+        .str(3, POD_CHAIN)
+        .nest(4, |h| {
+            h.be32(1, NF_INET_POST_ROUTING)
+                .be32(2, NF_IP_PRI_NAT_SRC as u32);
+        })
+        .str(7, "nat");
+    s.nft(
+        NFT_MSG_NEWCHAIN,
+        NLM_F_CREATE,
+        &chain,
+        "creating the pod chain",
+    );
+    let mut set = Attrs::default();
+    // table, name, key type (ipv4_addr = 7), key length, id
+    set.str(1, POD_TABLE)
+        .str(2, POD_SET)
+        .be32(4, 7)
+        .be32(5, 4)
+        .be32(10, 1);
+    s.nft(NFT_MSG_NEWSET, NLM_F_CREATE, &set, "creating the pod set");
+    let mut flush = Attrs::default();
+    flush.str(1, POD_TABLE).str(2, POD_CHAIN);
+    s.nft(NFT_MSG_DELRULE, 0, &flush, "flushing the pod chain");
+    let multicast = Ipv4Net::new(Ipv4Addr::new(224, 0, 0, 0), 4).expect("valid");
+    let mut rule = Rule::default();
+    rule.saddr_in_set(POD_SET)
+        .ip_in(true, network, false)
+        .ip_in(true, multicast, false)
+        .masquerade();
+    let mut a = Attrs::default();
+    a.str(1, POD_TABLE)
+        .str(2, POD_CHAIN)
+        .raw(4 | NLA_F_NESTED, &rule.0 .0);
+    s.nft(
+        NFT_MSG_NEWRULE,
+        NLM_F_CREATE | NLM_F_APPEND,
+        &a,
+        "adding the pod rule",
+    );
+    s.nft(
+        NFT_MSG_NEWSETELEM,
+        NLM_F_CREATE,
+        &set_elem(ip),
+        "adding the pod address",
+    );
+    s.batch(NFNL_MSG_BATCH_END);
+    s.exchange()
+}
+
+/// Stops masquerading pod `ip`; absent (element, set or table) is fine.
+pub fn pod_del(ip: Ipv4Addr) -> Result<(), MasqError> {
+    let mut s = Socket::open()?;
+    s.batch(NFNL_MSG_BATCH_BEGIN);
+    s.nft(
+        NFT_MSG_DELSETELEM,
+        0,
+        &set_elem(ip),
+        "removing the pod address",
+    );
+    s.batch(NFNL_MSG_BATCH_END);
+    match s.exchange() {
+        Err(MasqError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
     }
 }

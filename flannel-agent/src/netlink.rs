@@ -10,12 +10,17 @@ use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
-    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{
+        InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    },
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteScope},
     AddressFamily,
 };
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
+    RouteMessageBuilder,
+};
 
 use crate::mac::MacAddr;
 
@@ -33,6 +38,24 @@ pub enum NetlinkError {
     NoSuchLink(String),
     #[error("no IPv4 default route to choose the uplink from (pass --iface)")]
     NoDefaultRoute,
+    #[error("entering network namespace {path}: {source}")]
+    Netns {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl NetlinkError {
+    /// The kernel's errno, when the kernel refused a request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Request {
+                source: rtnetlink::Error::NetlinkError(e),
+                ..
+            } => Some(-e.raw_code()),
+            _ => None,
+        }
+    }
 }
 
 type Result<T> = std::result::Result<T, NetlinkError>;
@@ -138,6 +161,39 @@ impl Netlink {
     /// Opens a netlink socket in the calling thread's network namespace.
     pub fn connect() -> Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Opens a netlink socket inside the network namespace `ns` (an open
+    /// `/proc/<pid>/ns/net` or `/run/netns/<name>` file). The socket lives
+    /// in that namespace for good; no thread of ours stays in it. Needs a
+    /// tokio runtime.
+    pub fn connect_in(ns: &std::fs::File, label: &str) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let rt = tokio::runtime::Handle::current();
+        let fd = ns.as_raw_fd();
+        let made = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _guard = rt.enter();
+                // SAFETY: setns on a namespace fd we hold open; it changes
+                // only this short-lived thread.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    return Err(NetlinkError::Netns {
+                        path: label.to_string(),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                rtnetlink::new_connection().map_err(NetlinkError::Connect)
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(NetlinkError::Connect(std::io::Error::other(
+                    "netns thread panicked",
+                )))
+            })
+        })?;
+        let (conn, handle, _) = made;
         tokio::spawn(conn);
         Ok(Self { handle })
     }
@@ -297,6 +353,116 @@ impl Netlink {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
             Err(e) => Err(req("delete link", index)(e)),
+        }
+    }
+
+    /// A veth pair: `host` here, `peer` created straight inside the
+    /// namespace `peer_ns` (an open fd), both with `mtu`.
+    pub async fn add_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        peer_ns: std::os::fd::RawFd,
+        mtu: u32,
+    ) -> Result<()> {
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_string())
+            .mtu(mtu)
+            .setns_by_fd(peer_ns)
+            .build();
+        let msg = LinkVeth::new(host, peer)
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(req("create veth", host))
+    }
+
+    /// Puts `index` on `bridge`, sets hairpin mode as asked, brings it up.
+    pub async fn attach_to_bridge(&self, index: u32, bridge: u32, hairpin: bool) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).controller(bridge).build())
+            .execute()
+            .await
+            .map_err(req("attach to bridge", index))?;
+        if hairpin {
+            self.handle
+                .link()
+                .set_port(LinkBridgePort::new(index).hairpin(true).build())
+                .execute()
+                .await
+                .map_err(req("set hairpin", index))?;
+        }
+        self.set_up(index).await
+    }
+
+    /// Adds (or replaces) an IPv4 address.
+    pub async fn add_addr(&self, index: u32, net: Ipv4Net) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(net.addr()), net.prefix_len())
+            .replace()
+            .execute()
+            .await
+            .map_err(req("add address", net))
+    }
+
+    /// Adds (or replaces) a route through `index`, via `gw` when given.
+    pub async fn add_route(&self, index: u32, dst: Ipv4Net, gw: Option<Ipv4Addr>) -> Result<()> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(index);
+        if let Some(gw) = gw {
+            b = b.gateway(gw);
+        }
+        self.handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(req("add route", dst))
+    }
+
+    /// IPv4 routes of the main table through `index`: (destination, gateway).
+    pub async fn routes_via(&self, index: u32) -> Result<Vec<(Ipv4Net, Option<Ipv4Addr>)>> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut stream = self.handle.route().get(filter).execute();
+        let mut out = Vec::new();
+        while let Some(route) = stream.try_next().await.map_err(req("list routes", index))? {
+            let oif = route
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
+            if !oif {
+                continue;
+            }
+            let dst = Self::route_dst(&route).unwrap_or_else(|| {
+                Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid default route")
+            });
+            let gw = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(*g),
+                _ => None,
+            });
+            out.push((dst, gw));
+        }
+        Ok(out)
+    }
+
+    /// Deletes the link called `name`; absent is fine. Returns whether it
+    /// was there.
+    pub async fn delete_link_by_name(&self, name: &str) -> Result<bool> {
+        match self.link_by_name(name).await? {
+            Some(l) => {
+                self.delete_link(l.index).await?;
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
 

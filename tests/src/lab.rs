@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use flannel_agent::{
-    api::{self, EndpointRecord, Request},
+    api::{self, Request},
     ebpf,
     mac::MacAddr,
     subnet::{env::SubnetEnv, local::LocalStore, LeaseAttrs, LeaseTiming},
@@ -48,6 +48,8 @@ pub const POD_MTU: u32 = 1450;
 /// The fabric bridge's own address: where lab-wide services (etcd, the
 /// fake API server) listen, and the nodes' default gateway.
 pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
+/// The CNI network name (Flannel's conflist calls it `cbr0`).
+pub const CNI_NETWORK: &str = "cbr0";
 /// The lab's net-conf.json.
 pub const NET_CONF: &str =
     r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1,"Port":4789}}"#;
@@ -115,6 +117,8 @@ pub struct Pod {
     pub mac: MacAddr,
     /// Host side of the veth, inside the node namespace.
     pub host_if: String,
+    /// The CNI container ID the pod was added with.
+    pub container_id: String,
 }
 
 pub struct Node {
@@ -145,6 +149,16 @@ impl Node {
 
     pub fn subnet_file(&self) -> PathBuf {
         self.run_dir.join("subnet.env")
+    }
+
+    /// The CNI plugin's dataDir (attachment records).
+    pub fn cni_dir(&self) -> PathBuf {
+        self.run_dir.join("cni")
+    }
+
+    /// host-local's dataDir.
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.run_dir.join("ipam")
     }
 
     /// The agent's status, if it answers.
@@ -193,14 +207,95 @@ pub fn agent_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("FLANNEL_AGENT_BIN") {
         return Ok(PathBuf::from(p));
     }
+    built_bin("flannel-agent")
+}
+
+/// A binary of this workspace (`flannel-agent`, `flannel`), found next
+/// to the running executable.
+pub fn built_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     for dir in exe.ancestors().skip(1).take(3) {
-        let cand = dir.join("flannel-agent");
+        let cand = dir.join(name);
         if cand.is_file() {
             return Ok(cand);
         }
     }
-    bail!("flannel-agent binary not found near {} (run `cargo build -p flannel-agent` or set FLANNEL_AGENT_BIN)", exe.display())
+    bail!(
+        "{name} binary not found near {} (run `cargo build -p flannel-agent`)",
+        exe.display()
+    )
+}
+
+/// Where the Debian package `containernetworking-plugins` puts the
+/// reference plugins (host-local, bridge, portmap).
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// `CNI_PATH` for the lab: the directory with the built `flannel`
+/// plugin, then the reference plugins.
+pub fn cni_path() -> Result<String> {
+    let flannel = built_bin("flannel")?;
+    let dir = flannel.parent().context("plugin has no directory")?;
+    Ok(format!("{}:{REFERENCE_PLUGINS}", dir.display()))
+}
+
+pub fn netns_path(ns: &str) -> String {
+    format!("/run/netns/{ns}")
+}
+
+/// One plugin run: exit status, stdout (JSON when it parses), stderr.
+#[derive(Debug)]
+pub struct CniCall {
+    pub success: bool,
+    pub stdout: serde_json::Value,
+    pub raw: String,
+    pub stderr: String,
+}
+
+impl CniCall {
+    /// The result, or an error carrying the plugin's error object.
+    pub fn ok(self) -> Result<serde_json::Value> {
+        if !self.success {
+            bail!("CNI call failed: {} {}", self.raw, self.stderr);
+        }
+        Ok(self.stdout)
+    }
+}
+
+/// Runs a CNI plugin command: `cmd` (already placed in its namespace),
+/// the `CNI_*` variables, `conf` on stdin.
+pub fn run_cni(
+    mut cmd: Command,
+    command: &str,
+    container_id: &str,
+    netns: &str,
+    ifname: &str,
+    conf: &serde_json::Value,
+) -> Result<CniCall> {
+    use std::io::Write;
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", ifname)
+        .env("CNI_PATH", cni_path()?)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("starting a CNI plugin")?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(&serde_json::to_vec(conf)?)?;
+    let out = child.wait_with_output()?;
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    Ok(CniCall {
+        success: out.status.success(),
+        stdout: serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null),
+        raw,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
 
 impl Lab {
@@ -495,6 +590,8 @@ impl Lab {
             .arg(&node.bpf_dir)
             .arg("--run-dir")
             .arg(&node.run_dir)
+            .arg("--cni-data-dir")
+            .arg(node.cni_dir())
             .args(["--resync-secs", "2"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -698,83 +795,117 @@ impl Lab {
         Ok(())
     }
 
-    /// Creates a pod on node `i`: namespace, veth onto `cni0`, address,
-    /// routes, and registration with the node's agent.
+    /// The CNI network config node `i`'s pods are made with: Flannel's
+    /// conflist entry, with the lab's subnet file and state directories.
+    /// Stock-Flannel nodes get what Flannel's plugin hands the reference
+    /// `bridge` plugin.
+    pub fn cni_conf(&self, i: usize, version: &str) -> serde_json::Value {
+        let node = &self.nodes[i];
+        if node.kind == NodeKind::StockFlannel {
+            return serde_json::json!({
+                "cniVersion": version,
+                "name": CNI_NETWORK,
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": true,
+                "isDefaultGateway": true,
+                "hairpinMode": true,
+                "ipMasq": false,
+                "mtu": POD_MTU,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": node.subnet.to_string()}]],
+                    "routes": [{"dst": "10.244.0.0/16"}],
+                    "dataDir": node.ipam_dir(),
+                },
+            });
+        }
+        serde_json::json!({
+            "cniVersion": version,
+            "name": CNI_NETWORK,
+            "type": "flannel",
+            "subnetFile": node.subnet_file(),
+            "dataDir": node.cni_dir(),
+            "delegate": {"hairpinMode": true, "isDefaultGateway": true},
+            "ipam": {"dataDir": node.ipam_dir()},
+        })
+    }
+
+    /// Runs a CNI command on node `i` the way a runtime does: the plugin
+    /// of the config's `type`, found in [`cni_path`], inside the node's
+    /// namespace. Returns (exit status, stdout as JSON, stderr).
+    pub fn cni(
+        &self,
+        i: usize,
+        command: &str,
+        container_id: &str,
+        netns: &str,
+        ifname: &str,
+        conf: &serde_json::Value,
+    ) -> Result<CniCall> {
+        let plugin = conf["type"].as_str().context("config has no type")?;
+        let bin = cni_path()?
+            .split(':')
+            .map(|d| PathBuf::from(d).join(plugin))
+            .find(|p| p.is_file())
+            .with_context(|| format!("CNI plugin {plugin} not found"))?;
+        run_cni(
+            command_in_netns(bin, &self.nodes[i].ns)?,
+            command,
+            container_id,
+            netns,
+            ifname,
+            conf,
+        )
+    }
+
+    /// Creates a pod on node `i` through CNI: a namespace, then ADD (the
+    /// project's `flannel` plugin; the reference `bridge` plugin on a
+    /// stock-Flannel node), which wires it and registers it with the agent.
     pub fn add_pod(&mut self, i: usize) -> Result<usize> {
         let j = self.nodes[i].pods.len() + 1;
-        let node = &self.nodes[i];
-        let pod_ns = format!("{}p{j}", node.ns);
-        let host_if = format!("vp{j}");
-        let pod_ip = Ipv4Addr::from(u32::from(node.subnet.network()) + 10 + j as u32);
-        let gateway = node.gateway().to_string();
-        let node_ns = node.ns.clone();
-        let has_agent = node.agent.is_some();
-        let socket = node.socket();
+        let pod_ns = format!("{}p{j}", self.nodes[i].ns);
         self.add_ns(&pod_ns)?;
-        ip(&[
-            "-n",
-            &node_ns,
-            "link",
-            "add",
-            &host_if,
-            "mtu",
-            &POD_MTU.to_string(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &pod_ns,
-        ])?;
-        ip(&[
-            "-n", &node_ns, "link", "set", &host_if, "master", "cni0", "up",
-        ])?;
-        ip(&[
-            "-n",
-            &pod_ns,
-            "link",
-            "set",
-            "eth0",
-            "mtu",
-            &POD_MTU.to_string(),
-            "up",
-        ])?;
-        ip(&[
-            "-n",
-            &pod_ns,
-            "addr",
-            "add",
-            &format!("{pod_ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n", &pod_ns, "route", "add", "default", "via", &gateway, "dev", "eth0",
-        ])?;
-        let link: serde_json::Value =
-            serde_json::from_str(&ip(&["-n", &pod_ns, "-j", "link", "show", "eth0"])?)?;
-        let mac: MacAddr = link[0]["address"]
+        let id = format!("{pod_ns}-c");
+        let conf = self.cni_conf(i, "1.0.0");
+        let call = self.cni(i, "ADD", &id, &netns_path(&pod_ns), "eth0", &conf)?;
+        let out = call.ok()?;
+        let ip: Ipv4Net = out["ips"][0]["address"]
             .as_str()
-            .context("pod eth0 has no MAC")?
+            .context("ADD result has no address")?
             .parse()?;
-        if has_agent {
-            api::call(
-                &socket,
-                &Request::Add(EndpointRecord {
-                    ip: pod_ip,
-                    mac,
-                    host_ifname: host_if.clone(),
-                }),
-            )?;
-        }
+        let mac: MacAddr = out["interfaces"][2]["mac"]
+            .as_str()
+            .context("ADD result has no pod MAC")?
+            .parse()?;
+        let host_if = out["interfaces"][1]["name"]
+            .as_str()
+            .context("ADD result has no host interface")?
+            .to_string();
         self.nodes[i].pods.push(Pod {
             ns: pod_ns,
-            ip: pod_ip,
+            ip: ip.addr(),
             mac,
             host_if,
+            container_id: id,
         });
         Ok(j - 1)
+    }
+
+    /// DEL of pod `(i, j)` through CNI (its namespace stays).
+    pub fn del_pod(&self, (i, j): (usize, usize)) -> Result<()> {
+        let pod = &self.nodes[i].pods[j];
+        let conf = self.cni_conf(i, "1.0.0");
+        self.cni(
+            i,
+            "DEL",
+            &pod.container_id,
+            &netns_path(&pod.ns),
+            "eth0",
+            &conf,
+        )?
+        .ok()?;
+        Ok(())
     }
 
     /// Every pod in the lab as (node index, pod index).
