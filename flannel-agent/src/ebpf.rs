@@ -258,12 +258,7 @@ impl Datapath {
 
     /// Interface indexes with a pinned pod link.
     pub fn pinned_pod_links(&self) -> Vec<u32> {
-        let Ok(rd) = std::fs::read_dir(self.dir.join("links")) else {
-            return Vec::new();
-        };
-        rd.filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix("pod_")?.parse().ok())
-            .collect()
+        read_pod_links(&self.dir)
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
@@ -488,6 +483,32 @@ pub fn read_remotes(
     }
     out.sort();
     Ok(out)
+}
+
+/// The pinned endpoint map: pod IP → (host veth ifindex, pod MAC). For
+/// tools and tests that check what the data path holds.
+pub fn read_endpoints(
+    dir: &Path,
+) -> std::result::Result<Vec<(Ipv4Addr, u32, [u8; 6])>, aya::maps::MapError> {
+    let data = MapData::from_pin(dir.join("maps").join(maps::ENDPOINTS))?;
+    let map: HashMap<_, u32, Endpoint> = HashMap::try_from(Map::HashMap(data))?;
+    let mut out: Vec<_> = map
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| (key_ip(k), v.host_ifindex, v.pod_mac))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Interface indexes with a pinned pod link under `dir`.
+pub fn read_pod_links(dir: &Path) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir(dir.join("links")) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("pod_")?.parse().ok())
+        .collect()
 }
 
 /// Removes everything pinned under `dir` (maps and links): the data path of

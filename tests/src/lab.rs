@@ -78,6 +78,9 @@ pub struct LabOptions {
     pub before_agents: Option<fn(&mut Lab) -> Result<()>>,
     /// net-conf.json for the lab (default [`NET_CONF`]).
     pub net_conf: Option<String>,
+    /// Agents install the plugin and their node's conflist into the
+    /// node's own CNI directories (`--install-cni`).
+    pub install_cni: bool,
 }
 
 /// A process the lab runs in one of its namespaces (etcd, say), killed
@@ -159,6 +162,15 @@ impl Node {
     /// host-local's dataDir.
     pub fn ipam_dir(&self) -> PathBuf {
         self.run_dir.join("ipam")
+    }
+
+    /// Where `--install-cni` puts the plugin and the conflist.
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.run_dir.join("cni-bin")
+    }
+
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.run_dir.join("net.d")
     }
 
     /// The agent's status, if it answers.
@@ -264,12 +276,32 @@ impl CniCall {
 /// Runs a CNI plugin command: `cmd` (already placed in its namespace),
 /// the `CNI_*` variables, `conf` on stdin.
 pub fn run_cni(
-    mut cmd: Command,
+    cmd: Command,
     command: &str,
     container_id: &str,
     netns: &str,
     ifname: &str,
     conf: &serde_json::Value,
+) -> Result<CniCall> {
+    run_cni_raw(
+        cmd,
+        command,
+        container_id,
+        netns,
+        ifname,
+        &serde_json::to_vec(conf)?,
+    )
+}
+
+/// [`run_cni`] with any bytes on stdin (malformed input tests); empty
+/// values leave their variable empty.
+pub fn run_cni_raw(
+    mut cmd: Command,
+    command: &str,
+    container_id: &str,
+    netns: &str,
+    ifname: &str,
+    stdin: &[u8],
 ) -> Result<CniCall> {
     use std::io::Write;
     cmd.env_clear()
@@ -283,11 +315,7 @@ pub fn run_cni(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().context("starting a CNI plugin")?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(&serde_json::to_vec(conf)?)?;
+    child.stdin.take().context("no stdin")?.write_all(stdin)?;
     let out = child.wait_with_output()?;
     let raw = String::from_utf8_lossy(&out.stdout).into_owned();
     Ok(CniCall {
@@ -320,6 +348,13 @@ impl Lab {
         };
         lab.build(specs)?;
         Ok(lab)
+    }
+
+    /// A fresh namespace `<lab id>-<suffix>`, removed with the lab.
+    pub fn netns(&mut self, suffix: &str) -> Result<String> {
+        let name = format!("{}-{suffix}", self.id);
+        self.add_ns(&name)?;
+        Ok(name)
     }
 
     fn add_ns(&mut self, name: &str) -> Result<()> {
@@ -585,6 +620,17 @@ impl Lab {
                     .arg(node_name(i));
             }
         }
+        if self.opts.install_cni {
+            let conf = node.run_dir.join("cni-conf.json");
+            std::fs::write(&conf, serde_json::to_vec_pretty(&self.conflist(i))?)?;
+            cmd.arg("--install-cni")
+                .arg("--cni-bin-dir")
+                .arg(node.cni_bin_dir())
+                .arg("--cni-conf-dir")
+                .arg(node.cni_conf_dir())
+                .arg("--cni-conf-file")
+                .arg(conf);
+        }
         cmd.args(&self.opts.agent_args)
             .arg("--bpf-dir")
             .arg(&node.bpf_dir)
@@ -828,6 +874,24 @@ impl Lab {
             "dataDir": node.cni_dir(),
             "delegate": {"hairpinMode": true, "isDefaultGateway": true},
             "ipam": {"dataDir": node.ipam_dir()},
+        })
+    }
+
+    /// Node `i`'s conflist: Flannel's, with the lab's paths in the
+    /// `flannel` entry, then `portmap`.
+    pub fn conflist(&self, i: usize) -> serde_json::Value {
+        let mut flannel = self.cni_conf(i, "0.3.1");
+        if let Some(o) = flannel.as_object_mut() {
+            o.remove("cniVersion");
+            o.remove("name");
+        }
+        serde_json::json!({
+            "name": CNI_NETWORK,
+            "cniVersion": "0.3.1",
+            "plugins": [
+                flannel,
+                {"type": "portmap", "capabilities": {"portMappings": true}},
+            ],
         })
     }
 

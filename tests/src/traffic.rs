@@ -73,20 +73,46 @@ pub fn tcp_exchange(
     server_ip: Ipv4Addr,
     port: u16,
 ) -> Result<()> {
+    let addr = SocketAddrV4::new(server_ip, port);
+    tcp_exchange_via(client_ns, server_ns, addr, addr)
+}
+
+/// Like [`tcp_exchange`], with the server listening on `listen` and the
+/// client connecting to `connect` (a NATed address, say a hostPort).
+pub fn tcp_exchange_via(
+    client_ns: &str,
+    server_ns: &str,
+    listen: SocketAddrV4,
+    connect: SocketAddrV4,
+) -> Result<()> {
+    // The client goes first on failure, so the server never waits forever.
     let server = start_server(server_ns, move |ready| {
-        let l = TcpListener::bind(SocketAddrV4::new(server_ip, port))?;
+        let l = TcpListener::bind(listen)?;
+        l.set_nonblocking(true)?;
         ready();
-        let (mut s, _) = l.accept()?;
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let (mut s, _) = loop {
+            match l.accept() {
+                Ok(c) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        bail!("no client connected to {listen}");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        s.set_nonblocking(false)?;
         s.set_read_timeout(Some(TIMEOUT))?;
         let mut buf = [0u8; 4096];
         let n = s.read(&mut buf)?;
         s.write_all(&buf[..n])?;
         Ok(())
     })?;
-    let msg = pattern(u64::from(port), 1000);
+    let msg = pattern(u64::from(connect.port()), 1000);
     let got = in_netns(client_ns, move || {
-        let mut s =
-            TcpStream::connect_timeout(&SocketAddrV4::new(server_ip, port).into(), TIMEOUT)?;
+        let mut s = TcpStream::connect_timeout(&connect.into(), TIMEOUT)?;
         s.set_read_timeout(Some(TIMEOUT))?;
         s.write_all(&msg)?;
         let mut buf = vec![0u8; msg.len()];
@@ -94,6 +120,14 @@ pub fn tcp_exchange(
         Ok(buf == msg)
     });
     finish(server, got, "TCP")
+}
+
+/// Whether a TCP connection from `client_ns` to `to` is accepted within
+/// a second (refused or unanswered: false).
+pub fn tcp_connects(client_ns: &str, to: SocketAddrV4) -> Result<bool> {
+    in_netns(client_ns, move || {
+        Ok(TcpStream::connect_timeout(&to.into(), Duration::from_secs(1)).is_ok())
+    })
 }
 
 /// UDP request/response between two pods.

@@ -58,6 +58,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "etcd"),
     // The ip-masq tests read the rules back with nft.
     ("nftables", "nft"),
+    // The reference CNI plugins: host-local (IPAM for the `flannel`
+    // plugin), portmap (chained after it), bridge (stock-Flannel nodes).
+    ("containernetworking-plugins", "/usr/lib/cni/host-local"),
+    // A real container runtime for the CNI tests, with runc, and a
+    // static busybox as the containers' root filesystem.
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("busybox-static", "dpkg:busybox-static"),
 ];
 
 fn main() -> Result<()> {
@@ -249,8 +257,16 @@ fn setup_packages() -> Result<()> {
     let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(_, bin)| {
+            // A command on PATH, an absolute path, or `dpkg:<package>`.
+            let check = if let Some(pkg) = bin.strip_prefix("dpkg:") {
+                format!("dpkg-query -W -f='${{Status}}' {pkg} 2>/dev/null | grep -q 'ok installed'")
+            } else if bin.starts_with('/') {
+                format!("test -x {bin}")
+            } else {
+                format!("command -v {bin}")
+            };
             !Command::new("sh")
-                .args(["-c", &format!("command -v {bin}")])
+                .args(["-c", &check])
                 .output()
                 .is_ok_and(|o| o.status.success())
         })
