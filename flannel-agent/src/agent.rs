@@ -707,7 +707,8 @@ impl Agent {
                 mac: rec.mac,
                 host_ifname: rec.host_ifname.clone(),
             };
-            if self.endpoints.get(&want.ip) == Some(&want)
+            if rec.deleting
+                || self.endpoints.get(&want.ip) == Some(&want)
                 || !self.node.lease.subnet.contains(&want.ip)
                 || !on_bridge.contains(rec.host_ifname.as_str())
                 || !rec.ipam_holds()

@@ -273,6 +273,32 @@ impl CniCall {
     }
 }
 
+/// Runs a CNI command in node namespace `node_ns` the way a runtime does:
+/// the plugin of the config's `type`, found in [`cni_path`].
+pub fn cni_in(
+    node_ns: &str,
+    command: &str,
+    container_id: &str,
+    netns: &str,
+    ifname: &str,
+    conf: &serde_json::Value,
+) -> Result<CniCall> {
+    let plugin = conf["type"].as_str().context("config has no type")?;
+    let bin = cni_path()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join(plugin))
+        .find(|p| p.is_file())
+        .with_context(|| format!("CNI plugin {plugin} not found"))?;
+    run_cni(
+        command_in_netns(bin, node_ns)?,
+        command,
+        container_id,
+        netns,
+        ifname,
+        conf,
+    )
+}
+
 /// Runs a CNI plugin command: `cmd` (already placed in its namespace),
 /// the `CNI_*` variables, `conf` on stdin.
 pub fn run_cni(
@@ -907,14 +933,8 @@ impl Lab {
         ifname: &str,
         conf: &serde_json::Value,
     ) -> Result<CniCall> {
-        let plugin = conf["type"].as_str().context("config has no type")?;
-        let bin = cni_path()?
-            .split(':')
-            .map(|d| PathBuf::from(d).join(plugin))
-            .find(|p| p.is_file())
-            .with_context(|| format!("CNI plugin {plugin} not found"))?;
-        run_cni(
-            command_in_netns(bin, &self.nodes[i].ns)?,
+        cni_in(
+            &self.nodes[i].ns,
             command,
             container_id,
             netns,

@@ -17,7 +17,7 @@ use flannel_agent::{
 };
 use flannel_tests::{
     lab::{
-        built_bin, command_in_netns, netns_path, run_cni, run_cni_raw, CniCall, LabOptions,
+        built_bin, cni_in, command_in_netns, netns_path, run_cni, run_cni_raw, CniCall, LabOptions,
         NodeKind, NodeSpec, CNI_NETWORK, FABRIC_IP, REFERENCE_PLUGINS,
     },
     netns::{exec, ip},
@@ -31,7 +31,7 @@ fn at_least(v: &str, min: &str) -> bool {
 }
 
 /// What the plugin leaves on node `i`, to compare before and after.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Traces {
     host_veths: Vec<String>,
     records: Vec<String>,
@@ -549,4 +549,318 @@ fn bad_calls_rollback_and_gc() {
     assert_eq!(t.masq, vec![ids[0].1]);
     // The valid attachment still works.
     assert!(lab.ping((1, 0), ids[0].1, 2, 56).unwrap());
+}
+
+/// Chained as Flannel's conflist chains it: `portmap` after the plugin,
+/// with the real reference plugins; host-local state that was there
+/// before is respected; the plugin masquerades what leaves the cluster.
+#[test]
+fn chained_with_the_reference_plugins() {
+    let mut lab = Lab::new(&[
+        NodeSpec::new(NodeKind::Ebpf, 0),
+        NodeSpec::new(NodeKind::Ebpf, 1),
+    ])
+    .unwrap();
+    let node = &lab.nodes[0];
+    let (node_ip, subnet) = (node.ip, node.subnet);
+    // An address an earlier pod still holds, as host-local wrote it.
+    let held = Ipv4Addr::from(u32::from(subnet.network()) + 2);
+    let hl_dir = node.ipam_dir().join(CNI_NETWORK);
+    std::fs::create_dir_all(&hl_dir).unwrap();
+    std::fs::write(hl_dir.join(held.to_string()), "earlier-pod\r\neth0").unwrap();
+
+    let list = lab.conflist(0);
+    let version = list["cniVersion"].as_str().unwrap().to_string();
+    // What a runtime hands each plugin of the list.
+    let entry = |k: usize, prev: Option<&Value>| {
+        let mut c = list["plugins"][k].clone();
+        c["cniVersion"] = json!(version);
+        c["name"] = json!(CNI_NETWORK);
+        if c["capabilities"]["portMappings"] == json!(true) {
+            c["runtimeConfig"] = json!({"portMappings": [
+                {"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}]});
+        }
+        if let Some(p) = prev {
+            c["prevResult"] = p.clone();
+        }
+        c
+    };
+    let ns = lab.netns("chain").unwrap();
+    let nsp = netns_path(&ns);
+    let r = lab
+        .cni(0, "ADD", "chained", &nsp, "eth0", &entry(0, None))
+        .unwrap()
+        .ok()
+        .unwrap();
+    let pod_ip = addr_of(&r);
+    assert_ne!(pod_ip, held, "host-local's earlier reservation was ignored");
+    let r2 = lab
+        .cni(0, "ADD", "chained", &nsp, "eth0", &entry(1, Some(&r)))
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(addr_of(&r2), pod_ip, "portmap passes the result on");
+
+    // The hostPort on the node's address reaches the pod.
+    let fabric = lab.fabric.clone();
+    tcp_exchange_via(
+        &fabric,
+        &ns,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080),
+        SocketAddrV4::new(node_ip, 18080),
+    )
+    .unwrap();
+    // Pod to the fabric is masqueraded by the plugin's rule (the agent
+    // runs without --ip-masq); pod to pod keeps the pod's address.
+    let seen = udp_source_seen(&ns, &fabric, FABRIC_IP, 7101).unwrap();
+    assert_eq!(seen, node_ip);
+    let other = lab.pod((1, 0));
+    let seen = udp_source_seen(&ns, &other.ns, other.ip, 7102).unwrap();
+    assert_eq!(seen, pod_ip);
+
+    // DEL in reverse order, as runtimes do.
+    for k in [1, 0] {
+        let d = lab
+            .cni(0, "DEL", "chained", &nsp, "eth0", &entry(k, Some(&r)))
+            .unwrap();
+        assert!(d.success, "DEL {k}: {} {}", d.raw, d.stderr);
+    }
+    assert!(!tcp_connects(&fabric, SocketAddrV4::new(node_ip, 18080)).unwrap());
+    let t = traces(&lab, 0);
+    assert_eq!(t.reserved, vec![held.to_string()], "{t:?}");
+    assert!(
+        t.host_veths.is_empty() && t.records.is_empty() && t.masq.is_empty(),
+        "{t:?}"
+    );
+}
+
+/// The node's agent is down: STATUS says why and ADD refuses cleanly
+/// until subnet.env exists; with subnet.env, ADD works without the agent
+/// (over the kernel path) and the agent registers the pod when it is back.
+#[test]
+fn pods_added_while_the_agent_is_down_are_registered_later() {
+    let mut lab = Lab::new(&[
+        NodeSpec::new(NodeKind::Ebpf, 0),
+        NodeSpec::new(NodeKind::Ebpf, 1),
+    ])
+    .unwrap();
+    let conf = lab.cni_conf(0, "1.1.0");
+    let before = traces(&lab, 0);
+    lab.kill_agent(0).unwrap();
+
+    // Before the agent has written subnet.env.
+    std::fs::remove_file(lab.nodes[0].subnet_file()).unwrap();
+    let st = lab.cni(0, "STATUS", "", "", "", &conf).unwrap();
+    assert_eq!(code_of(&st), 50, "{}", st.raw);
+    assert!(st.stdout["msg"]
+        .as_str()
+        .unwrap()
+        .contains("Check the agent on this node"));
+    let ns = lab.netns("down").unwrap();
+    let nsp = netns_path(&ns);
+    let add = lab.cni(0, "ADD", "early", &nsp, "eth0", &conf).unwrap();
+    assert_eq!(code_of(&add), 11, "{}", add.raw);
+    assert!(add.stdout["msg"]
+        .as_str()
+        .unwrap()
+        .starts_with("failed to load flannel 'subnet.env' file"));
+    let mut expect = Traces {
+        registered: Vec::new(),
+        ..before.clone()
+    };
+    assert_eq!(traces(&lab, 0), expect, "a refused ADD created something");
+
+    // The agent writes subnet.env; STATUS turns ready.
+    lab.start_agent(0).unwrap();
+    let st = lab.cni(0, "STATUS", "", "", "", &conf).unwrap();
+    assert!(st.success, "{} {}", st.raw, st.stderr);
+
+    // Agent down again: ADD still completes.
+    lab.kill_agent(0).unwrap();
+    let add = lab.cni(0, "ADD", "early", &nsp, "eth0", &conf).unwrap();
+    assert!(add.success, "{} {}", add.raw, add.stderr);
+    assert!(add.stderr.contains("agent unavailable"), "{}", add.stderr);
+    let pod_ip = addr_of(&add.stdout);
+    let t = traces(&lab, 0);
+    assert_eq!(t.records.len(), 1);
+    assert!(!t.in_map.contains(&pod_ip), "nobody registered it: {t:?}");
+    // Reachable, through the kernel's flannel.1 on this node.
+    let c0 = lab.nodes[0].counters().unwrap();
+    assert!(lab.ping((1, 0), pod_ip, 5, 56).unwrap());
+    let c1 = lab.nodes[0].counters().unwrap();
+    assert!(
+        c1["xdp_pass_not_local"] >= c0["xdp_pass_not_local"] + 5,
+        "{c0:?} {c1:?}"
+    );
+    assert_eq!(c1["xdp_decap"], c0["xdp_decap"]);
+
+    // The agent comes back and registers it from the records.
+    lab.start_agent(0).unwrap();
+    lab.wait_for(
+        Duration::from_secs(10),
+        "the agent to adopt the pod",
+        |lab| {
+            let t = traces(lab, 0);
+            t.in_map.contains(&pod_ip) && t.registered.contains(&pod_ip) && t.pod_links == 1
+        },
+    )
+    .unwrap();
+    assert!(lab
+        .agent_log(0)
+        .contains("registering a pod from the CNI plugin's records"));
+    let c2 = lab.nodes[0].counters().unwrap();
+    assert!(lab.ping((1, 0), pod_ip, 5, 56).unwrap());
+    let c3 = lab.nodes[0].counters().unwrap();
+    assert!(
+        c3["xdp_decap"] >= c2["xdp_decap"] + 5,
+        "now on the eBPF path: {c2:?} {c3:?}"
+    );
+    let check = lab
+        .cni(
+            0,
+            "CHECK",
+            "early",
+            &nsp,
+            "eth0",
+            &with(&conf, "prevResult", add.stdout.clone()),
+        )
+        .unwrap();
+    assert!(check.success, "{} {}", check.raw, check.stderr);
+
+    // DEL while the agent is down; the agent forgets the pod on return.
+    lab.kill_agent(0).unwrap();
+    let del = lab.cni(0, "DEL", "early", &nsp, "eth0", &conf).unwrap();
+    assert!(del.success, "{} {}", del.raw, del.stderr);
+    lab.start_agent(0).unwrap();
+    expect = before;
+    lab.wait_for(
+        Duration::from_secs(10),
+        "the agent to forget the pod",
+        |lab| traces(lab, 0) == expect,
+    )
+    .unwrap();
+}
+
+/// ADD → reachable → DEL for `n` pods on node 0 with `workers` calls in
+/// flight at once; returns the ADD and DEL latencies.
+fn churn(
+    lab: &mut Lab,
+    conf: &Value,
+    n: usize,
+    workers: usize,
+    tag: &str,
+    reach_from: &str,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let namespaces: Vec<String> = (0..n)
+        .map(|k| lab.netns(&format!("{tag}{k}")).unwrap())
+        .collect();
+    let node_ns = lab.nodes[0].ns.clone();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if k >= n {
+                    break;
+                }
+                let nsp = netns_path(&namespaces[k]);
+                let id = format!("{tag}-{k}");
+                let t0 = Instant::now();
+                let add = cni_in(&node_ns, "ADD", &id, &nsp, "eth0", conf).unwrap();
+                let add_t = t0.elapsed();
+                assert!(add.success, "{tag} ADD {k}: {} {}", add.raw, add.stderr);
+                let pod_ip = addr_of(&add.stdout);
+                let reached = (0..3).any(|_| {
+                    exec(
+                        reach_from,
+                        &["ping", "-c", "1", "-W", "2", &pod_ip.to_string()],
+                    )
+                    .is_ok_and(|o| o.status.success())
+                });
+                assert!(
+                    reached,
+                    "{tag}: pod {k} ({pod_ip}) unreachable while it exists"
+                );
+                let t1 = Instant::now();
+                let del = cni_in(&node_ns, "DEL", &id, &nsp, "eth0", conf).unwrap();
+                let del_t = t1.elapsed();
+                assert!(del.success, "{tag} DEL {k}: {} {}", del.raw, del.stderr);
+                results.lock().unwrap().push((add_t, del_t));
+            });
+        }
+    });
+    let r = results.into_inner().unwrap();
+    assert_eq!(r.len(), n);
+    r.into_iter().unzip()
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i].as_secs_f64() * 1e3
+}
+
+/// 200 pods added, reached and deleted concurrently on one node, then
+/// nothing left behind; the same job with the reference bridge +
+/// host-local chain, side by side, for the latency figures.
+#[test]
+fn two_hundred_pods_concurrently() {
+    const N: usize = 200;
+    let mut lab = Lab::new(&[
+        NodeSpec::new(NodeKind::Ebpf, 0),
+        NodeSpec::new(NodeKind::Ebpf, 1),
+    ])
+    .unwrap();
+    let before = traces(&lab, 0);
+    let conf = lab.cni_conf(0, "1.0.0");
+    let prober = lab.pod((1, 0)).ns.clone();
+    let reference = json!({
+        "cniVersion": "1.0.0", "name": "refnet", "type": "bridge", "bridge": "cniref0",
+        "isGateway": true, "isDefaultGateway": true, "hairpinMode": true, "ipMasq": false,
+        "mtu": 1450,
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.250.0.0/24"}]],
+                 "routes": [{"dst": "10.244.0.0/16"}], "dataDir": lab.nodes[0].ipam_dir()},
+    });
+    let node_ns = lab.nodes[0].ns.clone();
+    let mut rows = Vec::new();
+    for workers in [N, 8] {
+        let started = Instant::now();
+        let (mut fa, mut fd) = churn(
+            &mut lab,
+            &conf,
+            N,
+            workers,
+            &format!("f{workers}x"),
+            &prober,
+        );
+        let f_total = started.elapsed();
+        assert_eq!(traces(&lab, 0), before, "flannel churn left traces");
+        let started = Instant::now();
+        let (mut ra, mut rd) = churn(
+            &mut lab,
+            &reference,
+            N,
+            workers,
+            &format!("r{workers}x"),
+            &node_ns,
+        );
+        let r_total = started.elapsed();
+        rows.push(format!(
+            "{workers:>3} in flight | flannel ADD p50 {:6.1} p99 {:6.1} DEL p50 {:6.1} p99 {:6.1} ({:.1} s) | bridge+host-local ADD p50 {:6.1} p99 {:6.1} DEL p50 {:6.1} p99 {:6.1} ({:.1} s)",
+            pct(&mut fa, 0.5), pct(&mut fa, 0.99), pct(&mut fd, 0.5), pct(&mut fd, 0.99), f_total.as_secs_f64(),
+            pct(&mut ra, 0.5), pct(&mut ra, 0.99), pct(&mut rd, 0.5), pct(&mut rd, 0.99), r_total.as_secs_f64(),
+        ));
+    }
+    let t = traces(&lab, 0);
+    assert_eq!(t, before, "leftovers after {N} pods");
+    let refs = dir_names(&lab.nodes[0].ipam_dir().join("refnet"));
+    assert!(
+        refs.iter().all(|n| n.parse::<Ipv4Addr>().is_err()),
+        "{refs:?}"
+    );
+    eprintln!("CNI latency over {N} pods (ms):");
+    for r in rows {
+        eprintln!("  {r}");
+    }
 }

@@ -36,6 +36,7 @@ fn etcd_store_end_to_end() {
             net_conf: Some(CONF.into()),
             // Short leases so that renewal is exercised during the test.
             agent_args: vec!["--subnet-lease-ttl-secs".into(), "20".into()],
+            ..Default::default()
         },
     )
     .expect("lab");

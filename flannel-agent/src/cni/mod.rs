@@ -223,6 +223,15 @@ impl Teardown<'_> {
     /// The address is released last, once nothing uses it.
     async fn run(mut self, host: &Netlink) -> CniResult<()> {
         let (id, ifname) = (&self.env.container_id, &self.env.ifname);
+        // First mark the record, so that an agent reading records while
+        // this runs does not register the pod again.
+        if let Ok(Some(mut rec)) = Record::load(&self.conf.data_dir, id, ifname) {
+            if !rec.deleting {
+                rec.deleting = true;
+                rec.save(&self.conf.data_dir)
+                    .map_err(|e| CniError::io("marking the attachment record", e))?;
+            }
+        }
         if let Some(ip) = self.ip {
             match api::call(&self.conf.agent_socket, &Request::Del { ip }) {
                 Ok(_) => {}
@@ -386,6 +395,7 @@ async fn wire(
         masq: masq_on,
         ipam_type: conf.ipam_type(),
         ipam: ipam.stdin.clone(),
+        deleting: false,
     };
     rec.save(&conf.data_dir)
         .map_err(|e| CniError::io("saving the attachment record", e))?;

@@ -39,6 +39,9 @@ pub struct Record {
     /// version it accepted), replayed for DEL.
     pub ipam_type: String,
     pub ipam: Map<String, Value>,
+    /// DEL has started: the agent must not register this pod again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 pub fn path(dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
@@ -173,6 +176,7 @@ mod tests {
                 .as_object()
                 .unwrap()
                 .clone(),
+            deleting: false,
         };
         r.save(&dir).unwrap();
         std::fs::write(dir.join("junk.json"), "{").unwrap();
