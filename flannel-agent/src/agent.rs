@@ -214,6 +214,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if agent.opts.ip_masq {
         masq::ensure(agent.cfg.network, agent.node.lease.subnet)
             .context("installing the ip-masq rules")?;
+        // The agent masquerades now; the CNI plugin's rule is redundant.
+        masq::pod_remove().context("removing the CNI plugin's masquerade rule")?;
     } else {
         masq::remove().context("removing ip-masq rules of an earlier run")?;
     }

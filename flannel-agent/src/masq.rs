@@ -33,14 +33,11 @@ const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
-const NFT_MSG_DELRULE: u16 = 8;
-const NFT_MSG_NEWSET: u16 = 9;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
 const NFPROTO_IPV4: u8 = 2;
 
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
+const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLMSG_ERROR: u16 = 2;
@@ -160,12 +157,6 @@ impl Rule {
                     v.be32(1, NFT_RETURN as u32);
                 });
             });
-        })
-    }
-    /// `ip saddr @set`.
-    fn saddr_in_set(&mut self, set: &str) -> &mut Self {
-        self.ip_field(12).expr("lookup", |a| {
-            a.str(1, set).be32(2, NFT_REG_1);
         })
     }
     fn masquerade(&mut self) -> &mut Self {
@@ -444,14 +435,12 @@ pub fn present() -> Result<bool, MasqError> {
     }
 }
 
-/// Per-pod masquerading done by the CNI plugin when the agent does not
-/// (`ipMasq`, Flannel's `!FLANNEL_IPMASQ`): table `ip flannel-cni`, set
-/// `masq-pods` of pod addresses, and one rule
-/// `ip saddr @masq-pods ip daddr != <cluster net> ip daddr != 224.0.0.0/4 masquerade`.
-/// Pods come and go as set elements; the rule is rewritten with each ADD
-/// inside the same transaction, so concurrent ADDs leave exactly one.
+/// Masquerading done by the CNI plugin when the agent does not (`ipMasq`,
+/// Flannel's `!FLANNEL_IPMASQ`): table `ip flannel-cni` with one rule
+/// `ip saddr <lease> ip daddr != <cluster net> ip daddr != 224.0.0.0/4 masquerade`.
+/// Every pod of the node shares it, so ADD and DEL pay nothing per pod
+/// (the reference bridge plugin writes iptables rules per container).
 pub const POD_TABLE: &str = "flannel-cni";
-pub const POD_SET: &str = "masq-pods";
 pub const POD_CHAIN: &str = "postrouting";
 
 fn pod_table_attrs() -> Attrs {
@@ -460,23 +449,37 @@ fn pod_table_attrs() -> Attrs {
     a
 }
 
-fn set_elem(ip: Ipv4Addr) -> Attrs {
-    let mut a = Attrs::default();
-    a.str(1, POD_TABLE).str(2, POD_SET).nest(3, |list| {
-        list.nest(1, |elem| {
-            elem.value(1, &ip.octets());
-        });
-    });
-    a
+/// Whether the plugin's table is there.
+pub fn pod_present() -> Result<bool, MasqError> {
+    let mut s = Socket::open()?;
+    s.nft(
+        NFT_MSG_GETTABLE,
+        0,
+        &pod_table_attrs(),
+        "reading the pod table",
+    );
+    match s.exchange() {
+        Ok(()) => Ok(true),
+        Err(MasqError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
-/// Masquerades traffic from pod `ip` that leaves the cluster `network`.
-pub fn pod_add(network: Ipv4Net, ip: Ipv4Addr) -> Result<(), MasqError> {
+/// Makes sure pods of `lease` are masqueraded when leaving `network`. A
+/// read in the common case; when the table is missing it is built in one
+/// transaction, and `NLM_F_EXCL` on the table lets exactly one of several
+/// racing ADDs build it.
+pub fn pod_ensure(network: Ipv4Net, lease: Ipv4Net) -> Result<(), MasqError> {
+    if pod_present()? {
+        return Ok(());
+    }
     let mut s = Socket::open()?;
     s.batch(NFNL_MSG_BATCH_BEGIN);
     s.nft(
         NFT_MSG_NEWTABLE,
-        NLM_F_CREATE,
+        NLM_F_CREATE | NLM_F_EXCL,
         &pod_table_attrs(),
         "creating the pod table",
     );
@@ -495,20 +498,9 @@ pub fn pod_add(network: Ipv4Net, ip: Ipv4Addr) -> Result<(), MasqError> {
         &chain,
         "creating the pod chain",
     );
-    let mut set = Attrs::default();
-    // table, name, key type (ipv4_addr = 7), key length, id
-    set.str(1, POD_TABLE)
-        .str(2, POD_SET)
-        .be32(4, 7)
-        .be32(5, 4)
-        .be32(10, 1);
-    s.nft(NFT_MSG_NEWSET, NLM_F_CREATE, &set, "creating the pod set");
-    let mut flush = Attrs::default();
-    flush.str(1, POD_TABLE).str(2, POD_CHAIN);
-    s.nft(NFT_MSG_DELRULE, 0, &flush, "flushing the pod chain");
     let multicast = Ipv4Net::new(Ipv4Addr::new(224, 0, 0, 0), 4).expect("valid");
     let mut rule = Rule::default();
-    rule.saddr_in_set(POD_SET)
+    rule.ip_in(false, lease, true)
         .ip_in(true, network, false)
         .ip_in(true, multicast, false)
         .masquerade();
@@ -522,25 +514,25 @@ pub fn pod_add(network: Ipv4Net, ip: Ipv4Addr) -> Result<(), MasqError> {
         &a,
         "adding the pod rule",
     );
-    s.nft(
-        NFT_MSG_NEWSETELEM,
-        NLM_F_CREATE,
-        &set_elem(ip),
-        "adding the pod address",
-    );
     s.batch(NFNL_MSG_BATCH_END);
-    s.exchange()
+    match s.exchange() {
+        Err(MasqError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
-/// Stops masquerading pod `ip`; absent (element, set or table) is fine.
-pub fn pod_del(ip: Ipv4Addr) -> Result<(), MasqError> {
+/// Removes the plugin's table (the agent masquerades itself now); absent
+/// is fine.
+pub fn pod_remove() -> Result<(), MasqError> {
     let mut s = Socket::open()?;
     s.batch(NFNL_MSG_BATCH_BEGIN);
     s.nft(
-        NFT_MSG_DELSETELEM,
+        NFT_MSG_DELTABLE,
         0,
-        &set_elem(ip),
-        "removing the pod address",
+        &pod_table_attrs(),
+        "deleting the pod table",
     );
     s.batch(NFNL_MSG_BATCH_END);
     match s.exchange() {

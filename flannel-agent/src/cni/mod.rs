@@ -239,7 +239,6 @@ impl Teardown<'_> {
                     "{id}: agent not told that pod {ip} is gone ({e}); it notices on its own"
                 )),
             }
-            masq::pod_del(ip).map_err(|e| CniError::io("removing the pod's masquerade", e))?;
         }
         host.delete_link_by_name(&self.host_ifname)
             .await
@@ -378,8 +377,8 @@ async fn wire(
     }
     let masq_on = conf.ip_masq(senv);
     if masq_on {
-        masq::pod_add(senv.network, ipc.address.addr())
-            .map_err(|e| CniError::io("masquerading the pod", e))?;
+        masq::pod_ensure(senv.network, senv.lease())
+            .map_err(|e| CniError::io("installing the pods' masquerade rule", e))?;
     }
     let mac = plink.mac.unwrap_or_default();
     let rec = Record {
