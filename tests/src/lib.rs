@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod fakekube;
 pub mod lab;
 pub mod netns;
+pub mod podman;
 pub mod traffic;
 
 pub use lab::{Lab, NodeKind, NodeSpec};

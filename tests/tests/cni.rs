@@ -21,6 +21,7 @@ use flannel_tests::{
         NodeKind, NodeSpec, CNI_NETWORK, FABRIC_IP, REFERENCE_PLUGINS,
     },
     netns::{exec, ip},
+    podman::{busybox_rootfs, Podman},
     traffic::{tcp_connects, tcp_exchange_via, udp_source_seen},
     Lab,
 };
@@ -851,5 +852,144 @@ fn two_hundred_pods_concurrently() {
     eprintln!("CNI latency over {N} pods (ms):");
     for r in rows {
         eprintln!("  {r}");
+    }
+}
+
+/// A real runtime: podman with its CNI backend and the conflist the agent
+/// installed, containers on two nodes reaching each other over the eBPF
+/// path, and `podman rm` leaving nothing behind.
+#[test]
+fn podman_containers_on_two_nodes() {
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 0),
+            NodeSpec::new(NodeKind::Ebpf, 0),
+        ],
+        LabOptions {
+            install_cni: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // --install-cni put the plugin and each node's conflist in place.
+    let built = std::fs::read(built_bin("flannel").unwrap()).unwrap();
+    for i in 0..2 {
+        let node = &lab.nodes[i];
+        let bin = node.cni_bin_dir().join("flannel");
+        assert!(
+            std::fs::read(&bin).unwrap() == built,
+            "installed plugin differs"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let conf: Value = serde_json::from_slice(
+            &std::fs::read(node.cni_conf_dir().join("10-flannel.conflist")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(conf, lab.conflist(i));
+    }
+    let before: Vec<Traces> = (0..2).map(|i| traces(&lab, i)).collect();
+    let rootfs = busybox_rootfs(&lab.dir).unwrap();
+    let rootfs_arg = format!("{}:O", rootfs.display());
+    let podmen: Vec<Podman> = (0..2)
+        .map(|i| {
+            let n = &lab.nodes[i];
+            Podman::new(
+                &n.ns,
+                &n.run_dir.join("podman"),
+                &n.cni_conf_dir(),
+                &n.cni_bin_dir(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let mut ips = Vec::new();
+    for (i, p) in podmen.iter().enumerate() {
+        let name = format!("c{i}");
+        p.run(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            CNI_NETWORK,
+            "--rootfs",
+            &rootfs_arg,
+            "/bin/sleep",
+            "3600",
+        ])
+        .unwrap();
+        let ip: Ipv4Addr = p
+            .run(&[
+                "inspect",
+                "-f",
+                "{{.NetworkSettings.Networks.cbr0.IPAddress}}",
+                &name,
+            ])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(lab.nodes[i].subnet.contains(&ip));
+        let t = traces(&lab, i);
+        assert!(
+            t.in_map.contains(&ip) && t.registered.contains(&ip),
+            "{t:?}"
+        );
+        assert_eq!(
+            p.cni_cache().len(),
+            1,
+            "podman's CNI cache stays in the test dir"
+        );
+        ips.push(ip);
+    }
+    let c0 = lab.nodes[0].counters().unwrap();
+    let c1 = lab.nodes[1].counters().unwrap();
+    let out = podmen[0]
+        .run(&[
+            "exec",
+            "c0",
+            "ping",
+            "-c",
+            "5",
+            "-W",
+            "2",
+            &ips[1].to_string(),
+        ])
+        .unwrap();
+    assert!(out.contains("5 packets received"), "{out}");
+    let out = podmen[1]
+        .run(&[
+            "exec",
+            "c1",
+            "ping",
+            "-c",
+            "3",
+            "-W",
+            "2",
+            &ips[0].to_string(),
+        ])
+        .unwrap();
+    assert!(out.contains("3 packets received"), "{out}");
+    let d0 = lab.nodes[0].counters().unwrap();
+    let d1 = lab.nodes[1].counters().unwrap();
+    assert!(
+        d0["pod_encap_redirect"] + d0["pod_encap_neigh"]
+            >= c0["pod_encap_redirect"] + c0["pod_encap_neigh"] + 5,
+        "{c0:?} {d0:?}"
+    );
+    assert!(d1["xdp_decap"] >= c1["xdp_decap"] + 5, "{c1:?} {d1:?}");
+
+    for (i, p) in podmen.iter().enumerate() {
+        p.run(&["rm", "--force", "--time", "0", &format!("c{i}")])
+            .unwrap();
+        assert_eq!(
+            traces(&lab, i),
+            before[i],
+            "podman rm left traces on node {i}"
+        );
+        assert!(p.cni_cache().is_empty(), "{:?}", p.cni_cache());
     }
 }
