@@ -108,9 +108,21 @@ struct Agent {
     remotes: Vec<RemoteEntry>,
     /// Subnets whose lease was unusable, already logged.
     skipped: HashSet<Ipv4Net>,
+    /// Pod interfaces whose TC program is being attached right now.
+    pending: HashSet<u32>,
+    /// Where attach workers report back.
+    attached_tx: mpsc::UnboundedSender<Attached>,
 }
 
 type ApiCall = (Request, oneshot::Sender<Response>);
+
+/// A pod's TC program attached on a worker thread, back to the loop.
+struct Attached {
+    rec: EndpointRecord,
+    index: u32,
+    result: std::io::Result<()>,
+    reply: oneshot::Sender<Response>,
+}
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&opts.run_dir)
@@ -187,6 +199,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_default();
     let mut fatal = control::spawn_renew(store.clone(), lease.clone(), opts.timing, feed.clone());
+    let (attached_tx, mut attached_rx) = mpsc::unbounded_channel::<Attached>();
 
     let mut agent = Agent {
         endpoints: load_endpoints(&opts.endpoints_file())?,
@@ -207,6 +220,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         attached: HashSet::new(),
         remotes: Vec::new(),
         skipped: HashSet::new(),
+        pending: HashSet::new(),
+        attached_tx,
     };
     agent.ensure_kernel_objects().await?;
     agent.choose_datapath().await?;
@@ -283,10 +298,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     tracing::debug!(took = ?started.elapsed(), leases = agent.leases.len(), "lease change applied");
                 }
             }
-            Some((req, reply)) = rx.recv() => {
-                let resp = agent.handle(req).await;
-                let _ = reply.send(resp);
-            }
+            Some((req, reply)) = rx.recv() => agent.handle(req, reply).await,
+            Some(done) = attached_rx.recv() => agent.finish_add(done),
             Some(err) = fatal.recv() => break Err(err),
             _ = term.recv() => break Ok(()),
             _ = int.recv() => break Ok(()),
@@ -601,8 +614,8 @@ impl Agent {
         self.skipped = skipped;
     }
 
-    async fn handle(&mut self, req: Request) -> Response {
-        match req {
+    async fn handle(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let resp = match req {
             Request::Status {} => Response {
                 status: Some(self.status()),
                 ..Response::ok()
@@ -611,18 +624,62 @@ impl Agent {
                 endpoints: Some(self.endpoints.values().cloned().collect()),
                 ..Response::ok()
             },
-            Request::Add(rec) => match self.add_endpoint(rec).await {
-                Ok(()) => Response::ok(),
-                Err(err) => Response::err(format!("{err:#}")),
-            },
+            // Answered once its TC program is attached.
+            Request::Add(rec) => return self.begin_add(rec, reply).await,
             Request::Del { ip } => match self.del_endpoint(ip) {
                 Ok(()) => Response::ok(),
                 Err(err) => Response::err(format!("{err:#}")),
             },
-        }
+        };
+        let _ = reply.send(resp);
     }
 
-    async fn add_endpoint(&mut self, rec: EndpointRecord) -> anyhow::Result<()> {
+    /// Checks a pod and starts attaching its TC program. A tcx attach
+    /// waits for an RCU grace period in the kernel; done on a worker
+    /// thread, many pods being added at once overlap their waits instead
+    /// of queueing behind each other on this loop.
+    async fn begin_add(&mut self, rec: EndpointRecord, reply: oneshot::Sender<Response>) {
+        let index = match self.check_endpoint(&rec) {
+            Ok(i) => i,
+            Err(err) => {
+                let _ = reply.send(Response::err(format!("{err:#}")));
+                return;
+            }
+        };
+        let done = |result| Attached {
+            rec: rec.clone(),
+            index,
+            result,
+            reply,
+        };
+        let Some(dp) = self.dp.as_mut() else {
+            return self.finish_add(done(Ok(())));
+        };
+        if dp.pod_link_alive(index) {
+            // Pinned by an earlier run: take it over (no grace period).
+            let r = dp
+                .attach_pod(&rec.host_ifname, index)
+                .map_err(std::io::Error::other);
+            return self.finish_add(done(r));
+        }
+        let prog = match dp.pod_program() {
+            Ok(p) => p,
+            Err(err) => return self.finish_add(done(Err(std::io::Error::other(err)))),
+        };
+        let pin = dp.pod_link_path(index);
+        self.pending.insert(index);
+        let tx = self.attached_tx.clone();
+        let mut msg = done(Ok(()));
+        tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsFd;
+            msg.result = ebpf::attach_tcx_ingress_pinned(prog.as_fd(), index, &pin);
+            let _ = tx.send(msg);
+        });
+    }
+
+    /// The pod's address, MAC and host interface, checked; returns the
+    /// interface index.
+    fn check_endpoint(&self, rec: &EndpointRecord) -> anyhow::Result<u32> {
         if !self.node.lease.subnet.contains(&rec.ip) || rec.ip == self.gateway().addr() {
             bail!(
                 "pod IP {} is not a pod address of this node's lease {}",
@@ -633,23 +690,36 @@ impl Agent {
         if !rec.mac.is_unicast() {
             bail!("pod MAC {} is not a unicast address", rec.mac);
         }
-        let link = self
-            .nl
-            .link_by_name(&rec.host_ifname)
-            .await?
-            .ok_or_else(|| {
-                anyhow!(
-                    "host interface {} does not exist on this node",
-                    rec.host_ifname
-                )
-            })?;
+        // if_nametoindex: no RTNL round trip while many pods are wired.
+        ebpf::ifindex(&rec.host_ifname).ok_or_else(|| {
+            anyhow!(
+                "host interface {} does not exist on this node",
+                rec.host_ifname
+            )
+        })
+    }
+
+    /// Records an attached pod (map entry, pod records) and answers.
+    fn finish_add(&mut self, a: Attached) {
+        self.pending.remove(&a.index);
+        let result = a
+            .result
+            .with_context(|| format!("attaching tc_from_pod to {}", a.rec.host_ifname))
+            .and_then(|()| self.commit_endpoint(a.rec, a.index));
+        let resp = match result {
+            Ok(()) => Response::ok(),
+            Err(err) => Response::err(format!("{err:#}")),
+        };
+        let _ = a.reply.send(resp);
+    }
+
+    fn commit_endpoint(&mut self, rec: EndpointRecord, index: u32) -> anyhow::Result<()> {
         if let Some(dp) = self.dp.as_mut() {
-            dp.attach_pod(&rec.host_ifname, link.index)?;
-            self.attached.insert(link.index);
+            self.attached.insert(index);
             dp.put_endpoint(
                 rec.ip,
                 &Endpoint {
-                    host_ifindex: link.index,
+                    host_ifindex: index,
                     pod_mac: rec.mac.0,
                     _pad: [0; 2],
                 },
@@ -914,7 +984,7 @@ impl Agent {
         }
         let live_indexes: HashSet<u32> = live.values().map(|(_, i)| *i).collect();
         for index in pinned {
-            if !live_indexes.contains(&index) {
+            if !live_indexes.contains(&index) && !self.pending.contains(&index) {
                 dp.detach_pod(index);
                 self.attached.remove(&index);
             }

@@ -57,6 +57,8 @@ pub enum EbpfError {
     },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("duplicating the program fd: {0}")]
+    Dup(io::Error),
 }
 
 type Result<T> = std::result::Result<T, EbpfError>;
@@ -251,6 +253,28 @@ impl Datapath {
         self.attach_tc(programs::TC_FROM_POD, ifname, &format!("pod_{ifindex}"))
     }
 
+    /// A duplicate of `tc_from_pod`'s fd, to attach it off the agent's
+    /// event loop with [`attach_tcx_ingress_pinned`].
+    pub fn pod_program(&mut self) -> Result<aya::programs::ProgramFd> {
+        let name = programs::TC_FROM_POD;
+        self.classifier(name)?
+            .fd()
+            .map_err(|source| EbpfError::Program { name, source })?
+            .try_clone()
+            .map_err(EbpfError::Dup)
+    }
+
+    /// Where a pod's link is pinned.
+    pub fn pod_link_path(&self, ifindex: u32) -> PathBuf {
+        self.link_path(&format!("pod_{ifindex}"))
+    }
+
+    /// Whether the pod link pinned for `ifindex` is attached to that
+    /// interface.
+    pub fn pod_link_alive(&self, ifindex: u32) -> bool {
+        pinned_link_ifindex(&self.pod_link_path(ifindex)) == Some(ifindex)
+    }
+
     /// Forgets a pod's attachment (the link dies with the interface).
     pub fn detach_pod(&mut self, ifindex: u32) {
         let _ = std::fs::remove_file(self.link_path(&format!("pod_{ifindex}")));
@@ -377,9 +401,96 @@ impl Datapath {
             HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(err)?;
         match map.remove(&ip_key(ip)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // aya 0.14 reports a missing key on delete as the syscall's ENOENT.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(err(e)),
         }
     }
+}
+
+/// Attaches `prog` at TCX ingress of `ifindex` and pins the link at
+/// `pin` (replacing a stale pin). Blocking: the kernel waits for an RCU
+/// grace period on every tcx attach, so the agent runs this on a worker
+/// thread and many pods attach at once instead of one after another.
+///
+/// Hand-written `BPF_LINK_CREATE` because aya's attach needs `&mut` on
+/// the program, which lives on the agent's loop.
+pub fn attach_tcx_ingress_pinned(
+    prog: std::os::fd::BorrowedFd<'_>,
+    ifindex: u32,
+    pin: &Path,
+) -> io::Result<()> {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_TCX_INGRESS: u32 = 46;
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+        relative_fd: u32,
+        _pad: u32,
+        expected_revision: u64,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = LinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_TCX_INGRESS,
+        flags: 0,
+        relative_fd: 0,
+        _pad: 0,
+        expected_revision: 0,
+    };
+    // SAFETY: attr is a valid, fully initialised bpf_attr prefix.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &attr as *const LinkCreate,
+            std::mem::size_of::<LinkCreate>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd; OwnedFd closes it.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let _ = std::fs::remove_file(pin);
+    let cpath = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjPin {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: link.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: attr points at a valid C string and an open link fd.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &attr as *const ObjPin,
+            std::mem::size_of::<ObjPin>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The index of interface `name` in this network namespace.

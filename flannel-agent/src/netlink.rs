@@ -356,14 +356,20 @@ impl Netlink {
         }
     }
 
-    /// A veth pair: `host` here, `peer` created straight inside the
-    /// namespace `peer_ns` (an open fd), both with `mtu`.
+    /// A veth pair in one request: `host` here, on bridge `bridge`, up;
+    /// `peer` created straight inside the namespace `peer_ns` (an open
+    /// fd); both with `mtu`. Every rtnetlink write takes the kernel's
+    /// RTNL lock, which many pods being wired at once queue on, so the
+    /// host side is made, enslaved and brought up with a single one. (The
+    /// peer cannot be brought up in the same request: the kernel opens it
+    /// before the pair is linked and refuses with ENOTCONN.)
     pub async fn add_veth(
         &self,
         host: &str,
         peer: &str,
         peer_ns: std::os::fd::RawFd,
         mtu: u32,
+        bridge: u32,
     ) -> Result<()> {
         let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_string())
@@ -372,6 +378,8 @@ impl Netlink {
             .build();
         let msg = LinkVeth::new(host, peer)
             .mtu(mtu)
+            .controller(bridge)
+            .up()
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
             .build();
         self.handle
@@ -382,23 +390,14 @@ impl Netlink {
             .map_err(req("create veth", host))
     }
 
-    /// Puts `index` on `bridge`, sets hairpin mode as asked, brings it up.
-    pub async fn attach_to_bridge(&self, index: u32, bridge: u32, hairpin: bool) -> Result<()> {
+    /// Turns on hairpin mode on bridge port `index`.
+    pub async fn set_hairpin(&self, index: u32) -> Result<()> {
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(index).controller(bridge).build())
+            .set_port(LinkBridgePort::new(index).hairpin(true).build())
             .execute()
             .await
-            .map_err(req("attach to bridge", index))?;
-        if hairpin {
-            self.handle
-                .link()
-                .set_port(LinkBridgePort::new(index).hairpin(true).build())
-                .execute()
-                .await
-                .map_err(req("set hairpin", index))?;
-        }
-        self.set_up(index).await
+            .map_err(req("set hairpin", index))
     }
 
     /// Adds (or replaces) an IPv4 address.

@@ -4,12 +4,10 @@
 //! real runtime (podman).
 
 use std::{
-    collections::HashSet,
     net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
 use flannel_agent::{
     api::{self, Request},
     cni::spec::SUPPORTED,
@@ -104,6 +102,9 @@ fn traces(lab: &Lab, i: usize) -> Traces {
         pod_links: ebpf::read_pod_links(&node.bpf_dir).len(),
     }
 }
+
+/// (command, container id, netns, ifname, stdin, code, text in msg)
+type BadCall<'a> = (&'a str, &'a str, String, &'a str, Vec<u8>, u64, &'a str);
 
 fn code_of(call: &CniCall) -> u64 {
     assert!(!call.success, "expected a failure, got {}", call.raw);
@@ -311,7 +312,7 @@ fn bad_calls_rollback_and_gc() {
     let plugin = || command_in_netns(built_bin("flannel").unwrap(), &lab.nodes[0].ns).unwrap();
 
     // (command, container id, netns, ifname, stdin, code, text in msg)
-    let table: Vec<(&str, &str, String, &str, Vec<u8>, u64, &str)> = vec![
+    let table: Vec<BadCall> = vec![
         (
             "ADD",
             "c",

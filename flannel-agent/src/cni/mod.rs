@@ -328,24 +328,31 @@ async fn wire(
         .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("gateway: {e}")))?;
     let bridge = pod_bridge(host, conf.bridge(), gw_net, mtu).await?;
     let host_ifname = record::host_ifname(&env.container_id, &env.ifname);
-    // A leftover of an earlier, interrupted ADD of this same attachment.
-    if host
-        .delete_link_by_name(&host_ifname)
-        .await
-        .map_err(nl_err("removing a stale host veth"))?
-    {
+    let made = host
+        .add_veth(&host_ifname, &env.ifname, ns.as_raw_fd(), mtu, bridge.index)
+        .await;
+    if made.as_ref().err().and_then(NetlinkError::errno) == Some(libc::EEXIST) {
+        // A leftover of an earlier, interrupted ADD of this attachment
+        // (the container side was checked to be free).
+        host.delete_link_by_name(&host_ifname)
+            .await
+            .map_err(nl_err("removing a stale host veth"))?;
         log(format_args!("removed stale {host_ifname}"));
+        host.add_veth(&host_ifname, &env.ifname, ns.as_raw_fd(), mtu, bridge.index)
+            .await
+            .map_err(nl_err("creating the veth pair"))?;
+    } else {
+        made.map_err(nl_err("creating the veth pair"))?;
     }
-    host.add_veth(&host_ifname, &env.ifname, ns.as_raw_fd(), mtu)
-        .await
-        .map_err(nl_err("creating the veth pair"))?;
     let hlink = host
         .require_link(&host_ifname)
         .await
         .map_err(nl_err("reading the host veth"))?;
-    host.attach_to_bridge(hlink.index, bridge.index, conf.delegate.hairpin_mode)
-        .await
-        .map_err(nl_err("attaching the host veth to the bridge"))?;
+    if conf.delegate.hairpin_mode {
+        host.set_hairpin(hlink.index)
+            .await
+            .map_err(nl_err("setting hairpin mode"))?;
+    }
     let plink = pod
         .require_link(&env.ifname)
         .await

@@ -110,7 +110,7 @@ pub fn list(dir: &Path) -> (Vec<Record>, Vec<String>) {
             Err(e) => bad.push(format!("{}: {e}", p.display())),
         }
     }
-    out.sort_by(|a, b| a.ip.addr().cmp(&b.ip.addr()));
+    out.sort_by_key(|r| r.ip.addr());
     (out, bad)
 }
 
