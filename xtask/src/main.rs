@@ -61,6 +61,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // The reference CNI plugins: host-local (IPAM for the `flannel`
     // plugin), portmap (chained after it), bridge (stock-Flannel nodes).
     ("containernetworking-plugins", "/usr/lib/cni/host-local"),
+    // portmap (Debian's 1.1) programs hostPorts with iptables.
+    ("iptables", "iptables"),
     // A real container runtime for the CNI tests, with runc, and a
     // static busybox as the containers' root filesystem.
     ("podman", "podman"),

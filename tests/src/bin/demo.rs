@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: builds a 3-node lab (2 pods per node) running the
-//! eBPF data path, sends pod-to-pod traffic same-node and cross-node, prints
-//! the counters that show which path carried it, and tears everything down.
+//! `cargo xtask demo`: builds a 3-node lab (2 pods per node, each added by
+//! the `flannel` CNI plugin) running the eBPF data path, sends pod-to-pod
+//! traffic same-node and cross-node, prints the counters that show which
+//! path carried it, and tears everything down.
 
 use anyhow::Result;
 use flannel_tests::{
@@ -11,7 +12,9 @@ use flannel_tests::{
 };
 
 fn main() -> Result<()> {
-    println!("building a 3-node lab (fabric bridge, 3 node namespaces, 2 pods each) ...");
+    println!(
+        "building a 3-node lab (fabric bridge, 3 node namespaces, 2 pods each, added through the flannel CNI plugin) ..."
+    );
     let lab = Lab::new(&[NodeSpec::new(NodeKind::Ebpf, 2); 3])?;
     for (i, node) in lab.nodes.iter().enumerate() {
         let pods: Vec<String> = node.pods.iter().map(|p| p.ip.to_string()).collect();
