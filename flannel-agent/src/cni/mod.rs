@@ -273,7 +273,14 @@ async fn add(env: &CniEnv, conf: &NetConf) -> CniResult<Value> {
     let host = host_netlink()?;
     let mut ipam = ipam_for(env, conf, &senv)?;
     let res = ipam.run("ADD", &env.container_id, &env.ifname)?;
-    let ipres = CniOutput::from_json(&res.unwrap_or(Value::Null))?;
+    let ipres = match CniOutput::from_json(&res.unwrap_or(Value::Null)) {
+        Ok(r) => r,
+        Err(e) => {
+            // An answer we cannot read may still have reserved an address.
+            let _ = ipam.run("DEL", &env.container_id, &env.ifname);
+            return Err(e);
+        }
+    };
     let host_ifname = record::host_ifname(&env.container_id, &env.ifname);
     let Some(ipc) = ipres.ips.first().cloned() else {
         let undo = Teardown {
