@@ -13,6 +13,7 @@ pub mod fakekube;
 pub mod lab;
 pub mod netns;
 pub mod podman;
+pub mod progtest;
 pub mod traffic;
 
 pub use lab::{Lab, NodeKind, NodeSpec};
