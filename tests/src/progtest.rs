@@ -335,3 +335,29 @@ pub fn in_lab_netns<T: Send + 'static>(
     let inner = ns.clone();
     in_netns(&name, move || f(&inner))
 }
+
+/// A pod frame of exactly `size` bytes (Ethernet included) to `dst`.
+pub fn sized_pod_frame(dst: Ipv4Addr, size: usize) -> Vec<u8> {
+    eth(
+        GATEWAY_MAC,
+        POD_MAC,
+        0x0800,
+        &ipv4(
+            Ipv4Addr::new(10, 244, 1, 12),
+            dst,
+            17,
+            64,
+            &vec![0u8; size.saturating_sub(34)],
+        ),
+    )
+}
+
+/// An inner frame of exactly `size` bytes from the remote pod to `dst`.
+pub fn sized_inner_frame(dst: Ipv4Addr, size: usize) -> Vec<u8> {
+    eth(
+        VTEP_MAC,
+        REMOTE_VTEP_MAC,
+        0x0800,
+        &ipv4(REMOTE_POD, dst, 17, 63, &vec![0u8; size.saturating_sub(34)]),
+    )
+}

@@ -1,124 +1,706 @@
-//! `cargo xtask bench` (first cut): cross-node TCP throughput over the eBPF
-//! path, the kernel path (`--datapath kernel`) and node-to-node on the
-//! fabric, side by side in one run, plus the verifier's instruction count for
-//! each program. Issue 5 grows this into the full benchmark.
+//! `cargo xtask bench [--quick]`: the same workloads over the eBPF data
+//! path, the kernel path (`--datapath kernel`, what stock Flannel does) and
+//! node-to-node on the fabric (the limit), in one run, interleaved; the
+//! programs' own cost through `BPF_PROG_TEST_RUN`; and the control plane's
+//! cost for 1,000 and 5,000 remote leases. Writes `bench.json`, `bench.md`
+//! and `bench.svg` under the output directory (`target/bench`).
 
-use std::process::{Command, Stdio};
-
-use anyhow::{bail, Context, Result};
-use flannel_tests::{
-    lab::{NodeKind, NodeSpec},
-    netns::exec,
-    Lab,
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
-fn iperf(server_ns: &str, client_ns: &str, dst: &str, secs: u32) -> Result<f64> {
-    let mut server = Command::new("ip")
-        .args([
-            "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5301",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let out = exec(
-        client_ns,
-        &[
-            "iperf3",
-            "-c",
-            dst,
-            "-p",
-            "5301",
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ],
-    )?;
-    let _ = server.wait();
-    if !out.status.success() {
-        bail!("iperf3 to {dst}: {}", String::from_utf8_lossy(&out.stdout));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("no iperf3 result")
+use anyhow::{bail, Context, Result};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use flannel_common::programs;
+use flannel_tests::{
+    lab::{command_in_netns, NodeKind, NodeSpec},
+    netns::{in_netns, spawn_in_netns},
+    progtest::{self, Harness, Netns},
+    Lab,
+};
+use serde_json::{json, Map, Value};
+
+struct Opts {
+    quick: bool,
+    secs: u32,
+    runs: usize,
+    rr_count: usize,
+    test_runs: u32,
+    leases: Vec<usize>,
+    out: PathBuf,
 }
 
-fn main() -> Result<()> {
-    let secs: u32 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let runs = 3;
-    let lab = Lab::new(&[
-        NodeSpec::new(NodeKind::Ebpf, 1),
-        NodeSpec::new(NodeKind::Ebpf, 1),
-        NodeSpec::new(NodeKind::Kernel, 1),
-        NodeSpec::new(NodeKind::Kernel, 1),
-    ])?;
-    let paths = [
-        (
-            "ebpf (pod n1 -> pod n2)",
-            lab.pod((1, 0)).ns.clone(),
-            lab.pod((0, 0)).ns.clone(),
-            lab.pod((1, 0)).ip.to_string(),
-        ),
-        (
-            "kernel (pod n3 -> pod n4)",
-            lab.pod((3, 0)).ns.clone(),
-            lab.pod((2, 0)).ns.clone(),
-            lab.pod((3, 0)).ip.to_string(),
-        ),
-        (
-            "node-to-node (n3 -> n4)",
-            lab.nodes[3].ns.clone(),
-            lab.nodes[2].ns.clone(),
-            lab.nodes[3].ip.to_string(),
-        ),
-    ];
-    let mut medians = Vec::new();
-    println!("TCP 1 stream, {secs} s x {runs} runs each, interleaved:");
-    let mut all: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-    for _ in 0..runs {
-        for (k, (_, server, client, dst)) in paths.iter().enumerate() {
-            all[k].push(iperf(server, client, dst, secs)? / 1e9);
+impl Opts {
+    fn parse() -> Result<Self> {
+        let mut quick = false;
+        let mut out = PathBuf::from("target/bench");
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--quick" => quick = true,
+                "--out" => out = args.next().context("--out needs a directory")?.into(),
+                other => bail!("unknown argument {other:?} (use --quick, --out DIR)"),
+            }
         }
+        Ok(if quick {
+            Opts {
+                quick,
+                secs: 1,
+                runs: 1,
+                rr_count: 2_000,
+                test_runs: 10_000,
+                leases: vec![1_000],
+                out,
+            }
+        } else {
+            Opts {
+                quick,
+                secs: 5,
+                runs: 3,
+                rr_count: 20_000,
+                test_runs: 1_000_000,
+                leases: vec![1_000, 5_000],
+                out,
+            }
+        })
     }
-    for (k, (name, ..)) in paths.iter().enumerate() {
-        let mut v = all[k].clone();
-        v.sort_by(|a, b| a.total_cmp(b));
-        let med = v[v.len() / 2];
-        medians.push(med);
-        println!(
-            "  {name:<28} median {med:6.2} Gbit/s  (runs: {})",
-            all[k]
-                .iter()
-                .map(|x| format!("{x:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+}
+
+/// Median, min and max of the runs.
+fn stats(v: &[f64]) -> Value {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    json!({"median": s[s.len() / 2], "min": s[0], "max": s[s.len() - 1], "runs": v})
+}
+
+fn median(v: &Value) -> f64 {
+    v["median"].as_f64().unwrap_or(f64::NAN)
+}
+
+/// Busy CPU seconds of the whole machine so far (all CPUs).
+fn cpu_busy_secs() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = v.iter().take(8).sum::<f64>() - v[3] - v[4];
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(busy / hz)
+}
+
+/// One iperf3 run from `client` to `server_ip` in `server`; the JSON end.
+fn iperf(server: &str, client: &str, server_ip: Ipv4Addr, args: &[&str]) -> Result<Value> {
+    let mut srv = command_in_netns("iperf3", server)?
+        .args(["-s", "-1", "-p", "5301"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 (apt-get install iperf3)")?;
+    std::thread::sleep(Duration::from_millis(200));
+    let out = command_in_netns("iperf3", client)?
+        .args(["-c", &server_ip.to_string(), "-p", "5301", "-J"])
+        .args(args)
+        .output()?;
+    let _ = srv.wait();
+    if !out.status.success() {
+        bail!(
+            "iperf3 to {server_ip}: {}",
+            String::from_utf8_lossy(&out.stdout)
         );
     }
-    println!(
-        "  ratio ebpf/kernel {:.2}, ebpf/node-to-node {:.2}",
-        medians[0] / medians[1],
-        medians[0] / medians[2]
-    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["end"].clone())
+}
 
-    println!("verifier instruction counts (verified_insns, one node's programs):");
-    let mut seen = std::collections::HashSet::new();
-    for info in aya::programs::loaded_programs().flatten() {
-        let name = info.name_as_str().unwrap_or("").to_string();
-        if ["tc_from_pod", "xdp_uplink", "tc_uplink_ingre"]
-            .iter()
-            .any(|n| name.starts_with(n))
-            && seen.insert(name.clone())
-        {
-            println!(
-                "  {name:<18} verified {:>6}  translated bytes {:>6}",
-                info.verified_instruction_count().unwrap_or(0),
-                info.size_translated().unwrap_or(0)
+/// TCP throughput in Gbit/s and the machine's busy CPU seconds per Gbit.
+fn tcp(server: &str, client: &str, ip: Ipv4Addr, secs: u32, streams: u32) -> Result<(f64, f64)> {
+    let cpu0 = cpu_busy_secs()?;
+    let end = iperf(
+        server,
+        client,
+        ip,
+        &["-t", &secs.to_string(), "-P", &streams.to_string()],
+    )?;
+    let cpu = cpu_busy_secs()? - cpu0;
+    let bps = end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no iperf3 throughput")?;
+    let gbits = end["sum_received"]["bytes"].as_f64().unwrap_or(0.0) * 8.0 / 1e9;
+    Ok((bps / 1e9, cpu / gbits.max(1e-9)))
+}
+
+/// UDP datagrams of 64 bytes, as fast as the sender goes: received kpps.
+fn udp64(server: &str, client: &str, ip: Ipv4Addr, secs: u32) -> Result<f64> {
+    let end = iperf(
+        server,
+        client,
+        ip,
+        &["-u", "-l", "64", "-b", "0", "-t", &secs.to_string()],
+    )?;
+    let s = &end["sum"];
+    let got = s["packets"].as_f64().unwrap_or(0.0) - s["lost_packets"].as_f64().unwrap_or(0.0);
+    Ok(got / s["seconds"].as_f64().unwrap_or(1.0) / 1e3)
+}
+
+/// TCP request/response with `size`-byte messages over one connection:
+/// (p50 µs, p99 µs, transactions per second).
+fn rr(
+    server: &str,
+    client: &str,
+    ip: Ipv4Addr,
+    size: usize,
+    count: usize,
+) -> Result<(f64, f64, f64)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv = spawn_in_netns(server, move || {
+        let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 5302))?;
+        tx.send(()).ok();
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; size];
+        loop {
+            if s.read_exact(&mut buf).is_err() {
+                return Ok(());
+            }
+            s.write_all(&buf)?;
+        }
+    })?;
+    rx.recv_timeout(Duration::from_secs(5))
+        .context("RR server did not start")?;
+    let times = in_netns(client, move || {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddrV4::new(ip, 5302).into(),
+            Duration::from_secs(5),
+        )?;
+        s.set_nodelay(true)?;
+        let msg = vec![0x5au8; size];
+        let mut buf = vec![0u8; size];
+        let mut times = Vec::with_capacity(count);
+        for k in 0..count + count / 10 {
+            let t = Instant::now();
+            s.write_all(&msg)?;
+            s.read_exact(&mut buf)?;
+            if k >= count / 10 {
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        Ok(times)
+    })?;
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("RR server panicked"))??;
+    let total: f64 = times.iter().sum::<f64>() / 1e6;
+    let mut t = times;
+    t.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| t[((t.len() - 1) as f64 * p) as usize];
+    Ok((pct(0.5), pct(0.99), t.len() as f64 / total))
+}
+
+struct Path {
+    name: &'static str,
+    client: String,
+    server: String,
+    ip: Ipv4Addr,
+}
+
+fn data_path(o: &Opts) -> Result<(Value, Value)> {
+    println!("building the lab: 2 eBPF nodes, 2 kernel-path nodes ...");
+    let lab = Lab::new(&[
+        NodeSpec::new(NodeKind::Ebpf, 2),
+        NodeSpec::new(NodeKind::Ebpf, 1),
+        NodeSpec::new(NodeKind::Kernel, 2),
+        NodeSpec::new(NodeKind::Kernel, 1),
+    ])?;
+    let pod = |i, j| lab.pod((i, j));
+    let cross = [
+        Path {
+            name: "ebpf",
+            client: pod(0, 0).ns.clone(),
+            server: pod(1, 0).ns.clone(),
+            ip: pod(1, 0).ip,
+        },
+        Path {
+            name: "kernel",
+            client: pod(2, 0).ns.clone(),
+            server: pod(3, 0).ns.clone(),
+            ip: pod(3, 0).ip,
+        },
+        Path {
+            name: "limit",
+            client: lab.nodes[2].ns.clone(),
+            server: lab.nodes[3].ns.clone(),
+            ip: lab.nodes[3].ip,
+        },
+    ];
+    let same = [
+        Path {
+            name: "ebpf",
+            client: pod(0, 0).ns.clone(),
+            server: pod(0, 1).ns.clone(),
+            ip: pod(0, 1).ip,
+        },
+        Path {
+            name: "kernel",
+            client: pod(2, 0).ns.clone(),
+            server: pod(2, 1).ns.clone(),
+            ip: pod(2, 1).ip,
+        },
+    ];
+    type Runs = Vec<Vec<f64>>;
+    let n = cross.len();
+    let mut m: std::collections::BTreeMap<&str, Runs> = Default::default();
+    for key in [
+        "tcp1",
+        "tcp4",
+        "cpu_per_gbit",
+        "udp64_kpps",
+        "rr1_p50",
+        "rr1_p99",
+        "rr1_tps",
+        "rr1k_p50",
+        "rr1k_p99",
+        "rr1k_tps",
+    ] {
+        m.insert(key, vec![Vec::new(); n]);
+    }
+    for run in 0..o.runs {
+        println!("cross-node run {}/{} ...", run + 1, o.runs);
+        for (k, p) in cross.iter().enumerate() {
+            let (g, cpu) = tcp(&p.server, &p.client, p.ip, o.secs, 1)?;
+            m.get_mut("tcp1").unwrap()[k].push(g);
+            m.get_mut("cpu_per_gbit").unwrap()[k].push(cpu);
+            m.get_mut("tcp4").unwrap()[k].push(tcp(&p.server, &p.client, p.ip, o.secs, 4)?.0);
+            m.get_mut("udp64_kpps").unwrap()[k].push(udp64(&p.server, &p.client, p.ip, o.secs)?);
+            let (a, b, c) = rr(&p.server, &p.client, p.ip, 1, o.rr_count)?;
+            m.get_mut("rr1_p50").unwrap()[k].push(a);
+            m.get_mut("rr1_p99").unwrap()[k].push(b);
+            m.get_mut("rr1_tps").unwrap()[k].push(c);
+            let (a, b, c) = rr(&p.server, &p.client, p.ip, 1024, o.rr_count)?;
+            m.get_mut("rr1k_p50").unwrap()[k].push(a);
+            m.get_mut("rr1k_p99").unwrap()[k].push(b);
+            m.get_mut("rr1k_tps").unwrap()[k].push(c);
+        }
+    }
+    let mut cross_json = Map::new();
+    for (k, p) in cross.iter().enumerate() {
+        let mut o = Map::new();
+        for (key, runs) in &m {
+            o.insert(key.to_string(), stats(&runs[k]));
+        }
+        cross_json.insert(p.name.into(), Value::Object(o));
+    }
+    let mut same_json = Map::new();
+    for p in &same {
+        let mut t = Vec::new();
+        let mut l = Vec::new();
+        for _ in 0..o.runs {
+            t.push(tcp(&p.server, &p.client, p.ip, o.secs, 1)?.0);
+            l.push(rr(&p.server, &p.client, p.ip, 1, o.rr_count)?.0);
+        }
+        same_json.insert(
+            p.name.into(),
+            json!({"tcp1": stats(&t), "rr1_p50": stats(&l)}),
+        );
+    }
+    // Which path the eBPF runs took, from the counters.
+    let c0 = lab.nodes[0].counters()?;
+    let c1 = lab.nodes[1].counters()?;
+    cross_json.insert(
+        "ebpf_counters".into(),
+        json!({
+            "node1_pod_encap_redirect": c0["pod_encap_redirect"],
+            "node1_pod_local_redirect": c0["pod_local_redirect"],
+            "node2_xdp_decap": c1["xdp_decap"],
+            "node2_uplink_redirect": c1["uplink_redirect"],
+        }),
+    );
+    Ok((Value::Object(cross_json), Value::Object(same_json)))
+}
+
+/// ns per packet for each program and verdict, each run checked by its
+/// counter to have taken the intended path.
+fn program_costs(o: &Opts) -> Result<Value> {
+    let runs = o.test_runs;
+    let ns = Netns::new()?;
+    let name = ns.0.clone();
+    let ns = std::sync::Arc::new(ns);
+    let inner = ns.clone();
+    in_netns(&name, move || {
+        let h = Harness::new(inner.uplink_index()?)?;
+        inner.set_neigh(true)?;
+        let mut out = Map::new();
+        for size in [64usize, 512, 1450] {
+            let cases: [(&str, &str, Vec<u8>, &str); 4] = [
+                (
+                    "encap",
+                    programs::TC_FROM_POD,
+                    progtest::sized_pod_frame(progtest::REMOTE_POD, size),
+                    "pod_encap_redirect",
+                ),
+                (
+                    "local_redirect",
+                    programs::TC_FROM_POD,
+                    progtest::sized_pod_frame(progtest::LOCAL_POD, size),
+                    "pod_local_redirect",
+                ),
+                (
+                    "pass",
+                    programs::TC_FROM_POD,
+                    progtest::sized_pod_frame(Ipv4Addr::new(172, 30, 9, 50), size),
+                    "pod_pass_not_pod_dst",
+                ),
+                (
+                    "decap",
+                    programs::XDP_UPLINK,
+                    progtest::vxlan_frame(
+                        progtest::REMOTE_IP,
+                        progtest::PORT,
+                        progtest::VNI,
+                        0x08,
+                        &progtest::sized_inner_frame(progtest::LOCAL_POD, size),
+                    ),
+                    "xdp_decap",
+                ),
+            ];
+            for (what, prog, pkt, counter) in cases {
+                let before = h.counter(counter);
+                // One packet per run: encap and decap change the packet, and
+                // the kernel's `repeat` would run them on their own output.
+                let mut total = Duration::ZERO;
+                for _ in 0..runs {
+                    let opts = TestRunOptions {
+                        data_in: Some(&pkt),
+                        ..TestRunOptions::new()
+                    };
+                    let r = if prog == programs::XDP_UPLINK {
+                        let p: &Xdp = h.bpf.program(prog).context(prog)?.try_into()?;
+                        p.test_run(opts)?
+                    } else {
+                        let p: &SchedClassifier = h.bpf.program(prog).context(prog)?.try_into()?;
+                        p.test_run(opts)?
+                    };
+                    total += r.duration;
+                }
+                let moved = h.counter(counter) - before;
+                if moved != u64::from(runs) {
+                    bail!("{what} at {size} B: {counter} moved {moved}, not {runs}");
+                }
+                out.insert(
+                    format!("{what}_{size}"),
+                    json!(total.as_secs_f64() * 1e9 / f64::from(runs)),
+                );
+            }
+        }
+        Ok(Value::Object(out))
+    })
+}
+
+/// Time and agent memory to program N remote leases, eBPF and kernel node.
+fn control_plane(o: &Opts) -> Result<Value> {
+    use flannel_agent::{mac::MacAddr, subnet::LeaseAttrs};
+    use ipnet::Ipv4Net;
+    let lab = Lab::new(&[
+        NodeSpec::new(NodeKind::Ebpf, 0),
+        NodeSpec::new(NodeKind::Kernel, 0),
+        NodeSpec::new(NodeKind::Ebpf, 0),
+    ])?;
+    let store = lab.local_store()?;
+    let mut out = Map::new();
+    for &n in &o.leases {
+        let leases: Vec<(Ipv4Net, LeaseAttrs)> = (1000..1000 + n as u32)
+            .map(|k| {
+                let b = k.to_be_bytes();
+                (
+                    Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (k << 8)), 24).expect("valid"),
+                    LeaseAttrs::vxlan(
+                        Ipv4Addr::from(0x0a63_0000 + k),
+                        1,
+                        MacAddr([0x0e, 0x77, b[0], b[1], b[2], b[3]]),
+                    ),
+                )
+            })
+            .collect();
+        let rss0: Vec<u64> = (0..2)
+            .map(|i| lab.agent_rss_kib(i))
+            .collect::<Result<_>>()?;
+        let t = Instant::now();
+        store.put_many(&leases, Some(Duration::from_secs(600)))?;
+        let mut took = [f64::NAN; 2];
+        let want = n + 2;
+        while took.iter().any(|t| t.is_nan()) {
+            if t.elapsed() > Duration::from_secs(300) {
+                bail!("{n} leases not programmed in 300 s");
+            }
+            for (i, slot) in took.iter_mut().enumerate() {
+                if slot.is_nan() && lab.nodes[i].status().is_ok_and(|s| s.remote_leases == want) {
+                    let (m, k) = lab.remote_state(i);
+                    if k.len() == want && (lab.nodes[i].kind != NodeKind::Ebpf || m.len() == want) {
+                        *slot = t.elapsed().as_secs_f64();
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let rss1: Vec<u64> = (0..2)
+            .map(|i| lab.agent_rss_kib(i))
+            .collect::<Result<_>>()?;
+        out.insert(
+            format!("leases_{n}"),
+            json!({
+                "ebpf_secs": took[0], "kernel_secs": took[1],
+                "ebpf_rss_kib": [rss0[0], rss1[0]], "kernel_rss_kib": [rss0[1], rss1[1]],
+            }),
+        );
+        let subnets: Vec<Ipv4Net> = leases.iter().map(|(s, _)| *s).collect();
+        store.delete_many(&subnets)?;
+        lab.wait_for(Duration::from_secs(300), "leases removed", |lab| {
+            (0..2).all(|i| lab.nodes[i].status().is_ok_and(|s| s.remote_leases == 2))
+        })?;
+    }
+    Ok(Value::Object(out))
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024
+                    / 1024
+            })
+        })
+        .unwrap_or(0);
+    json!({"cpu": cpu, "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "memory_gib": mem, "kernel": kernel})
+}
+
+fn ratio(a: f64, b: f64) -> Value {
+    if a.is_finite() && b.is_finite() && b != 0.0 {
+        json!((a / b * 1000.0).round() / 1000.0)
+    } else {
+        Value::Null
+    }
+}
+
+fn markdown(r: &Value) -> String {
+    let c = &r["cross_node"];
+    let g = |p: &str, k: &str| median(&c[p][k]);
+    let mut s = String::new();
+    s += &format!(
+        "Machine: {} ({} CPUs, {} GiB), kernel {}. Mode: {}.\n\n",
+        r["machine"]["cpu"].as_str().unwrap_or(""),
+        r["machine"]["cpus"],
+        r["machine"]["memory_gib"],
+        r["machine"]["kernel"].as_str().unwrap_or(""),
+        r["mode"].as_str().unwrap_or("")
+    );
+    s += "| cross-node, median of runs | eBPF | kernel path | node-to-node | eBPF / node-to-node | eBPF / kernel |\n|---|---|---|---|---|---|\n";
+    let rows: [(&str, &str, &str); 10] = [
+        ("TCP 1 stream (Gbit/s)", "tcp1", "{:.2}"),
+        ("TCP 4 streams (Gbit/s)", "tcp4", "{:.2}"),
+        ("CPU s per Gbit", "cpu_per_gbit", "{:.3}"),
+        ("UDP 64 B (kpps received)", "udp64_kpps", "{:.0}"),
+        ("TCP RR 1 B p50 (µs)", "rr1_p50", "{:.1}"),
+        ("TCP RR 1 B p99 (µs)", "rr1_p99", "{:.1}"),
+        ("TCP RR 1 B (trans/s)", "rr1_tps", "{:.0}"),
+        ("TCP RR 1 KB p50 (µs)", "rr1k_p50", "{:.1}"),
+        ("TCP RR 1 KB p99 (µs)", "rr1k_p99", "{:.1}"),
+        ("TCP RR 1 KB (trans/s)", "rr1k_tps", "{:.0}"),
+    ];
+    for (label, k, _) in rows {
+        let (e, kk, l) = (g("ebpf", k), g("kernel", k), g("limit", k));
+        let f = |x: f64| {
+            if x >= 100.0 {
+                format!("{x:.0}")
+            } else if x >= 1.0 {
+                format!("{x:.2}")
+            } else {
+                format!("{x:.3}")
+            }
+        };
+        s += &format!(
+            "| {label} | {} | {} | {} | {:.2} | {:.2} |\n",
+            f(e),
+            f(kk),
+            f(l),
+            e / l,
+            e / kk
+        );
+    }
+    let sm = &r["same_node"];
+    s += &format!(
+        "\n| same node, median | eBPF (redirect) | kernel (bridge) | eBPF / kernel |\n|---|---|---|---|\n| TCP 1 stream (Gbit/s) | {:.2} | {:.2} | {:.2} |\n| TCP RR 1 B p50 (µs) | {:.1} | {:.1} | {:.2} |\n",
+        median(&sm["ebpf"]["tcp1"]), median(&sm["kernel"]["tcp1"]), median(&sm["ebpf"]["tcp1"]) / median(&sm["kernel"]["tcp1"]),
+        median(&sm["ebpf"]["rr1_p50"]), median(&sm["kernel"]["rr1_p50"]), median(&sm["ebpf"]["rr1_p50"]) / median(&sm["kernel"]["rr1_p50"]),
+    );
+    s +=
+        "\n| program (BPF_PROG_TEST_RUN, ns/packet) | 64 B | 512 B | 1450 B |\n|---|---|---|---|\n";
+    for p in ["encap", "decap", "local_redirect", "pass"] {
+        let v = |n: usize| {
+            r["programs"][format!("{p}_{n}")]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        };
+        s += &format!("| {p} | {:.0} | {:.0} | {:.0} |\n", v(64), v(512), v(1450));
+    }
+    s += "\n| remote leases | eBPF node (s) | kernel node (s) | eBPF agent RSS (MiB, before → after) | kernel agent RSS (MiB) |\n|---|---|---|---|---|\n";
+    if let Some(cp) = r["control_plane"].as_object() {
+        for (k, v) in cp {
+            let mib = |a: &Value, i: usize| a[i].as_f64().unwrap_or(0.0) / 1024.0;
+            s += &format!(
+                "| {} | {:.2} | {:.2} | {:.0} → {:.0} | {:.0} → {:.0} |\n",
+                k.trim_start_matches("leases_"),
+                v["ebpf_secs"].as_f64().unwrap_or(f64::NAN),
+                v["kernel_secs"].as_f64().unwrap_or(f64::NAN),
+                mib(&v["ebpf_rss_kib"], 0),
+                mib(&v["ebpf_rss_kib"], 1),
+                mib(&v["kernel_rss_kib"], 0),
+                mib(&v["kernel_rss_kib"], 1),
             );
         }
     }
+    s += &format!("\nRatios: `{}`\n", r["ratios"]);
+    s
+}
+
+/// Two grouped bar charts: throughput (Gbit/s) and RR latency (µs).
+fn svg(r: &Value) -> String {
+    let c = &r["cross_node"];
+    let paths = [
+        ("ebpf", "#2b8a3e"),
+        ("kernel", "#c92a2a"),
+        ("limit", "#868e96"),
+    ];
+    let panels: [(&str, [(&str, &str); 2]); 2] = [
+        (
+            "Throughput, Gbit/s (higher is better)",
+            [("TCP 1 stream", "tcp1"), ("TCP 4 streams", "tcp4")],
+        ),
+        (
+            "TCP RR 1 B latency, µs (lower is better)",
+            [("p50", "rr1_p50"), ("p99", "rr1_p99")],
+        ),
+    ];
+    let (w, ph) = (720.0, 220.0);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12">"#,
+        ph * 2.0 + 40.0
+    );
+    for (pi, (title, groups)) in panels.iter().enumerate() {
+        let y0 = pi as f64 * ph + 20.0;
+        s += &format!(
+            r#"<text x="10" y="{}" font-weight="bold">{title}</text>"#,
+            y0 + 4.0
+        );
+        let max = groups
+            .iter()
+            .flat_map(|(_, k)| paths.iter().map(move |(p, _)| median(&c[*p][*k])))
+            .fold(0.0f64, |a, b| a.max(if b.is_finite() { b } else { 0.0 }));
+        for (gi, (label, key)) in groups.iter().enumerate() {
+            let gx = 60.0 + gi as f64 * 330.0;
+            for (k, (p, color)) in paths.iter().enumerate() {
+                let v = median(&c[*p][*key]);
+                let h = if max > 0.0 && v.is_finite() {
+                    v / max * (ph - 80.0)
+                } else {
+                    0.0
+                };
+                let x = gx + k as f64 * 90.0;
+                let base = y0 + ph - 40.0;
+                s += &format!(
+                    r#"<rect x="{x}" y="{}" width="70" height="{h}" fill="{color}"/>"#,
+                    base - h
+                );
+                s += &format!(
+                    r#"<text x="{}" y="{}" text-anchor="middle">{v:.2}</text>"#,
+                    x + 35.0,
+                    base - h - 4.0
+                );
+                s += &format!(
+                    r#"<text x="{}" y="{}" text-anchor="middle">{p}</text>"#,
+                    x + 35.0,
+                    base + 14.0
+                );
+            }
+            s += &format!(
+                r#"<text x="{}" y="{}" text-anchor="middle" font-style="italic">{label}</text>"#,
+                gx + 125.0,
+                y0 + ph - 10.0
+            );
+        }
+    }
+    s += "</svg>\n";
+    s
+}
+
+fn main() -> Result<()> {
+    let o = Opts::parse()?;
+    std::fs::create_dir_all(&o.out)?;
+    let started = Instant::now();
+    let (cross, same) = data_path(&o)?;
+    println!("program costs ({} runs per case) ...", o.test_runs);
+    let progs = program_costs(&o)?;
+    println!("control plane ({:?} leases) ...", o.leases);
+    let cp = control_plane(&o)?;
+    let c = &cross;
+    let ratios = json!({
+        "tcp1_ebpf_over_limit": ratio(median(&c["ebpf"]["tcp1"]), median(&c["limit"]["tcp1"])),
+        "tcp1_ebpf_over_kernel": ratio(median(&c["ebpf"]["tcp1"]), median(&c["kernel"]["tcp1"])),
+        "tcp4_ebpf_over_kernel": ratio(median(&c["ebpf"]["tcp4"]), median(&c["kernel"]["tcp4"])),
+        "rr_p50_ebpf_over_limit": ratio(median(&c["ebpf"]["rr1_p50"]), median(&c["limit"]["rr1_p50"])),
+        "rr_p50_ebpf_over_kernel": ratio(median(&c["ebpf"]["rr1_p50"]), median(&c["kernel"]["rr1_p50"])),
+        "cpu_per_gbit_ebpf_over_kernel": ratio(median(&c["ebpf"]["cpu_per_gbit"]), median(&c["kernel"]["cpu_per_gbit"])),
+        "udp64_ebpf_over_kernel": ratio(median(&c["ebpf"]["udp64_kpps"]), median(&c["kernel"]["udp64_kpps"])),
+        "same_node_tcp1_ebpf_over_kernel": ratio(median(&same["ebpf"]["tcp1"]), median(&same["kernel"]["tcp1"])),
+    });
+    let report = json!({
+        "mode": if o.quick { "quick" } else { "full" },
+        "machine": machine(),
+        "settings": {"secs": o.secs, "runs": o.runs, "rr_transactions": o.rr_count, "test_runs": o.test_runs},
+        "cross_node": cross,
+        "same_node": same,
+        "programs": progs,
+        "control_plane": cp,
+        "ratios": ratios,
+        "took_secs": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(
+        o.out.join("bench.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    let md = markdown(&report);
+    std::fs::write(o.out.join("bench.md"), &md)?;
+    std::fs::write(o.out.join("bench.svg"), svg(&report))?;
+    println!("\n{md}");
+    println!(
+        "wrote {}/bench.{{json,md,svg}} in {:.0} s",
+        o.out.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
