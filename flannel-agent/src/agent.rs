@@ -36,6 +36,19 @@ use crate::{
     subnet::{env::SubnetEnv, Lease, LeaseAttrs, LeaseSet, LeaseTiming, SubnetManager},
 };
 
+/// How XDP is attached to the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// Native, except on a veth uplink, where native XDP makes the kernel
+    /// turn off segmentation offload on the veth's peer (every TCP
+    /// super-packet toward the node is then cut to MTU size): generic.
+    Auto,
+    /// In the driver (falls back to generic when the driver lacks it).
+    Native,
+    /// In the stack (`XDP_FLAGS_SKB_MODE`); sees GSO packets whole.
+    Generic,
+}
+
 /// Which data path the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DatapathMode {
@@ -61,6 +74,7 @@ pub struct Options {
     pub ip_masq: bool,
     pub healthz: Option<SocketAddr>,
     pub datapath: DatapathMode,
+    pub xdp_mode: XdpMode,
     pub bpf_dir: PathBuf,
     pub run_dir: PathBuf,
     pub bridge: String,
@@ -558,7 +572,14 @@ impl Agent {
 
     fn start_ebpf(&mut self) -> anyhow::Result<&'static str> {
         let mut dp = Datapath::load(&self.opts.bpf_dir)?;
-        let mode = dp.attach_uplink(&self.node.uplink.name, self.node.uplink.index)?;
+        let generic = match self.opts.xdp_mode {
+            XdpMode::Generic => true,
+            XdpMode::Native => false,
+            XdpMode::Auto => {
+                self.node.uplink.kind == Some(netlink_packet_route::link::InfoKind::Veth)
+            }
+        };
+        let mode = dp.attach_uplink(&self.node.uplink.name, self.node.uplink.index, generic)?;
         self.dp = Some(dp);
         Ok(mode)
     }

@@ -197,8 +197,14 @@ impl Datapath {
     }
 
     /// XDP decap and TC redirect on the uplink. Native XDP when the driver
-    /// has it, generic otherwise; returns the XDP mode in use.
-    pub fn attach_uplink(&mut self, ifname: &str, ifindex: u32) -> Result<&'static str> {
+    /// has it and `generic` is false, generic otherwise; returns the XDP
+    /// mode in use.
+    pub fn attach_uplink(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        generic: bool,
+    ) -> Result<&'static str> {
         self.attach_tc(programs::TC_UPLINK_INGRESS, ifname, "tc_uplink")?;
         let path = self.link_path("xdp_uplink");
         let xdp: &mut Xdp = self
@@ -227,9 +233,20 @@ impl Datapath {
             }
             let _ = std::fs::remove_file(&path);
         }
-        let (id, mode) = match xdp.attach_to_if_index(ifindex, XdpMode::Driver) {
+        let native = if generic {
+            Err(None)
+        } else {
+            xdp.attach_to_if_index(ifindex, XdpMode::Driver)
+                .map_err(Some)
+        };
+        let (id, mode) = match native {
             Ok(id) => (id, "native"),
-            Err(err) => {
+            Err(None) => (
+                xdp.attach_to_if_index(ifindex, XdpMode::Skb)
+                    .map_err(prog_err)?,
+                "generic",
+            ),
+            Err(Some(err)) => {
                 tracing::warn!(%err, uplink = ifname, "native XDP unavailable; using generic XDP");
                 (
                     xdp.attach_to_if_index(ifindex, XdpMode::Skb)

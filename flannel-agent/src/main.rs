@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flannel_agent::{
-    agent::{self, DatapathMode, Options},
+    agent::{self, DatapathMode, Options, XdpMode},
     api::{self, EndpointRecord, Request},
     cni,
     control::StoreOptions,
@@ -145,6 +145,10 @@ struct RunArgs {
     healthz_port: u16,
     #[arg(long, value_enum, default_value_t = DatapathMode::Auto)]
     datapath: DatapathMode,
+    /// How XDP attaches to the uplink (auto: generic on a veth, where
+    /// native XDP turns off segmentation offload on its peer).
+    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
+    xdp_mode: XdpMode,
     /// Where maps and links are pinned (one directory per instance).
     #[arg(long, default_value = "/sys/fs/bpf/flannel")]
     bpf_dir: PathBuf,
@@ -247,6 +251,7 @@ impl RunArgs {
             healthz: (self.healthz_port != 0)
                 .then(|| std::net::SocketAddr::new(self.healthz_ip, self.healthz_port)),
             datapath: self.datapath,
+            xdp_mode: self.xdp_mode,
             bpf_dir: self.bpf_dir,
             run_dir: self.run_dir,
             bridge: self.bridge,
