@@ -313,6 +313,8 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
     // Which path the eBPF runs took, from the counters.
     let c0 = lab.nodes[0].counters()?;
     let c1 = lab.nodes[1].counters()?;
+    // How the eBPF nodes run (XDP mode and uplink), for comparing runs.
+    cross_json.insert("ebpf_datapath".into(), json!(lab.nodes[0].status()?.reason));
     cross_json.insert(
         "ebpf_counters".into(),
         json!({
@@ -512,12 +514,13 @@ fn markdown(r: &Value) -> String {
     let g = |p: &str, k: &str| median(&c[p][k]);
     let mut s = String::new();
     s += &format!(
-        "Machine: {} ({} CPUs, {} GiB), kernel {}. Mode: {}.\n\n",
+        "Machine: {} ({} CPUs, {} GiB), kernel {}. Mode: {}. eBPF nodes: {}.\n\n",
         r["machine"]["cpu"].as_str().unwrap_or(""),
         r["machine"]["cpus"],
         r["machine"]["memory_gib"],
         r["machine"]["kernel"].as_str().unwrap_or(""),
-        r["mode"].as_str().unwrap_or("")
+        r["mode"].as_str().unwrap_or(""),
+        r["cross_node"]["ebpf_datapath"].as_str().unwrap_or("?"),
     );
     s += "| cross-node, median of runs | eBPF | kernel path | node-to-node | eBPF / node-to-node | eBPF / kernel |\n|---|---|---|---|---|---|\n";
     let rows: [(&str, &str, &str); 10] = [
