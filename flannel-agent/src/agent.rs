@@ -16,7 +16,9 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context};
-use flannel_common::{Config, Endpoint, RemoteNode, CONFIG_F_READY, VXLAN_ENCAP_LEN};
+use flannel_common::{
+    Config, Endpoint, RemoteNode, CONFIG_F_READY, CONFIG_F_TC_DECAP, VXLAN_ENCAP_LEN,
+};
 use ipnet::Ipv4Net;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -39,14 +41,19 @@ use crate::{
 /// How XDP is attached to the uplink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpMode {
-    /// Native, except on a veth uplink, where native XDP makes the kernel
-    /// turn off segmentation offload on the veth's peer (every TCP
-    /// super-packet toward the node is then cut to MTU size): generic.
+    /// Native XDP, except on a veth uplink (`off` there): native XDP on a
+    /// veth makes the kernel turn off segmentation offload on its peer
+    /// (every TCP super-packet toward the node is then cut to MTU size),
+    /// and generic XDP copies each GSO packet before it runs.
     Auto,
     /// In the driver (falls back to generic when the driver lacks it).
     Native,
-    /// In the stack (`XDP_FLAGS_SKB_MODE`); sees GSO packets whole.
+    /// In the stack (`XDP_FLAGS_SKB_MODE`); sees GSO packets whole but
+    /// copies non-linear ones first.
     Generic,
+    /// No XDP: the uplink's TC program decapsulates, on whole GSO packets
+    /// without a copy.
+    Off,
 }
 
 /// Which data path the operator asked for.
@@ -126,6 +133,8 @@ struct Agent {
     pending: HashSet<u32>,
     /// Where attach workers report back.
     attached_tx: mpsc::UnboundedSender<Attached>,
+    /// No XDP on the uplink: TC decapsulates.
+    tc_decap: bool,
 }
 
 type ApiCall = (Request, oneshot::Sender<Response>);
@@ -236,6 +245,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         skipped: HashSet::new(),
         pending: HashSet::new(),
         attached_tx,
+        tc_decap: false,
     };
     agent.ensure_kernel_objects().await?;
     agent.choose_datapath().await?;
@@ -552,8 +562,14 @@ impl Agent {
             }
             DatapathMode::Auto | DatapathMode::Ebpf => match self.start_ebpf() {
                 Ok(mode) => {
-                    self.reason =
-                        format!("XDP ({mode}) on {}, TC on pod veths", self.node.uplink.name);
+                    self.reason = if mode == "off" {
+                        format!(
+                            "TC decap on {} (no XDP), TC on pod veths",
+                            self.node.uplink.name
+                        )
+                    } else {
+                        format!("XDP ({mode}) on {}, TC on pod veths", self.node.uplink.name)
+                    };
                 }
                 Err(err) if self.opts.datapath == DatapathMode::Auto => {
                     self.dp = None;
@@ -572,14 +588,15 @@ impl Agent {
 
     fn start_ebpf(&mut self) -> anyhow::Result<&'static str> {
         let mut dp = Datapath::load(&self.opts.bpf_dir)?;
-        let generic = match self.opts.xdp_mode {
-            XdpMode::Generic => true,
-            XdpMode::Native => false,
-            XdpMode::Auto => {
-                self.node.uplink.kind == Some(netlink_packet_route::link::InfoKind::Veth)
-            }
+        let veth = self.node.uplink.kind == Some(netlink_packet_route::link::InfoKind::Veth);
+        let xdp = match self.opts.xdp_mode {
+            XdpMode::Generic => Some(true),
+            XdpMode::Native => Some(false),
+            XdpMode::Auto => (!veth).then_some(false),
+            XdpMode::Off => None,
         };
-        let mode = dp.attach_uplink(&self.node.uplink.name, self.node.uplink.index, generic)?;
+        self.tc_decap = xdp.is_none();
+        let mode = dp.attach_uplink(&self.node.uplink.name, self.node.uplink.index, xdp)?;
         self.dp = Some(dp);
         Ok(mode)
     }
@@ -927,7 +944,7 @@ impl Agent {
             node_ip: ebpf::ip_key(self.node.ip),
             uplink_ifindex: uplink.index,
             inner_mtu: self.pod_mtu(),
-            flags: CONFIG_F_READY,
+            flags: CONFIG_F_READY | if self.tc_decap { CONFIG_F_TC_DECAP } else { 0 },
             vtep_mac: self.node.vtep_mac.0,
             uplink_mac: uplink.mac.unwrap_or_default().0,
             gateway_mac: bridge.mac.unwrap_or_default().0,

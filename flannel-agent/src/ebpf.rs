@@ -196,17 +196,24 @@ impl Datapath {
         pinned_link_ifindex(path).is_some_and(|i| i != 0 && Some(i) == want)
     }
 
-    /// XDP decap and TC redirect on the uplink. Native XDP when the driver
-    /// has it and `generic` is false, generic otherwise; returns the XDP
-    /// mode in use.
+    /// XDP decap and TC redirect on the uplink. `xdp`: `Some(false)` for
+    /// native XDP when the driver has it (generic otherwise), `Some(true)`
+    /// for generic, `None` for none (TC decapsulates). Returns the XDP
+    /// mode in use (`off` without XDP).
     pub fn attach_uplink(
         &mut self,
         ifname: &str,
         ifindex: u32,
-        generic: bool,
+        xdp: Option<bool>,
     ) -> Result<&'static str> {
         self.attach_tc(programs::TC_UPLINK_INGRESS, ifname, "tc_uplink")?;
         let path = self.link_path("xdp_uplink");
+        let Some(generic) = xdp else {
+            // Coming from a run with XDP: its pinned link goes, and with
+            // it the program on the interface.
+            let _ = std::fs::remove_file(&path);
+            return Ok("off");
+        };
         let xdp: &mut Xdp = self
             .bpf
             .program_mut(programs::XDP_UPLINK)

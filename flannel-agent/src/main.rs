@@ -147,7 +147,7 @@ struct RunArgs {
     datapath: DatapathMode,
     /// How XDP attaches to the uplink (auto: generic on a veth, where
     /// native XDP turns off segmentation offload on its peer).
-    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
+    #[arg(long, env = "FLANNEL_XDP_MODE", value_enum, default_value_t = XdpMode::Auto)]
     xdp_mode: XdpMode,
     /// Where maps and links are pinned (one directory per instance).
     #[arg(long, default_value = "/sys/fs/bpf/flannel")]

@@ -39,6 +39,9 @@ pub const VXLAN_ENCAP_LEN: u32 = 50;
 
 /// `Config::flags`: the data path is configured and may act.
 pub const CONFIG_F_READY: u32 = 1;
+/// No XDP on the uplink: `tc_uplink_ingress` decapsulates VXLAN itself
+/// (whole GSO packets, no copy).
+pub const CONFIG_F_TC_DECAP: u32 = 2;
 
 /// Node-wide configuration, one entry at index 0 of the config array.
 #[repr(C)]
@@ -135,9 +138,12 @@ pub mod counters {
     pub const UPLINK_PASS: u32 = 24;
     pub const UPLINK_PASS_TTL: u32 = 25;
     pub const UPLINK_DROP_REDIRECT_FAILED: u32 = 26;
+    // tc_uplink_ingress decapsulating (`CONFIG_F_TC_DECAP`)
+    pub const UPLINK_DECAP: u32 = 27;
+    pub const UPLINK_DROP_DECAP_FAILED: u32 = 28;
 
     /// Size of the counter array.
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 29;
 
     /// Stable names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -168,6 +174,8 @@ pub mod counters {
         "uplink_pass",
         "uplink_pass_ttl",
         "uplink_drop_redirect_failed",
+        "uplink_decap",
+        "uplink_drop_decap_failed",
     ];
 
     /// Index of a counter by its name.

@@ -34,8 +34,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use flannel_common::{
-    counters::*, Config, Endpoint, RemoteNode, Vtep, CONFIG_F_READY, MAX_ENDPOINTS,
-    MAX_REMOTE_SUBNETS, MAX_VTEPS, VXLAN_ENCAP_LEN,
+    counters::*, Config, Endpoint, RemoteNode, Vtep, CONFIG_F_READY, CONFIG_F_TC_DECAP,
+    MAX_ENDPOINTS, MAX_REMOTE_SUBNETS, MAX_VTEPS, VXLAN_ENCAP_LEN,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use parse::{Headers, ETH_P_IP_BE, IPPROTO_UDP};
@@ -352,11 +352,22 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
     if eth.ether_type != ETH_P_IP_BE || eth.dst_addr != cfg.uplink_mac {
         return (pass, UPLINK_PASS);
     }
-    let Ok(ip) = ctx.load::<Ipv4Hdr>(EthHdr::LEN) else {
+    let Ok(mut ip) = ctx.load::<Ipv4Hdr>(EthHdr::LEN) else {
         return (pass, UPLINK_PASS);
     };
     if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
         return (pass, UPLINK_PASS);
+    }
+    let mut decapped = false;
+    if cfg.flags & CONFIG_F_TC_DECAP != 0 && ip.proto == IPPROTO_UDP {
+        match tc_decap(ctx, cfg, &ip) {
+            Decap::Done(inner) => {
+                ip = inner;
+                decapped = true;
+            }
+            Decap::NotOurs => {}
+            Decap::Failed => return (TC_ACT_SHOT, UPLINK_DROP_DECAP_FAILED),
+        }
     }
     let dst = u32::from_ne_bytes(ip.dst_addr);
     let Some(ep) = (unsafe { ENDPOINTS.get(dst) }) else {
@@ -383,7 +394,80 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
     if action == TC_ACT_SHOT {
         return (action, UPLINK_DROP_REDIRECT_FAILED);
     }
-    (action, UPLINK_REDIRECT)
+    (
+        action,
+        if decapped {
+            UPLINK_DECAP
+        } else {
+            UPLINK_REDIRECT
+        },
+    )
+}
+
+enum Decap {
+    /// Headers removed; the inner IPv4 header, now right after Ethernet.
+    Done(Ipv4Hdr),
+    /// Not VXLAN for a local pod from a known VTEP: the stack decides.
+    NotOurs,
+    /// The kernel refused to shrink the packet.
+    Failed,
+}
+
+/// VXLAN decapsulation in TC, for uplinks without XDP: the same checks as
+/// `xdp_uplink`, then the outer IP, UDP, VXLAN and inner Ethernet headers
+/// are removed with `bpf_skb_adjust_room`, which works on whole GSO
+/// packets (the inner MSS is unchanged, hence FIXED_GSO).
+#[inline(always)]
+fn tc_decap(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr) -> Decap {
+    if ip.vihl & 0x0f != 5
+        || u16::from_be_bytes(ip.frags) & 0x3fff != 0
+        || u32::from_ne_bytes(ip.dst_addr) != cfg.node_ip
+    {
+        return Decap::NotOurs;
+    }
+    let Ok(udp) = ctx.load::<network_types::udp::UdpHdr>(parse::OUTER_UDP) else {
+        return Decap::NotOurs;
+    };
+    if u16::from_be_bytes(udp.dst) != cfg.udp_port {
+        return Decap::NotOurs;
+    }
+    let Ok(vx) = ctx.load::<network_types::vxlan::VxlanHdr>(parse::VXLAN) else {
+        return Decap::NotOurs;
+    };
+    let vni = u32::from_be_bytes([0, vx.vni[0], vx.vni[1], vx.vni[2]]);
+    if vx.flags & network_types::vxlan::VXLAN_I_FLAG_MASK == 0 || vni != cfg.vni {
+        return Decap::NotOurs;
+    }
+    if unsafe { VTEPS.get(u32::from_ne_bytes(ip.src_addr)) }.is_none() {
+        return Decap::NotOurs;
+    }
+    let Ok(inner_eth) = ctx.load::<EthHdr>(parse::INNER_ETH) else {
+        return Decap::NotOurs;
+    };
+    if inner_eth.ether_type != ETH_P_IP_BE {
+        return Decap::NotOurs;
+    }
+    let Ok(inner) = ctx.load::<Ipv4Hdr>(parse::INNER_IP) else {
+        return Decap::NotOurs;
+    };
+    if inner.vihl >> 4 != 4 || inner.vihl & 0x0f < 5 {
+        return Decap::NotOurs;
+    }
+    if unsafe { ENDPOINTS.get(u32::from_ne_bytes(inner.dst_addr)) }.is_none() {
+        return Decap::NotOurs;
+    }
+    let shrink = (parse::INNER_IP - EthHdr::LEN) as i32;
+    if ctx
+        .adjust_room(
+            -shrink,
+            BPF_ADJ_ROOM_MAC,
+            u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+        )
+        .is_err()
+    {
+        return Decap::Failed;
+    }
+    Decap::Done(inner)
 }
 
 #[cfg(not(test))]

@@ -679,11 +679,8 @@ fn pods_added_while_the_agent_is_down_are_registered_later() {
     let c0 = lab.nodes[0].counters().unwrap();
     assert!(lab.ping((1, 0), pod_ip, 5, 56).unwrap());
     let c1 = lab.nodes[0].counters().unwrap();
-    assert!(
-        c1["xdp_pass_not_local"] >= c0["xdp_pass_not_local"] + 5,
-        "{c0:?} {c1:?}"
-    );
-    assert_eq!(c1["xdp_decap"], c0["xdp_decap"]);
+    assert!(c1["uplink_pass"] >= c0["uplink_pass"] + 5, "{c0:?} {c1:?}");
+    assert_eq!(c1["uplink_decap"], c0["uplink_decap"]);
 
     // The agent comes back and registers it from the records.
     lab.start_agent(0).unwrap();
@@ -703,7 +700,7 @@ fn pods_added_while_the_agent_is_down_are_registered_later() {
     assert!(lab.ping((1, 0), pod_ip, 5, 56).unwrap());
     let c3 = lab.nodes[0].counters().unwrap();
     assert!(
-        c3["xdp_decap"] >= c2["xdp_decap"] + 5,
+        c3["uplink_decap"] >= c2["uplink_decap"] + 5,
         "now on the eBPF path: {c2:?} {c3:?}"
     );
     let check = lab
@@ -981,7 +978,10 @@ fn podman_containers_on_two_nodes() {
             >= c0["pod_encap_redirect"] + c0["pod_encap_neigh"] + 5,
         "{c0:?} {d0:?}"
     );
-    assert!(d1["xdp_decap"] >= c1["xdp_decap"] + 5, "{c1:?} {d1:?}");
+    assert!(
+        d1["uplink_decap"] >= c1["uplink_decap"] + 5,
+        "{c1:?} {d1:?}"
+    );
 
     for (i, p) in podmen.iter().enumerate() {
         p.run(&["rm", "--force", "--time", "0", &format!("c{i}")])

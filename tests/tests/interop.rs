@@ -3,11 +3,18 @@
 
 use anyhow::Result;
 use flannel_tests::{
-    lab::{NodeKind, NodeSpec},
+    lab::{LabOptions, NodeKind, NodeSpec},
     netns::link_packets,
     traffic::{tcp_exchange, udp_exchange},
     Lab,
 };
+
+fn xdp_generic() -> LabOptions {
+    LabOptions {
+        agent_args: vec!["--xdp-mode".into(), "generic".into()],
+        ..Default::default()
+    }
+}
 
 fn both_ways(lab: &Lab, a: (usize, usize), b: (usize, usize), port: u16) -> Result<()> {
     for (x, y, p) in [(a, b, port), (b, a, port + 1)] {
@@ -27,11 +34,16 @@ fn both_ways(lab: &Lab, a: (usize, usize), b: (usize, usize), port: u16) -> Resu
 
 #[test]
 fn ebpf_nodes_and_a_stock_flannel_node_exchange_pod_traffic() -> Result<()> {
-    let lab = Lab::new(&[
-        NodeSpec::new(NodeKind::Ebpf, 1),
-        NodeSpec::new(NodeKind::Ebpf, 1),
-        NodeSpec::new(NodeKind::StockFlannel, 1),
-    ])?;
+    // These nodes decapsulate in XDP (generic on the lab's veth uplinks);
+    // the other tests' nodes take the default there, decap in TC.
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::StockFlannel, 1),
+        ],
+        xdp_generic(),
+    )?;
     let stock_before = link_packets(&lab.nodes[2].ns, "flannel.1")?;
     let c0 = lab.nodes[0].counters()?;
     both_ways(&lab, (0, 0), (2, 0), 21000)?;
@@ -52,10 +64,13 @@ fn ebpf_nodes_and_a_stock_flannel_node_exchange_pod_traffic() -> Result<()> {
 
 #[test]
 fn an_ebpf_node_and_a_kernel_datapath_node_interoperate() -> Result<()> {
-    let lab = Lab::new(&[
-        NodeSpec::new(NodeKind::Ebpf, 1),
-        NodeSpec::new(NodeKind::Kernel, 1),
-    ])?;
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+        ],
+        xdp_generic(),
+    )?;
     let status = flannel_agent::api::call(
         &lab.nodes[1].socket(),
         &flannel_agent::api::Request::Status {},

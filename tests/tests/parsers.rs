@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use flannel_common::{programs, CONFIG_F_READY};
+use flannel_common::{programs, CONFIG_F_READY, CONFIG_F_TC_DECAP};
 use flannel_tests::progtest::*;
 
 #[test]
@@ -337,6 +337,57 @@ fn tc_uplink_ingress_routes_into_local_pods_only() -> Result<()> {
             "uplink_pass",
             "VXLAN to the node itself",
         )?;
+        Ok(())
+    })
+}
+
+#[test]
+fn tc_uplink_ingress_decapsulates_when_there_is_no_xdp() -> Result<()> {
+    in_lab_netns(|ns| {
+        let mut h = Harness::new(ns.uplink_index()?)?;
+        h.set_config(ns.uplink_index()?, CONFIG_F_READY | CONFIG_F_TC_DECAP)?;
+        let up = programs::TC_UPLINK_INGRESS;
+        let inner = inner_frame(LOCAL_POD);
+        let vx = vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &inner);
+        let out = h.expect(
+            up,
+            &vx,
+            TC_ACT_REDIRECT,
+            "uplink_decap",
+            "VXLAN to a local pod",
+        )?;
+        // Outer headers and inner Ethernet gone; routed into the pod.
+        assert_eq!(out.len(), vx.len() - 50);
+        assert_eq!(&out[0..6], &POD_MAC);
+        assert_eq!(&out[6..12], &GATEWAY_MAC);
+        assert_eq!(&out[12..14], &[0x08, 0x00]);
+        assert_eq!(out[22], 62, "routed: TTL - 1");
+        assert_eq!(checksum(&out[14..34]), 0);
+        assert_eq!(&out[34..], &inner[34..], "payload untouched");
+        // Everything the XDP program would pass, TC passes too, intact.
+        for (what, pkt) in [
+            ("wrong VNI", vxlan_frame(REMOTE_IP, PORT, 7, 0x08, &inner)),
+            (
+                "wrong port",
+                vxlan_frame(REMOTE_IP, 4790, VNI, 0x08, &inner),
+            ),
+            ("I flag clear", vxlan_frame(REMOTE_IP, PORT, VNI, 0, &inner)),
+            (
+                "unknown VTEP",
+                vxlan_frame(STRANGER_IP, PORT, VNI, 0x08, &inner),
+            ),
+            (
+                "not a local pod",
+                vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &inner_frame(REMOTE_POD)),
+            ),
+        ] {
+            let out = h.expect(up, &pkt, TC_ACT_OK, "uplink_pass", what)?;
+            assert_eq!(out, pkt, "{what}: changed");
+        }
+        // Without the flag (XDP decapsulates), VXLAN is left alone.
+        h.set_config(ns.uplink_index()?, CONFIG_F_READY)?;
+        let out = h.expect(up, &vx, TC_ACT_OK, "uplink_pass", "flag off")?;
+        assert_eq!(out, vx);
         Ok(())
     })
 }

@@ -8,14 +8,22 @@ use std::{
 
 use anyhow::{Context, Result};
 use flannel_tests::{
-    lab::{NodeKind, NodeSpec},
+    lab::{LabOptions, NodeKind, NodeSpec},
     traffic::tcp_exchange,
     Lab,
 };
 
 #[test]
 fn sigkill_loses_no_ping_and_restart_adopts_pinned_state() -> Result<()> {
-    let mut lab = Lab::new(&[NodeSpec::new(NodeKind::Ebpf, 1); 2])?;
+    // XDP decap (generic on the lab's veths), so that the restarted agent
+    // has an XDP link to adopt as well as its TC links.
+    let mut lab = Lab::with(
+        &[NodeSpec::new(NodeKind::Ebpf, 1); 2],
+        LabOptions {
+            agent_args: vec!["--xdp-mode".into(), "generic".into()],
+            ..Default::default()
+        },
+    )?;
     let (a, b) = ((0, 0), (1, 0));
     let dst = lab.pod(b).ip.to_string();
     // 100 pings, 50 ms apart: the agents are killed and restarted meanwhile.

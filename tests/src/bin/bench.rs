@@ -321,6 +321,7 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
             "node1_pod_encap_redirect": c0["pod_encap_redirect"],
             "node1_pod_local_redirect": c0["pod_local_redirect"],
             "node2_xdp_decap": c1["xdp_decap"],
+            "node2_uplink_decap": c1["uplink_decap"],
             "node2_uplink_redirect": c1["uplink_redirect"],
         }),
     );

@@ -73,6 +73,7 @@ fn main() -> Result<()> {
         "pod_encap_redirect",
         "pod_encap_neigh",
         "xdp_decap",
+        "uplink_decap",
         "uplink_redirect",
         "pod_pass_not_ipv4",
         "pod_pass_not_pod_dst",
