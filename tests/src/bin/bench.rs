@@ -337,11 +337,23 @@ fn program_costs(o: &Opts) -> Result<Value> {
     let ns = std::sync::Arc::new(ns);
     let inner = ns.clone();
     in_netns(&name, move || {
-        let h = Harness::new(inner.uplink_index()?)?;
+        let mut h = Harness::new(inner.uplink_index()?)?;
+        // TC decap on too: it only changes tc_uplink_ingress.
+        h.set_config(
+            inner.uplink_index()?,
+            flannel_common::CONFIG_F_READY | flannel_common::CONFIG_F_TC_DECAP,
+        )?;
         inner.set_neigh(true)?;
         let mut out = Map::new();
         for size in [64usize, 512, 1450] {
-            let cases: [(&str, &str, Vec<u8>, &str); 4] = [
+            let vx = progtest::vxlan_frame(
+                progtest::REMOTE_IP,
+                progtest::PORT,
+                progtest::VNI,
+                0x08,
+                &progtest::sized_inner_frame(progtest::LOCAL_POD, size),
+            );
+            let cases: [(&str, &str, Vec<u8>, &str); 5] = [
                 (
                     "encap",
                     programs::TC_FROM_POD,
@@ -360,18 +372,8 @@ fn program_costs(o: &Opts) -> Result<Value> {
                     progtest::sized_pod_frame(Ipv4Addr::new(172, 30, 9, 50), size),
                     "pod_pass_not_pod_dst",
                 ),
-                (
-                    "decap",
-                    programs::XDP_UPLINK,
-                    progtest::vxlan_frame(
-                        progtest::REMOTE_IP,
-                        progtest::PORT,
-                        progtest::VNI,
-                        0x08,
-                        &progtest::sized_inner_frame(progtest::LOCAL_POD, size),
-                    ),
-                    "xdp_decap",
-                ),
+                ("decap", programs::XDP_UPLINK, vx.clone(), "xdp_decap"),
+                ("tc_decap", programs::TC_UPLINK_INGRESS, vx, "uplink_decap"),
             ];
             for (what, prog, pkt, counter) in cases {
                 let before = h.counter(counter);
@@ -564,7 +566,7 @@ fn markdown(r: &Value) -> String {
     );
     s +=
         "\n| program (BPF_PROG_TEST_RUN, ns/packet) | 64 B | 512 B | 1450 B |\n|---|---|---|---|\n";
-    for p in ["encap", "decap", "local_redirect", "pass"] {
+    for p in ["encap", "decap", "tc_decap", "local_redirect", "pass"] {
         let v = |n: usize| {
             r["programs"][format!("{p}_{n}")]
                 .as_f64()
