@@ -663,7 +663,7 @@ impl Agent {
                 ..Response::ok()
             },
             // Answered once its TC program is attached.
-            Request::Add(rec) => return self.begin_add(rec, reply).await,
+            Request::Add(rec) => return self.begin_add(rec, reply),
             Request::Del { ip } => match self.del_endpoint(ip) {
                 Ok(()) => Response::ok(),
                 Err(err) => Response::err(format!("{err:#}")),
@@ -676,7 +676,7 @@ impl Agent {
     /// waits for an RCU grace period in the kernel; done on a worker
     /// thread, many pods being added at once overlap their waits instead
     /// of queueing behind each other on this loop.
-    async fn begin_add(&mut self, rec: EndpointRecord, reply: oneshot::Sender<Response>) {
+    fn begin_add(&mut self, rec: EndpointRecord, reply: oneshot::Sender<Response>) {
         let index = match self.check_endpoint(&rec) {
             Ok(i) => i,
             Err(err) => {

@@ -436,6 +436,21 @@ impl Datapath {
     }
 }
 
+/// `bpf(cmd, attr, sizeof attr)`: the syscall's result, or errno.
+///
+/// # Safety
+/// `attr` must be a `bpf_attr` prefix valid for `cmd`, with every pointer
+/// in it valid for the call.
+unsafe fn bpf_sys<T>(cmd: libc::c_long, attr: *const T) -> io::Result<libc::c_long> {
+    // SAFETY: upheld by the caller.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, std::mem::size_of::<T>() as u32) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// Attaches `prog` at TCX ingress of `ifindex` and pins the link at
 /// `pin` (replacing a stale pin). Blocking: the kernel waits for an RCU
 /// grace period on every tcx attach, so the agent runs this on a worker
@@ -481,17 +496,7 @@ pub fn attach_tcx_ingress_pinned(
         expected_revision: 0,
     };
     // SAFETY: attr is a valid, fully initialised bpf_attr prefix.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &attr as *const LinkCreate,
-            std::mem::size_of::<LinkCreate>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = unsafe { bpf_sys(BPF_LINK_CREATE, &attr) }?;
     // SAFETY: the kernel just returned this fd; OwnedFd closes it.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let _ = std::fs::remove_file(pin);
@@ -503,17 +508,7 @@ pub fn attach_tcx_ingress_pinned(
         file_flags: 0,
     };
     // SAFETY: attr points at a valid C string and an open link fd.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &attr as *const ObjPin,
-            std::mem::size_of::<ObjPin>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf_sys(BPF_OBJ_PIN, &attr) }?;
     Ok(())
 }
 
@@ -554,38 +549,21 @@ fn pinned_link_ifindex(path: &Path) -> Option<u32> {
         file_flags: 0,
     };
     // SAFETY: obj points at a valid C string for the duration of the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &obj as *const ObjAttr,
-            std::mem::size_of::<ObjAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
+    let fd = unsafe { bpf_sys(BPF_OBJ_GET, &obj) }.ok()?;
     // SAFETY: the kernel just returned this fd to us; OwnedFd closes it.
     let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
     // whose xdp and tcx variants both start with the ifindex.
     let mut info = [0u64; 12];
-    let mut attr = InfoAttr {
+    let attr = InfoAttr {
         bpf_fd: fd as u32,
         info_len: std::mem::size_of_val(&info) as u32,
         info: info.as_mut_ptr() as u64,
     };
     // SAFETY: attr and info are valid for the sizes given for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            std::mem::size_of::<InfoAttr>() as u32,
-        )
-    };
+    let rc = unsafe { bpf_sys(BPF_OBJ_GET_INFO_BY_FD, &attr) };
     drop(owned);
-    (rc == 0).then_some((info[2] & 0xffff_ffff) as u32)
+    rc.ok().map(|_| (info[2] & 0xffff_ffff) as u32)
 }
 
 /// Reads the pinned per-CPU counters, summed over CPUs, by name.

@@ -357,10 +357,55 @@ impl Socket {
     }
 }
 
-fn table_attrs() -> Attrs {
+fn table_attrs(name: &str) -> Attrs {
     let mut a = Attrs::default();
-    a.str(1, TABLE);
+    a.str(1, name);
     a
+}
+
+/// A nat chain on postrouting at srcnat priority in table `table`.
+fn nat_chain(table: &str, chain: &str) -> Attrs {
+    let mut a = Attrs::default();
+    a.str(1, table)
+        .str(3, chain)
+        .nest(4, |h| {
+            h.be32(1, NF_INET_POST_ROUTING)
+                .be32(2, NF_IP_PRI_NAT_SRC as u32);
+        })
+        .str(7, "nat");
+    a
+}
+
+/// Deletes table `name`; absent is fine.
+fn delete_table(name: &str) -> Result<(), MasqError> {
+    let mut s = Socket::open()?;
+    s.batch(NFNL_MSG_BATCH_BEGIN);
+    s.nft(
+        NFT_MSG_DELTABLE,
+        0,
+        &table_attrs(name),
+        "deleting the table",
+    );
+    s.batch(NFNL_MSG_BATCH_END);
+    match s.exchange() {
+        Err(MasqError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Whether table `name` exists.
+fn table_present(name: &str) -> Result<bool, MasqError> {
+    let mut s = Socket::open()?;
+    s.nft(NFT_MSG_GETTABLE, 0, &table_attrs(name), "reading the table");
+    match s.exchange() {
+        Ok(()) => Ok(true),
+        Err(MasqError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Installs (or atomically replaces) the masquerade rules.
@@ -372,26 +417,27 @@ pub fn ensure(network: Ipv4Net, lease: Ipv4Net) -> Result<(), MasqError> {
     s.nft(
         NFT_MSG_NEWTABLE,
         NLM_F_CREATE,
-        &table_attrs(),
+        &table_attrs(TABLE),
         "creating the table",
     );
-    s.nft(NFT_MSG_DELTABLE, 0, &table_attrs(), "clearing the table");
+    s.nft(
+        NFT_MSG_DELTABLE,
+        0,
+        &table_attrs(TABLE),
+        "clearing the table",
+    );
     s.nft(
         NFT_MSG_NEWTABLE,
         NLM_F_CREATE,
-        &table_attrs(),
+        &table_attrs(TABLE),
         "creating the table",
     );
-    let mut chain = Attrs::default();
-    chain
-        .str(1, TABLE)
-        .str(3, CHAIN)
-        .nest(4, |h| {
-            h.be32(1, NF_INET_POST_ROUTING)
-                .be32(2, NF_IP_PRI_NAT_SRC as u32);
-        })
-        .str(7, "nat");
-    s.nft(NFT_MSG_NEWCHAIN, NLM_F_CREATE, &chain, "creating the chain");
+    s.nft(
+        NFT_MSG_NEWCHAIN,
+        NLM_F_CREATE,
+        &nat_chain(TABLE, CHAIN),
+        "creating the chain",
+    );
     for rule in rules(network, lease) {
         let mut a = Attrs::default();
         a.str(1, TABLE)
@@ -410,29 +456,12 @@ pub fn ensure(network: Ipv4Net, lease: Ipv4Net) -> Result<(), MasqError> {
 
 /// Removes the table (after `--ip-masq` was turned off); absent is fine.
 pub fn remove() -> Result<(), MasqError> {
-    let mut s = Socket::open()?;
-    s.batch(NFNL_MSG_BATCH_BEGIN);
-    s.nft(NFT_MSG_DELTABLE, 0, &table_attrs(), "deleting the table");
-    s.batch(NFNL_MSG_BATCH_END);
-    match s.exchange() {
-        Err(MasqError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(())
-        }
-        other => other,
-    }
+    delete_table(TABLE)
 }
 
 /// Whether the table is there (drift check: someone may flush nftables).
 pub fn present() -> Result<bool, MasqError> {
-    let mut s = Socket::open()?;
-    s.nft(NFT_MSG_GETTABLE, 0, &table_attrs(), "reading the table");
-    match s.exchange() {
-        Ok(()) => Ok(true),
-        Err(MasqError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
+    table_present(TABLE)
 }
 
 /// Masquerading done by the CNI plugin when the agent does not (`ipMasq`,
@@ -443,28 +472,9 @@ pub fn present() -> Result<bool, MasqError> {
 pub const POD_TABLE: &str = "flannel-cni";
 pub const POD_CHAIN: &str = "postrouting";
 
-fn pod_table_attrs() -> Attrs {
-    let mut a = Attrs::default();
-    a.str(1, POD_TABLE);
-    a
-}
-
 /// Whether the plugin's table is there.
 pub fn pod_present() -> Result<bool, MasqError> {
-    let mut s = Socket::open()?;
-    s.nft(
-        NFT_MSG_GETTABLE,
-        0,
-        &pod_table_attrs(),
-        "reading the pod table",
-    );
-    match s.exchange() {
-        Ok(()) => Ok(true),
-        Err(MasqError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
+    table_present(POD_TABLE)
 }
 
 /// Makes sure pods of `lease` are masqueraded when leaving `network`. A
@@ -480,22 +490,13 @@ pub fn pod_ensure(network: Ipv4Net, lease: Ipv4Net) -> Result<(), MasqError> {
     s.nft(
         NFT_MSG_NEWTABLE,
         NLM_F_CREATE | NLM_F_EXCL,
-        &pod_table_attrs(),
+        &table_attrs(POD_TABLE),
         "creating the pod table",
     );
-    let mut chain = Attrs::default();
-    chain
-        .str(1, POD_TABLE)
-        .str(3, POD_CHAIN)
-        .nest(4, |h| {
-            h.be32(1, NF_INET_POST_ROUTING)
-                .be32(2, NF_IP_PRI_NAT_SRC as u32);
-        })
-        .str(7, "nat");
     s.nft(
         NFT_MSG_NEWCHAIN,
         NLM_F_CREATE,
-        &chain,
+        &nat_chain(POD_TABLE, POD_CHAIN),
         "creating the pod chain",
     );
     let multicast = Ipv4Net::new(Ipv4Addr::new(224, 0, 0, 0), 4).expect("valid");
@@ -526,19 +527,5 @@ pub fn pod_ensure(network: Ipv4Net, lease: Ipv4Net) -> Result<(), MasqError> {
 /// Removes the plugin's table (the agent masquerades itself now); absent
 /// is fine.
 pub fn pod_remove() -> Result<(), MasqError> {
-    let mut s = Socket::open()?;
-    s.batch(NFNL_MSG_BATCH_BEGIN);
-    s.nft(
-        NFT_MSG_DELTABLE,
-        0,
-        &pod_table_attrs(),
-        "deleting the pod table",
-    );
-    s.batch(NFNL_MSG_BATCH_END);
-    match s.exchange() {
-        Err(MasqError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(())
-        }
-        other => other,
-    }
+    delete_table(POD_TABLE)
 }

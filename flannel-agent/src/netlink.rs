@@ -430,25 +430,36 @@ impl Netlink {
 
     /// IPv4 routes of the main table through `index`: (destination, gateway).
     pub async fn routes_via(&self, index: u32) -> Result<Vec<(Ipv4Net, Option<Ipv4Addr>)>> {
+        Ok(self
+            .routes_out(index)
+            .await?
+            .iter()
+            .map(|route| {
+                let dst = Self::route_dst(route).unwrap_or_else(|| {
+                    Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid default route")
+                });
+                let gw = route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(*g),
+                    _ => None,
+                });
+                (dst, gw)
+            })
+            .collect())
+    }
+
+    /// IPv4 routes of the main table whose output interface is `index`.
+    async fn routes_out(&self, index: u32) -> Result<Vec<RouteMessage>> {
         let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
         let mut stream = self.handle.route().get(filter).execute();
         let mut out = Vec::new();
         while let Some(route) = stream.try_next().await.map_err(req("list routes", index))? {
-            let oif = route
+            if route
                 .attributes
                 .iter()
-                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
-            if !oif {
-                continue;
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index))
+            {
+                out.push(route);
             }
-            let dst = Self::route_dst(&route).unwrap_or_else(|| {
-                Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid default route")
-            });
-            let gw = route.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(*g),
-                _ => None,
-            });
-            out.push((dst, gw));
         }
         Ok(out)
     }
@@ -588,21 +599,11 @@ impl Netlink {
         Ok(())
     }
 
-    /// Routes through `vtep` (destination, gateway).
+    /// Universe-scope routes through `vtep` (the remote leases' routes).
     pub async fn vtep_routes(&self, vtep: u32) -> Result<Vec<RouteMessage>> {
-        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let mut stream = self.handle.route().get(filter).execute();
-        let mut out = Vec::new();
-        while let Some(route) = stream.try_next().await.map_err(req("list routes", vtep))? {
-            let oif = route
-                .attributes
-                .iter()
-                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == vtep));
-            if oif && route.header.scope == RouteScope::Universe {
-                out.push(route);
-            }
-        }
-        Ok(out)
+        let mut routes = self.routes_out(vtep).await?;
+        routes.retain(|r| r.header.scope == RouteScope::Universe);
+        Ok(routes)
     }
 
     pub fn route_dst(route: &RouteMessage) -> Option<Ipv4Net> {

@@ -10,7 +10,7 @@ use std::{
 
 use flannel_agent::{
     api::{self, Request},
-    cni::spec::SUPPORTED,
+    cni::spec::{at_least, SUPPORTED},
     ebpf,
 };
 use flannel_tests::{
@@ -24,10 +24,6 @@ use flannel_tests::{
     Lab,
 };
 use serde_json::{json, Value};
-
-fn at_least(v: &str, min: &str) -> bool {
-    flannel_agent::cni::spec::at_least(v, min)
-}
 
 /// What the plugin leaves on node `i`, to compare before and after.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -311,7 +307,7 @@ fn bad_calls_rollback_and_gc() {
     let before = traces(&lab, 0);
     let plugin = || command_in_netns(built_bin("flannel").unwrap(), &lab.nodes[0].ns).unwrap();
 
-    // (command, container id, netns, ifname, stdin, code, text in msg)
+    let good = serde_json::to_vec(&conf).unwrap();
     let table: Vec<BadCall> = vec![
         (
             "ADD",
@@ -345,25 +341,17 @@ fn bad_calls_rollback_and_gc() {
             "c",
             nsp.clone(),
             "eth0",
-            serde_json::to_vec(&conf).unwrap(),
+            good.clone(),
             4,
             "CNI_COMMAND is not set",
         ),
-        (
-            "FROB",
-            "c",
-            nsp.clone(),
-            "eth0",
-            serde_json::to_vec(&conf).unwrap(),
-            4,
-            "FROB",
-        ),
+        ("FROB", "c", nsp.clone(), "eth0", good.clone(), 4, "FROB"),
         (
             "ADD",
             "c",
             String::new(),
             "eth0",
-            serde_json::to_vec(&conf).unwrap(),
+            good.clone(),
             4,
             "CNI_NETNS",
         ),
@@ -372,25 +360,17 @@ fn bad_calls_rollback_and_gc() {
             "",
             nsp.clone(),
             "eth0",
-            serde_json::to_vec(&conf).unwrap(),
+            good.clone(),
             4,
             "CNI_CONTAINERID",
         ),
-        (
-            "ADD",
-            "c",
-            nsp.clone(),
-            "",
-            serde_json::to_vec(&conf).unwrap(),
-            4,
-            "CNI_IFNAME",
-        ),
+        ("ADD", "c", nsp.clone(), "", good.clone(), 4, "CNI_IFNAME"),
         (
             "ADD",
             "c",
             nsp.clone(),
             "a/b",
-            serde_json::to_vec(&conf).unwrap(),
+            good.clone(),
             4,
             "not a valid interface name",
         ),
@@ -399,7 +379,7 @@ fn bad_calls_rollback_and_gc() {
             "../x",
             nsp.clone(),
             "eth0",
-            serde_json::to_vec(&conf).unwrap(),
+            good.clone(),
             4,
             "CNI_CONTAINERID",
         ),
@@ -408,7 +388,7 @@ fn bad_calls_rollback_and_gc() {
             "c",
             "/run/netns/does-not-exist".into(),
             "eth0",
-            serde_json::to_vec(&conf).unwrap(),
+            good.clone(),
             3,
             "cannot be opened",
         ),
@@ -417,7 +397,7 @@ fn bad_calls_rollback_and_gc() {
             "",
             nsp.clone(),
             "eth0",
-            serde_json::to_vec(&conf).unwrap(),
+            good.clone(),
             4,
             "CNI_CONTAINERID",
         ),
@@ -426,7 +406,7 @@ fn bad_calls_rollback_and_gc() {
             "c",
             nsp.clone(),
             "eth0",
-            serde_json::to_vec(&conf).unwrap(),
+            good.clone(),
             7,
             "prevResult is required",
         ),
@@ -435,7 +415,7 @@ fn bad_calls_rollback_and_gc() {
             "",
             String::new(),
             "",
-            serde_json::to_vec(&conf).unwrap(),
+            good.clone(),
             7,
             "valid-attachments",
         ),

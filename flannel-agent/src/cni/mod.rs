@@ -205,7 +205,8 @@ async fn pod_bridge(nl: &Netlink, name: &str, gateway: Ipv4Net, mtu: u32) -> Cni
         Some(_) => Err(CniError::new(
             code::INVALID_CONFIG,
             format!("{name} exists and is not a bridge"),
-        )),
+        )
+        .details("remove or rename that interface, or name another bridge in delegate.bridge")),
     }
 }
 
@@ -293,8 +294,9 @@ async fn add(env: &CniEnv, conf: &NetConf) -> CniResult<Value> {
         let _ = undo.run(&host).await;
         return Err(CniError::new(
             code::INVALID_CONFIG,
-            "the IPAM plugin returned no IPv4 address",
-        ));
+            format!("IPAM plugin {} returned no IPv4 address", conf.ipam_type()),
+        )
+        .details("give it an IPv4 range (ipam.ranges or ipam.subnet)"));
     };
     let wired = wire(env, conf, &senv, &ns, &pod, &host, &ipam, &ipres, &ipc).await;
     match wired {

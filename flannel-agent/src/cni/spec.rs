@@ -255,13 +255,7 @@ impl CniOutput {
                 address: addr
                     .parse()
                     .map_err(|_| bad(&format!("address {addr:?} is not a CIDR")))?,
-                gateway: match ip.get("gateway").and_then(Value::as_str) {
-                    Some(g) => Some(
-                        g.parse()
-                            .map_err(|_| bad(&format!("gateway {g:?} is not an address")))?,
-                    ),
-                    None => None,
-                },
+                gateway: opt_addr(ip, "gateway")?,
                 interface: ip
                     .get("interface")
                     .and_then(Value::as_u64)
@@ -285,17 +279,27 @@ impl CniOutput {
                 dst: dst
                     .parse()
                     .map_err(|_| bad(&format!("route dst {dst:?} is not a CIDR")))?,
-                gw: match r.get("gw").and_then(Value::as_str) {
-                    Some(g) => Some(
-                        g.parse()
-                            .map_err(|_| bad(&format!("route gw {g:?} is not an address")))?,
-                    ),
-                    None => None,
-                },
+                gw: opt_addr(r, "gw")?,
             });
         }
         Ok(out)
     }
+}
+
+/// An optional IPv4 address field of a result entry.
+fn opt_addr(entry: &Value, key: &str) -> CniResult<Option<Ipv4Addr>> {
+    entry
+        .get(key)
+        .and_then(Value::as_str)
+        .map(|g| {
+            g.parse().map_err(|_| {
+                CniError::new(
+                    code::DECODE,
+                    format!("result: {key} {g:?} is not an IPv4 address"),
+                )
+            })
+        })
+        .transpose()
 }
 
 /// The `CNI_*` variables of one call.

@@ -219,20 +219,16 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
         NodeSpec::new(NodeKind::Kernel, 2),
         NodeSpec::new(NodeKind::Kernel, 1),
     ])?;
-    let pod = |i, j| lab.pod((i, j));
+    // Pod (i, j) to pod (k, l).
+    let pods = |name, (i, j), (k, l)| Path {
+        name,
+        client: lab.pod((i, j)).ns.clone(),
+        server: lab.pod((k, l)).ns.clone(),
+        ip: lab.pod((k, l)).ip,
+    };
     let cross = [
-        Path {
-            name: "ebpf",
-            client: pod(0, 0).ns.clone(),
-            server: pod(1, 0).ns.clone(),
-            ip: pod(1, 0).ip,
-        },
-        Path {
-            name: "kernel",
-            client: pod(2, 0).ns.clone(),
-            server: pod(3, 0).ns.clone(),
-            ip: pod(3, 0).ip,
-        },
+        pods("ebpf", (0, 0), (1, 0)),
+        pods("kernel", (2, 0), (3, 0)),
         Path {
             name: "limit",
             client: lab.nodes[2].ns.clone(),
@@ -240,20 +236,7 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
             ip: lab.nodes[3].ip,
         },
     ];
-    let same = [
-        Path {
-            name: "ebpf",
-            client: pod(0, 0).ns.clone(),
-            server: pod(0, 1).ns.clone(),
-            ip: pod(0, 1).ip,
-        },
-        Path {
-            name: "kernel",
-            client: pod(2, 0).ns.clone(),
-            server: pod(2, 1).ns.clone(),
-            ip: pod(2, 1).ip,
-        },
-    ];
+    let same = [pods("ebpf", (0, 0), (0, 1)), pods("kernel", (2, 0), (2, 1))];
     type Runs = Vec<Vec<f64>>;
     let n = cross.len();
     let mut m: std::collections::BTreeMap<&str, Runs> = Default::default();
