@@ -211,7 +211,9 @@ pub fn unique_id() -> String {
         ^ SEQ
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_mul(0x9e37_79b9);
-    format!("fl{:06x}", mix & 0xff_ffff)
+    let id = format!("fl{:06x}", mix & 0xff_ffff);
+    crate::interrupt::remember(&id);
+    id
 }
 
 /// Path of the agent binary: `FLANNEL_AGENT_BIN`, or next to the test binary.

@@ -6,10 +6,12 @@
 //! Flannel node, a `flannel-agent` process; each pod is a namespace with a
 //! veth into its node. Every name carries the lab's unique id, nothing
 //! touches the root namespace's interfaces, and `Drop` removes everything
-//! (agents, namespaces, pins, temp files), on failure and panic too.
+//! (agents, namespaces, pins, temp files), on failure and panic too;
+//! [`interrupt`] does the same when the demo or the bench is interrupted.
 
 pub mod etcd;
 pub mod fakekube;
+pub mod interrupt;
 pub mod lab;
 pub mod netns;
 pub mod podman;

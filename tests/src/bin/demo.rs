@@ -12,10 +12,15 @@ use flannel_tests::{
 };
 
 fn main() -> Result<()> {
+    flannel_tests::interrupt::clean_up_on_signals()?;
     println!(
         "building a 3-node lab (fabric bridge, 3 node namespaces, 2 pods each, added through the flannel CNI plugin) ..."
     );
     let lab = Lab::new(&[NodeSpec::new(NodeKind::Ebpf, 2); 3])?;
+    println!(
+        "lab {} is up (Ctrl-C removes it; so does the end of the demo)",
+        lab.id
+    );
     for (i, node) in lab.nodes.iter().enumerate() {
         let pods: Vec<String> = node.pods.iter().map(|p| p.ip.to_string()).collect();
         println!(
