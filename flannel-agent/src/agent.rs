@@ -879,49 +879,58 @@ impl Agent {
             .filter(|r| Netlink::route_onlink(r))
             .filter_map(Netlink::route_dst)
             .collect();
-        let mut programmed = 0;
-        for r in want.values() {
-            let ok = have_routes.contains(&r.subnet)
-                && neigh.get(&r.subnet.network()) == Some(&r.vtep_mac)
-                && fdb.contains(&(r.vtep_mac, Some(IpAddr::V4(r.public_ip))));
-            if !ok {
-                tracing::debug!(
-                    subnet = %r.subnet,
-                    route = have_routes.contains(&r.subnet),
-                    neighbour = ?neigh.get(&r.subnet.network()),
-                    fdb = fdb.contains(&(r.vtep_mac, Some(IpAddr::V4(r.public_ip)))),
-                    "reprogramming a remote"
-                );
-                self.nl.program_remote(vtep.index, r).await?;
-                programmed += 1;
-            }
-        }
-        let mut removed = 0;
-        for route in routes {
-            if Netlink::route_dst(&route).is_some_and(|d| !want.contains_key(&d)) {
-                self.nl.delete_route(route).await?;
-                removed += 1;
-            }
-        }
+        let stale: Vec<&RemoteEntry> = want
+            .values()
+            .filter(|r| {
+                let ok = have_routes.contains(&r.subnet)
+                    && neigh.get(&r.subnet.network()) == Some(&r.vtep_mac)
+                    && fdb.contains(&(r.vtep_mac, Some(IpAddr::V4(r.public_ip))));
+                if !ok {
+                    tracing::debug!(
+                        subnet = %r.subnet,
+                        route = have_routes.contains(&r.subnet),
+                        neighbour = ?neigh.get(&r.subnet.network()),
+                        fdb = fdb.contains(&(r.vtep_mac, Some(IpAddr::V4(r.public_ip)))),
+                        "reprogramming a remote"
+                    );
+                }
+                !ok
+            })
+            .collect();
+        let programmed = stale.len();
+        // Each remote's neighbour, FDB entry and route go in Flannel's order;
+        // different remotes are independent, so their requests are in flight
+        // together rather than one netlink round trip after another.
+        let nl = &self.nl;
+        let vtep_index = vtep.index;
+        concurrently(stale, |r| nl.program_remote(vtep_index, r)).await?;
+
+        let old_routes: Vec<_> = routes
+            .into_iter()
+            .filter(|route| Netlink::route_dst(route).is_some_and(|d| !want.contains_key(&d)))
+            .collect();
         let want_gw: HashMap<Ipv4Addr, MacAddr> = want
             .values()
             .map(|r| (r.subnet.network(), r.vtep_mac))
             .collect();
-        for (ip, _) in neigh
+        let old_neigh: Vec<Ipv4Addr> = neigh
             .iter()
             .filter(|(ip, mac)| want_gw.get(ip) != Some(mac))
-        {
-            self.nl.delete_neighbour(vtep.index, *ip).await?;
-            removed += 1;
-        }
+            .map(|(ip, _)| *ip)
+            .collect();
         let want_fdb: HashSet<(MacAddr, Option<IpAddr>)> = want
             .values()
             .map(|r| (r.vtep_mac, Some(IpAddr::V4(r.public_ip))))
             .collect();
-        for (mac, dst) in fdb.iter().filter(|e| !want_fdb.contains(e)) {
-            self.nl.delete_fdb(vtep.index, *mac, *dst).await?;
-            removed += 1;
-        }
+        let old_fdb: Vec<(MacAddr, Option<IpAddr>)> = fdb
+            .iter()
+            .filter(|e| !want_fdb.contains(e))
+            .copied()
+            .collect();
+        let removed = old_routes.len() + old_neigh.len() + old_fdb.len();
+        concurrently(old_routes, |route| nl.delete_route(route)).await?;
+        concurrently(old_neigh, |ip| nl.delete_neighbour(vtep_index, ip)).await?;
+        concurrently(old_fdb, |(mac, dst)| nl.delete_fdb(vtep_index, mac, dst)).await?;
         if programmed + removed > 0 {
             tracing::info!(
                 programmed,
@@ -1033,4 +1042,28 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Netlink requests kept in flight at once by [`concurrently`]: enough to
+/// hide the round trips, few enough not to fill the socket's buffers.
+const NETLINK_IN_FLIGHT: usize = 64;
+
+/// Runs `f` on every item with up to [`NETLINK_IN_FLIGHT`] at a time; the
+/// first error is returned after the requests already started finish.
+async fn concurrently<T, E, F, Fut>(items: Vec<T>, f: F) -> Result<(), E>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    use futures::StreamExt;
+    let mut results = futures::stream::iter(items)
+        .map(f)
+        .buffer_unordered(NETLINK_IN_FLIGHT);
+    let mut first = None;
+    while let Some(r) = results.next().await {
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
 }

@@ -758,6 +758,19 @@ impl Lab {
             .context("no VmRSS")
     }
 
+    /// Stops (SIGSTOP) or continues (SIGCONT) node `i`'s agent. A stopped
+    /// agent holds no CPU or lock; it catches up on what changed when it
+    /// continues.
+    pub fn pause_agent(&self, i: usize, paused: bool) -> Result<()> {
+        let pid = self.nodes[i].agent.as_ref().context("no agent")?.id();
+        let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill has no memory-safety preconditions.
+        if unsafe { libc::kill(pid as i32, sig) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("signalling the agent");
+        }
+        Ok(())
+    }
+
     /// SIGKILLs node `i`'s agent (the pinned data path stays).
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {
         if let Some(mut child) = self.nodes[i].agent.take() {
