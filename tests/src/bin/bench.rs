@@ -90,20 +90,55 @@ fn median(v: &Value) -> f64 {
     v["median"].as_f64().unwrap_or(f64::NAN)
 }
 
-/// Busy CPU seconds of the whole machine so far (all CPUs).
-fn cpu_busy_secs() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy: f64 = v.iter().take(8).sum::<f64>() - v[3] - v[4];
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(busy / hz)
+/// A point to measure the machine's busy CPU time from.
+///
+/// Busy time is wall time on every online CPU minus idle time. The kernel
+/// measures idle time exactly on a tickless kernel, while the user, system
+/// and softirq columns of `/proc/stat` are sampled at each tick, which on
+/// a half-idle VM was seen to swing 4x between identical runs.
+struct CpuMark {
+    at: Instant,
+    idle: f64,
+}
+
+impl CpuMark {
+    fn now() -> Result<Self> {
+        Ok(CpuMark {
+            at: Instant::now(),
+            idle: Self::idle_secs()?,
+        })
+    }
+
+    /// Idle plus iowait seconds, summed over CPUs, and the number of CPUs.
+    fn read() -> Result<(f64, usize)> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let line = stat.lines().next().context("empty /proc/stat")?;
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if v.len() < 5 {
+            bail!("unexpected /proc/stat line {line:?}");
+        }
+        let cpus = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok(((v[3] + v[4]) / hz, cpus))
+    }
+
+    fn idle_secs() -> Result<f64> {
+        Ok(Self::read()?.0)
+    }
+
+    /// Busy CPU seconds of the whole machine since the mark.
+    fn busy(&self) -> Result<f64> {
+        let (idle, cpus) = Self::read()?;
+        Ok(self.at.elapsed().as_secs_f64() * cpus as f64 - (idle - self.idle))
+    }
 }
 
 /// The CPUs the client and the server of every workload run on, when the
@@ -187,9 +222,9 @@ fn tcp(
         args.extend(["-b".to_string(), format!("{g}G")]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let cpu0 = cpu_busy_secs()?;
+    let mark = CpuMark::now()?;
     let end = iperf(server, client, ip, &args)?;
-    let cpu = cpu_busy_secs()? - cpu0;
+    let cpu = mark.busy()?;
     let bps = end["sum_received"]["bits_per_second"]
         .as_f64()
         .context("no iperf3 throughput")?;
@@ -675,6 +710,21 @@ fn markdown(r: &Value) -> String {
         }
     }
     s += &format!("\nRatios: `{}`\n", r["ratios"]);
+    if let Some(p) = r["paired_ratios"].as_object() {
+        s += "\nThe same ratios round by round (min, median, max over the rounds):";
+        for (k, v) in p {
+            if v.is_object() {
+                s += &format!(
+                    " {k} {:.2}, {:.2}, {:.2};",
+                    v["min"].as_f64().unwrap_or(f64::NAN),
+                    median(v),
+                    v["max"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+        }
+        s.pop();
+        s += ".\n";
+    }
     s
 }
 
@@ -790,7 +840,31 @@ fn main() -> Result<()> {
         "udp64_ebpf_over_kernel": ratio(median(&c["ebpf"]["udp64_kpps"]), median(&c["kernel"]["udp64_kpps"])),
         "same_node_tcp1_ebpf_over_kernel": ratio(median(&same["ebpf"]["tcp1"]), median(&same["kernel"]["tcp1"])),
     });
+    // Each round runs the three paths back to back, so a round's ratio
+    // compares runs under the same conditions; their spread shows how much
+    // of a difference is the machine's noise.
+    let paired = |metric: &str, a: &str, b: &str| {
+        let runs = |p: &str| -> Vec<f64> {
+            c[p][metric]["runs"]
+                .as_array()
+                .map(|v| v.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default()
+        };
+        let r: Vec<f64> = runs(a).iter().zip(runs(b)).map(|(x, y)| x / y).collect();
+        if r.is_empty() {
+            Value::Null
+        } else {
+            stats(&r)
+        }
+    };
+    let paired_ratios = json!({
+        "tcp1_ebpf_over_limit": paired("tcp1", "ebpf", "limit"),
+        "tcp1_ebpf_over_kernel": paired("tcp1", "ebpf", "kernel"),
+        "rr_p50_ebpf_over_limit": paired("rr1_p50", "ebpf", "limit"),
+        "cpu_per_gbit_ebpf_over_kernel": paired("cpu_per_gbit", "ebpf", "kernel"),
+    });
     let report = json!({
+        "paired_ratios": paired_ratios,
         "mode": if o.quick { "quick" } else { "full" },
         "machine": machine(),
         "settings": {
