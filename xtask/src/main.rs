@@ -36,6 +36,10 @@ enum Cmd {
         /// A short run that only proves the benchmark works (CI runs it).
         #[arg(long)]
         quick: bool,
+        /// One part only (data, programs or control), written to
+        /// target/bench/bench-<part>.json.
+        #[arg(long, value_parser = ["data", "programs", "control"])]
+        only: Option<String>,
     },
     /// Run all tests (needs root).
     Test {
@@ -88,7 +92,7 @@ fn main() -> Result<()> {
                 ]))
         }
         Cmd::Demo => run_lab_bin("flannel-demo", &[]),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench { quick, only } => bench(quick, only),
         Cmd::Test { args } => {
             setup()?;
             // The lab starts the agent binary; build it first.
@@ -103,16 +107,19 @@ fn main() -> Result<()> {
                 .args(args);
             run_tests(&mut cmd)?;
             // The benchmark must keep working: its short version, no thresholds.
-            bench(true)
+            bench(true, None)
         }
     }
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, only: Option<String>) -> Result<()> {
     let out = workspace().join("target").join("bench");
     let mut args = vec!["--out".to_string(), out.display().to_string()];
     if quick {
         args.push("--quick".into());
+    }
+    if let Some(part) = only {
+        args.extend(["--only".into(), part]);
     }
     run_lab_bin("flannel-bench", &args)
 }

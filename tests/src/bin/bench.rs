@@ -67,8 +67,8 @@ impl Opts {
         } else {
             Opts {
                 quick,
-                secs: 5,
-                runs: 5,
+                secs: 3,
+                runs: 9,
                 rr_count: 20_000,
                 test_runs: 1_000_000,
                 leases: vec![1_000, 5_000],
@@ -245,64 +245,121 @@ fn udp64(server: &str, client: &str, ip: Ipv4Addr, secs: u32) -> Result<f64> {
     Ok(got / s["seconds"].as_f64().unwrap_or(1.0) / 1e3)
 }
 
-/// TCP request/response with `size`-byte messages over one connection:
-/// (p50 µs, p99 µs, transactions per second).
-fn rr(
-    server: &str,
-    client: &str,
-    ip: Ipv4Addr,
-    size: usize,
-    count: usize,
-) -> Result<(f64, f64, f64)> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let srv = spawn_in_netns(server, move || {
-        if let Some((_, cpu)) = pinned() {
-            pin_thread(cpu)?;
-        }
-        let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 5302))?;
-        tx.send(()).ok();
-        let (mut s, _) = l.accept()?;
-        s.set_nodelay(true)?;
-        let mut buf = vec![0u8; size];
-        loop {
-            if s.read_exact(&mut buf).is_err() {
-                return Ok(());
-            }
-            s.write_all(&buf)?;
-        }
-    })?;
-    rx.recv_timeout(Duration::from_secs(5))
-        .context("RR server did not start")?;
-    let times = in_netns(client, move || {
-        if let Some((cpu, _)) = pinned() {
-            pin_thread(cpu)?;
-        }
-        let mut s = TcpStream::connect_timeout(
-            &SocketAddrV4::new(ip, 5302).into(),
-            Duration::from_secs(5),
-        )?;
-        s.set_nodelay(true)?;
-        let msg = vec![0x5au8; size];
-        let mut buf = vec![0u8; size];
-        let mut times = Vec::with_capacity(count);
-        for k in 0..count + count / 10 {
-            let t = Instant::now();
-            s.write_all(&msg)?;
-            s.read_exact(&mut buf)?;
-            if k >= count / 10 {
-                times.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-        }
-        Ok(times)
-    })?;
-    srv.join()
-        .map_err(|_| anyhow::anyhow!("RR server panicked"))??;
-    let total: f64 = times.iter().sum::<f64>() / 1e6;
-    let mut t = times;
-    t.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| t[((t.len() - 1) as f64 * p) as usize];
-    Ok((pct(0.5), pct(0.99), t.len() as f64 / total))
+/// A TCP request/response connection with `size`-byte messages, kept
+/// open across rounds so that each round's share of transactions on every
+/// path runs back to back with the other paths' shares. Client and server
+/// each live on a thread in their namespace, pinned like iperf3.
+struct RrSession {
+    go: std::sync::mpsc::Sender<usize>,
+    done: std::sync::mpsc::Receiver<Result<Vec<f64>>>,
+    client: std::thread::JoinHandle<Result<()>>,
+    server: std::thread::JoinHandle<Result<()>>,
 }
+
+impl RrSession {
+    fn open(server: &str, client: &str, ip: Ipv4Addr, port: u16, size: usize) -> Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let srv = spawn_in_netns(server, move || {
+            if let Some((_, cpu)) = pinned() {
+                pin_thread(cpu)?;
+            }
+            let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+            ready_tx.send(()).ok();
+            let (mut s, _) = l.accept()?;
+            s.set_nodelay(true)?;
+            let mut buf = vec![0u8; size];
+            loop {
+                if s.read_exact(&mut buf).is_err() {
+                    return Ok(());
+                }
+                s.write_all(&buf)?;
+            }
+        })?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("RR server did not start")?;
+        let (go, go_rx) = std::sync::mpsc::channel::<usize>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let cli = spawn_in_netns(client, move || {
+            if let Some((cpu, _)) = pinned() {
+                pin_thread(cpu)?;
+            }
+            let mut s = TcpStream::connect_timeout(
+                &SocketAddrV4::new(ip, port).into(),
+                Duration::from_secs(5),
+            )?;
+            s.set_nodelay(true)?;
+            let msg = vec![0x5au8; size];
+            let mut buf = vec![0u8; size];
+            // Each share starts with a tenth more, not timed, to warm the path.
+            while let Ok(count) = go_rx.recv() {
+                let mut run = || -> Result<Vec<f64>> {
+                    let mut times = Vec::with_capacity(count);
+                    for k in 0..count + count / 10 {
+                        let t = Instant::now();
+                        s.write_all(&msg)?;
+                        s.read_exact(&mut buf)?;
+                        if k >= count / 10 {
+                            times.push(t.elapsed().as_secs_f64() * 1e6);
+                        }
+                    }
+                    Ok(times)
+                };
+                if done_tx.send(run()).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(RrSession {
+            go,
+            done,
+            client: cli,
+            server: srv,
+        })
+    }
+
+    /// `count` transactions: (p50 µs, p99 µs, transactions per second).
+    fn run(&self, count: usize) -> Result<(f64, f64, f64)> {
+        self.go.send(count).context("RR client is gone")?;
+        let times = self
+            .done
+            .recv_timeout(Duration::from_secs(120))
+            .context("RR client did not answer")??;
+        let total: f64 = times.iter().sum::<f64>() / 1e6;
+        let mut t = times;
+        t.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| t[((t.len() - 1) as f64 * p) as usize];
+        Ok((pct(0.5), pct(0.99), t.len() as f64 / total))
+    }
+
+    fn close(self) -> Result<()> {
+        drop(self.go);
+        self.client
+            .join()
+            .map_err(|_| anyhow::anyhow!("RR client panicked"))??;
+        self.server
+            .join()
+            .map_err(|_| anyhow::anyhow!("RR server panicked"))??;
+        Ok(())
+    }
+}
+
+/// What each round measures on every cross-node path.
+const METRICS: [&str; 12] = [
+    "tcp1",
+    "tcp4",
+    "cpu_per_gbit",
+    "paced_gbit",
+    "cpu_per_gbit_max",
+    "udp64_kpps",
+    "rr1_p50",
+    "rr1_p99",
+    "rr1_tps",
+    "rr1k_p50",
+    "rr1k_p99",
+    "rr1k_tps",
+];
 
 struct Path {
     name: &'static str,
@@ -340,24 +397,19 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
     type Runs = Vec<Vec<f64>>;
     let n = cross.len();
     let mut m: std::collections::BTreeMap<&str, Runs> = Default::default();
-    for key in [
-        "tcp1",
-        "tcp4",
-        "cpu_per_gbit",
-        "paced_gbit",
-        "cpu_per_gbit_max",
-        "udp64_kpps",
-        "rr1_p50",
-        "rr1_p99",
-        "rr1_tps",
-        "rr1k_p50",
-        "rr1k_p99",
-        "rr1k_tps",
-    ] {
+    for key in METRICS {
         m.insert(key, vec![Vec::new(); n]);
     }
+    // One RR connection per path and message size, open for all rounds.
+    let mut sessions = Vec::new();
+    for (k, p) in cross.iter().enumerate() {
+        let one = RrSession::open(&p.server, &p.client, p.ip, 5302 + 2 * k as u16, 1)?;
+        let kb = RrSession::open(&p.server, &p.client, p.ip, 5303 + 2 * k as u16, 1024)?;
+        sessions.push((one, kb));
+    }
+    let share = (o.rr_count / o.runs).max(100);
     for run in 0..o.runs {
-        println!("cross-node run {}/{} ...", run + 1, o.runs);
+        println!("cross-node round {}/{} ...", run + 1, o.runs);
         for (k, p) in cross.iter().enumerate() {
             let (g, cpu) = tcp(&p.server, &p.client, p.ip, o.secs, 1, None)?;
             m.get_mut("tcp1").unwrap()[k].push(g);
@@ -368,15 +420,19 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
             let g = tcp(&p.server, &p.client, p.ip, o.secs, 4, None)?.0;
             m.get_mut("tcp4").unwrap()[k].push(g);
             m.get_mut("udp64_kpps").unwrap()[k].push(udp64(&p.server, &p.client, p.ip, o.secs)?);
-            let (a, b, c) = rr(&p.server, &p.client, p.ip, 1, o.rr_count)?;
+            let (a, b, c) = sessions[k].0.run(share)?;
             m.get_mut("rr1_p50").unwrap()[k].push(a);
             m.get_mut("rr1_p99").unwrap()[k].push(b);
             m.get_mut("rr1_tps").unwrap()[k].push(c);
-            let (a, b, c) = rr(&p.server, &p.client, p.ip, 1024, o.rr_count)?;
+            let (a, b, c) = sessions[k].1.run(share)?;
             m.get_mut("rr1k_p50").unwrap()[k].push(a);
             m.get_mut("rr1k_p99").unwrap()[k].push(b);
             m.get_mut("rr1k_tps").unwrap()[k].push(c);
         }
+    }
+    for (one, kb) in sessions {
+        one.close()?;
+        kb.close()?;
     }
     let mut cross_json = Map::new();
     for (k, p) in cross.iter().enumerate() {
@@ -387,16 +443,27 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
         cross_json.insert(p.name.into(), Value::Object(o));
     }
     let mut same_json = Map::new();
-    for p in &same {
-        let mut t = Vec::new();
-        let mut l = Vec::new();
-        for _ in 0..o.runs {
-            t.push(tcp(&p.server, &p.client, p.ip, o.secs, 1, None)?.0);
-            l.push(rr(&p.server, &p.client, p.ip, 1, o.rr_count)?.0);
+    let sessions = same
+        .iter()
+        .enumerate()
+        .map(|(k, p)| RrSession::open(&p.server, &p.client, p.ip, 5310 + k as u16, 1))
+        .collect::<Result<Vec<_>>>()?;
+    let mut t = vec![Vec::new(); same.len()];
+    let mut l = vec![Vec::new(); same.len()];
+    for run in 0..o.runs {
+        println!("same-node round {}/{} ...", run + 1, o.runs);
+        for (k, p) in same.iter().enumerate() {
+            t[k].push(tcp(&p.server, &p.client, p.ip, o.secs, 1, None)?.0);
+            l[k].push(sessions[k].run(share)?.0);
         }
+    }
+    for s in sessions {
+        s.close()?;
+    }
+    for (k, p) in same.iter().enumerate() {
         same_json.insert(
             p.name.into(),
-            json!({"tcp1": stats(&t), "rr1_p50": stats(&l)}),
+            json!({"tcp1": stats(&t[k]), "rr1_p50": stats(&l[k])}),
         );
     }
     // Which path the eBPF runs took, from the counters.
@@ -610,11 +677,25 @@ fn machine() -> Value {
     json!({"cpu": cpu, "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "memory_gib": mem, "kernel": kernel})
 }
 
-fn ratio(a: f64, b: f64) -> Value {
-    if a.is_finite() && b.is_finite() && b != 0.0 {
-        json!((a / b * 1000.0).round() / 1000.0)
-    } else {
+/// Per-round ratios of path `a` to path `b` for `metric` in `section`
+/// (`cross_node` or `same_node`): median, min, max and the rounds.
+fn paired(section: &Value, metric: &str, a: &str, b: &str) -> Value {
+    let runs = |p: &str| -> Vec<f64> {
+        section[p][metric]["runs"]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let r: Vec<f64> = runs(a)
+        .iter()
+        .zip(runs(b))
+        .filter(|(_, y)| *y != 0.0)
+        .map(|(x, y)| (x / y * 1000.0).round() / 1000.0)
+        .collect();
+    if r.is_empty() {
         Value::Null
+    } else {
+        stats(&r)
     }
 }
 
@@ -623,7 +704,7 @@ fn markdown(r: &Value) -> String {
     let g = |p: &str, k: &str| median(&c[p][k]);
     let mut s = String::new();
     s += &format!(
-        "Machine: {} ({} CPUs, {} GiB), kernel {}. Mode: {} ({} runs of {} s, client/server CPUs {}). eBPF nodes: {}.\n\n",
+        "Machine: {} ({} CPUs, {} GiB), kernel {}. Mode: {} ({} rounds of {} s runs, client/server CPUs {}). eBPF nodes: {}.\n\n",
         r["machine"]["cpu"].as_str().unwrap_or(""),
         r["machine"]["cpus"],
         r["machine"]["memory_gib"],
@@ -637,7 +718,20 @@ fn markdown(r: &Value) -> String {
         },
         r["cross_node"]["ebpf_datapath"].as_str().unwrap_or("?"),
     );
-    s += "| cross-node, median of runs | eBPF | kernel path | node-to-node | eBPF / node-to-node | eBPF / kernel |\n|---|---|---|---|---|---|\n";
+    s += "| cross-node, median of rounds | eBPF | kernel path | node-to-node | eBPF / node-to-node | eBPF / kernel |\n|---|---|---|---|---|---|\n";
+    let pr = |k: String| {
+        let v = &r["paired_ratios"][k];
+        if v.is_object() {
+            format!(
+                "{:.2} ({:.2}–{:.2})",
+                median(v),
+                v["min"].as_f64().unwrap_or(f64::NAN),
+                v["max"].as_f64().unwrap_or(f64::NAN)
+            )
+        } else {
+            "–".to_string()
+        }
+    };
     let paced = format!("CPU s per Gbit, 1 stream paced to {PACED_GBIT} Gbit/s");
     let rows: [(&str, &str, &str); 12] = [
         ("TCP 1 stream (Gbit/s)", "tcp1", "{:.2}"),
@@ -669,19 +763,19 @@ fn markdown(r: &Value) -> String {
             }
         };
         s += &format!(
-            "| {label} | {} | {} | {} | {:.2} | {:.2} |\n",
+            "| {label} | {} | {} | {} | {} | {} |\n",
             f(e),
             f(kk),
             f(l),
-            e / l,
-            e / kk
+            pr(format!("{k}_ebpf_over_limit")),
+            pr(format!("{k}_ebpf_over_kernel")),
         );
     }
     let sm = &r["same_node"];
     s += &format!(
-        "\n| same node, median | eBPF (redirect) | kernel (bridge) | eBPF / kernel |\n|---|---|---|---|\n| TCP 1 stream (Gbit/s) | {:.2} | {:.2} | {:.2} |\n| TCP RR 1 B p50 (µs) | {:.1} | {:.1} | {:.2} |\n",
-        median(&sm["ebpf"]["tcp1"]), median(&sm["kernel"]["tcp1"]), median(&sm["ebpf"]["tcp1"]) / median(&sm["kernel"]["tcp1"]),
-        median(&sm["ebpf"]["rr1_p50"]), median(&sm["kernel"]["rr1_p50"]), median(&sm["ebpf"]["rr1_p50"]) / median(&sm["kernel"]["rr1_p50"]),
+        "\n| same node, median of rounds | eBPF (redirect) | kernel (bridge) | eBPF / kernel |\n|---|---|---|---|\n| TCP 1 stream (Gbit/s) | {:.2} | {:.2} | {} |\n| TCP RR 1 B p50 (µs) | {:.1} | {:.1} | {} |\n",
+        median(&sm["ebpf"]["tcp1"]), median(&sm["kernel"]["tcp1"]), pr("same_node_tcp1_ebpf_over_kernel".into()),
+        median(&sm["ebpf"]["rr1_p50"]), median(&sm["kernel"]["rr1_p50"]), pr("same_node_rr1_p50_ebpf_over_kernel".into()),
     );
     s +=
         "\n| program (BPF_PROG_TEST_RUN, ns/packet) | 64 B | 512 B | 1450 B |\n|---|---|---|---|\n";
@@ -710,21 +804,7 @@ fn markdown(r: &Value) -> String {
         }
     }
     s += &format!("\nRatios: `{}`\n", r["ratios"]);
-    if let Some(p) = r["paired_ratios"].as_object() {
-        s += "\nThe same ratios round by round (min, median, max over the rounds):";
-        for (k, v) in p {
-            if v.is_object() {
-                s += &format!(
-                    " {k} {:.2}, {:.2}, {:.2};",
-                    v["min"].as_f64().unwrap_or(f64::NAN),
-                    median(v),
-                    v["max"].as_f64().unwrap_or(f64::NAN)
-                );
-            }
-        }
-        s.pop();
-        s += ".\n";
-    }
+    s += "\nRatios are medians of per-round ratios (each round runs every path back to back), with the lowest and highest round in brackets.\n";
     s
 }
 
@@ -827,41 +907,41 @@ fn main() -> Result<()> {
     let progs = program_costs(&o)?;
     println!("control plane ({:?} leases) ...", o.leases);
     let cp = control_plane(&o)?;
-    let c = &cross;
-    let ratios = json!({
-        "tcp1_ebpf_over_limit": ratio(median(&c["ebpf"]["tcp1"]), median(&c["limit"]["tcp1"])),
-        "tcp1_ebpf_over_kernel": ratio(median(&c["ebpf"]["tcp1"]), median(&c["kernel"]["tcp1"])),
-        "tcp4_ebpf_over_kernel": ratio(median(&c["ebpf"]["tcp4"]), median(&c["kernel"]["tcp4"])),
-        "rr_p50_ebpf_over_limit": ratio(median(&c["ebpf"]["rr1_p50"]), median(&c["limit"]["rr1_p50"])),
-        "rr_p50_ebpf_over_kernel": ratio(median(&c["ebpf"]["rr1_p50"]), median(&c["kernel"]["rr1_p50"])),
-        "cpu_per_gbit_ebpf_over_kernel": ratio(median(&c["ebpf"]["cpu_per_gbit"]), median(&c["kernel"]["cpu_per_gbit"])),
-        "cpu_per_gbit_max_ebpf_over_kernel": ratio(median(&c["ebpf"]["cpu_per_gbit_max"]), median(&c["kernel"]["cpu_per_gbit_max"])),
-        "cpu_per_gbit_ebpf_over_limit": ratio(median(&c["ebpf"]["cpu_per_gbit"]), median(&c["limit"]["cpu_per_gbit"])),
-        "udp64_ebpf_over_kernel": ratio(median(&c["ebpf"]["udp64_kpps"]), median(&c["kernel"]["udp64_kpps"])),
-        "same_node_tcp1_ebpf_over_kernel": ratio(median(&same["ebpf"]["tcp1"]), median(&same["kernel"]["tcp1"])),
-    });
-    // Each round runs the three paths back to back, so a round's ratio
-    // compares runs under the same conditions; their spread shows how much
-    // of a difference is the machine's noise.
-    let paired = |metric: &str, a: &str, b: &str| {
-        let runs = |p: &str| -> Vec<f64> {
-            c[p][metric]["runs"]
-                .as_array()
-                .map(|v| v.iter().filter_map(Value::as_f64).collect())
-                .unwrap_or_default()
-        };
-        let r: Vec<f64> = runs(a).iter().zip(runs(b)).map(|(x, y)| x / y).collect();
-        if r.is_empty() {
-            Value::Null
-        } else {
-            stats(&r)
+    // Each round runs the paths back to back, so one round's ratio compares
+    // runs made under the same conditions. The ratios reported are the
+    // medians of those per-round ratios; their min and max, in
+    // `paired_ratios`, show how much of a difference is the machine's noise.
+    let mut paired_ratios = Map::new();
+    for metric in METRICS {
+        for (vs, b) in [("limit", "limit"), ("kernel", "kernel")] {
+            paired_ratios.insert(
+                format!("{metric}_ebpf_over_{vs}"),
+                paired(&cross, metric, "ebpf", b),
+            );
         }
+    }
+    for metric in ["tcp1", "rr1_p50"] {
+        paired_ratios.insert(
+            format!("same_node_{metric}_ebpf_over_kernel"),
+            paired(&same, metric, "ebpf", "kernel"),
+        );
+    }
+    let r = |k: &str| {
+        paired_ratios
+            .get(k)
+            .map_or(Value::Null, |v| v["median"].clone())
     };
-    let paired_ratios = json!({
-        "tcp1_ebpf_over_limit": paired("tcp1", "ebpf", "limit"),
-        "tcp1_ebpf_over_kernel": paired("tcp1", "ebpf", "kernel"),
-        "rr_p50_ebpf_over_limit": paired("rr1_p50", "ebpf", "limit"),
-        "cpu_per_gbit_ebpf_over_kernel": paired("cpu_per_gbit", "ebpf", "kernel"),
+    let ratios = json!({
+        "tcp1_ebpf_over_limit": r("tcp1_ebpf_over_limit"),
+        "tcp1_ebpf_over_kernel": r("tcp1_ebpf_over_kernel"),
+        "tcp4_ebpf_over_kernel": r("tcp4_ebpf_over_kernel"),
+        "rr_p50_ebpf_over_limit": r("rr1_p50_ebpf_over_limit"),
+        "rr_p50_ebpf_over_kernel": r("rr1_p50_ebpf_over_kernel"),
+        "cpu_per_gbit_ebpf_over_kernel": r("cpu_per_gbit_ebpf_over_kernel"),
+        "cpu_per_gbit_ebpf_over_limit": r("cpu_per_gbit_ebpf_over_limit"),
+        "cpu_per_gbit_max_ebpf_over_kernel": r("cpu_per_gbit_max_ebpf_over_kernel"),
+        "udp64_ebpf_over_kernel": r("udp64_kpps_ebpf_over_kernel"),
+        "same_node_tcp1_ebpf_over_kernel": r("same_node_tcp1_ebpf_over_kernel"),
     });
     let report = json!({
         "paired_ratios": paired_ratios,
