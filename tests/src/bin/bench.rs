@@ -67,8 +67,8 @@ impl Opts {
         } else {
             Opts {
                 quick,
-                secs: 3,
-                runs: 9,
+                secs: 2,
+                runs: 15,
                 rr_count: 20_000,
                 test_runs: 1_000_000,
                 leases: vec![1_000, 5_000],
@@ -169,42 +169,73 @@ fn pin_thread(cpu: usize) -> Result<()> {
 /// figure shows what each path costs, not how fast it saturates a CPU.
 const PACED_GBIT: u32 = 4;
 
-/// One iperf3 run from `client` to `server_ip` in `server`; the JSON end.
-fn iperf(server: &str, client: &str, server_ip: Ipv4Addr, args: &[&str]) -> Result<Value> {
-    let (ccpu, scpu) = match pinned() {
-        Some((c, s)) => (
-            vec!["-A".to_string(), c.to_string()],
-            vec!["-A".to_string(), s.to_string()],
-        ),
-        None => (vec![], vec![]),
-    };
-    let mut srv = command_in_netns("iperf3", server)?
-        .args(["-s", "-1", "-p", "5301"])
-        .args(&scpu)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting iperf3 (apt-get install iperf3)")?;
-    std::thread::sleep(Duration::from_millis(200));
-    let out = command_in_netns("iperf3", client)?
-        .args(["-c", &server_ip.to_string(), "-p", "5301", "-J"])
-        .args(&ccpu)
-        .args(args)
-        .output()?;
-    let _ = srv.wait();
-    if !out.status.success() {
-        bail!(
-            "iperf3 to {server_ip}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+/// iperf3 servers, one per server namespace, started on first use and
+/// kept for the whole run (a fresh server per run cost 0.3 s each time);
+/// killed on drop.
+#[derive(Default)]
+struct Iperf {
+    servers: std::cell::RefCell<std::collections::HashMap<String, std::process::Child>>,
+}
+
+impl Drop for Iperf {
+    fn drop(&mut self) {
+        for (_, mut c) in self.servers.borrow_mut().drain() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v["end"].clone())
+}
+
+impl Iperf {
+    fn server(&self, ns: &str, ip: Ipv4Addr) -> Result<()> {
+        if self.servers.borrow().contains_key(ns) {
+            return Ok(());
+        }
+        let cpu = pinned().map(|(_, s)| vec!["-A".to_string(), s.to_string()]);
+        let child = command_in_netns("iperf3", ns)?
+            .args(["-s", "-p", "5301"])
+            .args(cpu.unwrap_or_default())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 (apt-get install iperf3)")?;
+        self.servers.borrow_mut().insert(ns.to_string(), child);
+        // Ready when it accepts a connection (from its own namespace).
+        let started = Instant::now();
+        let addr = SocketAddrV4::new(ip, 5301);
+        while in_netns(ns, move || Ok(TcpStream::connect(addr)?)).is_err() {
+            if started.elapsed() > Duration::from_secs(5) {
+                bail!("iperf3 server in {ns} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// One iperf3 run from `client` to `server_ip` in `server`; the JSON end.
+    fn run(&self, server: &str, client: &str, server_ip: Ipv4Addr, args: &[&str]) -> Result<Value> {
+        self.server(server, server_ip)?;
+        let cpu = pinned().map(|(c, _)| vec!["-A".to_string(), c.to_string()]);
+        let out = command_in_netns("iperf3", client)?
+            .args(["-c", &server_ip.to_string(), "-p", "5301", "-J"])
+            .args(cpu.unwrap_or_default())
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "iperf3 to {server_ip}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["end"].clone())
+    }
 }
 
 /// TCP throughput in Gbit/s and the machine's busy CPU seconds per Gbit,
 /// as fast as it goes or (`rate`) paced to that many Gbit/s.
 fn tcp(
+    iperf: &Iperf,
     server: &str,
     client: &str,
     ip: Ipv4Addr,
@@ -223,7 +254,7 @@ fn tcp(
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mark = CpuMark::now()?;
-    let end = iperf(server, client, ip, &args)?;
+    let end = iperf.run(server, client, ip, &args)?;
     let cpu = mark.busy()?;
     let bps = end["sum_received"]["bits_per_second"]
         .as_f64()
@@ -233,8 +264,8 @@ fn tcp(
 }
 
 /// UDP datagrams of 64 bytes, as fast as the sender goes: received kpps.
-fn udp64(server: &str, client: &str, ip: Ipv4Addr, secs: u32) -> Result<f64> {
-    let end = iperf(
+fn udp64(iperf: &Iperf, server: &str, client: &str, ip: Ipv4Addr, secs: u32) -> Result<f64> {
+    let end = iperf.run(
         server,
         client,
         ip,
@@ -400,6 +431,7 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
     for key in METRICS {
         m.insert(key, vec![Vec::new(); n]);
     }
+    let iperf = Iperf::default();
     // One RR connection per path and message size, open for all rounds.
     let mut sessions = Vec::new();
     for (k, p) in cross.iter().enumerate() {
@@ -411,15 +443,24 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
     for run in 0..o.runs {
         println!("cross-node round {}/{} ...", run + 1, o.runs);
         for (k, p) in cross.iter().enumerate() {
-            let (g, cpu) = tcp(&p.server, &p.client, p.ip, o.secs, 1, None)?;
+            let (g, cpu) = tcp(&iperf, &p.server, &p.client, p.ip, o.secs, 1, None)?;
             m.get_mut("tcp1").unwrap()[k].push(g);
             m.get_mut("cpu_per_gbit_max").unwrap()[k].push(cpu);
-            let (g, cpu) = tcp(&p.server, &p.client, p.ip, o.secs, 1, Some(PACED_GBIT))?;
+            let (g, cpu) = tcp(
+                &iperf,
+                &p.server,
+                &p.client,
+                p.ip,
+                o.secs,
+                1,
+                Some(PACED_GBIT),
+            )?;
             m.get_mut("paced_gbit").unwrap()[k].push(g);
             m.get_mut("cpu_per_gbit").unwrap()[k].push(cpu);
-            let g = tcp(&p.server, &p.client, p.ip, o.secs, 4, None)?.0;
+            let g = tcp(&iperf, &p.server, &p.client, p.ip, o.secs, 4, None)?.0;
             m.get_mut("tcp4").unwrap()[k].push(g);
-            m.get_mut("udp64_kpps").unwrap()[k].push(udp64(&p.server, &p.client, p.ip, o.secs)?);
+            m.get_mut("udp64_kpps").unwrap()[k]
+                .push(udp64(&iperf, &p.server, &p.client, p.ip, o.secs)?);
             let (a, b, c) = sessions[k].0.run(share)?;
             m.get_mut("rr1_p50").unwrap()[k].push(a);
             m.get_mut("rr1_p99").unwrap()[k].push(b);
@@ -453,7 +494,7 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
     for run in 0..o.runs {
         println!("same-node round {}/{} ...", run + 1, o.runs);
         for (k, p) in same.iter().enumerate() {
-            t[k].push(tcp(&p.server, &p.client, p.ip, o.secs, 1, None)?.0);
+            t[k].push(tcp(&iperf, &p.server, &p.client, p.ip, o.secs, 1, None)?.0);
             l[k].push(sessions[k].run(share)?.0);
         }
     }
