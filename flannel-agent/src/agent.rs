@@ -1048,8 +1048,9 @@ impl Agent {
 /// hide the round trips, few enough not to fill the socket's buffers.
 const NETLINK_IN_FLIGHT: usize = 64;
 
-/// Runs `f` on every item with up to [`NETLINK_IN_FLIGHT`] at a time; the
-/// first error is returned after the requests already started finish.
+/// Runs `f` on every item with up to [`NETLINK_IN_FLIGHT`] at a time. One
+/// failing item does not hold back the others: every item is tried, and
+/// the first error is returned at the end.
 async fn concurrently<T, E, F, Fut>(items: Vec<T>, f: F) -> Result<(), E>
 where
     F: Fn(T) -> Fut,
