@@ -604,7 +604,20 @@ impl Lab {
                     .iter()
                     .map(|n| format!("{}: {:?}", n.ns, n.status().ok()))
                     .collect();
-                bail!("timed out after {timeout:?} waiting for {what}; {status:#?}");
+                // The end of each agent's log, to tell a slow node from a
+                // stuck one when this happens in CI.
+                let logs: Vec<String> = (0..self.nodes.len())
+                    .map(|i| {
+                        let log = strip_ansi(&self.agent_log(i));
+                        let lines: Vec<&str> = log.lines().collect();
+                        let tail = lines[lines.len().saturating_sub(8)..].join("\n");
+                        format!("--- {} agent log, last lines:\n{tail}", self.nodes[i].ns)
+                    })
+                    .collect();
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}; {status:#?}\n{}",
+                    logs.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -1050,6 +1063,25 @@ impl Lab {
 }
 
 /// The Node object name of lab node `i` (kube store).
+/// `text` without terminal colour codes (the agent's logs have them).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte (a letter).
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub fn node_name(i: usize) -> String {
     format!("node{}", i + 1)
 }
@@ -1120,5 +1152,16 @@ impl Drop for Lab {
         if std::env::var_os("FLANNEL_LAB_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn strip_ansi_keeps_the_text() {
+        let log = "\u{1b}[2m2026-11-25T03:08:12Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m ready";
+        assert_eq!(super::strip_ansi(log), "2026-11-25T03:08:12Z  INFO ready");
+        assert_eq!(super::strip_ansi("plain"), "plain");
+        assert_eq!(super::strip_ansi("cut \u{1b}[3"), "cut ");
     }
 }
