@@ -779,7 +779,13 @@ impl Lab {
         let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
         // SAFETY: kill has no memory-safety preconditions.
         if unsafe { libc::kill(pid as i32, sig) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("signalling the agent");
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!(
+                    "sending {} to node {}'s agent (pid {pid})",
+                    if paused { "SIGSTOP" } else { "SIGCONT" },
+                    i + 1
+                )
+            });
         }
         Ok(())
     }

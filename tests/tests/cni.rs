@@ -75,6 +75,16 @@ fn masq_rule(lab: &Lab, i: usize) -> String {
     .unwrap_or_default()
 }
 
+/// The lab most tests here use: node 1 with no pods, the one the plugin is
+/// driven on, and node 2 with one pod for the new pods to reach.
+fn subject_and_peer() -> Lab {
+    Lab::new(&[
+        NodeSpec::new(NodeKind::Ebpf, 0),
+        NodeSpec::new(NodeKind::Ebpf, 1),
+    ])
+    .unwrap()
+}
+
 fn traces(lab: &Lab, i: usize) -> Traces {
     let node = &lab.nodes[i];
     let registered = api::call(&node.socket(), &Request::List {})
@@ -124,11 +134,7 @@ fn with(conf: &Value, key: &str, value: Value) -> Value {
 /// version from 0.3.0 to 1.1.0, on an eBPF node whose agent is up.
 #[test]
 fn spec_commands_over_every_cni_version() {
-    let mut lab = Lab::new(&[
-        NodeSpec::new(NodeKind::Ebpf, 0),
-        NodeSpec::new(NodeKind::Ebpf, 1),
-    ])
-    .unwrap();
+    let mut lab = subject_and_peer();
     let before = traces(&lab, 0);
     let gateway = lab.nodes[0].gateway();
     let subnet = lab.nodes[0].subnet;
@@ -296,11 +302,7 @@ fn ip_in(ns: &str, args: &[&str]) {
 /// the valid list and nothing else.
 #[test]
 fn bad_calls_rollback_and_gc() {
-    let mut lab = Lab::new(&[
-        NodeSpec::new(NodeKind::Ebpf, 0),
-        NodeSpec::new(NodeKind::Ebpf, 1),
-    ])
-    .unwrap();
+    let mut lab = subject_and_peer();
     let conf = lab.cni_conf(0, "1.1.0");
     let ns = lab.netns("bad").unwrap();
     let nsp = netns_path(&ns);
@@ -530,11 +532,7 @@ fn bad_calls_rollback_and_gc() {
 /// before is respected; the plugin masquerades what leaves the cluster.
 #[test]
 fn chained_with_the_reference_plugins() {
-    let mut lab = Lab::new(&[
-        NodeSpec::new(NodeKind::Ebpf, 0),
-        NodeSpec::new(NodeKind::Ebpf, 1),
-    ])
-    .unwrap();
+    let mut lab = subject_and_peer();
     let node = &lab.nodes[0];
     let (node_ip, subnet) = (node.ip, node.subnet);
     // An address an earlier pod still holds, as host-local wrote it.
@@ -610,11 +608,7 @@ fn chained_with_the_reference_plugins() {
 /// (over the kernel path) and the agent registers the pod when it is back.
 #[test]
 fn pods_added_while_the_agent_is_down_are_registered_later() {
-    let mut lab = Lab::new(&[
-        NodeSpec::new(NodeKind::Ebpf, 0),
-        NodeSpec::new(NodeKind::Ebpf, 1),
-    ])
-    .unwrap();
+    let mut lab = subject_and_peer();
     let conf = lab.cni_conf(0, "1.1.0");
     let before = traces(&lab, 0);
     lab.kill_agent(0).unwrap();
@@ -775,11 +769,7 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 #[test]
 fn two_hundred_pods_concurrently() {
     const N: usize = 200;
-    let mut lab = Lab::new(&[
-        NodeSpec::new(NodeKind::Ebpf, 0),
-        NodeSpec::new(NodeKind::Ebpf, 1),
-    ])
-    .unwrap();
+    let mut lab = subject_and_peer();
     let before = traces(&lab, 0);
     let conf = lab.cni_conf(0, "1.0.0");
     let prober = lab.pod((1, 0)).ns.clone();

@@ -105,7 +105,7 @@ impl CpuMark {
     fn now() -> Result<Self> {
         Ok(CpuMark {
             at: Instant::now(),
-            idle: Self::idle_secs()?,
+            idle: Self::read()?.0,
         })
     }
 
@@ -128,10 +128,6 @@ impl CpuMark {
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         Ok(((v[3] + v[4]) / hz, cpus))
-    }
-
-    fn idle_secs() -> Result<f64> {
-        Ok(Self::read()?.0)
     }
 
     /// Busy CPU seconds of the whole machine since the mark.
@@ -158,7 +154,8 @@ fn pin_thread(cpu: usize) -> Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("pinning a benchmark thread to CPU {cpu}"));
         }
     }
     Ok(())
@@ -212,9 +209,10 @@ impl Iperf {
         Ok(())
     }
 
-    /// One iperf3 run from `client` to `server_ip` in `server`; the JSON end.
-    fn run(&self, server: &str, client: &str, server_ip: Ipv4Addr, args: &[&str]) -> Result<Value> {
-        self.server(server, server_ip)?;
+    /// One iperf3 run over `path`; the JSON end.
+    fn run(&self, path: &Path, args: &[&str]) -> Result<Value> {
+        let (client, server_ip) = (path.client.as_str(), path.ip);
+        self.server(&path.server, server_ip)?;
         let cpu = pinned().map(|(c, _)| vec!["-A".to_string(), c.to_string()]);
         let out = command_in_netns("iperf3", client)?
             .args(["-c", &server_ip.to_string(), "-p", "5301", "-J"])
@@ -236,9 +234,7 @@ impl Iperf {
 /// as fast as it goes or (`rate`) paced to that many Gbit/s.
 fn tcp(
     iperf: &Iperf,
-    server: &str,
-    client: &str,
-    ip: Ipv4Addr,
+    path: &Path,
     secs: u32,
     streams: u32,
     rate: Option<u32>,
@@ -254,7 +250,7 @@ fn tcp(
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mark = CpuMark::now()?;
-    let end = iperf.run(server, client, ip, &args)?;
+    let end = iperf.run(path, &args)?;
     let cpu = mark.busy()?;
     let bps = end["sum_received"]["bits_per_second"]
         .as_f64()
@@ -264,11 +260,9 @@ fn tcp(
 }
 
 /// UDP datagrams of 64 bytes, as fast as the sender goes: received kpps.
-fn udp64(iperf: &Iperf, server: &str, client: &str, ip: Ipv4Addr, secs: u32) -> Result<f64> {
+fn udp64(iperf: &Iperf, path: &Path, secs: u32) -> Result<f64> {
     let end = iperf.run(
-        server,
-        client,
-        ip,
+        path,
         &["-u", "-l", "64", "-b", "0", "-t", &secs.to_string()],
     )?;
     let s = &end["sum"];
@@ -288,9 +282,10 @@ struct RrSession {
 }
 
 impl RrSession {
-    fn open(server: &str, client: &str, ip: Ipv4Addr, port: u16, size: usize) -> Result<Self> {
+    fn open(path: &Path, port: u16, size: usize) -> Result<Self> {
+        let ip = path.ip;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let srv = spawn_in_netns(server, move || {
+        let srv = spawn_in_netns(&path.server, move || {
             if let Some((_, cpu)) = pinned() {
                 pin_thread(cpu)?;
             }
@@ -311,7 +306,7 @@ impl RrSession {
             .context("RR server did not start")?;
         let (go, go_rx) = std::sync::mpsc::channel::<usize>();
         let (done_tx, done) = std::sync::mpsc::channel();
-        let cli = spawn_in_netns(client, move || {
+        let cli = spawn_in_netns(&path.client, move || {
             if let Some((cpu, _)) = pinned() {
                 pin_thread(cpu)?;
             }
@@ -435,40 +430,31 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
     // One RR connection per path and message size, open for all rounds.
     let mut sessions = Vec::new();
     for (k, p) in cross.iter().enumerate() {
-        let one = RrSession::open(&p.server, &p.client, p.ip, 5302 + 2 * k as u16, 1)?;
-        let kb = RrSession::open(&p.server, &p.client, p.ip, 5303 + 2 * k as u16, 1024)?;
+        let one = RrSession::open(p, 5302 + 2 * k as u16, 1)?;
+        let kb = RrSession::open(p, 5303 + 2 * k as u16, 1024)?;
         sessions.push((one, kb));
     }
     let share = (o.rr_count / o.runs).max(100);
     for run in 0..o.runs {
         println!("cross-node round {}/{} ...", run + 1, o.runs);
         for (k, p) in cross.iter().enumerate() {
-            let (g, cpu) = tcp(&iperf, &p.server, &p.client, p.ip, o.secs, 1, None)?;
-            m.get_mut("tcp1").unwrap()[k].push(g);
-            m.get_mut("cpu_per_gbit_max").unwrap()[k].push(cpu);
-            let (g, cpu) = tcp(
-                &iperf,
-                &p.server,
-                &p.client,
-                p.ip,
-                o.secs,
-                1,
-                Some(PACED_GBIT),
-            )?;
-            m.get_mut("paced_gbit").unwrap()[k].push(g);
-            m.get_mut("cpu_per_gbit").unwrap()[k].push(cpu);
-            let g = tcp(&iperf, &p.server, &p.client, p.ip, o.secs, 4, None)?.0;
-            m.get_mut("tcp4").unwrap()[k].push(g);
-            m.get_mut("udp64_kpps").unwrap()[k]
-                .push(udp64(&iperf, &p.server, &p.client, p.ip, o.secs)?);
+            let mut put = |key: &str, v: f64| m.get_mut(key).expect("a METRICS key")[k].push(v);
+            let (g, cpu) = tcp(&iperf, p, o.secs, 1, None)?;
+            put("tcp1", g);
+            put("cpu_per_gbit_max", cpu);
+            let (g, cpu) = tcp(&iperf, p, o.secs, 1, Some(PACED_GBIT))?;
+            put("paced_gbit", g);
+            put("cpu_per_gbit", cpu);
+            put("tcp4", tcp(&iperf, p, o.secs, 4, None)?.0);
+            put("udp64_kpps", udp64(&iperf, p, o.secs)?);
             let (a, b, c) = sessions[k].0.run(share)?;
-            m.get_mut("rr1_p50").unwrap()[k].push(a);
-            m.get_mut("rr1_p99").unwrap()[k].push(b);
-            m.get_mut("rr1_tps").unwrap()[k].push(c);
+            put("rr1_p50", a);
+            put("rr1_p99", b);
+            put("rr1_tps", c);
             let (a, b, c) = sessions[k].1.run(share)?;
-            m.get_mut("rr1k_p50").unwrap()[k].push(a);
-            m.get_mut("rr1k_p99").unwrap()[k].push(b);
-            m.get_mut("rr1k_tps").unwrap()[k].push(c);
+            put("rr1k_p50", a);
+            put("rr1k_p99", b);
+            put("rr1k_tps", c);
         }
     }
     for (one, kb) in sessions {
@@ -487,14 +473,14 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
     let sessions = same
         .iter()
         .enumerate()
-        .map(|(k, p)| RrSession::open(&p.server, &p.client, p.ip, 5310 + k as u16, 1))
+        .map(|(k, p)| RrSession::open(p, 5310 + k as u16, 1))
         .collect::<Result<Vec<_>>>()?;
     let mut t = vec![Vec::new(); same.len()];
     let mut l = vec![Vec::new(); same.len()];
     for run in 0..o.runs {
         println!("same-node round {}/{} ...", run + 1, o.runs);
         for (k, p) in same.iter().enumerate() {
-            t[k].push(tcp(&iperf, &p.server, &p.client, p.ip, o.secs, 1, None)?.0);
+            t[k].push(tcp(&iperf, p, o.secs, 1, None)?.0);
             l[k].push(sessions[k].run(share)?.0);
         }
     }
@@ -774,25 +760,21 @@ fn markdown(r: &Value) -> String {
         }
     };
     let paced = format!("CPU s per Gbit, 1 stream paced to {PACED_GBIT} Gbit/s");
-    let rows: [(&str, &str, &str); 12] = [
-        ("TCP 1 stream (Gbit/s)", "tcp1", "{:.2}"),
-        ("TCP 4 streams (Gbit/s)", "tcp4", "{:.2}"),
-        (&paced, "cpu_per_gbit", "{:.3}"),
-        ("(paced stream's Gbit/s)", "paced_gbit", "{:.2}"),
-        (
-            "CPU s per Gbit, 1 stream at full speed",
-            "cpu_per_gbit_max",
-            "{:.3}",
-        ),
-        ("UDP 64 B (kpps received)", "udp64_kpps", "{:.0}"),
-        ("TCP RR 1 B p50 (µs)", "rr1_p50", "{:.1}"),
-        ("TCP RR 1 B p99 (µs)", "rr1_p99", "{:.1}"),
-        ("TCP RR 1 B (trans/s)", "rr1_tps", "{:.0}"),
-        ("TCP RR 1 KB p50 (µs)", "rr1k_p50", "{:.1}"),
-        ("TCP RR 1 KB p99 (µs)", "rr1k_p99", "{:.1}"),
-        ("TCP RR 1 KB (trans/s)", "rr1k_tps", "{:.0}"),
+    let rows: [(&str, &str); 12] = [
+        ("TCP 1 stream (Gbit/s)", "tcp1"),
+        ("TCP 4 streams (Gbit/s)", "tcp4"),
+        (&paced, "cpu_per_gbit"),
+        ("(paced stream's Gbit/s)", "paced_gbit"),
+        ("CPU s per Gbit, 1 stream at full speed", "cpu_per_gbit_max"),
+        ("UDP 64 B (kpps received)", "udp64_kpps"),
+        ("TCP RR 1 B p50 (µs)", "rr1_p50"),
+        ("TCP RR 1 B p99 (µs)", "rr1_p99"),
+        ("TCP RR 1 B (trans/s)", "rr1_tps"),
+        ("TCP RR 1 KB p50 (µs)", "rr1k_p50"),
+        ("TCP RR 1 KB p99 (µs)", "rr1k_p99"),
+        ("TCP RR 1 KB (trans/s)", "rr1k_tps"),
     ];
-    for (label, k, _) in rows {
+    for (label, k) in rows {
         let (e, kk, l) = (g("ebpf", k), g("kernel", k), g("limit", k));
         let f = |x: f64| {
             if x >= 100.0 {
