@@ -1,20 +1,30 @@
-//! flannel-agent: the node agent of flannel-ebpf.
+//! flannel-agent: the node agent of flannel-ebpf, and the `flannel` CNI
+//! plugin. Data flows one way: leases ([`subnet`]) → desired state → diff
+//! → appliers → observed state ([`reconcile`]), driven by the [`agent`],
+//! with the pod registry and the [`server`]s beside it.
 //!
-//! * [`agent`]: the daemon (data path selection, reconcile loop, local API).
-//! * [`ebpf`]: loading, pinning and feeding the eBPF programs.
-//! * [`netlink`]: Flannel's kernel objects (`cni0`, `flannel.<VNI>`, routes).
-//! * [`config`]: net-conf.json; [`subnet`]: leases and their stores;
-//!   [`control`]: the agent's store tasks (watch, renew).
-//! * [`masq`]: the ip-masq rules (nftables over netlink).
-//! * [`api`]: the local API; [`mac`]: MAC addresses.
+//! * [`agent`]: start-up, the event loop, the uplink, the store's tasks,
+//!   the pod registry.
+//! * [`reconcile`]: observe, desired state, diff, apply.
+//! * [`datapath`]: the eBPF programs and maps, or the kernel-only path.
+//! * [`server`]: the local API socket and the HTTP port.
+//! * [`netlink`]: Flannel's kernel objects (`cni0`, `flannel.<VNI>`,
+//!   routes, neighbours, FDB) over rtnetlink; [`masq`]: the ip-masq rules
+//!   (nftables over netlink).
+//! * [`config`]: net-conf.json; [`subnet`]: leases, their stores and
+//!   subnet.env.
+//! * [`api`]: the local API's wire format and client; [`mac`]: MAC
+//!   addresses; [`fsutil`]: atomic file writes.
 //! * [`cni`]: the `flannel` CNI plugin.
 pub mod agent;
 pub mod api;
 pub mod cni;
 pub mod config;
-pub mod control;
-pub mod ebpf;
+pub mod datapath;
+pub mod fsutil;
 pub mod mac;
 pub mod masq;
 pub mod netlink;
+pub mod reconcile;
+pub mod server;
 pub mod subnet;

@@ -5,11 +5,10 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flannel_agent::{
-    agent::{self, DatapathMode, Options, XdpMode},
+    agent::{self, store::StoreOptions, Options},
     api::{self, EndpointRecord, Request},
     cni,
-    control::StoreOptions,
-    ebpf,
+    datapath::{ebpf, DatapathMode, XdpMode},
     mac::MacAddr,
     subnet::{etcd, kube, LeaseTiming},
 };

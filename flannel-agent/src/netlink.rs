@@ -14,7 +14,9 @@ use netlink_packet_route::{
         InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
     },
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
-    route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteScope},
+    route::{
+        RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    },
     AddressFamily,
 };
 use rtnetlink::{
@@ -131,7 +133,7 @@ pub struct VxlanSpec {
 impl VxlanSpec {
     /// Whether an existing device can be reused as is (MTU and MAC are set
     /// in place; VNI, port, local address and uplink need a new device).
-    fn compatible(&self, link: &Link) -> bool {
+    pub fn compatible(&self, link: &Link) -> bool {
         if link.kind != Some(InfoKind::Vxlan) {
             return false;
         }
@@ -599,14 +601,20 @@ impl Netlink {
         Ok(())
     }
 
-    /// Universe-scope routes through `vtep` (the remote leases' routes).
-    pub async fn vtep_routes(&self, vtep: u32) -> Result<Vec<RouteMessage>> {
-        let mut routes = self.routes_out(vtep).await?;
-        routes.retain(|r| r.header.scope == RouteScope::Universe);
-        Ok(routes)
+    /// Universe-scope routes through `vtep` (the remote leases' routes):
+    /// (destination, whether it is `onlink`). Routes without a destination
+    /// attribute (a default route) are left out.
+    pub async fn vtep_routes(&self, vtep: u32) -> Result<Vec<(Ipv4Net, bool)>> {
+        Ok(self
+            .routes_out(vtep)
+            .await?
+            .iter()
+            .filter(|r| r.header.scope == RouteScope::Universe)
+            .filter_map(|r| Some((Self::route_dst(r)?, Self::route_onlink(r))))
+            .collect())
     }
 
-    pub fn route_dst(route: &RouteMessage) -> Option<Ipv4Net> {
+    fn route_dst(route: &RouteMessage) -> Option<Ipv4Net> {
         route.attributes.iter().find_map(|a| match a {
             RouteAttribute::Destination(RouteAddress::Inet(d)) => {
                 Ipv4Net::new(*d, route.header.destination_prefix_length).ok()
@@ -615,16 +623,25 @@ impl Netlink {
         })
     }
 
-    pub fn route_onlink(route: &RouteMessage) -> bool {
+    fn route_onlink(route: &RouteMessage) -> bool {
         route.header.flags.contains(RouteFlags::Onlink)
     }
 
-    pub async fn delete_route(&self, route: RouteMessage) -> Result<()> {
-        let dst = Self::route_dst(&route);
+    /// Deletes the main-table route to `dst` through `index`, whatever its
+    /// gateway, protocol, scope or type (as `ip route del <dst> dev ..`);
+    /// absent is fine.
+    pub async fn delete_route(&self, index: u32, dst: Ipv4Net) -> Result<()> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(index)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere)
+            .kind(RouteType::Unspec)
+            .build();
         match self.handle.route().del(route).execute().await {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
-            Err(e) => Err(req("delete route", format!("{dst:?}"))(e)),
+            Err(e) => Err(req("delete route", dst)(e)),
         }
     }
 

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use flannel_agent::{
     api::{self, Request},
-    ebpf,
+    datapath::ebpf,
     mac::MacAddr,
     subnet::{env::SubnetEnv, local::LocalStore, LeaseAttrs, LeaseTiming},
 };

@@ -10,7 +10,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use flannel_agent::ebpf::{ip_key, OBJECT};
+use flannel_agent::datapath::ebpf::{ip_key, OBJECT};
 use flannel_common::{
     counters, maps, programs, Config, Endpoint, RemoteNode, Vtep, CONFIG_F_READY,
 };

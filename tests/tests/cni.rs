@@ -11,7 +11,7 @@ use std::{
 use flannel_agent::{
     api::{self, Request},
     cni::spec::{at_least, SUPPORTED},
-    ebpf,
+    datapath::ebpf,
 };
 use flannel_tests::{
     lab::{

@@ -4,11 +4,9 @@
 //! the old one, so a kubelet or runtime never sees half a binary or half
 //! a config. Files that are already identical are left untouched.
 
-use std::{
-    io::{self, Write},
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-};
+use std::{io, path::PathBuf};
+
+use crate::fsutil::put_file;
 
 /// Flannel's `cni-conf.json`, unchanged.
 pub const FLANNEL_CONFLIST: &str = r#"{
@@ -41,39 +39,6 @@ pub struct InstallSpec {
     /// e.g. `10-flannel.conflist`.
     pub conf_name: String,
     pub conflist: String,
-}
-
-/// Writes `bytes` to `target` atomically with `mode`; false when the file
-/// already had exactly that content and mode.
-pub fn put_file(target: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
-    if let Ok(meta) = std::fs::metadata(target) {
-        if meta.permissions().mode() & 0o777 == mode
-            && meta.len() == bytes.len() as u64
-            && std::fs::read(target)? == bytes
-        {
-            return Ok(false);
-        }
-    }
-    let dir = target.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, target)?;
-        // The rename itself must survive a crash too.
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map(|_| true)
 }
 
 /// Installs both files; returns the paths that changed.
@@ -113,6 +78,8 @@ pub fn install(spec: &InstallSpec) -> io::Result<Vec<PathBuf>> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

@@ -57,7 +57,7 @@ impl Record {
     pub fn save(&self, dir: &Path) -> io::Result<()> {
         std::fs::create_dir_all(dir)?;
         let bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
-        crate::agent::write_atomic(&self.path(dir), &bytes)
+        crate::fsutil::write_atomic(&self.path(dir), &bytes)
     }
 
     pub fn load(dir: &Path, container_id: &str, ifname: &str) -> io::Result<Option<Self>> {

@@ -72,7 +72,7 @@ impl SubnetEnv {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        crate::agent::write_atomic(path, self.render().as_bytes())
+        crate::fsutil::write_atomic(path, self.render().as_bytes())
     }
 }
 

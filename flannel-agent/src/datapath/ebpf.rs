@@ -8,7 +8,7 @@
 //! down.
 
 use std::{
-    collections::{HashMap as StdHashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -75,6 +75,9 @@ pub fn key_ip(key: u32) -> Ipv4Addr {
 pub struct Datapath {
     bpf: Ebpf,
     dir: PathBuf,
+    /// Pod links this process has attached or taken over; a pinned link
+    /// not in here still runs the program of the agent that pinned it.
+    attached: BTreeSet<u32>,
 }
 
 impl Datapath {
@@ -117,6 +120,7 @@ impl Datapath {
         Ok(Self {
             bpf,
             dir: dir.to_path_buf(),
+            attached: BTreeSet::new(),
         })
     }
 
@@ -274,7 +278,15 @@ impl Datapath {
 
     /// Attaches `tc_from_pod` to a pod's host-side veth.
     pub fn attach_pod(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
-        self.attach_tc(programs::TC_FROM_POD, ifname, &format!("pod_{ifindex}"))
+        self.attach_tc(programs::TC_FROM_POD, ifname, &format!("pod_{ifindex}"))?;
+        self.attached.insert(ifindex);
+        Ok(())
+    }
+
+    /// Records a pod link attached off the loop with
+    /// [`attach_tcx_ingress_pinned`] and this process's program.
+    pub fn attached_pod(&mut self, ifindex: u32) {
+        self.attached.insert(ifindex);
     }
 
     /// A duplicate of `tc_from_pod`'s fd, to attach it off the agent's
@@ -301,12 +313,17 @@ impl Datapath {
 
     /// Forgets a pod's attachment (the link dies with the interface).
     pub fn detach_pod(&mut self, ifindex: u32) {
-        let _ = std::fs::remove_file(self.link_path(&format!("pod_{ifindex}")));
+        let _ = std::fs::remove_file(self.pod_link_path(ifindex));
+        self.attached.remove(&ifindex);
     }
 
-    /// Interface indexes with a pinned pod link.
-    pub fn pinned_pod_links(&self) -> Vec<u32> {
+    /// Interface indexes with a pinned pod link, each with whether this
+    /// process attached it (or took it over).
+    pub fn pod_links(&self) -> BTreeMap<u32, bool> {
         read_pod_links(&self.dir)
+            .into_iter()
+            .map(|i| (i, self.attached.contains(&i)))
+            .collect()
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
@@ -325,74 +342,90 @@ impl Datapath {
         })
     }
 
-    /// Makes the remote-subnet trie hold exactly `want`. Returns (set, removed).
-    pub fn sync_remotes(
-        &mut self,
-        want: &StdHashMap<Ipv4Net, RemoteNode>,
-    ) -> Result<(usize, usize)> {
+    /// What the config map holds (`None` before the first write).
+    pub fn config(&mut self) -> Result<Option<Config>> {
+        let err = |source| EbpfError::Map {
+            name: maps::CONFIG,
+            source,
+        };
+        let arr: Array<_, Config> = Array::try_from(self.map_mut(maps::CONFIG)?).map_err(err)?;
+        let cfg = arr.get(&0, 0).map_err(err)?;
+        Ok((cfg != Config::default()).then_some(cfg))
+    }
+
+    /// The remote-subnet trie: subnet → remote node.
+    pub fn remotes(&mut self) -> Result<BTreeMap<Ipv4Net, RemoteNode>> {
+        let err = |source| EbpfError::Map {
+            name: maps::REMOTE_SUBNETS,
+            source,
+        };
+        let trie: LpmTrie<_, u32, RemoteNode> =
+            LpmTrie::try_from(self.map_mut(maps::REMOTE_SUBNETS)?).map_err(err)?;
+        let mut out = BTreeMap::new();
+        for item in trie.iter() {
+            let (k, v) = item.map_err(err)?;
+            if let Ok(net) = Ipv4Net::new(key_ip(k.data()), k.prefix_len() as u8) {
+                out.insert(net, v);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_remote(&mut self, net: Ipv4Net, node: &RemoteNode) -> Result<()> {
         let err = |source| EbpfError::Map {
             name: maps::REMOTE_SUBNETS,
             source,
         };
         let mut trie: LpmTrie<_, u32, RemoteNode> =
             LpmTrie::try_from(self.map_mut(maps::REMOTE_SUBNETS)?).map_err(err)?;
-        let mut have = StdHashMap::new();
-        for item in trie.iter() {
-            let (k, v) = item.map_err(err)?;
-            have.insert(
-                Ipv4Net::new(key_ip(k.data()), k.prefix_len() as u8).ok(),
-                (k, v),
-            );
-        }
-        let mut set = 0;
-        for (net, node) in want {
-            if have.get(&Some(*net)).map(|(_, v)| v) != Some(node) {
-                trie.insert(
-                    &Key::new(u32::from(net.prefix_len()), ip_key(net.network())),
-                    node,
-                    0,
-                )
-                .map_err(err)?;
-                set += 1;
-            }
-        }
-        let mut removed = 0;
-        for (net, (k, _)) in have {
-            if !net.is_some_and(|n| want.contains_key(&n)) {
-                trie.remove(&k).map_err(err)?;
-                removed += 1;
-            }
-        }
-        Ok((set, removed))
+        trie.insert(&trie_key(net), node, 0).map_err(err)
     }
 
-    /// Makes the known-VTEP map hold exactly `want`.
-    pub fn sync_vteps(&mut self, want: &HashSet<Ipv4Addr>) -> Result<(usize, usize)> {
+    pub fn remove_remote(&mut self, net: Ipv4Net) -> Result<()> {
+        let err = |source| EbpfError::Map {
+            name: maps::REMOTE_SUBNETS,
+            source,
+        };
+        let mut trie: LpmTrie<_, u32, RemoteNode> =
+            LpmTrie::try_from(self.map_mut(maps::REMOTE_SUBNETS)?).map_err(err)?;
+        absent_is_fine(trie.remove(&trie_key(net))).map_err(err)
+    }
+
+    /// The node IPs allowed to send VXLAN.
+    pub fn vteps(&mut self) -> Result<BTreeSet<Ipv4Addr>> {
+        let err = |source| EbpfError::Map {
+            name: maps::VTEPS,
+            source,
+        };
+        let map: HashMap<_, u32, Vtep> =
+            HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(err)?;
+        map.keys()
+            .map(|k| k.map(key_ip).map_err(err))
+            .collect()
+    }
+
+    pub fn put_vtep(&mut self, ip: Ipv4Addr) -> Result<()> {
         let err = |source| EbpfError::Map {
             name: maps::VTEPS,
             source,
         };
         let mut map: HashMap<_, u32, Vtep> =
             HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(err)?;
-        let have: HashSet<u32> = map.keys().filter_map(|k| k.ok()).collect();
-        let mut set = 0;
-        for ip in want {
-            if !have.contains(&ip_key(*ip)) {
-                map.insert(ip_key(*ip), Vtep::default(), 0).map_err(err)?;
-                set += 1;
-            }
-        }
-        let mut removed = 0;
-        for k in have {
-            if !want.contains(&key_ip(k)) {
-                map.remove(&k).map_err(err)?;
-                removed += 1;
-            }
-        }
-        Ok((set, removed))
+        map.insert(ip_key(ip), Vtep::default(), 0).map_err(err)
     }
 
-    pub fn endpoints(&mut self) -> Result<StdHashMap<Ipv4Addr, Endpoint>> {
+    pub fn remove_vtep(&mut self, ip: Ipv4Addr) -> Result<()> {
+        let err = |source| EbpfError::Map {
+            name: maps::VTEPS,
+            source,
+        };
+        let mut map: HashMap<_, u32, Vtep> =
+            HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(err)?;
+        absent_is_fine(map.remove(&ip_key(ip))).map_err(err)
+    }
+
+    /// The endpoint map: pod IP → host veth and pod MAC.
+    pub fn endpoints(&mut self) -> Result<BTreeMap<Ipv4Addr, Endpoint>> {
         let err = |source| EbpfError::Map {
             name: maps::ENDPOINTS,
             source,
@@ -423,16 +456,27 @@ impl Datapath {
         };
         let mut map: HashMap<_, u32, Endpoint> =
             HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(err)?;
-        match map.remove(&ip_key(ip)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            // aya 0.14 reports a missing key on delete as the syscall's ENOENT.
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(err(e)),
+        absent_is_fine(map.remove(&ip_key(ip))).map_err(err)
+    }
+}
+
+fn trie_key(net: Ipv4Net) -> Key<u32> {
+    Key::new(u32::from(net.prefix_len()), ip_key(net.network()))
+}
+
+/// A delete of a key that is not there has nothing to do.
+fn absent_is_fine(
+    r: std::result::Result<(), aya::maps::MapError>,
+) -> std::result::Result<(), aya::maps::MapError> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        // aya 0.14 reports a missing key on delete as the syscall's ENOENT.
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
         }
+        Err(e) => Err(e),
     }
 }
 

@@ -1,4 +1,4 @@
-//! The control-plane side of the agent: which store, the network config,
+//! The agent's side of the lease store: which store, the network config,
 //! getting this node's lease, and the two tasks that keep the lease set
 //! current (watch) and this node's lease alive (renew).
 //!

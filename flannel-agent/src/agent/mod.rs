@@ -1,0 +1,54 @@
+//! The node agent: start-up, the event loop and shutdown ([`run`]), the
+//! uplink choice ([`uplink`]), the lease store's tasks ([`store`]) and the
+//! pod registry ([`pods`]). It drives the rooms below it (the reconciler,
+//! the data path, the servers); none of them imports it.
+
+pub mod pods;
+mod run;
+pub mod store;
+pub mod uplink;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+pub use run::run;
+
+use crate::{
+    datapath::{DatapathMode, XdpMode},
+    subnet::LeaseTiming,
+};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub net_config_path: PathBuf,
+    /// `--iface`: interface names or addresses, first match wins.
+    pub iface: Vec<String>,
+    /// `--iface-regex`: matched against interface names and addresses.
+    pub iface_regex: Vec<String>,
+    pub public_ip: Option<std::net::Ipv4Addr>,
+    pub subnet_file: PathBuf,
+    pub store: store::StoreOptions,
+    pub timing: LeaseTiming,
+    pub ip_masq: bool,
+    pub healthz: Option<SocketAddr>,
+    pub datapath: DatapathMode,
+    pub xdp_mode: XdpMode,
+    pub bpf_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub bridge: String,
+    pub resync: Duration,
+    /// The CNI plugin's records, read to register pods it wired while the
+    /// agent was away.
+    pub cni_data_dir: PathBuf,
+    /// Install the plugin and conflist once the node is ready.
+    pub install_cni: Option<crate::cni::install::InstallSpec>,
+}
+
+impl Options {
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+
+    fn endpoints_file(&self) -> PathBuf {
+        self.run_dir.join("endpoints.json")
+    }
+}

@@ -1,0 +1,354 @@
+//! Start-up, the event loop and shutdown. The agent gets this node's
+//! lease, picks the data path, then runs one reconcile pass at start,
+//! whenever the lease set changes, after every API change, on SIGHUP and
+//! on a timer; each pass observes, computes the desired state, diffs and
+//! applies (see [`crate::reconcile`]). Every event only asks for a pass.
+
+use std::{collections::BTreeMap, time::Instant};
+
+use anyhow::{anyhow, bail, Context};
+use flannel_common::VXLAN_ENCAP_LEN;
+use ipnet::Ipv4Net;
+use tokio::{
+    net::{TcpListener, UnixListener},
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
+};
+
+use super::{
+    pods::Pods,
+    store::{self, LeaseFeed},
+    uplink, Options,
+};
+use crate::{
+    api::{Request, Response, Status},
+    config::NetConfig,
+    datapath::{self, Active},
+    mac::MacAddr,
+    netlink::Netlink,
+    reconcile::{
+        self, desired::Ignored, diff::Op, observe::Devices, EbpfMode, Inputs, Node, Report,
+    },
+    server::{self, socket::ApiCall},
+    subnet::{env::SubnetEnv, LeaseAttrs, LeaseSet, SubnetManager},
+};
+
+struct Agent {
+    opts: Options,
+    cfg: NetConfig,
+    nl: Netlink,
+    node: Node,
+    store: SubnetManager,
+    datapath: Active,
+    /// Why this data path is the one.
+    reason: String,
+    /// The lease set last published by the store (kept while it is away).
+    leases: LeaseSet,
+    feed: LeaseFeed,
+    pods: Pods,
+    /// The last pass's usable remote leases, and the unusable ones
+    /// (logged once each).
+    remotes: usize,
+    ignored: BTreeMap<Ipv4Net, Ignored>,
+    /// What this process last wrote to the masquerade table.
+    masq_written: Option<reconcile::desired::MasqSpec>,
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("creating run directory {}", opts.run_dir.display()))?;
+    let nl = Netlink::connect()?;
+
+    let store = store::retry("connecting to the lease store", || {
+        store::connect(&opts.store, opts.timing)
+    })
+    .await;
+    // A bad config is refused at once; a store that has none yet is waited for.
+    let cfg = loop {
+        match store::network_config(&store, &opts.net_config_path).await {
+            Ok(cfg) => break cfg,
+            Err(err) if matches!(store, SubnetManager::Etcd(_)) && !is_config_error(&err) => {
+                tracing::warn!(err = %format!("{err:#}"), "waiting for the network config");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(err) => return Err(err),
+        }
+    };
+
+    let mut public_ip = opts.public_ip;
+    if let (None, SubnetManager::Kube(k)) = (public_ip, &store) {
+        public_ip = store::retry("reading this node's node-public-ip", || async {
+            Ok(k.node_public_ip().await?)
+        })
+        .await;
+    }
+    let (uplink, ip) = uplink::choose(&nl, &opts.iface, &opts.iface_regex, public_ip).await?;
+    let vtep_name = format!("flannel.{}", cfg.backend.vni);
+    // Flannel keeps the VTEP's MAC across restarts; so do we.
+    let vtep_mac = match nl.link_by_name(&vtep_name).await?.and_then(|l| l.mac) {
+        Some(mac) if mac.is_unicast() => mac,
+        _ => MacAddr::for_vtep(ip, cfg.backend.vni),
+    };
+    let attrs = LeaseAttrs::vxlan(ip, cfg.backend.vni, vtep_mac);
+    let previous = store::previous_subnet(&opts.subnet_file);
+    let lease = store::retry("acquiring a subnet lease", || async {
+        Ok(store.acquire(&cfg, &attrs, previous).await?)
+    })
+    .await;
+    tracing::info!(
+        store = store.name(),
+        uplink = %uplink.name,
+        %ip,
+        subnet = %lease.subnet,
+        vtep_mac = %vtep_mac,
+        "lease acquired"
+    );
+    if let Some(mtu) = cfg.backend.mtu {
+        if mtu + VXLAN_ENCAP_LEN > uplink.mtu {
+            bail!(
+                "Backend.MTU: {mtu} is invalid: the uplink {} has MTU {}, so at most {}",
+                uplink.name,
+                uplink.mtu,
+                uplink.mtu - VXLAN_ENCAP_LEN
+            );
+        }
+    }
+    if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+        tracing::warn!(
+            "net.ipv4.ip_forward is 0: neither data path can route pod traffic off this node"
+        );
+    }
+
+    let mut feed = store::spawn_watch(store.clone());
+    // The first full listing decides which remote state is stale; until it
+    // arrives, whatever is programmed keeps forwarding.
+    let first = feed
+        .wait_for(|s| s.is_some())
+        .await
+        .map_err(|_| anyhow!("the lease watch stopped"))?
+        .clone()
+        .unwrap_or_default();
+    let mut fatal = store::spawn_renew(store.clone(), lease.clone(), opts.timing, feed.clone());
+    let (pods, mut attached_rx) = Pods::load(opts.endpoints_file())?;
+    let selected = datapath::select(opts.datapath, opts.xdp_mode, &opts.bpf_dir, &uplink)?;
+
+    let mut agent = Agent {
+        opts,
+        cfg,
+        nl,
+        node: Node {
+            uplink,
+            ip,
+            lease,
+            vtep_mac,
+        },
+        store,
+        datapath: selected.active,
+        reason: selected.reason,
+        leases: first,
+        feed,
+        pods,
+        remotes: 0,
+        ignored: BTreeMap::new(),
+        masq_written: None,
+    };
+    // At start, devices and masquerading that cannot be set up are fatal,
+    // as a bad config is: retrying would not fix them.
+    let report = agent.reconcile().await;
+    if let Some((op, err)) = report
+        .failed
+        .iter()
+        .find(|(op, _)| matches!(op, Op::Device(_) | Op::Masq(_)))
+    {
+        bail!("{op}: {err}");
+    }
+    // subnet.env last: the CNI plugin may create pods once it exists.
+    let env = SubnetEnv::new(
+        agent.cfg.network,
+        agent.node.lease.subnet,
+        agent.node.pod_mtu(&agent.cfg),
+        agent.opts.ip_masq,
+    );
+    env.write(&agent.opts.subnet_file)
+        .with_context(|| format!("writing {}", agent.opts.subnet_file.display()))?;
+    // The conflist goes in last: a runtime that sees it may ADD at once.
+    if let Some(spec) = &agent.opts.install_cni {
+        let changed = crate::cni::install::install(spec).context("installing the CNI plugin")?;
+        tracing::info!(
+            bin_dir = %spec.bin_dir.display(),
+            conf = %spec.conf_dir.join(&spec.conf_name).display(),
+            changed = changed.len(),
+            "CNI plugin and conflist installed"
+        );
+    }
+    if let SubnetManager::Kube(k) = &agent.store {
+        let k = k.clone();
+        tokio::spawn(async move {
+            store::retry("setting NetworkUnavailable=False", || async {
+                Ok(k.mark_network_available().await?)
+            })
+            .await
+        });
+    }
+
+    let socket = agent.opts.socket();
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("binding the agent socket {}", socket.display()))?;
+    let (tx, mut rx) = mpsc::channel::<ApiCall>(64);
+    tokio::spawn(server::socket::accept_loop(listener, tx));
+    if let Some(addr) = agent.opts.healthz {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the healthz port {addr}"))?;
+        tokio::spawn(server::http::serve(l));
+    }
+
+    let mut tick = tokio::time::interval(agent.opts.resync);
+    tick.tick().await;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tracing::info!(socket = %socket.display(), subnet_file = %agent.opts.subnet_file.display(), "ready");
+    let result = loop {
+        tokio::select! {
+            _ = tick.tick() => { agent.reconcile().await; }
+            _ = hup.recv() => { agent.reconcile().await; }
+            changed = agent.feed.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow!("the lease watch stopped"));
+                }
+                let set = agent.feed.borrow_and_update().clone();
+                if let Some(set) = set {
+                    let started = Instant::now();
+                    agent.leases = set;
+                    agent.reconcile().await;
+                    tracing::debug!(took = ?started.elapsed(), leases = agent.leases.len(), "lease change applied");
+                }
+            }
+            Some((req, reply)) = rx.recv() => agent.handle(req, reply),
+            Some(done) = attached_rx.recv() => agent.pods.finish_add(agent.datapath.ebpf(), done),
+            Some(err) = fatal.recv() => break Err(err),
+            _ = term.recv() => break Ok(()),
+            _ = int.recv() => break Ok(()),
+        }
+    };
+    // Pinned maps and links stay: the data path keeps forwarding.
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped; the data path stays in place");
+    result
+}
+
+/// A config that is there but wrong: waiting will not fix it.
+fn is_config_error(err: &anyhow::Error) -> bool {
+    err.chain()
+        .any(|e| e.downcast_ref::<crate::config::ConfigError>().is_some())
+}
+
+impl Agent {
+    fn status(&self) -> Status {
+        Status {
+            datapath: self.datapath.name().into(),
+            reason: self.reason.clone(),
+            subnet: self.node.lease.subnet.to_string(),
+            remote_leases: self.remotes,
+            endpoints: self.pods.records().len(),
+            subnet_manager: self.store.name().into(),
+            public_ip: self.node.ip.to_string(),
+            ignored_leases: self.ignored.len(),
+        }
+    }
+
+    fn handle(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let resp = match req {
+            Request::Status {} => Response {
+                status: Some(self.status()),
+                ..Response::ok()
+            },
+            Request::List {} => Response {
+                endpoints: Some(self.pods.records().values().cloned().collect()),
+                ..Response::ok()
+            },
+            // Answered once its TC program is attached.
+            Request::Add(rec) => {
+                return self
+                    .pods
+                    .begin_add(&self.node, self.datapath.ebpf(), rec, reply)
+            }
+            Request::Del { ip } => match self.pods.delete(self.datapath.ebpf(), ip) {
+                Ok(()) => Response::ok(),
+                Err(err) => Response::err(format!("{err:#}")),
+            },
+        };
+        let _ = reply.send(resp);
+    }
+
+    /// One full pass: observe, desired state, diff, apply. Failures are
+    /// logged (naming their object) and reported; the next pass retries.
+    async fn reconcile(&mut self) -> Report {
+        let vtep_name = format!("flannel.{}", self.cfg.backend.vni);
+        let devices = Devices {
+            bridge: &self.opts.bridge,
+            vtep: &vtep_name,
+        };
+        let observed =
+            match reconcile::observe(&self.nl, self.datapath.ebpf(), &devices, self.masq_written)
+                .await
+            {
+                Ok(o) => o,
+                Err(err) => {
+                    tracing::warn!(%err, "reading the node's links and addresses; retrying at the next pass");
+                    return Report::default();
+                }
+            };
+        // The uplink may have been replaced or flapped; refresh what we know.
+        if let Some(up) = observed.links.get(&self.node.uplink.name) {
+            if !up.up {
+                tracing::warn!(uplink = %up.name, "uplink is down");
+            }
+            self.node.uplink = up.clone();
+        }
+        if let Err(err) = self.pods.adopt(
+            &self.opts.cni_data_dir,
+            &self.node,
+            &observed.links,
+            &self.opts.bridge,
+        ) {
+            tracing::warn!(err = %format!("{err:#}"), "reading the CNI plugin's records");
+        }
+        let want = reconcile::desired(&Inputs {
+            node: &self.node,
+            cfg: &self.cfg,
+            bridge: &self.opts.bridge,
+            leases: &self.leases,
+            pods: self.pods.records(),
+            attaching: self.pods.attaching(),
+            ebpf: matches!(self.datapath, Active::Ebpf { .. }).then(|| EbpfMode {
+                tc_decap: self.datapath.tc_decap(),
+            }),
+            ip_masq: self.opts.ip_masq,
+        });
+        for (subnet, i) in &want.ignored {
+            if !self.ignored.contains_key(subnet) {
+                tracing::warn!(%subnet, node = %i.node, why = %i.why, "ignoring a lease");
+            }
+        }
+        self.remotes = want.remotes.len();
+        self.ignored = want.ignored.clone();
+        let ops = reconcile::diff(&want, &observed);
+        let report = reconcile::apply(
+            ops,
+            reconcile::Target {
+                nl: &self.nl,
+                dp: self.datapath.ebpf(),
+                vtep: observed.links.get(&vtep_name).map(|l| l.index),
+                masq_written: &mut self.masq_written,
+            },
+        )
+        .await;
+        if let Err(err) = self.pods.forget(&report.forgotten) {
+            tracing::warn!(err = %format!("{err:#}"), "saving pod records");
+        }
+        report
+    }
+}

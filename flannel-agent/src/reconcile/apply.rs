@@ -1,0 +1,203 @@
+//! Runs the diff's operations against the kernel (rtnetlink, nftables)
+//! and the BPF maps. Devices go first and one at a time; each remote's
+//! neighbour, FDB entry and route go in Flannel's order, but different
+//! remotes are independent, so their requests are in flight together
+//! rather than one netlink round trip after another. Every operation is
+//! tried; each failure is logged naming its object and reported.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use super::{
+    desired::MasqSpec,
+    diff::{DeviceOp, MapOp, MasqOp, Op, VtepOp},
+};
+use crate::{
+    datapath::ebpf::{Datapath, EbpfError},
+    masq,
+    netlink::Netlink,
+};
+
+/// What the operations run against.
+pub struct Target<'a> {
+    pub nl: &'a Netlink,
+    /// `None` on the kernel data path.
+    pub dp: Option<&'a mut Datapath>,
+    /// The VTEP device's index as observed; an `EnsureVtep` replaces it.
+    pub vtep: Option<u32>,
+    /// What this process last wrote to the masquerade table (the table's
+    /// contents are not read back).
+    pub masq_written: &'a mut Option<MasqSpec>,
+}
+
+/// What a pass did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Operations done, by [`Op::kind`].
+    pub done: BTreeMap<&'static str, usize>,
+    /// Operations that failed, with the error.
+    pub failed: Vec<(Op, String)>,
+    /// Pods whose records are to go (their interface is gone).
+    pub forgotten: Vec<Ipv4Addr>,
+}
+
+impl Report {
+    fn record<E: std::fmt::Display>(&mut self, op: Op, result: Result<(), E>) {
+        match result {
+            Ok(()) => *self.done.entry(op.kind()).or_default() += 1,
+            Err(err) => {
+                tracing::warn!(kind = op.kind(), err = %err, "{op}: failed");
+                self.failed.push((op, err.to_string()));
+            }
+        }
+    }
+
+    pub fn done(&self, kind: &str) -> usize {
+        self.done.get(kind).copied().unwrap_or(0)
+    }
+}
+
+/// Netlink requests kept in flight at once: enough to hide the round
+/// trips, few enough not to fill the socket's buffers.
+const NETLINK_IN_FLIGHT: usize = 64;
+
+pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
+    let Target {
+        nl,
+        mut dp,
+        mut vtep,
+        masq_written,
+    } = t;
+    let mut report = Report::default();
+    // Each remote's three entries go together; all programs before any
+    // delete, then routes, neighbours and FDB entries.
+    let mut stages: [Vec<VtepOp>; 4] = Default::default();
+    let (mut masq_ops, mut map_ops) = (Vec::new(), Vec::new());
+    for op in ops {
+        match op {
+            Op::Device(d) => {
+                let r = match &d {
+                    DeviceOp::Bridge(b) => nl
+                        .ensure_bridge(&b.name, b.gateway, b.mtu, b.mac)
+                        .await
+                        .map(drop),
+                    // The entries below go on the device as it is now;
+                    // none go on one that could not be put in order.
+                    DeviceOp::Vtep(v) => {
+                        let r = nl.ensure_vxlan(&v.link, v.addr).await;
+                        vtep = r.as_ref().ok().map(|link| link.index);
+                        r.map(drop)
+                    }
+                };
+                let op = Op::Device(d);
+                if r.is_ok() {
+                    tracing::info!("{op}: done");
+                }
+                report.record(op, r);
+            }
+            Op::Vtep(v) => stages[match v {
+                VtepOp::Program(_) => 0,
+                VtepOp::DeleteRoute(_) => 1,
+                VtepOp::DeleteNeighbour(_) => 2,
+                VtepOp::DeleteFdb { .. } => 3,
+            }]
+            .push(v),
+            Op::Masq(m) => masq_ops.push(m),
+            Op::Map(m) => map_ops.push(m),
+            Op::ForgetPod(ip) => {
+                report.forgotten.push(ip);
+                report.record(op, Ok::<(), String>(()));
+            }
+        }
+    }
+    let programmed = stages[0].len();
+    let removed: usize = stages[1..].iter().map(Vec::len).sum();
+    for stage in stages {
+        match vtep {
+            Some(index) => concurrently(nl, index, stage, &mut report).await,
+            None => {
+                for v in stage {
+                    report.record(Op::Vtep(v), Err("the VXLAN device is not in order"));
+                }
+            }
+        }
+    }
+    if programmed + removed > 0 {
+        tracing::info!(
+            programmed,
+            removed,
+            "kernel routes, neighbours and FDB updated"
+        );
+    }
+    for m in masq_ops {
+        let r = match m {
+            MasqOp::Install(spec) => masq::ensure(spec.network, spec.lease).map(|()| {
+                *masq_written = Some(spec);
+            }),
+            MasqOp::Remove => masq::remove().map(|()| *masq_written = None),
+            MasqOp::RemoveCni => masq::pod_remove(),
+        };
+        report.record(Op::Masq(m), r);
+    }
+    let mut remotes = [0usize; 4];
+    for m in map_ops {
+        match m {
+            MapOp::PutRemote(..) => remotes[0] += 1,
+            MapOp::DeleteRemote(_) => remotes[1] += 1,
+            MapOp::PutVtep(_) => remotes[2] += 1,
+            MapOp::DeleteVtep(_) => remotes[3] += 1,
+            _ => {}
+        }
+        let r = match dp.as_deref_mut() {
+            Some(dp) => on_maps(dp, &m).map_err(|e| e.to_string()),
+            None => Err("the eBPF data path is not running".to_string()),
+        };
+        report.record(Op::Map(m), r);
+    }
+    if remotes != [0; 4] {
+        tracing::info!(
+            set = remotes[0],
+            removed = remotes[1],
+            vteps_set = remotes[2],
+            vteps_removed = remotes[3],
+            "remote subnets updated"
+        );
+    }
+    report
+}
+
+/// Runs operations on the VTEP `vtep`, up to [`NETLINK_IN_FLIGHT`] at a
+/// time; every one is tried.
+async fn concurrently(nl: &Netlink, vtep: u32, ops: Vec<VtepOp>, report: &mut Report) {
+    use futures::StreamExt;
+    let mut results = futures::stream::iter(ops)
+        .map(|op| async move {
+            let r = match op {
+                VtepOp::Program(r) => nl.program_remote(vtep, &r).await,
+                VtepOp::DeleteRoute(dst) => nl.delete_route(vtep, dst).await,
+                VtepOp::DeleteNeighbour(ip) => nl.delete_neighbour(vtep, ip).await,
+                VtepOp::DeleteFdb { mac, dst } => nl.delete_fdb(vtep, mac, dst).await,
+            };
+            (op, r)
+        })
+        .buffer_unordered(NETLINK_IN_FLIGHT);
+    while let Some((op, r)) = results.next().await {
+        report.record(Op::Vtep(op), r);
+    }
+}
+
+fn on_maps(dp: &mut Datapath, op: &MapOp) -> Result<(), EbpfError> {
+    match op {
+        MapOp::SetConfig(cfg) => dp.set_config(cfg),
+        MapOp::PutRemote(net, node) => dp.put_remote(*net, node),
+        MapOp::DeleteRemote(net) => dp.remove_remote(*net),
+        MapOp::PutVtep(ip) => dp.put_vtep(*ip),
+        MapOp::DeleteVtep(ip) => dp.remove_vtep(*ip),
+        MapOp::AttachPod { ifname, ifindex } => dp.attach_pod(ifname, *ifindex),
+        MapOp::PutEndpoint(ip, ep) => dp.put_endpoint(*ip, ep),
+        MapOp::DeleteEndpoint(ip) => dp.remove_endpoint(*ip),
+        MapOp::DetachPod(index) => {
+            dp.detach_pod(*index);
+            Ok(())
+        }
+    }
+}

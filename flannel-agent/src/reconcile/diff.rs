@@ -1,0 +1,324 @@
+//! The diff: a pure function from the desired and the observed state to
+//! the operations that make the second match the first. Every operation
+//! is idempotent (create-or-replace, delete-if-there), so a pass that
+//! fails half-way is finished by the next one.
+//!
+//! Operations come out in the order they are applied: devices first
+//! (everything else hangs on them), then each remote's kernel entries,
+//! the stale ones' removal, masquerading, the eBPF maps, and last the pod
+//! records whose interface is gone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use flannel_common::{Config, Endpoint, RemoteNode};
+use ipnet::Ipv4Net;
+use netlink_packet_route::link::InfoKind;
+
+use super::{
+    desired::{BridgeSpec, Desired, MapsSpec, MasqSpec, VtepSpec},
+    observe::{Maps, MasqTable, Observed, VtepEntries},
+};
+use crate::{mac::MacAddr, netlink::RemoteEntry};
+
+/// One change to the node, grouped by what it changes so that each
+/// applier takes only its own kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Device(DeviceOp),
+    Vtep(VtepOp),
+    Masq(MasqOp),
+    Map(MapOp),
+    /// A registered pod whose host interface is gone: drop its record.
+    ForgetPod(Ipv4Addr),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceOp {
+    /// Create the pod bridge, or set its MTU, MAC, address or state.
+    Bridge(BridgeSpec),
+    /// Create `flannel.<VNI>` (recreate it when incompatible), or set its
+    /// MTU, MAC, address or state.
+    Vtep(VtepSpec),
+}
+
+/// Entries on `flannel.<VNI>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VtepOp {
+    /// A remote's neighbour, FDB entry and route, in Flannel's order.
+    Program(RemoteEntry),
+    /// A route through the VTEP to a subnet no lease holds.
+    DeleteRoute(Ipv4Net),
+    DeleteNeighbour(Ipv4Addr),
+    DeleteFdb { mac: MacAddr, dst: Option<IpAddr> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MasqOp {
+    /// Write Flannel's masquerade table (atomically replacing it).
+    Install(MasqSpec),
+    Remove,
+    /// The CNI plugin's rule, redundant once the agent masquerades.
+    RemoveCni,
+}
+
+/// The eBPF maps and the pinned pod links.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    SetConfig(Config),
+    PutRemote(Ipv4Net, RemoteNode),
+    DeleteRemote(Ipv4Net),
+    PutVtep(Ipv4Addr),
+    DeleteVtep(Ipv4Addr),
+    /// Attach `tc_from_pod` to a pod's host veth (or take over its link).
+    AttachPod { ifname: String, ifindex: u32 },
+    PutEndpoint(Ipv4Addr, Endpoint),
+    DeleteEndpoint(Ipv4Addr),
+    /// Unpin the link of an interface that is no pod's.
+    DetachPod(u32),
+}
+
+impl Op {
+    /// The kind of object the operation changes, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Device(_) => "device",
+            Op::Vtep(VtepOp::Program(_)) => "remote",
+            Op::Vtep(VtepOp::DeleteRoute(_)) => "route",
+            Op::Vtep(VtepOp::DeleteNeighbour(_)) => "neighbour",
+            Op::Vtep(VtepOp::DeleteFdb { .. }) => "fdb",
+            Op::Masq(_) => "masquerade",
+            Op::Map(MapOp::AttachPod { .. } | MapOp::DetachPod(_)) => "pod_link",
+            Op::Map(_) => "map_entry",
+            Op::ForgetPod(_) => "pod_record",
+        }
+    }
+}
+
+/// Names the operation and its object, as logs and errors say it.
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Device(DeviceOp::Bridge(b)) => {
+                write!(f, "ensure bridge {} ({})", b.name, b.gateway)
+            }
+            Op::Device(DeviceOp::Vtep(v)) => write!(f, "ensure VXLAN device {}", v.link.name),
+            Op::Vtep(VtepOp::Program(r)) => write!(
+                f,
+                "program remote {} (node {}, VtepMAC {})",
+                r.subnet, r.public_ip, r.vtep_mac
+            ),
+            Op::Vtep(VtepOp::DeleteRoute(d)) => write!(f, "delete route {d}"),
+            Op::Vtep(VtepOp::DeleteNeighbour(ip)) => write!(f, "delete neighbour {ip}"),
+            Op::Vtep(VtepOp::DeleteFdb { mac, dst }) => match dst {
+                Some(d) => write!(f, "delete FDB entry {mac} dst {d}"),
+                None => write!(f, "delete FDB entry {mac}"),
+            },
+            Op::Masq(MasqOp::Install(m)) => {
+                write!(f, "install ip-masq rules ({} / {})", m.network, m.lease)
+            }
+            Op::Masq(MasqOp::Remove) => write!(f, "remove the ip-masq table"),
+            Op::Masq(MasqOp::RemoveCni) => {
+                write!(f, "remove the CNI plugin's masquerade table")
+            }
+            Op::Map(MapOp::SetConfig(_)) => write!(f, "write the data path config"),
+            Op::Map(MapOp::PutRemote(n, _)) => write!(f, "map remote subnet {n}"),
+            Op::Map(MapOp::DeleteRemote(n)) => write!(f, "unmap remote subnet {n}"),
+            Op::Map(MapOp::PutVtep(ip)) => write!(f, "map VTEP {ip}"),
+            Op::Map(MapOp::DeleteVtep(ip)) => write!(f, "unmap VTEP {ip}"),
+            Op::Map(MapOp::AttachPod { ifname, .. }) => {
+                write!(f, "attach tc_from_pod to {ifname}")
+            }
+            Op::Map(MapOp::PutEndpoint(ip, e)) => {
+                write!(f, "map pod {ip} (ifindex {})", e.host_ifindex)
+            }
+            Op::Map(MapOp::DeleteEndpoint(ip)) => write!(f, "unmap pod {ip}"),
+            Op::Map(MapOp::DetachPod(i)) => write!(f, "unpin the pod link of ifindex {i}"),
+            Op::ForgetPod(ip) => write!(f, "forget pod {ip}"),
+        }
+    }
+}
+
+/// The operations that take `have` to `want`, in the order to apply them.
+pub fn diff(want: &Desired, have: &Observed) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if !bridge_in_order(&want.bridge, have) {
+        ops.push(Op::Device(DeviceOp::Bridge(want.bridge.clone())));
+    }
+    let vtep = have.links.get(&want.vtep.link.name);
+    let recreate = !vtep.is_some_and(|l| want.vtep.link.compatible(l));
+    let vtep_ok = !recreate
+        && vtep.is_some_and(|l| {
+            l.up && l.mtu == want.vtep.link.mtu && l.mac == Some(want.vtep.link.mac)
+        })
+        && have.vtep_addrs == [want.vtep.addr];
+    if !vtep_ok {
+        ops.push(Op::Device(DeviceOp::Vtep(want.vtep.clone())));
+    }
+    // A new or recreated device starts with nothing on it.
+    let empty = VtepEntries::default();
+    let entries = if recreate { Some(&empty) } else { have.vtep.as_ref() };
+    if let Some(entries) = entries {
+        vtep_entries(&want.remotes, entries, &mut ops);
+    }
+    masquerade(want.masq, have, &mut ops);
+
+    // Pods whose interface is gone are gone, on either data path.
+    let mut live = BTreeMap::new();
+    let mut gone = Vec::new();
+    for (ip, rec) in &want.pods {
+        match have.links.get(&rec.host_ifname) {
+            Some(l) => {
+                live.insert(
+                    *ip,
+                    (
+                        rec.host_ifname.as_str(),
+                        Endpoint {
+                            host_ifindex: l.index,
+                            pod_mac: rec.mac.0,
+                            _pad: [0; 2],
+                        },
+                    ),
+                );
+            }
+            None => gone.push(Op::ForgetPod(*ip)),
+        }
+    }
+    if let (Some(maps), Some(seen)) = (&want.maps, &have.maps) {
+        map_entries(maps, seen, &mut ops);
+        pod_entries(&live, &want.attaching, seen, &mut ops);
+    }
+    ops.extend(gone);
+    ops
+}
+
+fn bridge_in_order(want: &BridgeSpec, have: &Observed) -> bool {
+    have.links.get(&want.name).is_some_and(|l| {
+        l.kind == Some(InfoKind::Bridge) && l.up && l.mtu == want.mtu && l.mac == Some(want.mac)
+    }) && have.bridge_addrs == [want.gateway]
+}
+
+/// Per remote: neighbour, FDB entry and route all as wanted, or the three
+/// are programmed again (with replace). Then whatever no remote wants
+/// goes. A neighbour whose MAC is wrong is not deleted: the remote's
+/// replace has just put the right one in its place.
+fn vtep_entries(want: &BTreeMap<Ipv4Net, RemoteEntry>, have: &VtepEntries, ops: &mut Vec<Op>) {
+    let onlink: BTreeSet<Ipv4Net> = have
+        .routes
+        .iter()
+        .filter(|(_, onlink)| *onlink)
+        .map(|(d, _)| *d)
+        .collect();
+    let fdb_of = |r: &RemoteEntry| (r.vtep_mac, Some(IpAddr::V4(r.public_ip)));
+    for r in want.values() {
+        let ok = onlink.contains(&r.subnet)
+            && have.neighbours.get(&r.subnet.network()) == Some(&r.vtep_mac)
+            && have.fdb.contains(&fdb_of(r));
+        if !ok {
+            ops.push(Op::Vtep(VtepOp::Program(*r)));
+        }
+    }
+    let gateways: BTreeSet<Ipv4Addr> = want.values().map(|r| r.subnet.network()).collect();
+    let fdb: BTreeSet<_> = want.values().map(fdb_of).collect();
+    let mut routes: Vec<Ipv4Net> = have
+        .routes
+        .iter()
+        .map(|(d, _)| *d)
+        .filter(|d| !want.contains_key(d))
+        .collect();
+    routes.sort();
+    routes.dedup();
+    ops.extend(
+        routes
+            .into_iter()
+            .map(|d| Op::Vtep(VtepOp::DeleteRoute(d))),
+    );
+    ops.extend(
+        have.neighbours
+            .keys()
+            .filter(|ip| !gateways.contains(ip))
+            .map(|ip| Op::Vtep(VtepOp::DeleteNeighbour(*ip))),
+    );
+    ops.extend(
+        have.fdb
+            .iter()
+            .filter(|e| !fdb.contains(e))
+            .map(|&(mac, dst)| Op::Vtep(VtepOp::DeleteFdb { mac, dst })),
+    );
+}
+
+/// A table whose contents this process did not write is written again:
+/// an earlier run may have had another lease. A table that could not be
+/// read is written anyway when wanted (a failure then says why).
+fn masquerade(want: Option<MasqSpec>, have: &Observed, ops: &mut Vec<Op>) {
+    match want {
+        Some(spec) => {
+            if have.masq != MasqTable::Present(Some(spec)) {
+                ops.push(Op::Masq(MasqOp::Install(spec)));
+            }
+            if have.cni_masq == Some(true) {
+                ops.push(Op::Masq(MasqOp::RemoveCni));
+            }
+        }
+        None => {
+            if matches!(have.masq, MasqTable::Present(_)) {
+                ops.push(Op::Masq(MasqOp::Remove));
+            }
+        }
+    }
+}
+
+fn map_entries(want: &MapsSpec, have: &Maps, ops: &mut Vec<Op>) {
+    if have.config != Some(want.config) {
+        ops.push(Op::Map(MapOp::SetConfig(want.config)));
+    }
+    for (net, node) in &want.remotes {
+        if have.remotes.get(net) != Some(node) {
+            ops.push(Op::Map(MapOp::PutRemote(*net, *node)));
+        }
+    }
+    for net in have.remotes.keys().filter(|n| !want.remotes.contains_key(n)) {
+        ops.push(Op::Map(MapOp::DeleteRemote(*net)));
+    }
+    for ip in want.vteps.difference(&have.vteps) {
+        ops.push(Op::Map(MapOp::PutVtep(*ip)));
+    }
+    for ip in have.vteps.difference(&want.vteps) {
+        ops.push(Op::Map(MapOp::DeleteVtep(*ip)));
+    }
+}
+
+/// Live pods get this process's program and their map entry; entries and
+/// pinned links of anything else go, except links being attached now.
+fn pod_entries(
+    live: &BTreeMap<Ipv4Addr, (&str, Endpoint)>,
+    attaching: &BTreeSet<u32>,
+    have: &Maps,
+    ops: &mut Vec<Op>,
+) {
+    for (ifname, ep) in live.values() {
+        if have.pod_links.get(&ep.host_ifindex) != Some(&true) {
+            ops.push(Op::Map(MapOp::AttachPod {
+                ifname: ifname.to_string(),
+                ifindex: ep.host_ifindex,
+            }));
+        }
+    }
+    for (ip, (_, ep)) in live {
+        if have.endpoints.get(ip) != Some(ep) {
+            ops.push(Op::Map(MapOp::PutEndpoint(*ip, *ep)));
+        }
+    }
+    for ip in have.endpoints.keys().filter(|ip| !live.contains_key(ip)) {
+        ops.push(Op::Map(MapOp::DeleteEndpoint(*ip)));
+    }
+    let indexes: BTreeSet<u32> = live.values().map(|(_, ep)| ep.host_ifindex).collect();
+    for index in have.pod_links.keys() {
+        if !indexes.contains(index) && !attaching.contains(index) {
+            ops.push(Op::Map(MapOp::DetachPod(*index)));
+        }
+    }
+}

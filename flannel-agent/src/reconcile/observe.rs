@@ -1,0 +1,164 @@
+//! The observed state: what the kernel and the BPF maps hold now, read at
+//! the start of every pass so that the diff works from facts, not from
+//! what the agent believes it wrote.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use flannel_common::{Config, Endpoint, RemoteNode};
+use ipnet::Ipv4Net;
+
+use super::desired::MasqSpec;
+use crate::{
+    datapath::ebpf::{Datapath, EbpfError},
+    mac::MacAddr,
+    masq,
+    netlink::{Link, Netlink, NetlinkError},
+};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Every link of the node's namespace, by name.
+    pub links: BTreeMap<String, Link>,
+    /// IPv4 addresses on the bridge and on the VTEP device.
+    pub bridge_addrs: Vec<Ipv4Net>,
+    pub vtep_addrs: Vec<Ipv4Net>,
+    /// What hangs on the VTEP device (empty when it does not exist);
+    /// `None` when it could not be read.
+    pub vtep: Option<VtepEntries>,
+    pub masq: MasqTable,
+    /// The CNI plugin's own masquerade table; `None` when unreadable.
+    pub cni_masq: Option<bool>,
+    /// `None` on the kernel data path, or when the maps could not be read.
+    pub maps: Option<Maps>,
+}
+
+/// Routes, neighbours and FDB entries on `flannel.<VNI>`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VtepEntries {
+    /// Universe-scope routes through the device: (destination, onlink).
+    pub routes: Vec<(Ipv4Net, bool)>,
+    /// Permanent neighbours: gateway IP → MAC.
+    pub neighbours: BTreeMap<Ipv4Addr, MacAddr>,
+    /// Permanent FDB entries: (MAC, VXLAN destination).
+    pub fdb: BTreeSet<(MacAddr, Option<IpAddr>)>,
+}
+
+/// The agent's masquerade table (`ip flannel-ipv4`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MasqTable {
+    /// Could not be read (logged).
+    #[default]
+    Unknown,
+    Absent,
+    /// There, with the rules for this spec when this process wrote them;
+    /// `None`: written by an earlier run, contents unknown.
+    Present(Option<MasqSpec>),
+}
+
+/// What the eBPF maps and pinned pod links hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Maps {
+    pub config: Option<Config>,
+    pub remotes: BTreeMap<Ipv4Net, RemoteNode>,
+    pub vteps: BTreeSet<Ipv4Addr>,
+    pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// Pinned pod links by interface index: whether this process
+    /// attached (or took over) each.
+    pub pod_links: BTreeMap<u32, bool>,
+}
+
+/// The names of the devices the pass looks at.
+pub struct Devices<'a> {
+    pub bridge: &'a str,
+    pub vtep: &'a str,
+}
+
+/// Reads everything a pass needs. Failing to list links or addresses
+/// fails the pass; the VTEP's entries, the masquerade tables and the maps
+/// are each left unknown (and logged) when they cannot be read, so that
+/// the other parts still reconcile.
+pub async fn observe(
+    nl: &Netlink,
+    dp: Option<&mut Datapath>,
+    devices: &Devices<'_>,
+    masq_written: Option<MasqSpec>,
+) -> Result<Observed, NetlinkError> {
+    let links: BTreeMap<String, Link> = nl
+        .links()
+        .await?
+        .into_iter()
+        .map(|l| (l.name.clone(), l))
+        .collect();
+    let addrs = |name: &str| {
+        let index = links.get(name).map(|l| l.index);
+        async move {
+            match index {
+                Some(i) => nl.ipv4_addrs(i).await,
+                None => Ok(Vec::new()),
+            }
+        }
+    };
+    let bridge_addrs = addrs(devices.bridge).await?;
+    let vtep_addrs = addrs(devices.vtep).await?;
+    let vtep = match links.get(devices.vtep) {
+        None => Some(VtepEntries::default()),
+        Some(l) => match vtep_entries(nl, l.index).await {
+            Ok(e) => Some(e),
+            Err(err) => {
+                tracing::warn!(device = devices.vtep, %err, "reading the VTEP's routes, neighbours and FDB");
+                None
+            }
+        },
+    };
+    let masq = match masq::present() {
+        Ok(false) => MasqTable::Absent,
+        Ok(true) => MasqTable::Present(masq_written),
+        Err(err) => {
+            tracing::debug!(%err, table = masq::TABLE, "checking the ip-masq table");
+            MasqTable::Unknown
+        }
+    };
+    let cni_masq = masq::pod_present()
+        .map_err(|err| tracing::debug!(%err, table = masq::POD_TABLE, "checking the CNI plugin's masquerade table"))
+        .ok();
+    let maps = match dp {
+        None => None,
+        Some(dp) => match read_maps(dp) {
+            Ok(m) => Some(m),
+            Err(err) => {
+                tracing::warn!(%err, "reading the eBPF maps");
+                None
+            }
+        },
+    };
+    Ok(Observed {
+        links,
+        bridge_addrs,
+        vtep_addrs,
+        vtep,
+        masq,
+        cni_masq,
+        maps,
+    })
+}
+
+async fn vtep_entries(nl: &Netlink, index: u32) -> Result<VtepEntries, NetlinkError> {
+    Ok(VtepEntries {
+        routes: nl.vtep_routes(index).await?,
+        neighbours: nl.vtep_neighbours(index).await?.into_iter().collect(),
+        fdb: nl.vtep_fdb(index).await?.into_iter().collect(),
+    })
+}
+
+fn read_maps(dp: &mut Datapath) -> Result<Maps, EbpfError> {
+    Ok(Maps {
+        config: dp.config()?,
+        remotes: dp.remotes()?,
+        vteps: dp.vteps()?,
+        endpoints: dp.endpoints()?,
+        pod_links: dp.pod_links(),
+    })
+}

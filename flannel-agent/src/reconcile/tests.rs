@@ -1,0 +1,816 @@
+//! The desired state and the diff, table-driven, without root or a
+//! kernel. Every row starts from a node that is in order (the observed
+//! state built from the baseline's desired state), changes the inputs or
+//! the observed state the way the scenario says, and lists the exact
+//! operations the diff must return.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
+
+use flannel_common::{Config, Endpoint, RemoteNode, CONFIG_F_READY, CONFIG_F_TC_DECAP};
+use ipnet::Ipv4Net;
+use netlink_packet_route::link::{InfoKind, InfoVxlan};
+
+use super::{
+    desired::{desired, EbpfMode, Inputs, MasqSpec, Node},
+    diff::{diff, DeviceOp, MapOp, MasqOp, Op, VtepOp},
+    observe::{Maps, MasqTable, Observed, VtepEntries},
+    Desired,
+};
+use crate::{
+    api::EndpointRecord,
+    config::NetConfig,
+    datapath::ebpf::ip_key,
+    mac::MacAddr,
+    netlink::{Link, RemoteEntry},
+    subnet::{Lease, LeaseAttrs},
+};
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+fn mac(last: u8) -> MacAddr {
+    MacAddr([0x0e, 0, 0, 0, 0, last])
+}
+
+const UPLINK: u32 = 2;
+const BRIDGE: u32 = 3;
+const VTEP: u32 = 4;
+const POD_A: u32 = 20;
+const POD_B: u32 = 21;
+
+fn link(index: u32, name: &str, kind: Option<InfoKind>) -> Link {
+    Link {
+        index,
+        name: name.into(),
+        mac: Some(mac(index as u8)),
+        mtu: 1500,
+        up: true,
+        kind,
+        controller: None,
+        vxlan: Vec::new(),
+    }
+}
+
+fn lease(subnet: &str, node: &str, vtep_mac: MacAddr) -> Lease {
+    Lease {
+        subnet: net(subnet),
+        attrs: LeaseAttrs::vxlan(ip(node), 1, vtep_mac),
+        expiration: None,
+    }
+}
+
+fn remote(subnet: &str, node: &str, vtep_mac: MacAddr) -> RemoteEntry {
+    RemoteEntry {
+        subnet: net(subnet),
+        public_ip: ip(node),
+        vtep_mac,
+    }
+}
+
+fn pod(addr: &str, ifname: &str, last: u8) -> EndpointRecord {
+    EndpointRecord {
+        ip: ip(addr),
+        mac: mac(last),
+        host_ifname: ifname.into(),
+    }
+}
+
+/// Node 1 (10.0.0.1, lease 10.244.1.0/24) with two remotes and two pods,
+/// on the eBPF data path, without --ip-masq.
+struct World {
+    node: Node,
+    cfg: NetConfig,
+    leases: BTreeMap<Ipv4Net, Lease>,
+    pods: BTreeMap<Ipv4Addr, EndpointRecord>,
+    attaching: BTreeSet<u32>,
+    ebpf: Option<EbpfMode>,
+    ip_masq: bool,
+    have: Observed,
+}
+
+impl World {
+    fn new() -> Self {
+        let mut w = World {
+            node: Node {
+                uplink: link(UPLINK, "eth0", Some(InfoKind::Veth)),
+                ip: ip("10.0.0.1"),
+                lease: lease("10.244.1.0/24", "10.0.0.1", mac(0x11)),
+                vtep_mac: mac(0x11),
+            },
+            cfg: NetConfig::parse(
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Port":4789}}"#,
+            )
+            .unwrap(),
+            leases: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            attaching: BTreeSet::new(),
+            ebpf: Some(EbpfMode { tc_decap: true }),
+            ip_masq: false,
+            have: Observed::default(),
+        };
+        for l in [
+            w.node.lease.clone(),
+            lease("10.244.2.0/24", "10.0.0.2", mac(0x22)),
+            lease("10.244.3.0/24", "10.0.0.3", mac(0x33)),
+        ] {
+            w.leases.insert(l.subnet, l);
+        }
+        for p in [
+            pod("10.244.1.2", "vethfl-a", 0xa),
+            pod("10.244.1.3", "vethfl-b", 0xb),
+        ] {
+            w.pods.insert(p.ip, p);
+        }
+        w.have = converged(&w);
+        w
+    }
+
+    fn want(&self) -> Desired {
+        desired(&Inputs {
+            node: &self.node,
+            cfg: &self.cfg,
+            bridge: "cni0",
+            leases: &Arc::new(self.leases.clone()),
+            pods: &self.pods,
+            attaching: &self.attaching,
+            ebpf: self.ebpf,
+            ip_masq: self.ip_masq,
+        })
+    }
+
+    fn add_lease(&mut self, l: Lease) {
+        self.leases.insert(l.subnet, l);
+    }
+
+    fn maps(&mut self) -> &mut Maps {
+        self.have.maps.as_mut().unwrap()
+    }
+
+    fn entries(&mut self) -> &mut VtepEntries {
+        self.have.vtep.as_mut().unwrap()
+    }
+}
+
+/// What the kernel and the maps hold once `w`'s desired state is applied.
+fn converged(w: &World) -> Observed {
+    let want = w.want();
+    let mut links = BTreeMap::new();
+    links.insert("eth0".to_string(), w.node.uplink.clone());
+    let mut bridge = link(BRIDGE, "cni0", Some(InfoKind::Bridge));
+    bridge.mtu = want.bridge.mtu;
+    bridge.mac = Some(want.bridge.mac);
+    links.insert(bridge.name.clone(), bridge);
+    let spec = &want.vtep.link;
+    let mut vtep = link(VTEP, &spec.name, Some(InfoKind::Vxlan));
+    vtep.mtu = spec.mtu;
+    vtep.mac = Some(spec.mac);
+    vtep.vxlan = vec![
+        InfoVxlan::Id(spec.vni),
+        InfoVxlan::Link(spec.uplink),
+        InfoVxlan::Local(spec.local),
+        InfoVxlan::Learning(false),
+        InfoVxlan::Port(spec.port),
+    ];
+    links.insert(vtep.name.clone(), vtep);
+    for (i, p) in w.pods.values().enumerate() {
+        let mut l = link(POD_A + i as u32, &p.host_ifname, Some(InfoKind::Veth));
+        l.controller = Some(BRIDGE);
+        links.insert(l.name.clone(), l);
+    }
+    let entries = VtepEntries {
+        routes: want.remotes.keys().map(|n| (*n, true)).collect(),
+        neighbours: want
+            .remotes
+            .values()
+            .map(|r| (r.subnet.network(), r.vtep_mac))
+            .collect(),
+        fdb: want
+            .remotes
+            .values()
+            .map(|r| (r.vtep_mac, Some(IpAddr::V4(r.public_ip))))
+            .collect(),
+    };
+    let maps = want.maps.as_ref().map(|m| Maps {
+        config: Some(m.config),
+        remotes: m.remotes.clone(),
+        vteps: m.vteps.clone(),
+        endpoints: w
+            .pods
+            .values()
+            .map(|p| {
+                (
+                    p.ip,
+                    Endpoint {
+                        host_ifindex: links[&p.host_ifname].index,
+                        pod_mac: p.mac.0,
+                        _pad: [0; 2],
+                    },
+                )
+            })
+            .collect(),
+        pod_links: w
+            .pods
+            .values()
+            .map(|p| (links[&p.host_ifname].index, true))
+            .collect(),
+    });
+    Observed {
+        links,
+        bridge_addrs: vec![want.bridge.gateway],
+        vtep_addrs: vec![want.vtep.addr],
+        vtep: Some(entries),
+        masq: match want.masq {
+            Some(s) => MasqTable::Present(Some(s)),
+            None => MasqTable::Absent,
+        },
+        cni_masq: Some(false),
+        maps,
+    }
+}
+
+// Operation builders, so that each row reads as what it expects.
+fn program(r: RemoteEntry) -> Op {
+    Op::Vtep(VtepOp::Program(r))
+}
+fn del_route(n: &str) -> Op {
+    Op::Vtep(VtepOp::DeleteRoute(net(n)))
+}
+fn del_neigh(a: &str) -> Op {
+    Op::Vtep(VtepOp::DeleteNeighbour(ip(a)))
+}
+fn del_fdb(m: MacAddr, dst: &str) -> Op {
+    Op::Vtep(VtepOp::DeleteFdb {
+        mac: m,
+        dst: Some(IpAddr::V4(ip(dst))),
+    })
+}
+fn node_of(r: RemoteEntry) -> RemoteNode {
+    RemoteNode {
+        node_ip: ip_key(r.public_ip),
+        vtep_mac: r.vtep_mac.0,
+        _pad: [0; 2],
+    }
+}
+fn put_remote(r: RemoteEntry) -> Op {
+    Op::Map(MapOp::PutRemote(r.subnet, node_of(r)))
+}
+fn del_remote(n: &str) -> Op {
+    Op::Map(MapOp::DeleteRemote(net(n)))
+}
+fn put_vtep(a: &str) -> Op {
+    Op::Map(MapOp::PutVtep(ip(a)))
+}
+fn del_vtep(a: &str) -> Op {
+    Op::Map(MapOp::DeleteVtep(ip(a)))
+}
+fn attach(ifname: &str, ifindex: u32) -> Op {
+    Op::Map(MapOp::AttachPod {
+        ifname: ifname.into(),
+        ifindex,
+    })
+}
+fn put_endpoint(p: &EndpointRecord, ifindex: u32) -> Op {
+    Op::Map(MapOp::PutEndpoint(
+        p.ip,
+        Endpoint {
+            host_ifindex: ifindex,
+            pod_mac: p.mac.0,
+            _pad: [0; 2],
+        },
+    ))
+}
+fn del_endpoint(a: &str) -> Op {
+    Op::Map(MapOp::DeleteEndpoint(ip(a)))
+}
+fn detach(ifindex: u32) -> Op {
+    Op::Map(MapOp::DetachPod(ifindex))
+}
+fn ensure_bridge(w: &World) -> Op {
+    Op::Device(DeviceOp::Bridge(w.want().bridge))
+}
+fn ensure_vtep(w: &World) -> Op {
+    Op::Device(DeviceOp::Vtep(w.want().vtep))
+}
+fn masq_spec() -> MasqSpec {
+    MasqSpec {
+        network: net("10.244.0.0/16"),
+        lease: net("10.244.1.0/24"),
+    }
+}
+
+fn r2() -> RemoteEntry {
+    remote("10.244.2.0/24", "10.0.0.2", mac(0x22))
+}
+fn r3() -> RemoteEntry {
+    remote("10.244.3.0/24", "10.0.0.3", mac(0x33))
+}
+
+type Row = (&'static str, fn(&mut World), fn(&World) -> Vec<Op>);
+
+const ROWS: &[Row] = &[
+    ("in order: nothing to do", |_| {}, |_| vec![]),
+    (
+        "a fresh node: devices, every remote, every map entry",
+        |w| {
+            w.pods.clear();
+            let uplink = w.have.links["eth0"].clone();
+            w.have = Observed {
+                links: [("eth0".to_string(), uplink)].into(),
+                vtep: Some(VtepEntries::default()),
+                masq: MasqTable::Absent,
+                cni_masq: Some(false),
+                maps: Some(Maps::default()),
+                ..Default::default()
+            };
+        },
+        |w| {
+            vec![
+                ensure_bridge(w),
+                ensure_vtep(w),
+                program(r2()),
+                program(r3()),
+                Op::Map(MapOp::SetConfig(w.want().maps.unwrap().config)),
+                put_remote(r2()),
+                put_remote(r3()),
+                put_vtep("10.0.0.2"),
+                put_vtep("10.0.0.3"),
+            ]
+        },
+    ),
+    (
+        "new remote",
+        |w| w.add_lease(lease("10.244.4.0/24", "10.0.0.4", mac(0x44))),
+        |_| {
+            let r4 = remote("10.244.4.0/24", "10.0.0.4", mac(0x44));
+            vec![program(r4), put_remote(r4), put_vtep("10.0.0.4")]
+        },
+    ),
+    (
+        "remote gone",
+        |w| {
+            w.leases.remove(&net("10.244.3.0/24"));
+        },
+        |_| {
+            vec![
+                del_route("10.244.3.0/24"),
+                del_neigh("10.244.3.0"),
+                del_fdb(mac(0x33), "10.0.0.3"),
+                del_remote("10.244.3.0/24"),
+                del_vtep("10.0.0.3"),
+            ]
+        },
+    ),
+    (
+        "empty lease set: every remote goes",
+        |w| w.leases.clear(),
+        |_| {
+            vec![
+                del_route("10.244.2.0/24"),
+                del_route("10.244.3.0/24"),
+                del_neigh("10.244.2.0"),
+                del_neigh("10.244.3.0"),
+                del_fdb(mac(0x22), "10.0.0.2"),
+                del_fdb(mac(0x33), "10.0.0.3"),
+                del_remote("10.244.2.0/24"),
+                del_remote("10.244.3.0/24"),
+                del_vtep("10.0.0.2"),
+                del_vtep("10.0.0.3"),
+            ]
+        },
+    ),
+    (
+        "VTEP MAC changed: the neighbour is replaced, not deleted",
+        |w| w.add_lease(lease("10.244.2.0/24", "10.0.0.2", mac(0x2f))),
+        |_| {
+            let r = remote("10.244.2.0/24", "10.0.0.2", mac(0x2f));
+            vec![program(r), del_fdb(mac(0x22), "10.0.0.2"), put_remote(r)]
+        },
+    ),
+    (
+        "public IP changed",
+        |w| w.add_lease(lease("10.244.2.0/24", "10.0.0.12", mac(0x22))),
+        |_| {
+            let r = remote("10.244.2.0/24", "10.0.0.12", mac(0x22));
+            vec![
+                program(r),
+                del_fdb(mac(0x22), "10.0.0.2"),
+                put_remote(r),
+                put_vtep("10.0.0.12"),
+                del_vtep("10.0.0.2"),
+            ]
+        },
+    ),
+    (
+        "stale neighbour with the right route",
+        |w| {
+            w.entries().neighbours.insert(ip("10.244.2.0"), mac(0x99));
+        },
+        |_| vec![program(r2())],
+    ),
+    (
+        "hand-deleted FDB entry",
+        |w| {
+            w.entries()
+                .fdb
+                .remove(&(mac(0x22), Some(IpAddr::V4(ip("10.0.0.2")))));
+        },
+        |_| vec![program(r2())],
+    ),
+    (
+        "hand-deleted route",
+        |w| w.entries().routes.retain(|(d, _)| *d != net("10.244.3.0/24")),
+        |_| vec![program(r3())],
+    ),
+    (
+        "route without onlink is programmed again",
+        |w| {
+            w.entries().routes = vec![(net("10.244.2.0/24"), true), (net("10.244.3.0/24"), false)]
+        },
+        |_| vec![program(r3())],
+    ),
+    (
+        "strays for a subnet no lease holds",
+        |w| {
+            let e = w.entries();
+            e.routes.push((net("10.244.9.0/24"), true));
+            e.neighbours.insert(ip("10.244.9.0"), mac(0x99));
+            e.fdb.insert((mac(0x99), Some(IpAddr::V4(ip("10.0.0.9")))));
+            let m = w.maps();
+            m.remotes.insert(net("10.244.9.0/24"), RemoteNode::default());
+            m.vteps.insert(ip("10.0.0.9"));
+        },
+        |_| {
+            vec![
+                del_route("10.244.9.0/24"),
+                del_neigh("10.244.9.0"),
+                del_fdb(mac(0x99), "10.0.0.9"),
+                del_remote("10.244.9.0/24"),
+                del_vtep("10.0.0.9"),
+            ]
+        },
+    ),
+    (
+        "map entry removed by hand",
+        |w| {
+            w.maps().remotes.remove(&net("10.244.3.0/24"));
+        },
+        |_| vec![put_remote(r3())],
+    ),
+    (
+        "pod added",
+        |w| {
+            let p = pod("10.244.1.4", "vethfl-c", 0xc);
+            let mut l = link(22, "vethfl-c", Some(InfoKind::Veth));
+            l.controller = Some(BRIDGE);
+            w.have.links.insert(l.name.clone(), l);
+            w.pods.insert(p.ip, p);
+        },
+        |w| {
+            let p = &w.pods[&ip("10.244.1.4")];
+            vec![attach("vethfl-c", 22), put_endpoint(p, 22)]
+        },
+    ),
+    (
+        "pod removed",
+        |w| {
+            w.pods.remove(&ip("10.244.1.3"));
+        },
+        |_| vec![del_endpoint("10.244.1.3"), detach(POD_B)],
+    ),
+    (
+        "pod interface gone: entry, link and record go",
+        |w| {
+            w.have.links.remove("vethfl-a");
+        },
+        |_| {
+            vec![
+                del_endpoint("10.244.1.2"),
+                detach(POD_A),
+                Op::ForgetPod(ip("10.244.1.2")),
+            ]
+        },
+    ),
+    (
+        "pod link pinned by an earlier agent is taken over",
+        |w| {
+            w.maps().pod_links.insert(POD_A, false);
+        },
+        |_| vec![attach("vethfl-a", POD_A)],
+    ),
+    (
+        "pod link being attached is left alone",
+        |w| {
+            w.maps().pod_links.insert(30, false);
+            w.attaching.insert(30);
+        },
+        |_| vec![],
+    ),
+    (
+        "pod veth recreated under a new index",
+        |w| {
+            w.have.links.get_mut("vethfl-b").unwrap().index = 31;
+        },
+        |w| {
+            let p = &w.pods[&ip("10.244.1.3")];
+            vec![attach("vethfl-b", 31), put_endpoint(p, 31), detach(POD_B)]
+        },
+    ),
+    (
+        "masquerade table missing",
+        |w| {
+            w.ip_masq = true;
+            w.have.masq = MasqTable::Absent;
+        },
+        |_| vec![Op::Masq(MasqOp::Install(masq_spec()))],
+    ),
+    (
+        "masquerade table from an earlier run is written again",
+        |w| {
+            w.ip_masq = true;
+            w.have.masq = MasqTable::Present(None);
+        },
+        |_| vec![Op::Masq(MasqOp::Install(masq_spec()))],
+    ),
+    (
+        "masquerade in place; the CNI plugin's rule goes",
+        |w| {
+            w.ip_masq = true;
+            w.have.masq = MasqTable::Present(Some(masq_spec()));
+            w.have.cni_masq = Some(true);
+        },
+        |_| vec![Op::Masq(MasqOp::RemoveCni)],
+    ),
+    (
+        "masquerade not wanted: an earlier run's table goes",
+        |w| w.have.masq = MasqTable::Present(None),
+        |_| vec![Op::Masq(MasqOp::Remove)],
+    ),
+    (
+        "kernel mode: kernel entries and records only, no map operations",
+        |w| {
+            w.ebpf = None;
+            w.have.maps = None;
+            w.add_lease(lease("10.244.4.0/24", "10.0.0.4", mac(0x44)));
+            w.entries().routes.retain(|(d, _)| *d != net("10.244.2.0/24"));
+            w.have.links.remove("vethfl-b");
+        },
+        |_| {
+            vec![
+                program(r2()),
+                program(remote("10.244.4.0/24", "10.0.0.4", mac(0x44))),
+                Op::ForgetPod(ip("10.244.1.3")),
+            ]
+        },
+    ),
+    (
+        "eBPF mode with unreadable maps: no map operations",
+        |w| {
+            w.have.maps = None;
+            w.pods.clear();
+        },
+        |_| vec![],
+    ),
+    (
+        "VTEP incompatible (other port): recreated, every remote again, nothing deleted",
+        |w| {
+            let v = w.have.links.get_mut("flannel.1").unwrap();
+            v.vxlan.retain(|i| !matches!(i, InfoVxlan::Port(_)));
+            v.vxlan.push(InfoVxlan::Port(8472));
+            w.entries().routes.push((net("10.244.9.0/24"), true));
+        },
+        |w| vec![ensure_vtep(w), program(r2()), program(r3())],
+    ),
+    (
+        "VTEP with the wrong MTU: repaired in place",
+        |w| w.have.links.get_mut("flannel.1").unwrap().mtu = 1400,
+        |w| vec![ensure_vtep(w)],
+    ),
+    (
+        "VTEP down",
+        |w| w.have.links.get_mut("flannel.1").unwrap().up = false,
+        |w| vec![ensure_vtep(w)],
+    ),
+    (
+        "bridge missing",
+        |w| {
+            w.have.links.remove("cni0");
+            w.have.bridge_addrs.clear();
+        },
+        |w| vec![ensure_bridge(w)],
+    ),
+    (
+        "bridge with an address too many",
+        |w| w.have.bridge_addrs.push(net("192.168.9.1/24")),
+        |w| vec![ensure_bridge(w)],
+    ),
+    (
+        "uplink MAC changed: the data path config is written again",
+        |w| {
+            w.node.uplink.mac = Some(mac(0x77));
+        },
+        |w| vec![Op::Map(MapOp::SetConfig(w.want().maps.unwrap().config))],
+    ),
+    (
+        "VTEP entries unreadable: they are left for the next pass",
+        |w| {
+            w.have.vtep = None;
+            w.leases.remove(&net("10.244.3.0/24"));
+        },
+        |_| vec![del_remote("10.244.3.0/24"), del_vtep("10.0.0.3")],
+    ),
+    (
+        "unusable and overlapping leases are left out",
+        |w| {
+            let mut bad = lease("10.244.5.0/24", "10.0.0.5", mac(0x55));
+            bad.attrs.backend_type = "host-gw".into();
+            w.add_lease(bad);
+            w.add_lease(lease("10.244.0.0/16", "10.0.0.6", mac(0x66)));
+        },
+        |_| vec![],
+    ),
+];
+
+#[test]
+fn diff_table() {
+    assert!(ROWS.len() >= 20);
+    for (name, setup, expect) in ROWS {
+        let mut w = World::new();
+        setup(&mut w);
+        let got = diff(&w.want(), &w.have);
+        assert_eq!(got, expect(&w), "row: {name}");
+        // The operations are enough: once they are applied, the next pass
+        // has nothing to do.
+        simulate(&got, &mut w);
+        assert_eq!(diff(&w.want(), &w.have), vec![], "row after apply: {name}");
+    }
+}
+
+/// Applies `ops` to the world's observed state the way the kernel and the
+/// maps take them (replace semantics; an FDB entry is keyed by its MAC; a
+/// recreated VXLAN device starts empty).
+fn simulate(ops: &[Op], w: &mut World) {
+    let have = &mut w.have;
+    for op in ops {
+        match op {
+            Op::Device(DeviceOp::Bridge(b)) => {
+                let mut l = link(BRIDGE, &b.name, Some(InfoKind::Bridge));
+                l.mtu = b.mtu;
+                l.mac = Some(b.mac);
+                have.links.insert(b.name.clone(), l);
+                have.bridge_addrs = vec![b.gateway];
+            }
+            Op::Device(DeviceOp::Vtep(v)) => {
+                let old = have.links.get(&v.link.name);
+                if !old.is_some_and(|l| v.link.compatible(l)) {
+                    have.vtep = Some(VtepEntries::default());
+                }
+                let mut l = link(VTEP, &v.link.name, Some(InfoKind::Vxlan));
+                l.mtu = v.link.mtu;
+                l.mac = Some(v.link.mac);
+                l.vxlan = vec![
+                    InfoVxlan::Id(v.link.vni),
+                    InfoVxlan::Port(v.link.port),
+                    InfoVxlan::Local(v.link.local),
+                    InfoVxlan::Link(v.link.uplink),
+                    InfoVxlan::Learning(false),
+                ];
+                have.links.insert(v.link.name.clone(), l);
+                have.vtep_addrs = vec![v.addr];
+            }
+            Op::Vtep(v) => {
+                let e = have.vtep.as_mut().expect("no VTEP op on unread entries");
+                match *v {
+                    VtepOp::Program(r) => {
+                        e.neighbours.insert(r.subnet.network(), r.vtep_mac);
+                        e.fdb.retain(|(m, _)| *m != r.vtep_mac);
+                        e.fdb.insert((r.vtep_mac, Some(IpAddr::V4(r.public_ip))));
+                        e.routes.retain(|(d, _)| *d != r.subnet);
+                        e.routes.push((r.subnet, true));
+                    }
+                    VtepOp::DeleteRoute(d) => e.routes.retain(|(x, _)| *x != d),
+                    VtepOp::DeleteNeighbour(a) => {
+                        e.neighbours.remove(&a);
+                    }
+                    VtepOp::DeleteFdb { mac, dst } => {
+                        e.fdb.remove(&(mac, dst));
+                    }
+                }
+            }
+            Op::Masq(MasqOp::Install(spec)) => have.masq = MasqTable::Present(Some(*spec)),
+            Op::Masq(MasqOp::Remove) => have.masq = MasqTable::Absent,
+            Op::Masq(MasqOp::RemoveCni) => have.cni_masq = Some(false),
+            Op::Map(m) => {
+                let maps = have.maps.as_mut().expect("no map op on unread maps");
+                match m {
+                    MapOp::SetConfig(c) => maps.config = Some(*c),
+                    MapOp::PutRemote(n, r) => {
+                        maps.remotes.insert(*n, *r);
+                    }
+                    MapOp::DeleteRemote(n) => {
+                        maps.remotes.remove(n);
+                    }
+                    MapOp::PutVtep(a) => {
+                        maps.vteps.insert(*a);
+                    }
+                    MapOp::DeleteVtep(a) => {
+                        maps.vteps.remove(a);
+                    }
+                    MapOp::AttachPod { ifindex, .. } => {
+                        maps.pod_links.insert(*ifindex, true);
+                    }
+                    MapOp::PutEndpoint(a, ep) => {
+                        maps.endpoints.insert(*a, *ep);
+                    }
+                    MapOp::DeleteEndpoint(a) => {
+                        maps.endpoints.remove(a);
+                    }
+                    MapOp::DetachPod(i) => {
+                        maps.pod_links.remove(i);
+                    }
+                }
+            }
+            Op::ForgetPod(a) => {
+                w.pods.remove(a);
+            }
+        }
+    }
+}
+
+#[test]
+fn desired_state_from_node_config_and_leases() {
+    let mut w = World::new();
+    let mut bad = lease("10.244.5.0/24", "10.0.0.5", mac(0x55));
+    bad.attrs.backend_type = "host-gw".into();
+    w.add_lease(bad);
+    w.add_lease(lease("10.244.0.0/16", "10.0.0.6", mac(0x66)));
+    w.add_lease(lease("10.244.7.0/24", "10.0.0.7", MacAddr([0x01, 0, 0, 0, 0, 7])));
+    let want = w.want();
+    // Our own lease is no remote; the unusable ones say why.
+    assert_eq!(
+        want.remotes.keys().copied().collect::<Vec<_>>(),
+        [net("10.244.2.0/24"), net("10.244.3.0/24")]
+    );
+    let why: Vec<(Ipv4Net, &str)> = want
+        .ignored
+        .iter()
+        .map(|(n, i)| (*n, i.why.as_str()))
+        .collect();
+    assert_eq!(why.len(), 3, "{why:?}");
+    assert!(why[0].0 == net("10.244.0.0/16") && why[0].1.contains("overlaps"));
+    assert!(why[1].0 == net("10.244.5.0/24") && why[1].1.contains("not vxlan"));
+    assert!(why[2].0 == net("10.244.7.0/24") && why[2].1.contains("not unicast"));
+    // Flannel's devices: gateway .1 on the bridge, the lease's .0/32 on
+    // flannel.1, MTU = uplink − 50, the port from the config.
+    assert_eq!(want.bridge.gateway, net("10.244.1.1/24"));
+    assert_eq!(want.bridge.mtu, 1450);
+    assert_eq!(want.vtep.addr, net("10.244.1.0/32"));
+    assert_eq!(want.vtep.link.name, "flannel.1");
+    assert_eq!(want.vtep.link.port, 4789);
+    assert_eq!(want.vtep.link.uplink, UPLINK);
+    let maps = want.maps.unwrap();
+    assert_eq!(
+        maps.config,
+        Config {
+            vni: 1,
+            udp_port: 4789,
+            node_ip: ip_key(ip("10.0.0.1")),
+            uplink_ifindex: UPLINK,
+            inner_mtu: 1450,
+            flags: CONFIG_F_READY | CONFIG_F_TC_DECAP,
+            vtep_mac: mac(0x11).0,
+            uplink_mac: mac(UPLINK as u8).0,
+            gateway_mac: MacAddr::for_bridge(ip("10.244.1.1")).0,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        maps.vteps,
+        [ip("10.0.0.2"), ip("10.0.0.3")].into_iter().collect()
+    );
+    assert_eq!(want.masq, None);
+
+    // Backend.MTU wins over the uplink's; XDP decap clears the TC flag;
+    // kernel mode wants no maps; --ip-masq wants the rules.
+    w.cfg = NetConfig::parse(
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":1400}}"#,
+    )
+    .unwrap();
+    w.ebpf = Some(EbpfMode { tc_decap: false });
+    w.ip_masq = true;
+    let want = w.want();
+    assert_eq!(want.bridge.mtu, 1400);
+    assert_eq!(want.vtep.link.port, 8472);
+    assert_eq!(want.maps.unwrap().config.flags, CONFIG_F_READY);
+    assert_eq!(want.masq, Some(masq_spec()));
+    w.ebpf = None;
+    assert_eq!(w.want().maps, None);
+}
