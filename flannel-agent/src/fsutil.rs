@@ -53,7 +53,6 @@ pub fn put_file(target: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
     result.map(|_| true)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,7 +67,10 @@ mod tests {
         assert_eq!(std::fs::read(&f).unwrap(), b"two");
         let g = dir.join("bin").join("flannel");
         assert!(put_file(&g, b"binary", 0o755).unwrap(), "first write");
-        assert!(!put_file(&g, b"binary", 0o755).unwrap(), "identical: untouched");
+        assert!(
+            !put_file(&g, b"binary", 0o755).unwrap(),
+            "identical: untouched"
+        );
         assert!(put_file(&g, b"binary", 0o700).unwrap(), "mode differs");
         assert_eq!(
             std::fs::metadata(&g).unwrap().permissions().mode() & 0o777,

@@ -291,16 +291,20 @@ impl Agent {
             bridge: &self.opts.bridge,
             vtep: &vtep_name,
         };
-        let observed =
-            match reconcile::observe(&self.nl, self.datapath.ebpf(), &devices, self.masq_written)
-                .await
-            {
-                Ok(o) => o,
-                Err(err) => {
-                    tracing::warn!(%err, "reading the node's links and addresses; retrying at the next pass");
-                    return Report::default();
-                }
-            };
+        let observed = match reconcile::observe(
+            &self.nl,
+            self.datapath.ebpf(),
+            &devices,
+            self.masq_written,
+        )
+        .await
+        {
+            Ok(o) => o,
+            Err(err) => {
+                tracing::warn!(%err, "reading the node's links and addresses; retrying at the next pass");
+                return Report::default();
+            }
+        };
         // The uplink may have been replaced or flapped; refresh what we know.
         if let Some(up) = observed.links.get(&self.node.uplink.name) {
             if !up.up {

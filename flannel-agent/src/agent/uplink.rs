@@ -65,10 +65,12 @@ fn pick(
             .map(|l| (l.clone(), first_addr(addrs, l)))
     };
     if !ifaces.is_empty() {
-        let hit = ifaces.iter().find_map(|want| match want.parse::<Ipv4Addr>() {
-            Ok(ip) => by_addr(&|a| *a == ip),
-            Err(_) => by_name(&|n| n == want),
-        });
+        let hit = ifaces
+            .iter()
+            .find_map(|want| match want.parse::<Ipv4Addr>() {
+                Ok(ip) => by_addr(&|a| *a == ip),
+                Err(_) => by_name(&|n| n == want),
+            });
         return hit.map(Some).ok_or_else(|| {
             anyhow!("--iface: none of {ifaces:?} is an interface name or address on this node")
         });
@@ -120,18 +122,39 @@ mod tests {
         ];
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         type Want = Result<Option<(&'static str, Option<&'static str>)>, &'static str>;
-        let table: [(&[&str], &[&str], Option<&str>, Want); 9] = [
+        type Row<'a> = (&'a [&'a str], &'a [&'a str], Option<&'a str>, Want);
+        let table: [Row; 9] = [
             (&[], &[], None, Ok(None)),
             (&["eth1"], &[], None, Ok(Some(("eth1", Some("172.30.0.1"))))),
-            (&["172.30.0.2"], &[], None, Ok(Some(("eth1", Some("172.30.0.2"))))),
+            (
+                &["172.30.0.2"],
+                &[],
+                None,
+                Ok(Some(("eth1", Some("172.30.0.2")))),
+            ),
             // The first entry that exists wins.
-            (&["eth9", "eth0"], &[], None, Ok(Some(("eth0", Some("10.0.0.5"))))),
+            (
+                &["eth9", "eth0"],
+                &[],
+                None,
+                Ok(Some(("eth0", Some("10.0.0.5")))),
+            ),
             (&["eth9"], &[], None, Err("--iface")),
             // Addresses are tried before names.
-            (&[], &["^172\\.30\\."], None, Ok(Some(("eth1", Some("172.30.0.1"))))),
+            (
+                &[],
+                &["^172\\.30\\."],
+                None,
+                Ok(Some(("eth1", Some("172.30.0.1")))),
+            ),
             (&[], &["^eth0$"], None, Ok(Some(("eth0", Some("10.0.0.5"))))),
             (&[], &["("], None, Err("not a valid regular expression")),
-            (&[], &[], Some("10.0.0.5"), Ok(Some(("eth0", Some("10.0.0.5"))))),
+            (
+                &[],
+                &[],
+                Some("10.0.0.5"),
+                Ok(Some(("eth0", Some("10.0.0.5")))),
+            ),
         ];
         for (ifaces, regexes, public, want) in table {
             let got = pick(&links, &addrs, &s(ifaces), &s(regexes), public.map(ip));

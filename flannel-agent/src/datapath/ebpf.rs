@@ -399,9 +399,7 @@ impl Datapath {
         };
         let map: HashMap<_, u32, Vtep> =
             HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(err)?;
-        map.keys()
-            .map(|k| k.map(key_ip).map_err(err))
-            .collect()
+        map.keys().map(|k| k.map(key_ip).map_err(err)).collect()
     }
 
     pub fn put_vtep(&mut self, ip: Ipv4Addr) -> Result<()> {

@@ -53,7 +53,10 @@ pub enum VtepOp {
     /// A route through the VTEP to a subnet no lease holds.
     DeleteRoute(Ipv4Net),
     DeleteNeighbour(Ipv4Addr),
-    DeleteFdb { mac: MacAddr, dst: Option<IpAddr> },
+    DeleteFdb {
+        mac: MacAddr,
+        dst: Option<IpAddr>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +77,10 @@ pub enum MapOp {
     PutVtep(Ipv4Addr),
     DeleteVtep(Ipv4Addr),
     /// Attach `tc_from_pod` to a pod's host veth (or take over its link).
-    AttachPod { ifname: String, ifindex: u32 },
+    AttachPod {
+        ifname: String,
+        ifindex: u32,
+    },
     PutEndpoint(Ipv4Addr, Endpoint),
     DeleteEndpoint(Ipv4Addr),
     /// Unpin the link of an interface that is no pod's.
@@ -160,7 +166,11 @@ pub fn diff(want: &Desired, have: &Observed) -> Vec<Op> {
     }
     // A new or recreated device starts with nothing on it.
     let empty = VtepEntries::default();
-    let entries = if recreate { Some(&empty) } else { have.vtep.as_ref() };
+    let entries = if recreate {
+        Some(&empty)
+    } else {
+        have.vtep.as_ref()
+    };
     if let Some(entries) = entries {
         vtep_entries(&want.remotes, entries, &mut ops);
     }
@@ -231,11 +241,7 @@ fn vtep_entries(want: &BTreeMap<Ipv4Net, RemoteEntry>, have: &VtepEntries, ops: 
         .collect();
     routes.sort();
     routes.dedup();
-    ops.extend(
-        routes
-            .into_iter()
-            .map(|d| Op::Vtep(VtepOp::DeleteRoute(d))),
-    );
+    ops.extend(routes.into_iter().map(|d| Op::Vtep(VtepOp::DeleteRoute(d))));
     ops.extend(
         have.neighbours
             .keys()
@@ -280,7 +286,11 @@ fn map_entries(want: &MapsSpec, have: &Maps, ops: &mut Vec<Op>) {
             ops.push(Op::Map(MapOp::PutRemote(*net, *node)));
         }
     }
-    for net in have.remotes.keys().filter(|n| !want.remotes.contains_key(n)) {
+    for net in have
+        .remotes
+        .keys()
+        .filter(|n| !want.remotes.contains_key(n))
+    {
         ops.push(Op::Map(MapOp::DeleteRemote(*net)));
     }
     for ip in want.vteps.difference(&have.vteps) {

@@ -427,14 +427,16 @@ const ROWS: &[Row] = &[
     ),
     (
         "hand-deleted route",
-        |w| w.entries().routes.retain(|(d, _)| *d != net("10.244.3.0/24")),
+        |w| {
+            w.entries()
+                .routes
+                .retain(|(d, _)| *d != net("10.244.3.0/24"))
+        },
         |_| vec![program(r3())],
     ),
     (
         "route without onlink is programmed again",
-        |w| {
-            w.entries().routes = vec![(net("10.244.2.0/24"), true), (net("10.244.3.0/24"), false)]
-        },
+        |w| w.entries().routes = vec![(net("10.244.2.0/24"), true), (net("10.244.3.0/24"), false)],
         |_| vec![program(r3())],
     ),
     (
@@ -445,7 +447,8 @@ const ROWS: &[Row] = &[
             e.neighbours.insert(ip("10.244.9.0"), mac(0x99));
             e.fdb.insert((mac(0x99), Some(IpAddr::V4(ip("10.0.0.9")))));
             let m = w.maps();
-            m.remotes.insert(net("10.244.9.0/24"), RemoteNode::default());
+            m.remotes
+                .insert(net("10.244.9.0/24"), RemoteNode::default());
             m.vteps.insert(ip("10.0.0.9"));
         },
         |_| {
@@ -560,7 +563,9 @@ const ROWS: &[Row] = &[
             w.ebpf = None;
             w.have.maps = None;
             w.add_lease(lease("10.244.4.0/24", "10.0.0.4", mac(0x44)));
-            w.entries().routes.retain(|(d, _)| *d != net("10.244.2.0/24"));
+            w.entries()
+                .routes
+                .retain(|(d, _)| *d != net("10.244.2.0/24"));
             w.have.links.remove("vethfl-b");
         },
         |_| {
@@ -752,7 +757,11 @@ fn desired_state_from_node_config_and_leases() {
     bad.attrs.backend_type = "host-gw".into();
     w.add_lease(bad);
     w.add_lease(lease("10.244.0.0/16", "10.0.0.6", mac(0x66)));
-    w.add_lease(lease("10.244.7.0/24", "10.0.0.7", MacAddr([0x01, 0, 0, 0, 0, 7])));
+    w.add_lease(lease(
+        "10.244.7.0/24",
+        "10.0.0.7",
+        MacAddr([0x01, 0, 0, 0, 0, 7]),
+    ));
     let want = w.want();
     // Our own lease is no remote; the unusable ones say why.
     assert_eq!(
@@ -800,10 +809,9 @@ fn desired_state_from_node_config_and_leases() {
 
     // Backend.MTU wins over the uplink's; XDP decap clears the TC flag;
     // kernel mode wants no maps; --ip-masq wants the rules.
-    w.cfg = NetConfig::parse(
-        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":1400}}"#,
-    )
-    .unwrap();
+    w.cfg =
+        NetConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":1400}}"#)
+            .unwrap();
     w.ebpf = Some(EbpfMode { tc_decap: false });
     w.ip_masq = true;
     let want = w.want();
