@@ -105,18 +105,12 @@ impl Datapath {
             prog.load()
                 .map_err(|source| EbpfError::Program { name, source })?;
         }
-        let xdp: &mut Xdp = bpf
-            .program_mut(programs::XDP_UPLINK)
-            .ok_or(EbpfError::Missing(programs::XDP_UPLINK))?
-            .try_into()
+        xdp_program(&mut bpf)?
+            .load()
             .map_err(|source| EbpfError::Program {
                 name: programs::XDP_UPLINK,
                 source,
             })?;
-        xdp.load().map_err(|source| EbpfError::Program {
-            name: programs::XDP_UPLINK,
-            source,
-        })?;
         Ok(Self {
             bpf,
             dir: dir.to_path_buf(),
@@ -185,12 +179,7 @@ impl Datapath {
         let link = p
             .take_link(id)
             .map_err(|source| EbpfError::Program { name: prog, source })?;
-        let fd = FdLink::try_from(link).map_err(|source| EbpfError::Link {
-            path: path.clone(),
-            source,
-        })?;
-        fd.pin(&path)
-            .map_err(|source| EbpfError::Pin { path, source })?;
+        pin_link(link, path)?;
         Ok(())
     }
 
@@ -218,15 +207,7 @@ impl Datapath {
             let _ = std::fs::remove_file(&path);
             return Ok("off");
         };
-        let xdp: &mut Xdp = self
-            .bpf
-            .program_mut(programs::XDP_UPLINK)
-            .ok_or(EbpfError::Missing(programs::XDP_UPLINK))?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                name: programs::XDP_UPLINK,
-                source,
-            })?;
+        let xdp = xdp_program(&mut self.bpf)?;
         let prog_err = |source| EbpfError::Program {
             name: programs::XDP_UPLINK,
             source,
@@ -267,12 +248,7 @@ impl Datapath {
             }
         };
         let link = xdp.take_link(id).map_err(prog_err)?;
-        let fd = FdLink::try_from(link).map_err(|source| EbpfError::Link {
-            path: path.clone(),
-            source,
-        })?;
-        fd.pin(&path)
-            .map_err(|source| EbpfError::Pin { path, source })?;
+        pin_link(link, path)?;
         Ok(mode)
     }
 
@@ -330,132 +306,134 @@ impl Datapath {
         self.bpf.map_mut(name).ok_or(EbpfError::Missing(name))
     }
 
+    fn config_map(&mut self) -> Result<Array<&mut MapData, Config>> {
+        Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))
+    }
+
+    fn remote_map(&mut self) -> Result<LpmTrie<&mut MapData, u32, RemoteNode>> {
+        LpmTrie::try_from(self.map_mut(maps::REMOTE_SUBNETS)?)
+            .map_err(map_err(maps::REMOTE_SUBNETS))
+    }
+
+    fn vtep_map(&mut self) -> Result<HashMap<&mut MapData, u32, Vtep>> {
+        HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(map_err(maps::VTEPS))
+    }
+
+    fn endpoint_map(&mut self) -> Result<HashMap<&mut MapData, u32, Endpoint>> {
+        HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(map_err(maps::ENDPOINTS))
+    }
+
     pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
-        let mut arr: Array<_, Config> =
-            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(|source| EbpfError::Map {
-                name: maps::CONFIG,
-                source,
-            })?;
-        arr.set(0, cfg, 0).map_err(|source| EbpfError::Map {
-            name: maps::CONFIG,
-            source,
-        })
+        self.config_map()?
+            .set(0, cfg, 0)
+            .map_err(map_err(maps::CONFIG))
     }
 
     /// What the config map holds (`None` before the first write).
     pub fn config(&mut self) -> Result<Option<Config>> {
-        let err = |source| EbpfError::Map {
-            name: maps::CONFIG,
-            source,
-        };
-        let arr: Array<_, Config> = Array::try_from(self.map_mut(maps::CONFIG)?).map_err(err)?;
-        let cfg = arr.get(&0, 0).map_err(err)?;
+        let cfg = self
+            .config_map()?
+            .get(&0, 0)
+            .map_err(map_err(maps::CONFIG))?;
         Ok((cfg != Config::default()).then_some(cfg))
     }
 
     /// The remote-subnet trie: subnet → remote node.
     pub fn remotes(&mut self) -> Result<BTreeMap<Ipv4Net, RemoteNode>> {
-        let err = |source| EbpfError::Map {
-            name: maps::REMOTE_SUBNETS,
-            source,
-        };
-        let trie: LpmTrie<_, u32, RemoteNode> =
-            LpmTrie::try_from(self.map_mut(maps::REMOTE_SUBNETS)?).map_err(err)?;
-        let mut out = BTreeMap::new();
-        for item in trie.iter() {
-            let (k, v) = item.map_err(err)?;
-            if let Ok(net) = Ipv4Net::new(key_ip(k.data()), k.prefix_len() as u8) {
-                out.insert(net, v);
-            }
-        }
-        Ok(out)
+        remotes_in(&self.remote_map()?).map_err(map_err(maps::REMOTE_SUBNETS))
     }
 
     pub fn put_remote(&mut self, net: Ipv4Net, node: &RemoteNode) -> Result<()> {
-        let err = |source| EbpfError::Map {
-            name: maps::REMOTE_SUBNETS,
-            source,
-        };
-        let mut trie: LpmTrie<_, u32, RemoteNode> =
-            LpmTrie::try_from(self.map_mut(maps::REMOTE_SUBNETS)?).map_err(err)?;
-        trie.insert(&trie_key(net), node, 0).map_err(err)
+        self.remote_map()?
+            .insert(&trie_key(net), node, 0)
+            .map_err(map_err(maps::REMOTE_SUBNETS))
     }
 
     pub fn remove_remote(&mut self, net: Ipv4Net) -> Result<()> {
-        let err = |source| EbpfError::Map {
-            name: maps::REMOTE_SUBNETS,
-            source,
-        };
-        let mut trie: LpmTrie<_, u32, RemoteNode> =
-            LpmTrie::try_from(self.map_mut(maps::REMOTE_SUBNETS)?).map_err(err)?;
-        absent_is_fine(trie.remove(&trie_key(net))).map_err(err)
+        absent_is_fine(self.remote_map()?.remove(&trie_key(net)))
+            .map_err(map_err(maps::REMOTE_SUBNETS))
     }
 
     /// The node IPs allowed to send VXLAN.
     pub fn vteps(&mut self) -> Result<BTreeSet<Ipv4Addr>> {
-        let err = |source| EbpfError::Map {
-            name: maps::VTEPS,
-            source,
-        };
-        let map: HashMap<_, u32, Vtep> =
-            HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(err)?;
-        map.keys().map(|k| k.map(key_ip).map_err(err)).collect()
+        self.vtep_map()?
+            .keys()
+            .map(|k| k.map(key_ip).map_err(map_err(maps::VTEPS)))
+            .collect()
     }
 
     pub fn put_vtep(&mut self, ip: Ipv4Addr) -> Result<()> {
-        let err = |source| EbpfError::Map {
-            name: maps::VTEPS,
-            source,
-        };
-        let mut map: HashMap<_, u32, Vtep> =
-            HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(err)?;
-        map.insert(ip_key(ip), Vtep::default(), 0).map_err(err)
+        self.vtep_map()?
+            .insert(ip_key(ip), Vtep::default(), 0)
+            .map_err(map_err(maps::VTEPS))
     }
 
     pub fn remove_vtep(&mut self, ip: Ipv4Addr) -> Result<()> {
-        let err = |source| EbpfError::Map {
-            name: maps::VTEPS,
-            source,
-        };
-        let mut map: HashMap<_, u32, Vtep> =
-            HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(err)?;
-        absent_is_fine(map.remove(&ip_key(ip))).map_err(err)
+        absent_is_fine(self.vtep_map()?.remove(&ip_key(ip))).map_err(map_err(maps::VTEPS))
     }
 
     /// The endpoint map: pod IP → host veth and pod MAC.
     pub fn endpoints(&mut self) -> Result<BTreeMap<Ipv4Addr, Endpoint>> {
-        let err = |source| EbpfError::Map {
-            name: maps::ENDPOINTS,
-            source,
-        };
-        let map: HashMap<_, u32, Endpoint> =
-            HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(err)?;
-        Ok(map
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| (key_ip(k), v))
-            .collect())
+        Ok(endpoints_in(&self.endpoint_map()?))
     }
 
     pub fn put_endpoint(&mut self, ip: Ipv4Addr, ep: &Endpoint) -> Result<()> {
-        let err = |source| EbpfError::Map {
-            name: maps::ENDPOINTS,
-            source,
-        };
-        let mut map: HashMap<_, u32, Endpoint> =
-            HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(err)?;
-        map.insert(ip_key(ip), ep, 0).map_err(err)
+        self.endpoint_map()?
+            .insert(ip_key(ip), ep, 0)
+            .map_err(map_err(maps::ENDPOINTS))
     }
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
-        let err = |source| EbpfError::Map {
-            name: maps::ENDPOINTS,
-            source,
-        };
-        let mut map: HashMap<_, u32, Endpoint> =
-            HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(err)?;
-        absent_is_fine(map.remove(&ip_key(ip))).map_err(err)
+        absent_is_fine(self.endpoint_map()?.remove(&ip_key(ip))).map_err(map_err(maps::ENDPOINTS))
     }
+}
+
+/// Pins an attachment at `path`, where it outlives this process.
+fn pin_link<L>(link: L, path: PathBuf) -> Result<()>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let fd = FdLink::try_from(link).map_err(|source| EbpfError::Link {
+        path: path.clone(),
+        source,
+    })?;
+    fd.pin(&path)
+        .map_err(|source| EbpfError::Pin { path, source })?;
+    Ok(())
+}
+
+fn xdp_program(bpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let name = programs::XDP_UPLINK;
+    bpf.program_mut(name)
+        .ok_or(EbpfError::Missing(name))?
+        .try_into()
+        .map_err(|source| EbpfError::Program { name, source })
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError {
+    move |source| EbpfError::Map { name, source }
+}
+
+fn remotes_in<T: std::borrow::Borrow<MapData>>(
+    trie: &LpmTrie<T, u32, RemoteNode>,
+) -> std::result::Result<BTreeMap<Ipv4Net, RemoteNode>, aya::maps::MapError> {
+    let mut out = BTreeMap::new();
+    for item in trie.iter() {
+        let (k, v) = item?;
+        if let Ok(net) = Ipv4Net::new(key_ip(k.data()), k.prefix_len() as u8) {
+            out.insert(net, v);
+        }
+    }
+    Ok(out)
+}
+
+fn endpoints_in<T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, u32, Endpoint>,
+) -> BTreeMap<Ipv4Addr, Endpoint> {
+    map.iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| (key_ip(k), v))
+        .collect()
 }
 
 fn trie_key(net: Ipv4Net) -> Key<u32> {
@@ -629,15 +607,10 @@ pub fn read_remotes(
 ) -> std::result::Result<Vec<(Ipv4Net, Ipv4Addr, [u8; 6])>, aya::maps::MapError> {
     let data = MapData::from_pin(dir.join("maps").join(maps::REMOTE_SUBNETS))?;
     let trie: LpmTrie<_, u32, RemoteNode> = LpmTrie::try_from(Map::LpmTrie(data))?;
-    let mut out = Vec::new();
-    for item in trie.iter() {
-        let (k, v) = item?;
-        if let Ok(net) = Ipv4Net::new(key_ip(k.data()), k.prefix_len() as u8) {
-            out.push((net, key_ip(v.node_ip), v.vtep_mac));
-        }
-    }
-    out.sort();
-    Ok(out)
+    Ok(remotes_in(&trie)?
+        .into_iter()
+        .map(|(net, v)| (net, key_ip(v.node_ip), v.vtep_mac))
+        .collect())
 }
 
 /// The pinned endpoint map: pod IP → (host veth ifindex, pod MAC). For
@@ -647,13 +620,10 @@ pub fn read_endpoints(
 ) -> std::result::Result<Vec<(Ipv4Addr, u32, [u8; 6])>, aya::maps::MapError> {
     let data = MapData::from_pin(dir.join("maps").join(maps::ENDPOINTS))?;
     let map: HashMap<_, u32, Endpoint> = HashMap::try_from(Map::HashMap(data))?;
-    let mut out: Vec<_> = map
-        .iter()
-        .filter_map(|r| r.ok())
-        .map(|(k, v)| (key_ip(k), v.host_ifindex, v.pod_mac))
-        .collect();
-    out.sort();
-    Ok(out)
+    Ok(endpoints_in(&map)
+        .into_iter()
+        .map(|(ip, v)| (ip, v.host_ifindex, v.pod_mac))
+        .collect())
 }
 
 /// Interface indexes with a pinned pod link under `dir`.
