@@ -24,6 +24,7 @@ pub mod datapath;
 pub mod fsutil;
 pub mod mac;
 pub mod masq;
+pub mod metrics;
 pub mod netlink;
 pub mod reconcile;
 pub mod server;

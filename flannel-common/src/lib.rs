@@ -182,6 +182,15 @@ pub mod counters {
     pub fn index(name: &str) -> Option<u32> {
         NAMES.iter().position(|n| *n == name).map(|i| i as u32)
     }
+
+    /// The program that counts counter `index`.
+    pub fn program(index: u32) -> &'static str {
+        match index {
+            POD_LOCAL_REDIRECT..=POD_DROP_ENCAP_FAILED => super::programs::TC_FROM_POD,
+            XDP_DECAP..=XDP_DROP_ADJUST_FAILED => super::programs::XDP_UPLINK,
+            _ => super::programs::TC_UPLINK_INGRESS,
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -213,5 +222,17 @@ mod tests {
             assert_eq!(counters::index(name), Some(i as u32), "{name}");
         }
         assert_eq!(counters::index("no_such_counter"), None);
+    }
+
+    #[test]
+    fn every_counter_belongs_to_the_program_its_name_says() {
+        for (i, name) in counters::NAMES.iter().enumerate() {
+            let want = match name.split('_').next() {
+                Some("pod") => programs::TC_FROM_POD,
+                Some("xdp") => programs::XDP_UPLINK,
+                _ => programs::TC_UPLINK_INGRESS,
+            };
+            assert_eq!(counters::program(i as u32), want, "{name}");
+        }
     }
 }

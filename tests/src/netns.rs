@@ -69,3 +69,22 @@ pub fn link_packets(ns: &str, dev: &str) -> Result<(u64, u64)> {
     let get = |dir: &str| stats[dir]["packets"].as_u64().context("no packet counter");
     Ok((get("tx")?, get("rx")?))
 }
+
+/// `GET path` from inside `ns` to `addr` (HTTP/1.1, `Connection: close`):
+/// the whole response, status line and headers included.
+pub fn http_get(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<String> {
+    let path = path.to_string();
+    in_netns(ns, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+}

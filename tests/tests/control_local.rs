@@ -133,15 +133,11 @@ fn drift_is_repaired_and_masquerade_follows_flannel() {
     // The uplink found by --iface-regex on its address; healthz answers.
     assert_eq!(lab.nodes[0].status().unwrap().public_ip, "172.30.0.1");
     assert!(lab.agent_log(0).contains("eth0"));
-    let ns0 = lab.nodes[0].ns.clone();
-    let health = flannel_tests::netns::in_netns(&ns0, || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:10256")?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
+    let health = flannel_tests::netns::http_get(
+        &lab.nodes[0].ns,
+        "127.0.0.1:10256".parse().unwrap(),
+        "/healthz",
+    )
     .unwrap();
     assert!(
         health.starts_with("HTTP/1.1 200 OK") && health.ends_with("ok"),

@@ -72,6 +72,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("podman", "podman"),
     ("runc", "runc"),
     ("busybox-static", "dpkg:busybox-static"),
+    // The metrics tests check the text with promtool and scrape the lab's
+    // agents with a real Prometheus server.
+    ("prometheus", "promtool"),
 ];
 
 fn main() -> Result<()> {

@@ -4,7 +4,7 @@
 //! on a timer; each pass observes, computes the desired state, diffs and
 //! applies (see [`crate::reconcile`]). Every event only asks for a pass.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use anyhow::{anyhow, bail, Context};
 use flannel_common::VXLAN_ENCAP_LEN;
@@ -25,6 +25,7 @@ use crate::{
     config::NetConfig,
     datapath::{self, Active},
     mac::MacAddr,
+    metrics::Metrics,
     netlink::Netlink,
     reconcile::{
         self, desired::Ignored, diff::Op, observe::Devices, EbpfMode, Inputs, Node, Report,
@@ -52,12 +53,14 @@ struct Agent {
     ignored: BTreeMap<Ipv4Net, Ignored>,
     /// What this process last wrote to the masquerade table.
     masq_written: Option<reconcile::desired::MasqSpec>,
+    metrics: Arc<Metrics>,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("creating run directory {}", opts.run_dir.display()))?;
     let nl = Netlink::connect()?;
+    let metrics = Arc::new(Metrics::new());
 
     let store = store::retry("connecting to the lease store", || {
         store::connect(&opts.store, opts.timing)
@@ -65,7 +68,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     .await;
     // A bad config is refused at once; a store that has none yet is waited for.
     let cfg = loop {
-        match store::network_config(&store, &opts.net_config_path).await {
+        let read = store::network_config(&store, &opts.net_config_path);
+        match store::counted(&metrics, store.name(), "config", read).await {
             Ok(cfg) => break cfg,
             Err(err) if matches!(store, SubnetManager::Etcd(_)) && !is_config_error(&err) => {
                 tracing::warn!(err = %format!("{err:#}"), "waiting for the network config");
@@ -78,7 +82,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut public_ip = opts.public_ip;
     if let (None, SubnetManager::Kube(k)) = (public_ip, &store) {
         public_ip = store::retry("reading this node's node-public-ip", || async {
-            Ok(k.node_public_ip().await?)
+            Ok(store::counted(&metrics, "kube", "node", k.node_public_ip()).await?)
         })
         .await;
     }
@@ -92,9 +96,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let attrs = LeaseAttrs::vxlan(ip, cfg.backend.vni, vtep_mac);
     let previous = store::previous_subnet(&opts.subnet_file);
     let lease = store::retry("acquiring a subnet lease", || async {
-        Ok(store.acquire(&cfg, &attrs, previous).await?)
+        let acquire = store.acquire(&cfg, &attrs, previous);
+        Ok(store::counted(&metrics, store.name(), "acquire", acquire).await?)
     })
     .await;
+    metrics.renewed_now();
     tracing::info!(
         store = store.name(),
         uplink = %uplink.name,
@@ -119,7 +125,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         );
     }
 
-    let mut feed = store::spawn_watch(store.clone());
+    let mut feed = store::spawn_watch(store.clone(), metrics.clone());
     // The first full listing decides which remote state is stale; until it
     // arrives, whatever is programmed keeps forwarding.
     let first = feed
@@ -128,9 +134,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .map_err(|_| anyhow!("the lease watch stopped"))?
         .clone()
         .unwrap_or_default();
-    let mut fatal = store::spawn_renew(store.clone(), lease.clone(), opts.timing, feed.clone());
+    let mut fatal = store::spawn_renew(
+        store.clone(),
+        lease.clone(),
+        opts.timing,
+        feed.clone(),
+        metrics.clone(),
+    );
     let (pods, mut attached_rx) = Pods::load(opts.endpoints_file())?;
     let selected = datapath::select(opts.datapath, opts.xdp_mode, &opts.bpf_dir, &uplink)?;
+    let bpf_dir = matches!(selected.active, Active::Ebpf { .. }).then(|| opts.bpf_dir.clone());
+    metrics.set_datapath(selected.active.name(), selected.xdp_mode, bpf_dir);
 
     let mut agent = Agent {
         opts,
@@ -151,10 +165,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         remotes: 0,
         ignored: BTreeMap::new(),
         masq_written: None,
+        metrics,
     };
     // At start, devices and masquerading that cannot be set up are fatal,
     // as a bad config is: retrying would not fix them.
-    let report = agent.reconcile().await;
+    let report = agent.reconcile("start").await;
     if let Some((op, err)) = report
         .failed
         .iter()
@@ -182,10 +197,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         );
     }
     if let SubnetManager::Kube(k) = &agent.store {
-        let k = k.clone();
+        let (k, metrics) = (k.clone(), agent.metrics.clone());
         tokio::spawn(async move {
             store::retry("setting NetworkUnavailable=False", || async {
-                Ok(k.mark_network_available().await?)
+                let mark = k.mark_network_available();
+                Ok(store::counted(&metrics, "kube", "status", mark).await?)
             })
             .await
         });
@@ -201,7 +217,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the healthz port {addr}"))?;
-        tokio::spawn(server::http::serve(l));
+        tokio::spawn(server::http::serve(l, agent.metrics.clone()));
     }
 
     let mut tick = tokio::time::interval(agent.opts.resync);
@@ -212,8 +228,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     tracing::info!(socket = %socket.display(), subnet_file = %agent.opts.subnet_file.display(), "ready");
     let result = loop {
         tokio::select! {
-            _ = tick.tick() => { agent.reconcile().await; }
-            _ = hup.recv() => { agent.reconcile().await; }
+            _ = tick.tick() => { agent.reconcile("resync").await; }
+            _ = hup.recv() => { agent.reconcile("signal").await; }
             changed = agent.feed.changed() => {
                 if changed.is_err() {
                     break Err(anyhow!("the lease watch stopped"));
@@ -222,12 +238,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 if let Some(set) = set {
                     let started = Instant::now();
                     agent.leases = set;
-                    agent.reconcile().await;
+                    agent.reconcile("leases").await;
                     tracing::debug!(took = ?started.elapsed(), leases = agent.leases.len(), "lease change applied");
                 }
             }
-            Some((req, reply)) = rx.recv() => agent.handle(req, reply),
-            Some(done) = attached_rx.recv() => agent.pods.finish_add(agent.datapath.ebpf(), done),
+            Some((req, reply)) = rx.recv() => {
+                agent.handle(req, reply);
+                agent.publish_state();
+            }
+            Some(done) = attached_rx.recv() => {
+                agent.pods.finish_add(agent.datapath.ebpf(), done);
+                agent.publish_state();
+            }
             Some(err) = fatal.recv() => break Err(err),
             _ = term.recv() => break Ok(()),
             _ = int.recv() => break Ok(()),
@@ -260,6 +282,11 @@ impl Agent {
     }
 
     fn handle(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let reply = match &req {
+            Request::Add(_) => counted_reply(self.metrics.clone(), "add", reply),
+            Request::Del { .. } => counted_reply(self.metrics.clone(), "del", reply),
+            _ => reply,
+        };
         let resp = match req {
             Request::Status {} => Response {
                 status: Some(self.status()),
@@ -285,7 +312,27 @@ impl Agent {
 
     /// One full pass: observe, desired state, diff, apply. Failures are
     /// logged (naming their object) and reported; the next pass retries.
-    async fn reconcile(&mut self) -> Report {
+    /// `trigger` says what asked for it (`start`, `leases`, `api`,
+    /// `resync`, `signal`).
+    async fn reconcile(&mut self, trigger: &'static str) -> Report {
+        let started = Instant::now();
+        let report = self.pass().await;
+        self.metrics.pass(trigger, started.elapsed(), &report);
+        self.publish_state();
+        report
+    }
+
+    /// Leases, remotes and pods, as the gauges show them.
+    fn publish_state(&self) {
+        self.metrics.set_state(
+            self.leases.len(),
+            self.remotes,
+            self.ignored.len(),
+            self.pods.records().len(),
+        );
+    }
+
+    async fn pass(&mut self) -> Report {
         let vtep_name = format!("flannel.{}", self.cfg.backend.vni);
         let devices = Devices {
             bridge: &self.opts.bridge,
@@ -355,4 +402,22 @@ impl Agent {
         }
         report
     }
+}
+
+/// A reply channel that counts the answer and its latency as CNI
+/// request `op` before passing it on.
+fn counted_reply(
+    metrics: Arc<Metrics>,
+    op: &'static str,
+    reply: oneshot::Sender<Response>,
+) -> oneshot::Sender<Response> {
+    let (tx, rx) = oneshot::channel::<Response>();
+    let started = Instant::now();
+    tokio::spawn(async move {
+        if let Ok(resp) = rx.await {
+            metrics.cni_request(op, resp.ok, started.elapsed());
+            let _ = reply.send(resp);
+        }
+    });
+    tx
 }

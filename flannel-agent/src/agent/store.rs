@@ -8,6 +8,7 @@
 
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -17,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::NetConfig,
+    metrics::Metrics,
     subnet::{
         etcd::{EtcdOptions, EtcdStore},
         kube::{KubeOptions, KubeStore},
@@ -55,6 +57,18 @@ where
     }
 }
 
+/// Runs one call to the store, counting it (and its failure) as `op`.
+pub async fn counted<T, E>(
+    metrics: &Metrics,
+    store: &'static str,
+    op: &'static str,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let r = call.await;
+    metrics.store_call(store, op, r.is_ok());
+    r
+}
+
 pub async fn connect(opts: &StoreOptions, timing: LeaseTiming) -> anyhow::Result<SubnetManager> {
     Ok(match opts {
         StoreOptions::Local { dir } => SubnetManager::Local(LocalStore::open(dir, timing)?),
@@ -91,13 +105,15 @@ pub async fn network_config(
 
 /// Starts the task that lists and watches leases, for as long as the
 /// process lives.
-pub fn spawn_watch(store: SubnetManager) -> LeaseFeed {
+pub fn spawn_watch(store: SubnetManager, metrics: Arc<Metrics>) -> LeaseFeed {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let mut backoff = Backoff::default();
         loop {
             let started = Instant::now();
-            let Err(err) = store.watch(&tx).await else {
+            let result = counted(&metrics, store.name(), "watch", store.watch(&tx)).await;
+            metrics.watch_restarted(store.name());
+            let Err(err) = result else {
                 continue;
             };
             if started.elapsed() > Duration::from_secs(30) {
@@ -130,6 +146,7 @@ pub fn spawn_renew(
     mut lease: Lease,
     timing: LeaseTiming,
     mut feed: LeaseFeed,
+    metrics: Arc<Metrics>,
 ) -> Fatal {
     let (fatal_tx, fatal_rx) = mpsc::channel(1);
     tokio::spawn(async move {
@@ -156,7 +173,7 @@ pub fn spawn_renew(
                     tracing::warn!(subnet = %lease.subnet, "this node's lease is gone from the store; writing it back");
                 }
             }
-            match store.renew(&lease).await {
+            match counted(&metrics, store.name(), "renew", store.renew(&lease)).await {
                 Ok(l) => {
                     tracing::debug!(subnet = %l.subnet, "lease renewed");
                     lease = l;

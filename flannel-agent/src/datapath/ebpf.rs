@@ -626,6 +626,36 @@ pub fn read_endpoints(
         .collect())
 }
 
+/// Entries in each pinned map that grows with the cluster, against its
+/// capacity: (map, entries, capacity).
+pub fn read_occupancy(
+    dir: &Path,
+) -> std::result::Result<Vec<(&'static str, usize, u32)>, aya::maps::MapError> {
+    let pin = |name| MapData::from_pin(dir.join("maps").join(name));
+    let trie: LpmTrie<_, u32, RemoteNode> =
+        LpmTrie::try_from(Map::LpmTrie(pin(maps::REMOTE_SUBNETS)?))?;
+    let endpoints: HashMap<_, u32, Endpoint> =
+        HashMap::try_from(Map::HashMap(pin(maps::ENDPOINTS)?))?;
+    let vteps: HashMap<_, u32, Vtep> = HashMap::try_from(Map::HashMap(pin(maps::VTEPS)?))?;
+    Ok(vec![
+        (
+            maps::REMOTE_SUBNETS,
+            trie.keys().filter(|k| k.is_ok()).count(),
+            flannel_common::MAX_REMOTE_SUBNETS,
+        ),
+        (
+            maps::ENDPOINTS,
+            endpoints.keys().filter(|k| k.is_ok()).count(),
+            flannel_common::MAX_ENDPOINTS,
+        ),
+        (
+            maps::VTEPS,
+            vteps.keys().filter(|k| k.is_ok()).count(),
+            flannel_common::MAX_VTEPS,
+        ),
+    ])
+}
+
 /// Interface indexes with a pinned pod link under `dir`.
 pub fn read_pod_links(dir: &Path) -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir(dir.join("links")) else {

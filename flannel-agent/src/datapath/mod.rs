@@ -90,6 +90,9 @@ impl Active {
 pub struct Selected {
     pub active: Active,
     pub reason: String,
+    /// Where VXLAN is decapsulated: `native`, `generic` or `adopted` XDP,
+    /// `off` (TC), `none` (the kernel's `flannel.<VNI>`).
+    pub xdp_mode: &'static str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,11 +134,13 @@ pub fn select(
             Selected {
                 active: Active::Kernel,
                 reason: "requested with --datapath kernel".into(),
+                xdp_mode: "none",
             }
         }
         DatapathMode::Auto | DatapathMode::Ebpf => match start() {
             Ok((dp, xdp_mode, tc_decap)) => Selected {
                 active: Active::Ebpf { dp, tc_decap },
+                xdp_mode,
                 reason: if tc_decap {
                     format!("TC decap on {} (no XDP), TC on pod veths", uplink.name)
                 } else {
@@ -147,6 +152,7 @@ pub fn select(
                 Selected {
                     active: Active::Kernel,
                     reason: format!("eBPF unavailable: {err}"),
+                    xdp_mode: "none",
                 }
             }
             Err(err) => return Err(SelectError::Ebpf(err)),

@@ -1,29 +1,47 @@
-//! The agent's HTTP port: `GET /healthz` (and `/`) answer `200 ok` while
-//! the process runs.
+//! The agent's HTTP port (`--healthz-ip`, `--healthz-port`): `GET /healthz`
+//! (and `/`) answer `200 ok` while the process runs; `GET /metrics` the
+//! Prometheus text. Anything else is 404.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
 
-pub async fn serve(listener: TcpListener) {
+use crate::metrics::{Metrics, CONTENT_TYPE};
+
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n = s.read(&mut buf).await.unwrap_or(0);
             let req = String::from_utf8_lossy(&buf[..n]);
-            let reply = if req.starts_with("GET /healthz ") || req.starts_with("GET / ") {
-                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            let path = req
+                .strip_prefix("GET ")
+                .and_then(|r| r.split(' ').next())
+                .unwrap_or("");
+            let (status, content_type, body) = match path {
+                "/healthz" | "/" => ("200 OK", "text/plain", "ok".to_string()),
+                // Reading the pinned maps is a few thousand syscalls at
+                // 5,000 leases: off the agent's loop.
+                "/metrics" => match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                    Ok(text) => ("200 OK", CONTENT_TYPE, text),
+                    Err(_) => ("500 Internal Server Error", "text/plain", String::new()),
+                },
+                _ => ("404 Not Found", "text/plain", String::new()),
             };
-            let _ = s.write_all(reply.as_bytes()).await;
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(body.as_bytes()).await;
         });
     }
 }
