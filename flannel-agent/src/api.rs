@@ -28,10 +28,15 @@ pub struct EndpointRecord {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Add(EndpointRecord),
-    Del { ip: Ipv4Addr },
+    Del {
+        ip: Ipv4Addr,
+    },
     // Struct variants (not unit) so that unknown fields are refused here too.
     List {},
     Status {},
+    /// This node's state object by object: what the leases and pods ask
+    /// for beside what the kernel and the maps hold.
+    Inspect {},
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +58,65 @@ pub struct Status {
     pub ignored_leases: usize,
 }
 
+/// The answer to [`Request::Inspect`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inspect {
+    pub node: Status,
+    /// `flannel.<VNI>` and the bridge: `ok`, or what is wrong.
+    pub devices: Vec<Check>,
+    pub remotes: Vec<RemoteCheck>,
+    pub pods: Vec<PodCheck>,
+    /// Leases left out of the data path, with the reason.
+    pub ignored: Vec<Check>,
+    /// What the next reconcile pass would change (empty when in order).
+    pub pending: Vec<String>,
+    /// Data path counters, summed over CPUs (empty in kernel mode).
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// One object and its problems (none: in order).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub problems: Vec<String>,
+}
+
+/// A remote lease beside its entries in the BPF maps and the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteCheck {
+    pub subnet: String,
+    /// From the lease.
+    pub public_ip: String,
+    pub vtep_mac: String,
+    /// The remote-subnet map's entry: `<node IP> <VtepMAC>`; `None`
+    /// when absent (or on the kernel data path).
+    pub map: Option<String>,
+    /// Whether the node IP is in the known-VTEP map.
+    pub map_vtep: Option<bool>,
+    /// `onlink` route through `flannel.<VNI>`.
+    pub route: bool,
+    /// The permanent neighbour's MAC for the remote's gateway.
+    pub neighbour: Option<String>,
+    /// Where the FDB sends the remote's VtepMAC.
+    pub fdb: Option<String>,
+    pub problems: Vec<String>,
+}
+
+/// A registered pod beside its interface, map entry and program.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodCheck {
+    pub ip: String,
+    pub mac: String,
+    pub host_ifname: String,
+    pub ifindex: Option<u32>,
+    /// The endpoint map's entry: `ifindex <N> <MAC>`.
+    pub map: Option<String>,
+    /// `attached`, `pinned by an earlier agent`, `missing`, or `-` on the
+    /// kernel data path.
+    pub program: String,
+    pub problems: Vec<String>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
@@ -62,6 +126,8 @@ pub struct Response {
     pub endpoints: Option<Vec<EndpointRecord>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inspect: Option<Box<Inspect>>,
 }
 
 impl Response {
@@ -141,6 +207,7 @@ mod tests {
             ),
             (r#"{"op":"list"}"#, Request::List {}),
             (r#"{"op":"status"}"#, Request::Status {}),
+            (r#"{"op":"inspect"}"#, Request::Inspect {}),
         ];
         for (text, want) in table {
             assert_eq!(

@@ -27,5 +27,6 @@ pub mod masq;
 pub mod metrics;
 pub mod netlink;
 pub mod reconcile;
+pub mod render;
 pub mod server;
 pub mod subnet;

@@ -59,11 +59,28 @@ enum Cmd {
         #[arg(long, default_value = "/run/flannel/agent.sock")]
         socket: PathBuf,
     },
+    /// Show this node's state object by object: every remote lease beside
+    /// its BPF map entries and kernel route, neighbour and FDB entry, every
+    /// pod beside its interface, map entry and program; mismatches named.
+    Inspect {
+        #[arg(long, default_value = "/run/flannel/agent.sock")]
+        socket: PathBuf,
+        /// `table` (default) or `json`.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Remove this instance's pinned maps and links (stops the eBPF data path).
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/flannel")]
         bpf_dir: PathBuf,
     },
+}
+
+/// How a command prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 /// Where leases live.
@@ -312,6 +329,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Status { socket } => {
             let resp = api::call(&socket, &Request::Status {})?;
             println!("{}", serde_json::to_string_pretty(&resp.status)?);
+            Ok(())
+        }
+        Cmd::Inspect { socket, output } => {
+            let resp = api::call(&socket, &Request::Inspect {})?;
+            let inspect = resp.inspect.context("the agent sent no inspect answer")?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&inspect)?),
+                Output::Table => print!("{}", flannel_agent::render::inspect(&inspect)),
+            }
             Ok(())
         }
         Cmd::Cleanup { bpf_dir } => {

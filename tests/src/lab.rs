@@ -81,6 +81,8 @@ pub struct LabOptions {
     /// Agents install the plugin and their node's conflist into the
     /// node's own CNI directories (`--install-cni`).
     pub install_cni: bool,
+    /// `--resync-secs` (default 2).
+    pub resync_secs: Option<u64>,
 }
 
 /// A process the lab runs in one of its namespaces (etcd, say), killed
@@ -679,7 +681,8 @@ impl Lab {
             .arg(&node.run_dir)
             .arg("--cni-data-dir")
             .arg(node.cni_dir())
-            .args(["--resync-secs", "2"])
+            .arg("--resync-secs")
+            .arg(self.opts.resync_secs.unwrap_or(2).to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -775,17 +778,20 @@ impl Lab {
     /// agent holds no CPU or lock; it catches up on what changed when it
     /// continues.
     pub fn pause_agent(&self, i: usize, paused: bool) -> Result<()> {
+        if paused {
+            self.signal_agent(i, libc::SIGSTOP, "SIGSTOP")
+        } else {
+            self.signal_agent(i, libc::SIGCONT, "SIGCONT")
+        }
+    }
+
+    /// Sends signal `sig` (called `name` in errors) to node `i`'s agent.
+    pub fn signal_agent(&self, i: usize, sig: i32, name: &str) -> Result<()> {
         let pid = self.nodes[i].agent.as_ref().context("no agent")?.id();
-        let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
         // SAFETY: kill has no memory-safety preconditions.
         if unsafe { libc::kill(pid as i32, sig) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| {
-                format!(
-                    "sending {} to node {}'s agent (pid {pid})",
-                    if paused { "SIGSTOP" } else { "SIGCONT" },
-                    i + 1
-                )
-            });
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("sending {name} to node {}'s agent (pid {pid})", i + 1));
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ use super::{
     uplink, Options,
 };
 use crate::{
-    api::{Request, Response, Status},
+    api::{Inspect, Request, Response, Status},
     config::NetConfig,
     datapath::{self, Active},
     mac::MacAddr,
@@ -243,7 +243,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 }
             }
             Some((req, reply)) = rx.recv() => {
-                agent.handle(req, reply);
+                agent.handle(req, reply).await;
                 agent.publish_state();
             }
             Some(done) = attached_rx.recv() => {
@@ -281,7 +281,7 @@ impl Agent {
         }
     }
 
-    fn handle(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+    async fn handle(&mut self, req: Request, reply: oneshot::Sender<Response>) {
         let reply = match &req {
             Request::Add(_) => counted_reply(self.metrics.clone(), "add", reply),
             Request::Del { .. } => counted_reply(self.metrics.clone(), "del", reply),
@@ -295,6 +295,13 @@ impl Agent {
             Request::List {} => Response {
                 endpoints: Some(self.pods.records().values().cloned().collect()),
                 ..Response::ok()
+            },
+            Request::Inspect {} => match self.inspect().await {
+                Ok(i) => Response {
+                    inspect: Some(Box::new(i)),
+                    ..Response::ok()
+                },
+                Err(err) => Response::err(format!("{err:#}")),
             },
             // Answered once its TC program is attached.
             Request::Add(rec) => {
@@ -333,19 +340,7 @@ impl Agent {
     }
 
     async fn pass(&mut self) -> Report {
-        let vtep_name = format!("flannel.{}", self.cfg.backend.vni);
-        let devices = Devices {
-            bridge: &self.opts.bridge,
-            vtep: &vtep_name,
-        };
-        let observed = match reconcile::observe(
-            &self.nl,
-            self.datapath.ebpf(),
-            &devices,
-            self.masq_written,
-        )
-        .await
-        {
+        let observed = match self.observe().await {
             Ok(o) => o,
             Err(err) => {
                 tracing::warn!(%err, "reading the node's links and addresses; retrying at the next pass");
@@ -367,18 +362,7 @@ impl Agent {
         ) {
             tracing::warn!(err = %format!("{err:#}"), "reading the CNI plugin's records");
         }
-        let want = reconcile::desired(&Inputs {
-            node: &self.node,
-            cfg: &self.cfg,
-            bridge: &self.opts.bridge,
-            leases: &self.leases,
-            pods: self.pods.records(),
-            attaching: self.pods.attaching(),
-            ebpf: matches!(self.datapath, Active::Ebpf { .. }).then(|| EbpfMode {
-                tc_decap: self.datapath.tc_decap(),
-            }),
-            ip_masq: self.opts.ip_masq,
-        });
+        let want = self.desired();
         for (subnet, i) in &want.ignored {
             if !self.ignored.contains_key(subnet) {
                 tracing::warn!(%subnet, node = %i.node, why = %i.why, "ignoring a lease");
@@ -392,7 +376,7 @@ impl Agent {
             reconcile::Target {
                 nl: &self.nl,
                 dp: self.datapath.ebpf(),
-                vtep: observed.links.get(&vtep_name).map(|l| l.index),
+                vtep: observed.links.get(&want.vtep.link.name).map(|l| l.index),
                 masq_written: &mut self.masq_written,
             },
         )
@@ -401,6 +385,52 @@ impl Agent {
             tracing::warn!(err = %format!("{err:#}"), "saving pod records");
         }
         report
+    }
+
+    async fn observe(&mut self) -> Result<reconcile::Observed, crate::netlink::NetlinkError> {
+        let vtep = format!("flannel.{}", self.cfg.backend.vni);
+        let devices = Devices {
+            bridge: &self.opts.bridge,
+            vtep: &vtep,
+        };
+        reconcile::observe(&self.nl, self.datapath.ebpf(), &devices, self.masq_written).await
+    }
+
+    fn desired(&self) -> reconcile::Desired {
+        reconcile::desired(&Inputs {
+            node: &self.node,
+            cfg: &self.cfg,
+            bridge: &self.opts.bridge,
+            leases: &self.leases,
+            pods: self.pods.records(),
+            attaching: self.pods.attaching(),
+            ebpf: matches!(self.datapath, Active::Ebpf { .. }).then(|| EbpfMode {
+                tc_decap: self.datapath.tc_decap(),
+            }),
+            ip_masq: self.opts.ip_masq,
+        })
+    }
+
+    /// The node's state object by object, for `flannel-agent inspect`.
+    async fn inspect(&mut self) -> anyhow::Result<Inspect> {
+        let observed = self
+            .observe()
+            .await
+            .context("reading the node's links and addresses")?;
+        let counters = match self.datapath {
+            Active::Ebpf { .. } => datapath::ebpf::read_counters(&self.opts.bpf_dir)
+                .context("reading the data path counters")?
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            Active::Kernel => BTreeMap::new(),
+        };
+        Ok(reconcile::inspect::inspect(
+            self.status(),
+            &self.desired(),
+            &observed,
+            counters,
+        ))
     }
 }
 

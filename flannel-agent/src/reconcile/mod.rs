@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod desired;
 pub mod diff;
+pub mod inspect;
 pub mod observe;
 
 pub use apply::{apply, Report, Target};

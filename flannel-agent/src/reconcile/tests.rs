@@ -822,3 +822,73 @@ fn desired_state_from_node_config_and_leases() {
     w.ebpf = None;
     assert_eq!(w.want().maps, None);
 }
+
+#[test]
+fn inspect_names_every_disagreement() {
+    use super::inspect::inspect;
+    let w = World::new();
+    let i = inspect(Default::default(), &w.want(), &w.have, BTreeMap::new());
+    assert!(i.pending.is_empty(), "{:?}", i.pending);
+    assert_eq!(i.remotes.len(), 2);
+    assert_eq!(i.pods.len(), 2);
+    for r in &i.remotes {
+        assert!(r.problems.is_empty(), "{r:?}");
+        assert!(r.route && r.map_vtep == Some(true));
+        assert_eq!(r.neighbour.as_deref(), Some(r.vtep_mac.as_str()));
+        assert_eq!(r.fdb.as_deref(), Some(r.public_ip.as_str()));
+        assert_eq!(r.map, Some(format!("{} {}", r.public_ip, r.vtep_mac)));
+    }
+    for p in &i.pods {
+        assert!(p.problems.is_empty() && p.program == "attached", "{p:?}");
+    }
+    assert!(i.devices.iter().all(|d| d.problems.is_empty()));
+
+    // Break one of each: a route, a map entry, a VTEP, a neighbour, a
+    // pod's program, the VXLAN device's MTU.
+    let mut w = World::new();
+    w.entries()
+        .routes
+        .retain(|(d, _)| *d != net("10.244.2.0/24"));
+    w.entries().neighbours.insert(ip("10.244.3.0"), mac(0x99));
+    w.maps().remotes.remove(&net("10.244.3.0/24"));
+    w.maps().vteps.remove(&ip("10.0.0.2"));
+    w.maps().pod_links.insert(POD_B, false);
+    w.have.links.get_mut("flannel.1").unwrap().mtu = 1400;
+    let i = inspect(Default::default(), &w.want(), &w.have, BTreeMap::new());
+    let problems = |subnet: &str| {
+        i.remotes
+            .iter()
+            .find(|r| r.subnet == subnet)
+            .unwrap()
+            .problems
+            .clone()
+    };
+    assert_eq!(
+        problems("10.244.2.0/24"),
+        [
+            "kernel: no onlink route",
+            "map: 10.0.0.2 is not a known VTEP"
+        ]
+    );
+    assert_eq!(
+        problems("10.244.3.0/24"),
+        [
+            "kernel: neighbour 10.244.3.0 is 0e:00:00:00:00:99, the lease says 0e:00:00:00:00:33",
+            "map: entry is missing, the lease says 10.0.0.3 0e:00:00:00:00:33"
+        ]
+    );
+    let b = i.pods.iter().find(|p| p.ip == "10.244.1.3").unwrap();
+    assert_eq!(b.problems, ["tc_from_pod: pinned by an earlier agent"]);
+    assert_eq!(
+        i.devices
+            .iter()
+            .map(|d| (d.name.as_str(), d.problems.len()))
+            .collect::<Vec<_>>(),
+        [("cni0", 0), ("flannel.1", 1)]
+    );
+    assert_eq!(i.pending.len(), diff(&w.want(), &w.have).len());
+    assert!(i
+        .pending
+        .iter()
+        .any(|p| p == "ensure VXLAN device flannel.1"));
+}

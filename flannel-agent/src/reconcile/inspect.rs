@@ -1,0 +1,168 @@
+//! `flannel-agent inspect`: the desired and the observed state side by
+//! side, object by object, with every disagreement spelled out. Pure, like
+//! the diff it leans on for the devices and for what the next pass would
+//! change.
+
+use std::net::IpAddr;
+
+use super::{
+    desired::Desired,
+    diff::{diff, DeviceOp, Op},
+    observe::Observed,
+};
+use crate::{
+    api::{Check, Inspect, PodCheck, RemoteCheck, Status},
+    datapath::ebpf::key_ip,
+    mac::MacAddr,
+};
+
+/// The comparison; `node` and `counters` are passed through.
+pub fn inspect(
+    node: Status,
+    want: &Desired,
+    have: &Observed,
+    counters: std::collections::BTreeMap<String, u64>,
+) -> Inspect {
+    let ops = diff(want, have);
+    let device = |name: &str, wrong: bool| Check {
+        name: name.to_string(),
+        problems: if wrong {
+            vec!["not as configured: the next pass sets it up again".to_string()]
+        } else {
+            Vec::new()
+        },
+    };
+    let devices = vec![
+        device(
+            &want.bridge.name,
+            ops.iter()
+                .any(|o| matches!(o, Op::Device(DeviceOp::Bridge(_)))),
+        ),
+        device(
+            &want.vtep.link.name,
+            ops.iter()
+                .any(|o| matches!(o, Op::Device(DeviceOp::Vtep(_)))),
+        ),
+    ];
+    let remotes = want
+        .remotes
+        .values()
+        .map(|r| {
+            let mut c = RemoteCheck {
+                subnet: r.subnet.to_string(),
+                public_ip: r.public_ip.to_string(),
+                vtep_mac: r.vtep_mac.to_string(),
+                ..Default::default()
+            };
+            match &have.vtep {
+                None => c.problems.push("kernel entries could not be read".into()),
+                Some(e) => {
+                    c.route = e.routes.contains(&(r.subnet, true));
+                    c.neighbour = e
+                        .neighbours
+                        .get(&r.subnet.network())
+                        .map(MacAddr::to_string);
+                    let fdb: Vec<String> = e
+                        .fdb
+                        .iter()
+                        .filter(|(m, _)| *m == r.vtep_mac)
+                        .filter_map(|(_, d)| d.map(|d| d.to_string()))
+                        .collect();
+                    c.fdb = (!fdb.is_empty()).then(|| fdb.join(","));
+                    if !c.route {
+                        c.problems.push("kernel: no onlink route".into());
+                    }
+                    if c.neighbour.as_deref() != Some(c.vtep_mac.as_str()) {
+                        c.problems.push(format!(
+                            "kernel: neighbour {} is {}, the lease says {}",
+                            r.subnet.network(),
+                            c.neighbour.as_deref().unwrap_or("missing"),
+                            c.vtep_mac
+                        ));
+                    }
+                    if !e.fdb.contains(&(r.vtep_mac, Some(IpAddr::V4(r.public_ip)))) {
+                        c.problems.push(format!(
+                            "kernel: FDB sends {} to {}, the lease says {}",
+                            c.vtep_mac,
+                            c.fdb.as_deref().unwrap_or("nowhere"),
+                            c.public_ip
+                        ));
+                    }
+                }
+            }
+            if let (Some(maps), Some(seen)) = (&want.maps, &have.maps) {
+                let entry = seen.remotes.get(&r.subnet);
+                c.map = entry.map(|e| format!("{} {}", key_ip(e.node_ip), MacAddr(e.vtep_mac)));
+                c.map_vtep = Some(seen.vteps.contains(&r.public_ip));
+                if entry != maps.remotes.get(&r.subnet) {
+                    c.problems.push(format!(
+                        "map: entry is {}, the lease says {} {}",
+                        c.map.as_deref().unwrap_or("missing"),
+                        c.public_ip,
+                        c.vtep_mac
+                    ));
+                }
+                if c.map_vtep == Some(false) {
+                    c.problems
+                        .push(format!("map: {} is not a known VTEP", c.public_ip));
+                }
+            }
+            c
+        })
+        .collect();
+    let pods = want
+        .pods
+        .values()
+        .map(|p| {
+            let link = have.links.get(&p.host_ifname);
+            let mut c = PodCheck {
+                ip: p.ip.to_string(),
+                mac: p.mac.to_string(),
+                host_ifname: p.host_ifname.clone(),
+                ifindex: link.map(|l| l.index),
+                program: "-".into(),
+                ..Default::default()
+            };
+            if link.is_none() {
+                c.problems.push("host interface is gone".into());
+            }
+            if let (Some(_), Some(seen)) = (&want.maps, &have.maps) {
+                let entry = seen.endpoints.get(&p.ip);
+                c.map = entry.map(|e| format!("ifindex {} {}", e.host_ifindex, MacAddr(e.pod_mac)));
+                if entry.map(|e| (Some(e.host_ifindex), e.pod_mac)) != Some((c.ifindex, p.mac.0)) {
+                    c.problems.push(format!(
+                        "map: entry is {}",
+                        c.map.as_deref().unwrap_or("missing")
+                    ));
+                }
+                c.program = match c.ifindex.and_then(|i| seen.pod_links.get(&i)) {
+                    Some(true) => "attached",
+                    Some(false) => "pinned by an earlier agent",
+                    None => "missing",
+                }
+                .into();
+                if c.program != "attached" {
+                    c.problems.push(format!("tc_from_pod: {}", c.program));
+                }
+            }
+            c
+        })
+        .collect();
+    let ignored = want
+        .ignored
+        .iter()
+        .map(|(subnet, i)| Check {
+            name: format!("{subnet} (node {})", i.node),
+            problems: vec![i.why.clone()],
+        })
+        .collect();
+    Inspect {
+        node,
+        devices,
+        remotes,
+        pods,
+        ignored,
+        pending: ops.iter().map(Op::to_string).collect(),
+        counters,
+    }
+}
