@@ -8,7 +8,7 @@ use flannel_agent::{
     agent::{self, store::StoreOptions, Options},
     api::{self, EndpointRecord, Request},
     cni,
-    datapath::{ebpf, DatapathMode, XdpMode},
+    datapath::{ebpf, monitor::EventType, DatapathMode, XdpMode},
     mac::MacAddr,
     subnet::{etcd, kube, LeaseTiming},
 };
@@ -58,6 +58,28 @@ enum Cmd {
     Status {
         #[arg(long, default_value = "/run/flannel/agent.sock")]
         socket: PathBuf,
+    },
+    /// Stream the data path's drops and passes to the kernel as they
+    /// happen, with the reason, program, interface and addresses (inner
+    /// ones for VXLAN). Rate-limited in the kernel.
+    Monitor {
+        #[arg(long, default_value = "/sys/fs/bpf/flannel")]
+        bpf_dir: PathBuf,
+        /// Which verdicts: drops, passes to the kernel, or both.
+        #[arg(long = "type", value_enum, default_value_t = EventType::All)]
+        kind: EventType,
+        /// `table` (one line per event, the default) or `json` (JSON lines).
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Events per second per CPU the programs may send.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Events a CPU may send at once.
+        #[arg(long, default_value_t = 100)]
+        burst: u32,
+        /// Stop after this many events (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
     },
     /// Show this node's state object by object: every remote lease beside
     /// its BPF map entries and kernel route, neighbour and FDB entry, every
@@ -329,6 +351,44 @@ fn main() -> anyhow::Result<()> {
         Cmd::Status { socket } => {
             let resp = api::call(&socket, &Request::Status {})?;
             println!("{}", serde_json::to_string_pretty(&resp.status)?);
+            Ok(())
+        }
+        Cmd::Monitor {
+            bpf_dir,
+            kind,
+            output,
+            rate,
+            burst,
+            count,
+        } => {
+            static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            extern "C" fn on_signal(_: libc::c_int) {
+                STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                // SAFETY: the handler only stores to an atomic, which is
+                // async-signal-safe.
+                unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+            }
+            let mut seen = 0u64;
+            let stop = || STOP.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!("listening for {kind:?} events under {}", bpf_dir.display());
+            flannel_agent::datapath::monitor::stream(
+                &bpf_dir,
+                kind,
+                rate,
+                burst,
+                &stop,
+                &mut |ev| {
+                    let line = match output {
+                        Output::Json => serde_json::to_string(&ev).unwrap_or_default(),
+                        Output::Table => ev.line(),
+                    };
+                    println!("{line}");
+                    seen += 1;
+                    count == 0 || seen < count
+                },
+            )?;
             Ok(())
         }
         Cmd::Inspect { socket, output } => {

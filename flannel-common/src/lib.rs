@@ -14,8 +14,23 @@ pub mod maps {
     pub const ENDPOINTS: &str = "FLANNEL_ENDPOINTS";
     pub const VTEPS: &str = "FLANNEL_VTEPS";
     pub const COUNTERS: &str = "FLANNEL_COUNTERS";
+    /// Ring buffer of [`crate::Event`]s for `flannel-agent monitor`.
+    pub const EVENTS: &str = "FLANNEL_EVENTS";
+    /// [`crate::MonitorConfig`] at index 0: which events to send, how many.
+    pub const MONITOR: &str = "FLANNEL_MONITOR";
+    /// Per-CPU [`crate::MonitorState`] at index 0: the rate limiter.
+    pub const MONITOR_STATE: &str = "FLANNEL_MONITOR_STATE";
     /// Every map the agent pins, in the order it pins them.
-    pub const ALL: [&str; 5] = [CONFIG, REMOTE_SUBNETS, ENDPOINTS, VTEPS, COUNTERS];
+    pub const ALL: [&str; 8] = [
+        CONFIG,
+        REMOTE_SUBNETS,
+        ENDPOINTS,
+        VTEPS,
+        COUNTERS,
+        EVENTS,
+        MONITOR,
+        MONITOR_STATE,
+    ];
 }
 
 /// Program (function) names in the eBPF object.
@@ -105,6 +120,81 @@ pub struct Vtep {
     pub flags: u32,
 }
 
+/// Size of the event ring buffer (a power of two, whole pages).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// `MonitorConfig::mask` bits: which verdicts send an [`Event`].
+pub const MONITOR_DROP: u32 = 1;
+pub const MONITOR_PASS: u32 = 2;
+
+/// What `flannel-agent monitor` asks the programs for. All zero (the
+/// default): no events, and no cost beyond one map lookup on the verdicts
+/// that could send one (never on a redirect).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorConfig {
+    /// `MONITOR_*` bits.
+    pub mask: u32,
+    /// Events per second per CPU, on average.
+    pub rate: u32,
+    /// Events a CPU may send at once after a quiet spell.
+    pub burst: u32,
+    pub _pad: u32,
+}
+
+/// The per-CPU token bucket behind the rate limit, and what it did.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorState {
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
+    /// Tokens, in thousandths of an event.
+    pub tokens_milli: u64,
+    /// Events written to the ring buffer.
+    pub sent: u64,
+    /// Events the rate limit held back.
+    pub suppressed: u64,
+    /// Events lost because the ring buffer was full.
+    pub lost: u64,
+}
+
+/// `Event::flags`: which fields hold something.
+pub const EVENT_F_IPV4: u32 = 1;
+/// `sport`/`dport` are the outer (or only) TCP or UDP ports.
+pub const EVENT_F_L4: u32 = 2;
+/// The packet is VXLAN on our port: `vni` and the `inner_*` fields are set.
+pub const EVENT_F_VXLAN: u32 = 4;
+/// `inner_sport`/`inner_dport` are the inner TCP or UDP ports.
+pub const EVENT_F_INNER_L4: u32 = 8;
+
+/// One packet a program passed to the kernel or dropped, as it saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    /// The verdict: an index into `counters::NAMES`.
+    pub counter: u32,
+    /// The interface the packet arrived on.
+    pub ifindex: u32,
+    pub len: u32,
+    /// `EVENT_F_*` bits.
+    pub flags: u32,
+    /// Outer (or only) IPv4 addresses, network order bytes.
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub inner_proto: u8,
+    pub eth_type: u16,
+    pub inner_src: u32,
+    pub inner_dst: u32,
+    pub inner_sport: u16,
+    pub inner_dport: u16,
+    pub vni: u32,
+    pub _pad: u64,
+}
+
 /// Per-CPU counters, one per verdict and per drop reason. The index is the
 /// position in the counter array; `NAMES` gives each a stable name.
 pub mod counters {
@@ -183,6 +273,21 @@ pub mod counters {
         NAMES.iter().position(|n| *n == name).map(|i| i as u32)
     }
 
+    /// What kind of event counter `index` sends to the monitor: 0 (none:
+    /// the packet was handled), `MONITOR_DROP` or `MONITOR_PASS`.
+    #[inline(always)]
+    pub const fn event_kind(index: u32) -> u32 {
+        match index {
+            POD_DROP_ENCAP_FAILED
+            | XDP_DROP_ADJUST_FAILED
+            | UPLINK_DROP_REDIRECT_FAILED
+            | UPLINK_DROP_DECAP_FAILED => super::MONITOR_DROP,
+            POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | XDP_DECAP
+            | UPLINK_REDIRECT | UPLINK_DECAP => 0,
+            _ => super::MONITOR_PASS,
+        }
+    }
+
     /// The program that counts counter `index`.
     pub fn program(index: u32) -> &'static str {
         match index {
@@ -201,6 +306,9 @@ mod pod_impls {
     unsafe impl aya::Pod for super::RemoteNode {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Vtep {}
+    unsafe impl aya::Pod for super::MonitorConfig {}
+    unsafe impl aya::Pod for super::MonitorState {}
+    unsafe impl aya::Pod for super::Event {}
 }
 
 #[cfg(test)]
@@ -214,6 +322,9 @@ mod tests {
         assert_eq!(size_of::<RemoteNode>(), 12);
         assert_eq!(size_of::<Endpoint>(), 12);
         assert_eq!(size_of::<Vtep>(), 4);
+        assert_eq!(size_of::<MonitorConfig>(), 16);
+        assert_eq!(size_of::<MonitorState>(), 40);
+        assert_eq!(size_of::<Event>(), 64);
     }
 
     #[test]
@@ -233,6 +344,14 @@ mod tests {
                 _ => programs::TC_UPLINK_INGRESS,
             };
             assert_eq!(counters::program(i as u32), want, "{name}");
+            let kind = if name.contains("_drop_") {
+                MONITOR_DROP
+            } else if name.contains("_pass") {
+                MONITOR_PASS
+            } else {
+                0
+            };
+            assert_eq!(counters::event_kind(i as u32), kind, "{name}");
         }
     }
 }

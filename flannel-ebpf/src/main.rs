@@ -15,6 +15,7 @@
 #![no_std]
 #![no_main]
 
+mod monitor;
 mod parse;
 
 use aya_ebpf::{
@@ -80,6 +81,13 @@ fn config() -> Option<&'static Config> {
     Some(cfg)
 }
 
+/// The VXLAN port, for describing packets to the monitor (0 before the
+/// agent has written the config).
+#[inline(always)]
+fn vxlan_port() -> u16 {
+    CONFIG.get(0).map_or(0, |c| c.udp_port)
+}
+
 // ---------------------------------------------------------------------------
 // tc_from_pod
 // ---------------------------------------------------------------------------
@@ -88,6 +96,7 @@ fn config() -> Option<&'static Config> {
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
     let (action, counter) = from_pod(&ctx);
     count(counter);
+    monitor::report(&ctx, counter, vxlan_port());
     action
 }
 
@@ -239,6 +248,7 @@ fn encap(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, remote: &RemoteNode) -> (i
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     let (action, counter) = uplink(&ctx);
     count(counter);
+    monitor::report(&ctx, counter, vxlan_port());
     action
 }
 
@@ -337,6 +347,7 @@ fn uplink(ctx: &XdpContext) -> (u32, u32) {
 pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
     let (action, counter) = uplink_ingress(&ctx);
     count(counter);
+    monitor::report(&ctx, counter, vxlan_port());
     action
 }
 

@@ -5,6 +5,7 @@
 //! why.
 
 pub mod ebpf;
+pub mod monitor;
 
 use std::path::{Path, PathBuf};
 
