@@ -172,6 +172,11 @@ impl Metrics {
             .set(1);
         r.register("flannel_build_info", "The agent's version", build);
         r.register_collector(Box::new(ScrapeCollector(scraped)));
+        // Every kind starts at zero, so that a rate over errors exists
+        // before the first one.
+        for kind in crate::reconcile::Op::KINDS {
+            let _ = m.errors.get_or_create(&[("kind", kind)]);
+        }
         m
     }
 
@@ -227,8 +232,9 @@ impl Metrics {
     pub fn store_call(&self, store: &'static str, op: &'static str, ok: bool) {
         let labels = [("store", store), ("op", op)];
         self.store_requests.get_or_create(&labels).inc();
+        let errors = self.store_errors.get_or_create(&labels);
         if !ok {
-            self.store_errors.get_or_create(&labels).inc();
+            errors.inc();
         }
         if ok && op == "renew" {
             self.renewed_now();
@@ -242,6 +248,11 @@ impl Metrics {
             .unwrap_or_default()
             .as_secs();
         self.scraped.renewed_at.store(now, Ordering::Relaxed);
+    }
+
+    /// The lease watch of `store` runs (its restart count starts at 0).
+    pub fn watch_started(&self, store: &'static str) {
+        let _ = self.watch_restarts.get_or_create(&[("store", store)]);
     }
 
     pub fn watch_restarted(&self, store: &'static str) {

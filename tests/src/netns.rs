@@ -79,10 +79,9 @@ pub fn http_get(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<Stri
         let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
             .with_context(|| format!("connecting to {addr}"))?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
+        // One write: a server that reads once still sees the whole request.
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes())?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)

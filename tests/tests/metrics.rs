@@ -155,7 +155,10 @@ fn metrics_pass_promtool_and_a_prometheus_server_scrapes_them() -> Result<()> {
             format!("--web.listen-address={listen}"),
         ],
     )?;
-    let query = "/api/v1/query?query=rate(flannel_datapath_packets_total%7Bverdict%3D%22pod_encap_redirect%22%7D%5B5s%5D)";
+    let query = format!(
+        "/api/v1/query?query={}",
+        url_encode(r#"rate(flannel_datapath_packets_total{verdict="pod_encap_redirect"}[5s])"#)
+    );
     let mut last = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -166,7 +169,7 @@ fn metrics_pass_promtool_and_a_prometheus_server_scrapes_them() -> Result<()> {
         // Traffic both ways: echo requests and replies are encapsulated
         // on both nodes.
         lab.ping((0, 0), to, 10, 56)?;
-        let Ok(resp) = http_get(&fabric, listen, query) else {
+        let Ok(resp) = http_get(&fabric, listen, &query) else {
             std::thread::sleep(Duration::from_millis(500));
             continue;
         };
@@ -186,6 +189,8 @@ fn metrics_pass_promtool_and_a_prometheus_server_scrapes_them() -> Result<()> {
             break;
         }
     }
+    dashboard_queries_work(&lab, listen, &scrape(&lab, 0)?)?;
+
     // Kernel-only mode: no data path families, the rest as on eBPF.
     let text = scrape(&lab, 2)?;
     promtool_accepts(&text)?;
@@ -202,4 +207,67 @@ fn metrics_pass_promtool_and_a_prometheus_server_scrapes_them() -> Result<()> {
         assert_eq!(sample(&text, series), Some(want), "{series} in:\n{text}");
     }
     Ok(())
+}
+
+/// Every metric the shipped Grafana dashboard queries is one the agent
+/// serves, and every query is valid PromQL that the lab's Prometheus runs.
+fn dashboard_queries_work(lab: &Lab, prometheus: SocketAddr, text: &str) -> Result<()> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/monitoring/grafana-dashboard.json"
+    );
+    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .context("dashboard has no panels")?
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(String::from))
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let mut names = std::collections::BTreeSet::new();
+    for e in &exprs {
+        for (at, _) in e.match_indices("flannel_") {
+            let name: String = e[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.insert(name);
+        }
+    }
+    for name in &names {
+        // A sample, or at least the family (an error counter with no
+        // error yet has no sample).
+        let family = name.trim_end_matches("_bucket");
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{name}{{"))
+                || l.starts_with(&format!("{name} "))
+                || l == format!("# TYPE {family} counter")
+                || l.starts_with(&format!("# TYPE {family} "))),
+            "the dashboard queries {name}, which /metrics does not serve:\n{text}"
+        );
+    }
+    for e in &exprs {
+        let q = e
+            .replace("$instance", ".*")
+            .replace("$__rate_interval", "10s");
+        let url = format!("/api/v1/query?query={}", url_encode(&q));
+        let resp = http_get(&lab.fabric, prometheus, &url)?;
+        let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value =
+            serde_json::from_str(body).with_context(|| format!("answer to {q}: {resp}"))?;
+        assert_eq!(v["status"], "success", "{q}: {body}");
+    }
+    Ok(())
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

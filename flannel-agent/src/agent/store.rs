@@ -107,6 +107,7 @@ pub async fn network_config(
 /// process lives.
 pub fn spawn_watch(store: SubnetManager, metrics: Arc<Metrics>) -> LeaseFeed {
     let (tx, rx) = watch::channel(None);
+    metrics.watch_started(store.name());
     tokio::spawn(async move {
         let mut backoff = Backoff::default();
         loop {

@@ -88,6 +88,19 @@ pub enum MapOp {
 }
 
 impl Op {
+    /// Every value [`Op::kind`] takes.
+    pub const KINDS: [&'static str; 9] = [
+        "device",
+        "remote",
+        "route",
+        "neighbour",
+        "fdb",
+        "masquerade",
+        "map_entry",
+        "pod_link",
+        "pod_record",
+    ];
+
     /// The kind of object the operation changes, for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

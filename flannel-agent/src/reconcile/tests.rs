@@ -892,3 +892,20 @@ fn inspect_names_every_disagreement() {
         .iter()
         .any(|p| p == "ensure VXLAN device flannel.1"));
 }
+
+#[test]
+fn every_operation_kind_is_listed() {
+    let w = World::new();
+    let mut ops: Vec<Op> = ROWS
+        .iter()
+        .flat_map(|(_, setup, _)| {
+            let mut w = World::new();
+            setup(&mut w);
+            diff(&w.want(), &w.have)
+        })
+        .collect();
+    ops.push(Op::Device(DeviceOp::Bridge(w.want().bridge)));
+    for op in ops {
+        assert!(Op::KINDS.contains(&op.kind()), "{op}: {}", op.kind());
+    }
+}

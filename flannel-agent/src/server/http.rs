@@ -19,9 +19,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = s.read(&mut buf).await.unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
+            let Some(req) = read_head(&mut s).await else {
+                return;
+            };
             let path = req
                 .strip_prefix("GET ")
                 .and_then(|r| r.split(' ').next())
@@ -44,4 +44,26 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             let _ = s.write_all(body.as_bytes()).await;
         });
     }
+}
+
+/// Largest request head read; longer requests are answered as they stand.
+const MAX_HEAD: usize = 8192;
+
+/// Reads the request line and headers (up to the blank line), however
+/// the client's writes were split, within [`MAX_HEAD`] bytes and 5 s.
+async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(1024);
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_HEAD {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
 }
