@@ -37,6 +37,36 @@ pub enum Request {
     /// This node's state object by object: what the leases and pods ask
     /// for beside what the kernel and the maps hold.
     Inspect {},
+    /// The path a packet from `src` to `dst` takes on this node.
+    Trace {
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        /// `tcp`, `udp` or `icmp` (default `udp`).
+        #[serde(default)]
+        proto: Option<String>,
+        #[serde(default)]
+        dport: Option<u16>,
+    },
+}
+
+/// The answer to [`Request::Trace`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trace {
+    /// What happens, in order.
+    pub steps: Vec<Step>,
+    /// Counters on this node of which one must move for the packet to
+    /// have taken this path.
+    pub expect: Vec<String>,
+    /// Where a live probe can be sent from: `pod` (the source pod's
+    /// namespace), `node` (this node) or `none` (another node's pod).
+    pub probe_from: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Where it happens: a program, `kernel`, or another node.
+    pub at: String,
+    pub what: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +158,8 @@ pub struct Response {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inspect: Option<Box<Inspect>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Trace>,
 }
 
 impl Response {
@@ -208,6 +240,15 @@ mod tests {
             (r#"{"op":"list"}"#, Request::List {}),
             (r#"{"op":"status"}"#, Request::Status {}),
             (r#"{"op":"inspect"}"#, Request::Inspect {}),
+            (
+                r#"{"op":"trace","src":"10.244.1.2","dst":"10.244.2.3","dport":80}"#,
+                Request::Trace {
+                    src: "10.244.1.2".parse().unwrap(),
+                    dst: "10.244.2.3".parse().unwrap(),
+                    proto: None,
+                    dport: Some(80),
+                },
+            ),
         ];
         for (text, want) in table {
             assert_eq!(

@@ -81,6 +81,31 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         count: u64,
     },
+    /// Explain the path a packet from SRC to DST takes on this node, step
+    /// by step, from the maps and the kernel as they are now; `--live`
+    /// sends a probe and shows which counters it moved.
+    Trace {
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        /// `udp` (default), `tcp` or `icmp`.
+        #[arg(long, default_value = "udp", value_parser = ["udp", "tcp", "icmp"])]
+        proto: String,
+        #[arg(long)]
+        dport: Option<u16>,
+        /// Send a probe from SRC (a pod of this node, or this node) and
+        /// confirm the path with the counters.
+        #[arg(long)]
+        live: bool,
+        #[arg(long, default_value = "/run/flannel/agent.sock")]
+        socket: PathBuf,
+        #[arg(long, default_value = "/sys/fs/bpf/flannel")]
+        bpf_dir: PathBuf,
+        /// The CNI plugin's dataDir, where a pod's namespace is recorded.
+        #[arg(long, default_value = cni::conf::DEFAULT_DATA_DIR)]
+        cni_data_dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Show this node's state object by object: every remote lease beside
     /// its BPF map entries and kernel route, neighbour and FDB entry, every
     /// pod beside its interface, map entry and program; mismatches named.
@@ -391,6 +416,51 @@ fn main() -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        Cmd::Trace {
+            src,
+            dst,
+            proto,
+            dport,
+            live,
+            socket,
+            bpf_dir,
+            cni_data_dir,
+            output,
+        } => {
+            let resp = api::call(
+                &socket,
+                &Request::Trace {
+                    src,
+                    dst,
+                    proto: Some(proto.clone()),
+                    dport,
+                },
+            )?;
+            let trace = resp.trace.context("the agent sent no trace")?;
+            let live = if live {
+                Some(probe(
+                    &trace,
+                    &bpf_dir,
+                    &cni_data_dir,
+                    &proto,
+                    src,
+                    dst,
+                    dport,
+                )?)
+            } else {
+                None
+            };
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"trace": trace, "live": live})
+                    )?
+                ),
+                Output::Table => print!("{}", flannel_agent::render::trace(&trace, live.as_ref())),
+            }
+            Ok(())
+        }
         Cmd::Inspect { socket, output } => {
             let resp = api::call(&socket, &Request::Inspect {})?;
             let inspect = resp.inspect.context("the agent sent no inspect answer")?;
@@ -404,4 +474,56 @@ fn main() -> anyhow::Result<()> {
             ebpf::remove_pins(&bpf_dir).with_context(|| format!("removing {}", bpf_dir.display()))
         }
     }
+}
+
+/// Sends the probe from where the trace says it can be sent and returns
+/// which counters moved, and whether one the trace expects did.
+fn probe(
+    trace: &api::Trace,
+    bpf_dir: &std::path::Path,
+    cni_data_dir: &std::path::Path,
+    proto: &str,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: Option<u16>,
+) -> anyhow::Result<flannel_agent::render::Live> {
+    let netns = match trace.probe_from.as_str() {
+        "pod" => {
+            let (records, _) = cni::record::list(cni_data_dir);
+            let rec = records
+                .into_iter()
+                .find(|r| r.ip.addr() == src)
+                .with_context(|| {
+                    format!(
+                        "no CNI record for pod {src} under {}",
+                        cni_data_dir.display()
+                    )
+                })?;
+            Some(PathBuf::from(rec.netns))
+        }
+        "node" => None,
+        _ => anyhow::bail!("{src} is not on this node: run the live trace on the node it is on"),
+    };
+    let counters = || -> std::collections::BTreeMap<String, u64> {
+        ebpf::read_counters(bpf_dir)
+            .map(|c| c.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+            .unwrap_or_default()
+    };
+    let before = counters();
+    flannel_agent::datapath::probe::send(netns, proto, dst, dport)
+        .with_context(|| format!("sending a {proto} probe to {dst}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let after = counters();
+    let moved: std::collections::BTreeMap<String, u64> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect();
+    Ok(flannel_agent::render::Live {
+        confirmed: trace.expect.iter().any(|c| moved.contains_key(c)),
+        counters: !after.is_empty(),
+        moved,
+    })
 }

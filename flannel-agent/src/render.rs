@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::api::{Check, Inspect};
+use crate::api::{Check, Inspect, Trace};
 
 /// Columns padded to their widest cell.
 fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
@@ -138,6 +138,52 @@ pub fn inspect(i: &Inspect) -> String {
     if !counters.is_empty() {
         let _ = writeln!(out);
         table(&mut out, &["COUNTER", "PACKETS"], &counters);
+    }
+    out
+}
+
+/// What a live probe showed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Live {
+    /// Counters that moved while the probe went, and by how much.
+    pub moved: std::collections::BTreeMap<String, u64>,
+    /// One of the counters the trace expects moved.
+    pub confirmed: bool,
+    /// The node has counters at all (not on the kernel data path).
+    pub counters: bool,
+}
+
+pub fn trace(t: &Trace, live: Option<&Live>) -> String {
+    let mut out = String::new();
+    for (i, s) in t.steps.iter().enumerate() {
+        let _ = writeln!(out, "{:>2}. [{}] {}", i, s.at, s.what);
+    }
+    if !t.expect.is_empty() {
+        let _ = writeln!(out, "expect: {}", t.expect.join(" or "));
+    }
+    if let Some(l) = live {
+        if !l.counters {
+            let _ = writeln!(
+                out,
+                "live: probe sent; the kernel data path has no counters to confirm it"
+            );
+        } else {
+            let moved: Vec<String> = l.moved.iter().map(|(k, v)| format!("{k} +{v}")).collect();
+            let _ = writeln!(
+                out,
+                "live: {} (moved: {})",
+                if l.confirmed {
+                    "confirmed"
+                } else {
+                    "NOT confirmed"
+                },
+                if moved.is_empty() {
+                    "nothing".into()
+                } else {
+                    moved.join(", ")
+                }
+            );
+        }
     }
     out
 }

@@ -296,6 +296,28 @@ impl Agent {
                 endpoints: Some(self.pods.records().values().cloned().collect()),
                 ..Response::ok()
             },
+            Request::Trace {
+                src,
+                dst,
+                proto,
+                dport,
+            } => match self.observe().await {
+                Ok(observed) => Response {
+                    trace: Some(reconcile::trace::trace(
+                        &self.desired(),
+                        &observed,
+                        self.node.ip,
+                        &reconcile::trace::Query {
+                            src,
+                            dst,
+                            proto: proto.unwrap_or_else(|| "udp".into()),
+                            dport,
+                        },
+                    )),
+                    ..Response::ok()
+                },
+                Err(err) => Response::err(format!("reading the node's links and addresses: {err}")),
+            },
             Request::Inspect {} => match self.inspect().await {
                 Ok(i) => Response {
                     inspect: Some(Box::new(i)),

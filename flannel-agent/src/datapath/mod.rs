@@ -6,6 +6,7 @@
 
 pub mod ebpf;
 pub mod monitor;
+pub mod probe;
 
 use std::path::{Path, PathBuf};
 

@@ -12,6 +12,7 @@ pub mod desired;
 pub mod diff;
 pub mod inspect;
 pub mod observe;
+pub mod trace;
 
 pub use apply::{apply, Report, Target};
 pub use desired::{desired, Desired, EbpfMode, Inputs, Node};
