@@ -390,10 +390,19 @@ fn main() -> anyhow::Result<()> {
             extern "C" fn on_signal(_: libc::c_int) {
                 STOP.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                // SAFETY: the handler only stores to an atomic, which is
-                // async-signal-safe.
-                unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+            // SAFETY: sigset and handler set-up on this thread before any
+            // other runs; the handler only stores to an atomic, which is
+            // async-signal-safe.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+                    libc::sigaddset(&mut set, sig);
+                }
+                // A parent may have blocked them (a mask survives exec):
+                // the monitor must still stop, and turn events off, on them.
+                libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
             }
             let mut seen = 0u64;
             let stop = || STOP.load(std::sync::atomic::Ordering::Relaxed);

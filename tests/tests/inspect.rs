@@ -147,5 +147,16 @@ fn inspect_shows_maps_and_kernel_side_by_side_and_names_mismatches() -> Result<(
     assert!(k.remotes.iter().all(|r| r.map.is_none() && r.route));
     assert_eq!(k.pods.len(), 1);
     assert_eq!(k.pods[0].program, "-");
+    // The monitor says why it has nothing to show there.
+    let out = command_in_netns(agent_bin()?, &lab.nodes[2].ns)?
+        .arg("monitor")
+        .arg("--bpf-dir")
+        .arg(&lab.nodes[2].bpf_dir)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("on the kernel data path no program runs"),
+        "{err}"
+    );
     Ok(())
 }

@@ -25,10 +25,19 @@ pub enum MonitorError {
     },
     #[error("waiting for events: {0}")]
     Poll(std::io::Error),
+    #[error(
+        "no eBPF data path is pinned under {0}: on the kernel data path no program runs, so \
+         there is nothing to monitor (`flannel-agent inspect` and /metrics still work)"
+    )]
+    NoDatapath(String),
 }
 
 fn pinned(dir: &Path, name: &'static str) -> Result<MapData, MonitorError> {
-    MapData::from_pin(dir.join("maps").join(name)).map_err(|source| MonitorError::Map {
+    let path = dir.join("maps").join(name);
+    if !dir.join("maps").exists() {
+        return Err(MonitorError::NoDatapath(dir.display().to_string()));
+    }
+    MapData::from_pin(&path).map_err(|source| MonitorError::Map {
         name,
         dir: dir.display().to_string(),
         source,

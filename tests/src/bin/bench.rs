@@ -394,7 +394,7 @@ struct Path {
     ip: Ipv4Addr,
 }
 
-fn data_path(o: &Opts) -> Result<(Value, Value)> {
+fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
     println!("building the lab: 2 eBPF nodes, 2 kernel-path nodes ...");
     let lab = Lab::new(&[
         NodeSpec::new(NodeKind::Ebpf, 2),
@@ -493,6 +493,7 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
             json!({"tcp1": stats(&t[k]), "rr1_p50": stats(&l[k])}),
         );
     }
+    let monitor_json = monitor_rounds(o, &lab, &iperf, &cross[0])?;
     // Which path the eBPF runs took, from the counters.
     let c0 = lab.nodes[0].counters()?;
     let c1 = lab.nodes[1].counters()?;
@@ -508,7 +509,57 @@ fn data_path(o: &Opts) -> Result<(Value, Value)> {
             "node2_uplink_redirect": c1["uplink_redirect"],
         }),
     );
-    Ok((Value::Object(cross_json), Value::Object(same_json)))
+    Ok((
+        Value::Object(cross_json),
+        Value::Object(same_json),
+        monitor_json,
+    ))
+}
+
+/// The eBPF cross-node path with `flannel-agent monitor --type all`
+/// running on both of its nodes against without, in paired rounds (off
+/// then on), for TCP 1 stream and UDP 64 B.
+fn monitor_rounds(o: &Opts, lab: &Lab, iperf: &Iperf, path: &Path) -> Result<Value> {
+    let mut runs: [[Vec<f64>; 2]; 2] = Default::default();
+    for run in 0..o.runs {
+        println!("monitor off/on round {}/{} ...", run + 1, o.runs);
+        for (on, slot) in runs.iter_mut().enumerate() {
+            let mut monitors = Vec::new();
+            if on == 1 {
+                for i in [0, 1] {
+                    let mut cmd =
+                        command_in_netns(flannel_tests::lab::agent_bin()?, &lab.nodes[i].ns)?;
+                    cmd.arg("monitor")
+                        .arg("--bpf-dir")
+                        .arg(&lab.nodes[i].bpf_dir)
+                        .args(["--type", "all", "-o", "json"])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null());
+                    monitors.push(cmd.spawn().context("starting flannel-agent monitor")?);
+                }
+                lab.wait_for(Duration::from_secs(10), "monitors on", |lab| {
+                    [0, 1].iter().all(|&i| {
+                        flannel_agent::datapath::monitor::config(&lab.nodes[i].bpf_dir)
+                            .is_ok_and(|c| c.mask != 0)
+                    })
+                })?;
+            }
+            slot[0].push(tcp(iperf, path, o.secs, 1, None)?.0);
+            slot[1].push(udp64(iperf, path, o.secs)?);
+            for mut m in monitors {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(m.id() as i32, libc::SIGINT) };
+                m.wait()?;
+            }
+        }
+    }
+    let (sent, suppressed, lost) = flannel_agent::datapath::monitor::totals(&lab.nodes[0].bpf_dir)?;
+    let side = |k: usize| json!({"tcp1": stats(&runs[k][0]), "udp64_kpps": stats(&runs[k][1])});
+    Ok(json!({
+        "off": side(0),
+        "on": side(1),
+        "node1_events": {"sent": sent, "suppressed": suppressed, "lost": lost},
+    }))
 }
 
 /// ns per packet for each program and verdict, each run checked by its
@@ -800,6 +851,12 @@ fn markdown(r: &Value) -> String {
         median(&sm["ebpf"]["tcp1"]), median(&sm["kernel"]["tcp1"]), pr("same_node_tcp1_ebpf_over_kernel".into()),
         median(&sm["ebpf"]["rr1_p50"]), median(&sm["kernel"]["rr1_p50"]), pr("same_node_rr1_p50_ebpf_over_kernel".into()),
     );
+    let mo = &r["monitor"];
+    s += &format!(
+        "\n| eBPF cross-node, `flannel-agent monitor --type all` on both nodes | off | on | on / off |\n|---|---|---|---|\n| TCP 1 stream (Gbit/s) | {:.2} | {:.2} | {} |\n| UDP 64 B (kpps received) | {:.0} | {:.0} | {} |\n",
+        median(&mo["off"]["tcp1"]), median(&mo["on"]["tcp1"]), pr("monitor_on_over_off_tcp1".into()),
+        median(&mo["off"]["udp64_kpps"]), median(&mo["on"]["udp64_kpps"]), pr("monitor_on_over_off_udp64_kpps".into()),
+    );
     s +=
         "\n| program (BPF_PROG_TEST_RUN, ns/packet) | 64 B | 512 B | 1450 B |\n|---|---|---|---|\n";
     for p in ["encap", "decap", "tc_decap", "local_redirect", "pass"] {
@@ -910,8 +967,8 @@ fn main() -> Result<()> {
         // One part on its own: its JSON only, beside (not over) a full report.
         let v = match part.as_str() {
             "data" => {
-                let (cross, same) = data_path(&o)?;
-                json!({"cross_node": cross, "same_node": same})
+                let (cross, same, monitor) = data_path(&o)?;
+                json!({"cross_node": cross, "same_node": same, "monitor": monitor})
             }
             "programs" => program_costs(&o)?,
             _ => control_plane(&o)?,
@@ -925,7 +982,7 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let (cross, same) = data_path(&o)?;
+    let (cross, same, monitor) = data_path(&o)?;
     println!("program costs ({} runs per case) ...", o.test_runs);
     let progs = program_costs(&o)?;
     println!("control plane ({:?} leases) ...", o.leases);
@@ -949,6 +1006,12 @@ fn main() -> Result<()> {
             paired(&same, metric, "ebpf", "kernel"),
         );
     }
+    for metric in ["tcp1", "udp64_kpps"] {
+        paired_ratios.insert(
+            format!("monitor_on_over_off_{metric}"),
+            paired(&monitor, metric, "on", "off"),
+        );
+    }
     let r = |k: &str| {
         paired_ratios
             .get(k)
@@ -965,6 +1028,8 @@ fn main() -> Result<()> {
         "cpu_per_gbit_max_ebpf_over_kernel": r("cpu_per_gbit_max_ebpf_over_kernel"),
         "udp64_ebpf_over_kernel": r("udp64_kpps_ebpf_over_kernel"),
         "same_node_tcp1_ebpf_over_kernel": r("same_node_tcp1_ebpf_over_kernel"),
+        "monitor_on_over_off_tcp1": r("monitor_on_over_off_tcp1"),
+        "monitor_on_over_off_udp64": r("monitor_on_over_off_udp64_kpps"),
     });
     let report = json!({
         "paired_ratios": paired_ratios,
@@ -976,6 +1041,7 @@ fn main() -> Result<()> {
         },
         "cross_node": cross,
         "same_node": same,
+        "monitor": monitor,
         "programs": progs,
         "control_plane": cp,
         "ratios": ratios,
