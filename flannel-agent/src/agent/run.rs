@@ -1,8 +1,9 @@
 //! Start-up, the event loop and shutdown. The agent gets this node's
 //! lease, picks the data path, then runs one reconcile pass at start,
-//! whenever the lease set changes, after every API change, on SIGHUP and
-//! on a timer; each pass observes, computes the desired state, diffs and
-//! applies (see [`crate::reconcile`]). Every event only asks for a pass.
+//! whenever the lease set changes, on SIGHUP and on a timer; each pass
+//! observes, computes the desired state, diffs and applies (see
+//! [`crate::reconcile`]). API calls add or remove their own pod at once
+//! and answer `status`, `inspect` and `trace` from a fresh observation.
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
@@ -301,23 +302,21 @@ impl Agent {
                 dst,
                 proto,
                 dport,
-            } => match self.observe().await {
-                Ok(observed) => Response {
-                    trace: Some(reconcile::trace::trace(
-                        &self.desired(),
-                        &observed,
-                        self.node.ip,
-                        &reconcile::trace::Query {
-                            src,
-                            dst,
-                            proto: proto.unwrap_or_else(|| "udp".into()),
-                            dport,
-                        },
-                    )),
-                    ..Response::ok()
-                },
-                Err(err) => Response::err(format!("reading the node's links and addresses: {err}")),
-            },
+            } => {
+                let q = reconcile::trace::Query {
+                    src,
+                    dst,
+                    proto: proto.unwrap_or_else(|| "udp".into()),
+                    dport,
+                };
+                match self.trace(&q).await {
+                    Ok(t) => Response {
+                        trace: Some(t),
+                        ..Response::ok()
+                    },
+                    Err(err) => Response::err(format!("{err:#}")),
+                }
+            }
             Request::Inspect {} => match self.inspect().await {
                 Ok(i) => Response {
                     inspect: Some(Box::new(i)),
@@ -431,6 +430,20 @@ impl Agent {
             }),
             ip_masq: self.opts.ip_masq,
         })
+    }
+
+    /// One packet's path on this node, for `flannel-agent trace`.
+    async fn trace(&mut self, q: &reconcile::trace::Query) -> anyhow::Result<crate::api::Trace> {
+        let observed = self
+            .observe()
+            .await
+            .context("reading the node's links and addresses")?;
+        Ok(reconcile::trace::trace(
+            &self.desired(),
+            &observed,
+            self.node.ip,
+            q,
+        ))
     }
 
     /// The node's state object by object, for `flannel-agent inspect`.
