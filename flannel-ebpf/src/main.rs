@@ -82,9 +82,10 @@ fn config() -> Option<&'static Config> {
 }
 
 /// The VXLAN port, for describing packets to the monitor (0 before the
-/// agent has written the config).
+/// agent has written the config). Read only once an event is to be sent,
+/// never on a redirect.
 #[inline(always)]
-fn vxlan_port() -> u16 {
+pub(crate) fn vxlan_port() -> u16 {
     CONFIG.get(0).map_or(0, |c| c.udp_port)
 }
 
@@ -96,7 +97,7 @@ fn vxlan_port() -> u16 {
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
     let (action, counter) = from_pod(&ctx);
     count(counter);
-    monitor::report(&ctx, counter, vxlan_port());
+    monitor::report(&ctx, counter);
     action
 }
 
@@ -248,7 +249,7 @@ fn encap(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, remote: &RemoteNode) -> (i
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     let (action, counter) = uplink(&ctx);
     count(counter);
-    monitor::report(&ctx, counter, vxlan_port());
+    monitor::report(&ctx, counter);
     action
 }
 
@@ -347,7 +348,7 @@ fn uplink(ctx: &XdpContext) -> (u32, u32) {
 pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
     let (action, counter) = uplink_ingress(&ctx);
     count(counter);
-    monitor::report(&ctx, counter, vxlan_port());
+    monitor::report(&ctx, counter);
     action
 }
 

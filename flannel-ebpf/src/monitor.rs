@@ -73,9 +73,10 @@ impl Bytes for XdpContext {
 }
 
 /// Sends an event for verdict `counter` if a monitor wants this kind and
-/// the rate limit allows; `vxlan_port` tells VXLAN from other UDP.
+/// the rate limit allows. A verdict that sends no event (every redirect)
+/// costs a few compares, no map lookup.
 #[inline(always)]
-pub fn report<B: Bytes>(b: &B, counter: u32, vxlan_port: u16) {
+pub fn report<B: Bytes>(b: &B, counter: u32) {
     let kind = event_kind(counter);
     if kind == 0 {
         return;
@@ -110,7 +111,7 @@ pub fn report<B: Bytes>(b: &B, counter: u32, vxlan_port: u16) {
         len: b.len(),
         ..Default::default()
     };
-    describe(b, &mut ev, vxlan_port);
+    describe(b, &mut ev, crate::vxlan_port());
     if EVENTS.output::<Event>(&ev, 0).is_ok() {
         st.sent += 1;
     } else {
