@@ -244,6 +244,10 @@ struct RunArgs {
     /// executable).
     #[arg(long)]
     cni_plugin: Option<PathBuf>,
+    /// A group (name or number) whose members may call the agent's socket
+    /// besides root (the socket is then 0660, else 0600).
+    #[arg(long)]
+    api_socket_group: Option<String>,
 }
 
 impl RunArgs {
@@ -273,6 +277,7 @@ impl RunArgs {
 
     fn options(self) -> anyhow::Result<Options> {
         let install_cni = self.install_spec()?;
+        let api_group = self.api_socket_group.as_deref().map(group_id).transpose()?;
         let mgr = if self.kube_subnet_mgr {
             SubnetMgr::Kube
         } else {
@@ -321,6 +326,7 @@ impl RunArgs {
             resync: Duration::from_secs(self.resync_secs.max(1)),
             cni_data_dir: self.cni_data_dir,
             install_cni,
+            api_group,
         })
     }
 }
@@ -535,4 +541,21 @@ fn probe(
         counters: !after.is_empty(),
         moved,
     })
+}
+
+/// A group's id from its name or number.
+fn group_id(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group)
+        .with_context(|| format!("--api-socket-group: {group:?} is not a group name"))?;
+    // SAFETY: getgrnam reads a valid C string; the result is read at once
+    // on this thread, before any other call that could reuse its buffer.
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        anyhow::bail!("--api-socket-group: no group {group:?} on this node");
+    }
+    // SAFETY: non-null result of getgrnam.
+    Ok(unsafe { (*gr).gr_gid })
 }

@@ -41,6 +41,8 @@ pub struct Options {
     pub cni_data_dir: PathBuf,
     /// Install the plugin and conflist once the node is ready.
     pub install_cni: Option<crate::cni::install::InstallSpec>,
+    /// Who besides root may call the API socket (`--api-socket-group`).
+    pub api_group: Option<u32>,
 }
 
 impl Options {

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context};
 use flannel_common::VXLAN_ENCAP_LEN;
 use ipnet::Ipv4Net;
 use tokio::{
-    net::{TcpListener, UnixListener},
+    net::TcpListener,
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
 };
@@ -209,11 +209,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     let socket = agent.opts.socket();
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)
-        .with_context(|| format!("binding the agent socket {}", socket.display()))?;
+    let access = server::socket::Access {
+        group: agent.opts.api_group,
+    };
+    let listener = server::socket::bind(&socket, access)?;
     let (tx, mut rx) = mpsc::channel::<ApiCall>(64);
-    tokio::spawn(server::socket::accept_loop(listener, tx));
+    tokio::spawn(server::socket::accept_loop(listener, tx, access));
     if let Some(addr) = agent.opts.healthz {
         let l = TcpListener::bind(addr)
             .await
