@@ -27,6 +27,7 @@ fn kube_store_end_to_end() {
         LabOptions {
             store: LabStore::Kube(fakekube::url()),
             before_agents: Some(fakekube::start_for_lab),
+            agent_args: vec!["--healthz-port".into(), "10256".into()],
             ..Default::default()
         },
     )
@@ -79,8 +80,21 @@ fn kube_store_end_to_end() {
         },
     )
     .unwrap();
+    // Alive, not ready: no lease yet.
+    let probe = |lab: &Lab, path: &str| {
+        flannel_tests::netns::http_get(&lab.nodes[n3].ns, "127.0.0.1:10256".parse().unwrap(), path)
+            .unwrap()
+    };
+    assert!(probe(&lab, "/healthz").starts_with("HTTP/1.1 200 OK"));
+    let readyz = probe(&lab, "/readyz");
+    assert!(readyz.starts_with("HTTP/1.1 503"), "{readyz}");
     fakekube::of(&lab).set_pod_cidr(&node_name(2), "10.244.13.0/24");
     lab.wait_agent(n3, Duration::from_secs(20)).unwrap();
+    let readyz = probe(&lab, "/readyz");
+    assert!(
+        readyz.starts_with("HTTP/1.1 200 OK") && readyz.ends_with("ready"),
+        "{readyz}"
+    );
     assert_eq!(lab.nodes[n3].subnet, net("10.244.13.0/24"));
     lab.wait_for(Duration::from_secs(10), "node 3 everywhere", |lab| {
         lab.holds(0, net("10.244.13.0/24")) && lab.holds(1, net("10.244.13.0/24"))

@@ -62,6 +62,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .with_context(|| format!("creating run directory {}", opts.run_dir.display()))?;
     let nl = Netlink::connect()?;
     let metrics = Arc::new(Metrics::new());
+    // Liveness and metrics from the first moment; readiness once the node
+    // can take pods.
+    let readiness = Arc::new(server::http::Readiness::default());
+    if let Some(addr) = opts.healthz {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the healthz port {addr}"))?;
+        tokio::spawn(server::http::serve(l, metrics.clone(), readiness.clone()));
+    }
 
     let store = store::retry("connecting to the lease store", || {
         store::connect(&opts.store, opts.timing)
@@ -215,12 +224,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let listener = server::socket::bind(&socket, access)?;
     let (tx, mut rx) = mpsc::channel::<ApiCall>(64);
     tokio::spawn(server::socket::accept_loop(listener, tx, access));
-    if let Some(addr) = agent.opts.healthz {
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the healthz port {addr}"))?;
-        tokio::spawn(server::http::serve(l, agent.metrics.clone()));
-    }
+    readiness.set_ready();
 
     let mut tick = tokio::time::interval(agent.opts.resync);
     tick.tick().await;

@@ -1,8 +1,17 @@
-//! The agent's HTTP port (`--healthz-ip`, `--healthz-port`): `GET /healthz`
-//! (and `/`) answer `200 ok` while the process runs; `GET /metrics` the
-//! Prometheus text. Anything else is 404.
+//! The agent's HTTP port (`--healthz-ip`, `--healthz-port`), open from the
+//! agent's first moment: `GET /healthz` (and `/`) answer `200 ok` while the
+//! process runs (a liveness probe); `GET /readyz` answers `200 ready` once
+//! the lease is held, the data path programmed and subnet.env written,
+//! `503` until then (a readiness probe); `GET /metrics` the Prometheus
+//! text. Anything else is 404.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -11,13 +20,27 @@ use tokio::{
 
 use crate::metrics::{Metrics, CONTENT_TYPE};
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+/// Whether the node is ready for pods, as `/readyz` says.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Readiness>) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let metrics = metrics.clone();
+        let (metrics, ready) = (metrics.clone(), ready.clone());
         tokio::spawn(async move {
             let Some(req) = read_head(&mut s).await else {
                 return;
@@ -28,6 +51,13 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 .unwrap_or("");
             let (status, content_type, body) = match path {
                 "/healthz" | "/" => ("200 OK", "text/plain", "ok".to_string()),
+                "/readyz" if ready.is_ready() => ("200 OK", "text/plain", "ready".to_string()),
+                "/readyz" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready: the lease, the data path or subnet.env is not in place yet"
+                        .to_string(),
+                ),
                 // Reading the pinned maps is a few thousand syscalls at
                 // 5,000 leases: off the agent's loop.
                 "/metrics" => match tokio::task::spawn_blocking(move || metrics.encode()).await {
