@@ -510,7 +510,8 @@ fn probe(
                 .find(|r| r.ip.addr() == src)
                 .with_context(|| {
                     format!(
-                        "no CNI record for pod {src} under {}",
+                        "no CNI record for pod {src} under {}: is it a pod of this node added by \
+                         the flannel plugin? (pass the plugin's dataDir as --cni-data-dir)",
                         cni_data_dir.display()
                     )
                 })?;
@@ -519,16 +520,19 @@ fn probe(
         "node" => None,
         _ => anyhow::bail!("{src} is not on this node: run the live trace on the node it is on"),
     };
-    let counters = || -> std::collections::BTreeMap<String, u64> {
-        ebpf::read_counters(bpf_dir)
-            .map(|c| c.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
-            .unwrap_or_default()
+    let counters = || {
+        ebpf::counters_by_name(bpf_dir).with_context(|| {
+            format!(
+                "reading the counters pinned under {} (pass --bpf-dir)",
+                bpf_dir.display()
+            )
+        })
     };
-    let before = counters();
+    let before = counters()?;
     flannel_agent::datapath::probe::send(netns, proto, dst, dport)
         .with_context(|| format!("sending a {proto} probe to {dst}"))?;
     std::thread::sleep(Duration::from_millis(300));
-    let after = counters();
+    let after = counters()?;
     let moved: std::collections::BTreeMap<String, u64> = after
         .iter()
         .filter_map(|(k, v)| {

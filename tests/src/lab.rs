@@ -102,13 +102,22 @@ pub fn command_in_netns(program: impl AsRef<std::ffi::OsStr>, ns: &str) -> Resul
     let file = std::fs::File::open(format!("/run/netns/{ns}"))
         .with_context(|| format!("opening netns {ns}"))?;
     let mut cmd = Command::new(program);
-    // SAFETY: only async-signal-safe setns between fork and exec. The
-    // closure owns the namespace file; it closes when the Command drops.
+    // SAFETY: only async-signal-safe calls (setns, sigprocmask) between
+    // fork and exec. The closure owns the namespace file; it closes when
+    // the Command drops.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // The run's signal thread blocks SIGINT/SIGTERM/SIGHUP here, and
+            // a mask survives exec: the lab's processes get them again.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
             Ok(())
         });
     }

@@ -94,6 +94,19 @@ fn with_verdict<'a>(events: &'a [Value], verdict: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["verdict"] == verdict).collect()
 }
 
+/// The single event of `verdict`, without its time, and with an interface
+/// index that names a real interface.
+fn the_one(events: &[Value], verdict: &str) -> Value {
+    let hits = with_verdict(events, verdict);
+    assert_eq!(hits.len(), 1, "{events:#?}");
+    let mut e = hits[0].clone();
+    let o = e.as_object_mut().unwrap();
+    o.remove("time_ns");
+    let ifindex = o.remove("ifindex").and_then(|v| v.as_u64());
+    assert!(ifindex.is_some_and(|i| i > 0), "{events:#?}");
+    e
+}
+
 #[test]
 fn monitor_reports_each_pass_with_its_reason_and_holds_the_rate() -> Result<()> {
     let lab = Lab::with(
@@ -124,30 +137,22 @@ fn monitor_reports_each_pass_with_its_reason_and_holds_the_rate() -> Result<()> 
     let short_sport = send_from(&node1_ns, to, vec![short])?;
     let events = stop_monitor(&lab, 0, mon)?;
 
-    let unknown = with_verdict(&events, "xdp_pass_unknown_vtep");
-    assert_eq!(unknown.len(), 1, "{events:#?}");
-    let mut got = unknown[0].clone();
-    got.as_object_mut().unwrap().remove("time_ns");
     assert_eq!(
-        got,
+        the_one(&events, "xdp_pass_unknown_vtep"),
         json!({
             "type": "pass", "verdict": "xdp_pass_unknown_vtep", "program": "xdp_uplink",
-            "ifindex": got["ifindex"], "ifname": "eth0", "len": sent_len, "eth_type": "0x0800",
+            "ifname": "eth0", "len": sent_len, "eth_type": "0x0800",
             "src": FABRIC_IP.to_string(), "dst": node0.to_string(), "proto": "udp",
             "sport": sport, "dport": PORT, "vni": 1,
             "inner": {"src": inner_src.to_string(), "dst": pod.to_string(), "proto": "udp",
                       "sport": 1234, "dport": 80},
         })
     );
-    let malformed = with_verdict(&events, "xdp_pass_malformed");
-    assert_eq!(malformed.len(), 1, "{events:#?}");
-    let mut got = malformed[0].clone();
-    got.as_object_mut().unwrap().remove("time_ns");
     assert_eq!(
-        got,
+        the_one(&events, "xdp_pass_malformed"),
         json!({
             "type": "pass", "verdict": "xdp_pass_malformed", "program": "xdp_uplink",
-            "ifindex": got["ifindex"], "ifname": "eth0", "len": 14 + 20 + 8 + 14,
+            "ifname": "eth0", "len": 14 + 20 + 8 + 14,
             "eth_type": "0x0800", "src": lab.nodes[1].ip.to_string(),
             "dst": node0.to_string(), "proto": "udp", "sport": short_sport, "dport": PORT,
             "vni": 1, "inner": null,

@@ -458,11 +458,13 @@ impl Agent {
             .await
             .context("reading the node's links and addresses")?;
         let counters = match self.datapath {
-            Active::Ebpf { .. } => datapath::ebpf::read_counters(&self.opts.bpf_dir)
-                .context("reading the data path counters")?
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            Active::Ebpf { .. } => datapath::ebpf::counters_by_name(&self.opts.bpf_dir)
+                .with_context(|| {
+                    format!(
+                        "reading the data path counters pinned under {}",
+                        self.opts.bpf_dir.display()
+                    )
+                })?,
             Active::Kernel => BTreeMap::new(),
         };
         Ok(reconcile::inspect::inspect(

@@ -586,11 +586,17 @@ fn pinned_link_ifindex(path: &Path) -> Option<u32> {
     rc.ok().map(|_| (info[2] & 0xffff_ffff) as u32)
 }
 
+/// The map `name` pinned under `dir`, for tools that read a running data
+/// path from outside the agent.
+pub fn pinned_map(dir: &Path, name: &str) -> std::result::Result<MapData, aya::maps::MapError> {
+    MapData::from_pin(dir.join("maps").join(name))
+}
+
 /// Reads the pinned per-CPU counters, summed over CPUs, by name.
 pub fn read_counters(
     dir: &Path,
 ) -> std::result::Result<Vec<(&'static str, u64)>, aya::maps::MapError> {
-    let data = MapData::from_pin(dir.join("maps").join(maps::COUNTERS))?;
+    let data = pinned_map(dir, maps::COUNTERS)?;
     let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
     let mut out = Vec::with_capacity(counters::COUNT as usize);
     for (i, name) in counters::NAMES.iter().enumerate() {
@@ -600,12 +606,26 @@ pub fn read_counters(
     Ok(out)
 }
 
+/// The pinned counters as `name → packets`, or an empty map where nothing
+/// is pinned (the kernel data path); other failures are errors.
+pub fn counters_by_name(
+    dir: &Path,
+) -> std::result::Result<BTreeMap<String, u64>, aya::maps::MapError> {
+    if !dir.join("maps").join(maps::COUNTERS).exists() {
+        return Ok(BTreeMap::new());
+    }
+    Ok(read_counters(dir)?
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect())
+}
+
 /// The pinned remote-subnet trie: subnet → (node IP, VtepMAC). For
 /// `flannel-agent` tools and tests that check what the data path holds.
 pub fn read_remotes(
     dir: &Path,
 ) -> std::result::Result<Vec<(Ipv4Net, Ipv4Addr, [u8; 6])>, aya::maps::MapError> {
-    let data = MapData::from_pin(dir.join("maps").join(maps::REMOTE_SUBNETS))?;
+    let data = pinned_map(dir, maps::REMOTE_SUBNETS)?;
     let trie: LpmTrie<_, u32, RemoteNode> = LpmTrie::try_from(Map::LpmTrie(data))?;
     Ok(remotes_in(&trie)?
         .into_iter()
@@ -618,7 +638,7 @@ pub fn read_remotes(
 pub fn read_endpoints(
     dir: &Path,
 ) -> std::result::Result<Vec<(Ipv4Addr, u32, [u8; 6])>, aya::maps::MapError> {
-    let data = MapData::from_pin(dir.join("maps").join(maps::ENDPOINTS))?;
+    let data = pinned_map(dir, maps::ENDPOINTS)?;
     let map: HashMap<_, u32, Endpoint> = HashMap::try_from(Map::HashMap(data))?;
     Ok(endpoints_in(&map)
         .into_iter()
@@ -631,7 +651,7 @@ pub fn read_endpoints(
 pub fn read_occupancy(
     dir: &Path,
 ) -> std::result::Result<Vec<(&'static str, usize, u32)>, aya::maps::MapError> {
-    let pin = |name| MapData::from_pin(dir.join("maps").join(name));
+    let pin = |name| pinned_map(dir, name);
     let trie: LpmTrie<_, u32, RemoteNode> =
         LpmTrie::try_from(Map::LpmTrie(pin(maps::REMOTE_SUBNETS)?))?;
     let endpoints: HashMap<_, u32, Endpoint> =

@@ -33,15 +33,10 @@ pub enum MonitorError {
 }
 
 fn pinned(dir: &Path, name: &'static str) -> Result<MapData, MonitorError> {
-    let path = dir.join("maps").join(name);
     if !dir.join("maps").exists() {
         return Err(MonitorError::NoDatapath(dir.display().to_string()));
     }
-    MapData::from_pin(&path).map_err(|source| MonitorError::Map {
-        name,
-        dir: dir.display().to_string(),
-        source,
-    })
+    super::ebpf::pinned_map(dir, name).map_err(map_err(dir, name))
 }
 
 fn map_err<'a>(

@@ -22,7 +22,8 @@ pub struct Target<'a> {
     pub nl: &'a Netlink,
     /// `None` on the kernel data path.
     pub dp: Option<&'a mut Datapath>,
-    /// The VTEP device's index as observed; an `EnsureVtep` replaces it.
+    /// The VTEP device's index as observed; ensuring the device replaces
+    /// it (with `None` when that fails).
     pub vtep: Option<u32>,
     /// What this process last wrote to the masquerade table (the table's
     /// contents are not read back).
@@ -49,10 +50,6 @@ impl Report {
                 self.failed.push((op, err.to_string()));
             }
         }
-    }
-
-    pub fn done(&self, kind: &str) -> usize {
-        self.done.get(kind).copied().unwrap_or(0)
     }
 }
 

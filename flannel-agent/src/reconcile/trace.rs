@@ -13,6 +13,7 @@ use crate::{
     api::{Step, Trace},
     datapath::ebpf::key_ip,
     mac::MacAddr,
+    netlink::RemoteEntry,
 };
 
 /// What the packet is.
@@ -43,12 +44,7 @@ enum Source<'a> {
 
 pub fn trace(want: &Desired, have: &Observed, node_ip: Ipv4Addr, q: &Query) -> Trace {
     let pod = want.pods.values().find(|p| p.ip == q.src);
-    let remote_of = |ip: Ipv4Addr| {
-        want.remotes
-            .values()
-            .filter(|r| r.subnet.contains(&ip))
-            .max_by_key(|r| r.subnet.prefix_len())
-    };
+    let remote_of = |ip| remote_lease(want, ip);
     let src = if let Some(p) = pod {
         Source::LocalPod(&p.host_ifname)
     } else if let Some(r) = remote_of(q.src) {
@@ -315,6 +311,14 @@ fn to_local_pod_from_vxlan(
     }
 }
 
+/// The remote lease holding `ip`, longest prefix first.
+fn remote_lease(want: &Desired, ip: Ipv4Addr) -> Option<&RemoteEntry> {
+    want.remotes
+        .values()
+        .filter(|r| r.subnet.contains(&ip))
+        .max_by_key(|r| r.subnet.prefix_len())
+}
+
 /// The kernel path from a pod (no programs).
 fn kernel_from_pod(want: &Desired, have: &Observed, q: &Query, local: bool, steps: &mut Vec<Step>) {
     if local {
@@ -324,12 +328,7 @@ fn kernel_from_pod(want: &Desired, have: &Observed, q: &Query, local: bool, step
         ));
         return;
     }
-    let via = want
-        .remotes
-        .values()
-        .filter(|r| r.subnet.contains(&q.dst))
-        .max_by_key(|r| r.subnet.prefix_len());
-    match via {
+    match remote_lease(want, q.dst) {
         Some(r) => {
             let route = have
                 .vtep
@@ -355,14 +354,15 @@ fn kernel_from_pod(want: &Desired, have: &Observed, q: &Query, local: bool, step
 
 /// What the kernel does with pod traffic that is not for a pod.
 fn kernel_beyond(want: &Desired, q: &Query, steps: &mut Vec<Step>) {
-    let masq = want
+    let masqueraded = want
         .masq
-        .filter(|m| !m.network.contains(&q.dst) && !q.dst.is_multicast());
+        .is_some_and(|m| !m.network.contains(&q.dst) && !q.dst.is_multicast());
     steps.push(step(
         "kernel",
-        match masq {
-            Some(_) => "routed by the node (a Service, the node or outside); leaving the cluster network, it is masqueraded to the node's address by the ip-masq rules".into(),
-            None => "routed by the node (a Service, the node itself or outside the cluster)".into(),
+        if masqueraded {
+            "routed by the node (a Service, the node or outside); leaving the cluster network, it is masqueraded to the node's address by the ip-masq rules".into()
+        } else {
+            "routed by the node (a Service, the node itself or outside the cluster)".into()
         },
     ));
 }

@@ -107,7 +107,10 @@ pub fn bind(path: &Path, access: Access) -> Result<UnixListener, SocketError> {
         path: shown(),
         source,
     };
-    std::os::unix::fs::chown(path, Some(0), access.group).map_err(perm)?;
+    // The agent (root) owns what it binds; only a group needs setting.
+    if let Some(gid) = access.group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(perm)?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode())).map_err(perm)?;
     Ok(listener)
 }
@@ -147,6 +150,7 @@ async fn reply(write: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) ->
 async fn serve(stream: UnixStream, tx: mpsc::Sender<ApiCall>, access: Access) {
     let cred = stream.peer_cred();
     let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
     match cred {
         Ok(c) if access.allows(c.uid(), c.gid()) => {}
         Ok(c) => {
@@ -156,6 +160,17 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<ApiCall>, access: Access) {
                 pid = c.pid(),
                 "refused an API caller: only root (or the --api-socket-group) may call"
             );
+            // Take the caller's request first (bounded, briefly): closing
+            // on a client still writing would leave it a broken pipe
+            // instead of the reason.
+            let mut discard = Vec::new();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                (&mut lines)
+                    .take(MAX_MESSAGE as u64)
+                    .read_until(b'\n', &mut discard),
+            )
+            .await;
             reply(
                 &mut write,
                 &Response::err("permission denied: only root may call the agent"),
@@ -168,7 +183,6 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<ApiCall>, access: Access) {
             return;
         }
     }
-    let mut lines = BufReader::new(read);
     loop {
         let mut line = Vec::new();
         let read = tokio::time::timeout(
