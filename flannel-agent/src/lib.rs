@@ -13,11 +13,13 @@
 //!   (nftables over netlink).
 //! * [`config`]: net-conf.json; [`subnet`]: leases, their stores and
 //!   subnet.env.
+//! * [`caps`]: the Linux capabilities a run needs, checked at start.
 //! * [`api`]: the local API's wire format and client; [`mac`]: MAC
 //!   addresses; [`fsutil`]: atomic file writes.
 //! * [`cni`]: the `flannel` CNI plugin.
 pub mod agent;
 pub mod api;
+pub mod caps;
 pub mod cni;
 pub mod config;
 pub mod datapath;

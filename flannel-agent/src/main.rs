@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flannel_agent::{
-    agent::{self, store::StoreOptions, Options},
+    agent::{self, defaults, store::StoreOptions, Options},
     api::{self, EndpointRecord, Request},
     cni,
     datapath::{ebpf, monitor::EventType, DatapathMode, XdpMode},
@@ -30,7 +30,7 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Print the data path's per-verdict counters (summed over CPUs).
     Stats {
-        #[arg(long, default_value = "/sys/fs/bpf/flannel")]
+        #[arg(long, default_value = defaults::BPF_DIR)]
         bpf_dir: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -38,7 +38,7 @@ enum Cmd {
     },
     /// Register a pod with the agent on this node.
     AddPod {
-        #[arg(long, default_value = "/run/flannel/agent.sock")]
+        #[arg(long, default_value = defaults::SOCKET)]
         socket: PathBuf,
         #[arg(long)]
         ip: Ipv4Addr,
@@ -49,21 +49,21 @@ enum Cmd {
     },
     /// Remove a pod from the agent on this node.
     DelPod {
-        #[arg(long, default_value = "/run/flannel/agent.sock")]
+        #[arg(long, default_value = defaults::SOCKET)]
         socket: PathBuf,
         #[arg(long)]
         ip: Ipv4Addr,
     },
     /// Print the agent's status (data path and why) as JSON.
     Status {
-        #[arg(long, default_value = "/run/flannel/agent.sock")]
+        #[arg(long, default_value = defaults::SOCKET)]
         socket: PathBuf,
     },
     /// Stream the data path's drops and passes to the kernel as they
     /// happen, with the reason, program, interface and addresses (inner
     /// ones for VXLAN). Rate-limited in the kernel.
     Monitor {
-        #[arg(long, default_value = "/sys/fs/bpf/flannel")]
+        #[arg(long, default_value = defaults::BPF_DIR)]
         bpf_dir: PathBuf,
         /// Which verdicts: drops, passes to the kernel, or both.
         #[arg(long = "type", value_enum, default_value_t = EventType::All)]
@@ -96,12 +96,12 @@ enum Cmd {
         /// confirm the path with the counters.
         #[arg(long)]
         live: bool,
-        #[arg(long, default_value = "/run/flannel/agent.sock")]
+        #[arg(long, default_value = defaults::SOCKET)]
         socket: PathBuf,
-        #[arg(long, default_value = "/sys/fs/bpf/flannel")]
+        #[arg(long, default_value = defaults::BPF_DIR)]
         bpf_dir: PathBuf,
         /// The CNI plugin's dataDir, where a pod's namespace is recorded.
-        #[arg(long, default_value = cni::conf::DEFAULT_DATA_DIR)]
+        #[arg(long, default_value = defaults::CNI_DATA_DIR)]
         cni_data_dir: PathBuf,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -110,15 +110,36 @@ enum Cmd {
     /// its BPF map entries and kernel route, neighbour and FDB entry, every
     /// pod beside its interface, map entry and program; mismatches named.
     Inspect {
-        #[arg(long, default_value = "/run/flannel/agent.sock")]
+        #[arg(long, default_value = defaults::SOCKET)]
         socket: PathBuf,
         /// `table` (default) or `json`.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Install the `flannel` CNI plugin binary into the CNI bin directory
+    /// (the DaemonSet's `install-cni-plugin` init container).
+    InstallCniPlugin {
+        /// The binary to install (default: `flannel` next to this executable).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        #[arg(long, default_value = defaults::CNI_BIN_DIR)]
+        cni_bin_dir: PathBuf,
+    },
+    /// Install the conflist into the CNI config directory (the
+    /// DaemonSet's `install-cni` init container).
+    InstallCni {
+        /// The conflist to install (the ConfigMap's cni-conf.json; default:
+        /// Flannel's).
+        #[arg(long)]
+        cni_conf_file: Option<PathBuf>,
+        #[arg(long, default_value = defaults::CNI_CONF_DIR)]
+        cni_conf_dir: PathBuf,
+        #[arg(long, default_value = defaults::CNI_CONF_NAME)]
+        cni_conf_name: String,
+    },
     /// Remove this instance's pinned maps and links (stops the eBPF data path).
     Cleanup {
-        #[arg(long, default_value = "/sys/fs/bpf/flannel")]
+        #[arg(long, default_value = defaults::BPF_DIR)]
         bpf_dir: PathBuf,
     },
 }
@@ -145,7 +166,7 @@ enum SubnetMgr {
 struct RunArgs {
     /// Flannel's net-conf.json (read by the local and kube stores; etcd
     /// serves it under <etcd-prefix>/config).
-    #[arg(long, default_value = "/etc/kube-flannel/net-conf.json")]
+    #[arg(long, default_value = defaults::NET_CONFIG)]
     net_config_path: PathBuf,
     /// Uplink interface name or address; repeat to give fallbacks (default:
     /// the interface of the IPv4 default route).
@@ -159,7 +180,7 @@ struct RunArgs {
     #[arg(long)]
     public_ip: Option<Ipv4Addr>,
     /// Where the lease is written for the CNI plugin.
-    #[arg(long, default_value = "/run/flannel/subnet.env")]
+    #[arg(long, default_value = defaults::SUBNET_FILE)]
     subnet_file: PathBuf,
     #[arg(long, value_enum, default_value_t = SubnetMgr::Local)]
     subnet_mgr: SubnetMgr,
@@ -213,10 +234,10 @@ struct RunArgs {
     #[arg(long, env = "FLANNEL_XDP_MODE", value_enum, default_value_t = XdpMode::Auto)]
     xdp_mode: XdpMode,
     /// Where maps and links are pinned (one directory per instance).
-    #[arg(long, default_value = "/sys/fs/bpf/flannel")]
+    #[arg(long, default_value = defaults::BPF_DIR)]
     bpf_dir: PathBuf,
     /// Socket and pod records live here.
-    #[arg(long, default_value = "/run/flannel")]
+    #[arg(long, default_value = defaults::RUN_DIR)]
     run_dir: PathBuf,
     #[arg(long, default_value = "cni0")]
     bridge: String,
@@ -225,17 +246,17 @@ struct RunArgs {
     resync_secs: u64,
     /// The CNI plugin's dataDir: pods it wired while this agent was down
     /// are registered from the records there.
-    #[arg(long, default_value = cni::conf::DEFAULT_DATA_DIR)]
+    #[arg(long, default_value = defaults::CNI_DATA_DIR)]
     cni_data_dir: PathBuf,
     /// Install the `flannel` plugin and the conflist into the CNI
     /// directories once the node is ready (Flannel's install-cni).
     #[arg(long)]
     install_cni: bool,
-    #[arg(long, default_value = "/opt/cni/bin")]
+    #[arg(long, default_value = defaults::CNI_BIN_DIR)]
     cni_bin_dir: PathBuf,
-    #[arg(long, default_value = "/etc/cni/net.d")]
+    #[arg(long, default_value = defaults::CNI_CONF_DIR)]
     cni_conf_dir: PathBuf,
-    #[arg(long, default_value = "10-flannel.conflist")]
+    #[arg(long, default_value = defaults::CNI_CONF_NAME)]
     cni_conf_name: String,
     /// The conflist to install (default: Flannel's cni-conf.json).
     #[arg(long)]
@@ -255,23 +276,12 @@ impl RunArgs {
         if !self.install_cni {
             return Ok(None);
         }
-        let plugin = match &self.cni_plugin {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()
-                .context("locating this executable")?
-                .with_file_name("flannel"),
-        };
-        let conflist = match &self.cni_conf_file {
-            Some(p) => std::fs::read_to_string(p)
-                .with_context(|| format!("reading --cni-conf-file {}", p.display()))?,
-            None => cni::install::FLANNEL_CONFLIST.to_string(),
-        };
         Ok(Some(cni::install::InstallSpec {
-            plugin,
+            plugin: plugin_path(self.cni_plugin.as_deref())?,
+            conflist: conflist_text(self.cni_conf_file.as_deref())?,
             bin_dir: self.cni_bin_dir.clone(),
             conf_dir: self.cni_conf_dir.clone(),
             conf_name: self.cni_conf_name.clone(),
-            conflist,
         }))
     }
 
@@ -485,6 +495,29 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::InstallCniPlugin {
+            plugin,
+            cni_bin_dir,
+        } => {
+            let plugin = plugin_path(plugin.as_deref())?;
+            let changed = cni::install::install_plugin(&plugin, &cni_bin_dir)
+                .with_context(|| format!("installing the plugin into {}", cni_bin_dir.display()))?;
+            report_install(&cni_bin_dir.join("flannel"), changed.is_some());
+            Ok(())
+        }
+        Cmd::InstallCni {
+            cni_conf_file,
+            cni_conf_dir,
+            cni_conf_name,
+        } => {
+            let conflist = conflist_text(cni_conf_file.as_deref())?;
+            let changed = cni::install::install_conflist(&conflist, &cni_conf_dir, &cni_conf_name)
+                .with_context(|| {
+                    format!("installing the conflist into {}", cni_conf_dir.display())
+                })?;
+            report_install(&cni_conf_dir.join(&cni_conf_name), changed.is_some());
+            Ok(())
+        }
         Cmd::Cleanup { bpf_dir } => {
             ebpf::remove_pins(&bpf_dir).with_context(|| format!("removing {}", bpf_dir.display()))
         }
@@ -545,6 +578,35 @@ fn probe(
         counters: !after.is_empty(),
         moved,
     })
+}
+
+/// The plugin binary to install: `given`, or `flannel` next to this
+/// executable (where the image keeps it).
+fn plugin_path(given: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(p) => Ok(p.to_path_buf()),
+        None => Ok(std::env::current_exe()
+            .context("locating this executable")?
+            .with_file_name("flannel")),
+    }
+}
+
+/// The conflist to install: the file given, or Flannel's cni-conf.json.
+fn conflist_text(file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    match file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading --cni-conf-file {}", p.display())),
+        None => Ok(cni::install::FLANNEL_CONFLIST.to_string()),
+    }
+}
+
+fn report_install(path: &std::path::Path, changed: bool) {
+    let what = if changed {
+        "installed"
+    } else {
+        "already up to date"
+    };
+    eprintln!("{}: {what}", path.display());
 }
 
 /// A group's id from its name or number.

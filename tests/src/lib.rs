@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod fakekube;
 pub mod interrupt;
 pub mod lab;
+pub mod manifest;
 pub mod netns;
 pub mod podman;
 pub mod progtest;

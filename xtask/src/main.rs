@@ -6,6 +6,9 @@
 //! * `build-ebpf`: builds the eBPF object.
 //! * `demo`: a 3-node lab with pod traffic and the counters that show the
 //!   eBPF path at work.
+//! * `image`: static (musl) builds of the agent and the CNI plugin in an
+//!   OCI image `FROM scratch`, built offline with buildah, saved as an
+//!   archive under `target/image/`.
 //! * `test`: every test, the privileged ones included, one at a time.
 
 use std::{
@@ -41,6 +44,16 @@ enum Cmd {
         #[arg(long, value_parser = ["data", "programs", "control"])]
         only: Option<String>,
     },
+    /// Build the container image the DaemonSet runs (needs root): static
+    /// binaries in an image FROM scratch, saved to
+    /// target/image/flannel-ebpf-<tag>.tar and kept in buildah's store
+    /// there.
+    Image {
+        /// Tags to build, one image build each (default: the tag
+        /// deploy/kube-flannel-ebpf.yml names).
+        #[arg(long)]
+        tag: Vec<String>,
+    },
     /// Run all tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -75,7 +88,16 @@ const PACKAGES: &[(&str, &str)] = &[
     // The metrics tests check the text with promtool and scrape the lab's
     // agents with a real Prometheus server.
     ("prometheus", "promtool"),
+    // The image: static binaries (musl-gcc compiles ring's C) and an OCI
+    // image built FROM scratch without a registry.
+    ("musl-tools", "x86_64-linux-musl-gcc"),
+    ("buildah", "buildah"),
 ];
+
+/// The Rust target of the image's static binaries.
+const MUSL: &str = "x86_64-unknown-linux-musl";
+/// The DaemonSet; the image is built under the name and tag it gives.
+const MANIFEST: &str = "deploy/kube-flannel-ebpf.yml";
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
@@ -96,6 +118,7 @@ fn main() -> Result<()> {
         }
         Cmd::Demo => run_lab_bin("flannel-demo", &[]),
         Cmd::Bench { quick, only } => bench(quick, only),
+        Cmd::Image { tag } => image(&tag),
         Cmd::Test { args } => {
             setup()?;
             // The lab starts the agent binary; build it first.
@@ -104,6 +127,9 @@ fn main() -> Result<()> {
                 "-p",
                 "flannel-agent",
             ]))?;
+            // The container tests run the manifest's image, and roll
+            // nodes from one build (`:a`) to another (`:b`).
+            image(&[String::new(), "a".into(), "b".into()])?;
             let mut cmd = Command::new("cargo");
             cmd.current_dir(workspace())
                 .args(["test", "--", "--test-threads=1"])
@@ -147,6 +173,111 @@ fn run_lab_bin(bin: &str, args: &[String]) -> Result<()> {
             "--",
         ])
         .args(args))
+}
+
+/// Builds the static binaries once, then one image per tag (an empty tag
+/// is the manifest's).
+fn image(tags: &[String]) -> Result<()> {
+    setup()?;
+    let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !targets.lines().any(|t| t.trim() == MUSL) {
+        eprintln!("xtask: installing the {MUSL} target");
+        run(Command::new("rustup").args(["target", "add", MUSL]))?;
+    }
+    run(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "--target",
+        MUSL,
+        "-p",
+        "flannel-agent",
+        "--bins",
+    ]))?;
+    let bins = workspace().join("target").join(MUSL).join("release");
+    for bin in ["flannel-agent", "flannel"] {
+        let elf = std::fs::read(bins.join(bin))?;
+        // A dynamic binary would need a loader the image does not have.
+        if elf.windows(b"ld-linux".len()).any(|w| w == b"ld-linux") {
+            bail!("{bin} is not statically linked");
+        }
+    }
+    let manifest = std::fs::read_to_string(workspace().join(MANIFEST))?;
+    let (name, manifest_tag) = manifest_image(&manifest)?;
+    let tags: Vec<&str> = if tags.is_empty() {
+        vec![manifest_tag.as_str()]
+    } else {
+        tags.iter()
+            .map(|t| {
+                if t.is_empty() {
+                    manifest_tag.as_str()
+                } else {
+                    t.as_str()
+                }
+            })
+            .collect()
+    };
+    let dir = workspace().join("target").join("image");
+    std::fs::create_dir_all(&dir)?;
+    let buildah = || {
+        let mut c = Command::new("buildah");
+        c.arg("--root")
+            .arg(dir.join("storage"))
+            .arg("--runroot")
+            .arg(dir.join("run"))
+            .args(["--storage-driver", "vfs"]);
+        c
+    };
+    for tag in tags {
+        let reference = format!("{name}:{tag}");
+        let ctr = output(buildah().args(["from", "scratch"]))?
+            .trim()
+            .to_string();
+        for bin in ["flannel-agent", "flannel"] {
+            run(buildah()
+                .args(["copy", "--chmod", "0755", &ctr])
+                .arg(bins.join(bin))
+                .arg(format!("/usr/local/bin/{bin}")))?;
+        }
+        let built = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        run(buildah().args([
+            "config",
+            "--entrypoint",
+            r#"["/usr/local/bin/flannel-agent"]"#,
+            "--cmd",
+            "run",
+            "--label",
+            "org.opencontainers.image.title=flannel-ebpf",
+            "--label",
+            &format!("org.opencontainers.image.version={tag}"),
+            "--label",
+            &format!("org.opencontainers.image.created={built}"),
+            &ctr,
+        ]))?;
+        run(buildah().args(["commit", "--rm", &ctr, &reference]))?;
+        let archive = dir.join(format!("flannel-ebpf-{tag}.tar"));
+        let _ = std::fs::remove_file(&archive);
+        run(buildah()
+            .arg("push")
+            .arg(&reference)
+            .arg(format!("oci-archive:{}:{reference}", archive.display())))?;
+        eprintln!("xtask: image {reference} -> {}", archive.display());
+    }
+    Ok(())
+}
+
+/// The `image:` the manifest's containers run, as (name, tag).
+fn manifest_image(manifest: &str) -> Result<(String, String)> {
+    let image = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("image:"))
+        .with_context(|| format!("{MANIFEST} names no image"))?
+        .trim();
+    let (name, tag) = image
+        .rsplit_once(':')
+        .with_context(|| format!("{MANIFEST}: image {image} has no tag"))?;
+    Ok((name.to_string(), tag.to_string()))
 }
 
 fn workspace() -> PathBuf {

@@ -12,6 +12,20 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 pub use run::run;
 
+/// Where the agent looks and writes by default: the DaemonSet mounts
+/// these, and its test checks that it does.
+pub mod defaults {
+    pub const NET_CONFIG: &str = "/etc/kube-flannel/net-conf.json";
+    pub const RUN_DIR: &str = "/run/flannel";
+    pub const SOCKET: &str = "/run/flannel/agent.sock";
+    pub const SUBNET_FILE: &str = crate::cni::conf::DEFAULT_SUBNET_FILE;
+    pub const BPF_DIR: &str = "/sys/fs/bpf/flannel";
+    pub const CNI_DATA_DIR: &str = crate::cni::conf::DEFAULT_DATA_DIR;
+    pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+    pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+    pub const CNI_CONF_NAME: &str = "10-flannel.conflist";
+}
+
 use crate::{
     datapath::{DatapathMode, XdpMode},
     subnet::LeaseTiming,

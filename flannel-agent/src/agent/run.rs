@@ -58,6 +58,8 @@ struct Agent {
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    // Before any syscall that would fail with a bare EPERM.
+    crate::caps::check(opts.datapath, opts.api_group.is_some())?;
     std::fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("creating run directory {}", opts.run_dir.display()))?;
     let nl = Netlink::connect()?;

@@ -4,7 +4,10 @@
 //! the old one, so a kubelet or runtime never sees half a binary or half
 //! a config. Files that are already identical are left untouched.
 
-use std::{io, path::PathBuf};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 use crate::fsutil::put_file;
 
@@ -43,7 +46,52 @@ pub struct InstallSpec {
 
 /// Installs both files; returns the paths that changed.
 pub fn install(spec: &InstallSpec) -> io::Result<Vec<PathBuf>> {
-    let conf: serde_json::Value = serde_json::from_str(&spec.conflist).map_err(|e| {
+    // Check the conflist before touching anything.
+    check_conflist(&spec.conflist)?;
+    let mut changed = Vec::new();
+    changed.extend(install_plugin(&spec.plugin, &spec.bin_dir)?);
+    changed.extend(install_conflist(
+        &spec.conflist,
+        &spec.conf_dir,
+        &spec.conf_name,
+    )?);
+    Ok(changed)
+}
+
+/// Copies the plugin binary `plugin` to `<bin_dir>/flannel` (the
+/// `install-cni-plugin` init container); the path if it changed.
+pub fn install_plugin(plugin: &Path, bin_dir: &Path) -> io::Result<Option<PathBuf>> {
+    let binary = std::fs::read(plugin).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("reading the plugin {}: {e}", plugin.display()),
+        )
+    })?;
+    let bin = bin_dir.join("flannel");
+    Ok(put_file(&bin, &binary, 0o755)?.then_some(bin))
+}
+
+/// Writes `conflist` to `<conf_dir>/<name>` once it is checked (the
+/// `install-cni` init container); the path if it changed.
+pub fn install_conflist(
+    conflist: &str,
+    conf_dir: &Path,
+    name: &str,
+) -> io::Result<Option<PathBuf>> {
+    check_conflist(conflist)?;
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the conflist name {name:?} is not a file name"),
+        ));
+    }
+    let conf = conf_dir.join(name);
+    Ok(put_file(&conf, conflist.as_bytes(), 0o644)?.then_some(conf))
+}
+
+/// A conflist is JSON with a plugin of type `flannel`.
+fn check_conflist(conflist: &str) -> io::Result<()> {
+    let conf: serde_json::Value = serde_json::from_str(conflist).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("the CNI conflist is not JSON: {e}"),
@@ -58,22 +106,7 @@ pub fn install(spec: &InstallSpec) -> io::Result<Vec<PathBuf>> {
             "the CNI conflist has no plugin of type \"flannel\"",
         ));
     }
-    let binary = std::fs::read(&spec.plugin).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("reading the plugin {}: {e}", spec.plugin.display()),
-        )
-    })?;
-    let mut changed = Vec::new();
-    let bin = spec.bin_dir.join("flannel");
-    if put_file(&bin, &binary, 0o755)? {
-        changed.push(bin);
-    }
-    let conf = spec.conf_dir.join(&spec.conf_name);
-    if put_file(&conf, spec.conflist.as_bytes(), 0o644)? {
-        changed.push(conf);
-    }
-    Ok(changed)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -122,6 +155,23 @@ mod tests {
             .unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad}");
         }
+        // The init containers' halves, one file each.
+        let other = dir.join("other");
+        assert_eq!(
+            install_plugin(&src, &other).unwrap(),
+            Some(other.join("flannel"))
+        );
+        assert_eq!(install_plugin(&src, &other).unwrap(), None);
+        assert_eq!(
+            install_conflist(FLANNEL_CONFLIST, &other, "10-flannel.conflist").unwrap(),
+            Some(other.join("10-flannel.conflist"))
+        );
+        for name in ["", "../x", ".."] {
+            let e = install_conflist(FLANNEL_CONFLIST, &other, name).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{name}");
+        }
+        let e = install_plugin(&dir.join("missing"), &other).unwrap_err();
+        assert!(e.to_string().contains("reading the plugin"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
