@@ -3,8 +3,12 @@
 //! with resource versions and `410 Gone` for versions too old), and patch
 //! of the status subresource (JSON merge patch; strategic merge patch
 //! merging `conditions` by `type`, as the real server does). It listens on
-//! the fabric bridge's address inside the lab's fabric namespace. Tests add,
-//! change and delete nodes through [`FakeKube`].
+//! the fabric bridge's address inside the lab's fabric namespace: plain
+//! HTTP on [`PORT`], and HTTPS on [`TLS_PORT`] with a certificate made for
+//! this run and a bearer token, for agents that find the server the way a
+//! pod does (in-cluster config: `KUBERNETES_SERVICE_HOST`/`_PORT` and a
+//! service account directory, see [`FakeKube::service_account`]). Tests
+//! add, change and delete nodes through [`FakeKube`].
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +31,8 @@ use tokio::sync::broadcast;
 use crate::{lab::FABRIC_IP, netns::spawn_in_netns};
 
 pub const PORT: u16 = 6443;
+/// The HTTPS side, which also checks the bearer token.
+pub const TLS_PORT: u16 = 6444;
 
 #[derive(Default)]
 struct Inner {
@@ -58,6 +64,62 @@ impl Shared {
 pub struct FakeKube {
     shared: Shared,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The HTTPS side's certificate (PEM), the service account's `ca.crt`.
+    ca_pem: String,
+    token: String,
+}
+
+/// Accepts TLS connections for axum; a client that does not finish its
+/// handshake within 5 s is dropped without holding up the others for
+/// longer.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let handshake = self.acceptor.accept(tcp);
+            if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), handshake).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// A self-signed certificate for the fabric address: (PEM, TLS config).
+fn tls_config() -> Result<(String, tokio_rustls::rustls::ServerConfig)> {
+    use tokio_rustls::rustls::{self, pki_types};
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress(FABRIC_IP.into()));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "flannel-lab-apiserver");
+    let cert = params.self_signed(&key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )?;
+    Ok((cert.pem(), config))
 }
 
 pub fn url() -> String {
@@ -262,6 +324,8 @@ impl FakeKube {
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ca_pem, tls) = tls_config()?;
+        let token = format!("lab-token-{:x}", std::process::id() ^ 0x5a5a_1234);
         let app = Router::new()
             .route("/api/v1/nodes", get(list_or_watch))
             .route("/api/v1/nodes/{name}", get(get_node))
@@ -270,18 +334,56 @@ impl FakeKube {
                 axum::routing::patch(patch_status),
             )
             .with_state(shared.clone());
+        let bearer = format!("Bearer {token}");
+        let tls_app = app.clone().layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let ok = req
+                    .headers()
+                    .get("authorization")
+                    .is_some_and(|v| v.as_bytes() == bearer.as_bytes());
+                async move {
+                    if ok {
+                        next.run(req).await
+                    } else {
+                        status(
+                            StatusCode::UNAUTHORIZED,
+                            "Unauthorized",
+                            "Unauthorized".into(),
+                        )
+                    }
+                }
+            },
+        ));
         spawn_in_netns(ns, move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::bind((FABRIC_IP, PORT)).await?;
+                let tls = TlsListener {
+                    tcp: tokio::net::TcpListener::bind((FABRIC_IP, TLS_PORT)).await?,
+                    acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+                };
                 ready_tx.send(()).ok();
-                axum::serve(l, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop_rx.await;
-                    })
-                    .await?;
+                let (stop_all, _) = broadcast::channel::<()>(1);
+                let stopped = |tx: &broadcast::Sender<()>| {
+                    let mut rx = tx.subscribe();
+                    async move {
+                        let _ = rx.recv().await;
+                    }
+                };
+                let plain = axum::serve(l, app).with_graceful_shutdown(stopped(&stop_all));
+                let secure = axum::serve(tls, tls_app).with_graceful_shutdown(stopped(&stop_all));
+                let stop = async move {
+                    let _ = stop_rx.await;
+                    let _ = stop_all.send(());
+                    anyhow::Ok(())
+                };
+                tokio::try_join!(
+                    async { plain.await.map_err(anyhow::Error::from) },
+                    async { secure.await.map_err(anyhow::Error::from) },
+                    stop
+                )?;
                 anyhow::Ok(())
             })
         })?;
@@ -289,7 +391,27 @@ impl FakeKube {
         Ok(FakeKube {
             shared,
             stop: Some(stop_tx),
+            ca_pem,
+            token,
         })
+    }
+
+    /// Writes what a pod's service account volume holds (`token`,
+    /// `ca.crt`, `namespace`) into `dir`, and returns the environment
+    /// kubelet gives every container to find the API server.
+    pub fn service_account(
+        &self,
+        dir: &std::path::Path,
+        namespace: &str,
+    ) -> Result<Vec<(String, String)>> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("token"), &self.token)?;
+        std::fs::write(dir.join("ca.crt"), &self.ca_pem)?;
+        std::fs::write(dir.join("namespace"), namespace)?;
+        Ok(vec![
+            ("KUBERNETES_SERVICE_HOST".into(), FABRIC_IP.to_string()),
+            ("KUBERNETES_SERVICE_PORT".into(), TLS_PORT.to_string()),
+        ])
     }
 
     /// Adds a Node (as kubelet registers it), with its podCIDR if given.

@@ -83,6 +83,31 @@ pub struct LabOptions {
     pub install_cni: bool,
     /// `--resync-secs` (default 2).
     pub resync_secs: Option<u64>,
+    /// Run every agent as the DaemonSet does: the pod template of
+    /// `deploy/kube-flannel-ebpf.yml` under podman in the node's
+    /// namespace, with in-cluster config against the fake API server
+    /// (the store must be [`LabStore::Kube`]). `agent_args`,
+    /// `install_cni` and `resync_secs` do not apply: the manifest decides.
+    pub containers: Option<ContainerOptions>,
+}
+
+/// How the lab runs its agents in containers.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerOptions {
+    /// The image tag (`target/image/flannel-ebpf-<tag>.tar`, made by
+    /// `cargo xtask image`); empty: the manifest's.
+    pub tag: String,
+    /// Capabilities taken out of the agent's `add` list.
+    pub without_caps: Vec<String>,
+}
+
+/// A node's agent running as a pod: its podman, its container, its image.
+pub struct AgentPod {
+    pub podman: crate::podman::Podman,
+    pub container: String,
+    pub image: String,
+    /// The init containers' output.
+    pub init_log: String,
 }
 
 /// A process the lab runs in one of its namespaces (etcd, say), killed
@@ -145,6 +170,8 @@ pub struct Node {
     pub run_dir: PathBuf,
     pub pods: Vec<Pod>,
     agent: Option<Child>,
+    /// The agent's pod, in container mode.
+    pub agent_pod: Option<AgentPod>,
 }
 
 impl Node {
@@ -165,14 +192,30 @@ impl Node {
         self.run_dir.join("subnet.env")
     }
 
+    /// What stands for the host's `/var/lib/cni` on this node.
+    pub fn var_lib_cni(&self) -> PathBuf {
+        self.run_dir.join("var-lib-cni")
+    }
+
     /// The CNI plugin's dataDir (attachment records).
     pub fn cni_dir(&self) -> PathBuf {
-        self.run_dir.join("cni")
+        self.var_lib_cni().join("flannel")
     }
 
     /// host-local's dataDir.
     pub fn ipam_dir(&self) -> PathBuf {
-        self.run_dir.join("ipam")
+        self.var_lib_cni().join("networks")
+    }
+
+    /// What stands for the host's `/sys/fs/bpf` on this node (container
+    /// mode): a directory of the real bpffs.
+    pub fn bpffs(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}", self.ns))
+    }
+
+    /// Whether an agent runs on this node (process or container).
+    pub fn has_agent(&self) -> bool {
+        self.agent.is_some() || self.agent_pod.is_some()
     }
 
     /// Where `--install-cni` puts the plugin and the conflist.
@@ -296,19 +339,41 @@ pub fn cni_in(
     ifname: &str,
     conf: &serde_json::Value,
 ) -> Result<CniCall> {
-    let plugin = conf["type"].as_str().context("config has no type")?;
-    let bin = cni_path()?
-        .split(':')
-        .map(|d| PathBuf::from(d).join(plugin))
-        .find(|p| p.is_file())
-        .with_context(|| format!("CNI plugin {plugin} not found"))?;
-    run_cni(
-        command_in_netns(bin, node_ns)?,
+    cni_in_path(
+        &cni_path()?,
+        node_ns,
         command,
         container_id,
         netns,
         ifname,
         conf,
+    )
+}
+
+/// [`cni_in`] with the plugins of `path` (a `CNI_PATH`).
+pub fn cni_in_path(
+    path: &str,
+    node_ns: &str,
+    command: &str,
+    container_id: &str,
+    netns: &str,
+    ifname: &str,
+    conf: &serde_json::Value,
+) -> Result<CniCall> {
+    let plugin = conf["type"].as_str().context("config has no type")?;
+    let bin = path
+        .split(':')
+        .map(|d| PathBuf::from(d).join(plugin))
+        .find(|p| p.is_file())
+        .with_context(|| format!("CNI plugin {plugin} not found in {path}"))?;
+    run_cni_with(
+        command_in_netns(bin, node_ns)?,
+        path,
+        command,
+        container_id,
+        netns,
+        ifname,
+        &serde_json::to_vec(conf)?,
     )
 }
 
@@ -335,7 +400,27 @@ pub fn run_cni(
 /// [`run_cni`] with any bytes on stdin (malformed input tests); empty
 /// values leave their variable empty.
 pub fn run_cni_raw(
+    cmd: Command,
+    command: &str,
+    container_id: &str,
+    netns: &str,
+    ifname: &str,
+    stdin: &[u8],
+) -> Result<CniCall> {
+    run_cni_with(
+        cmd,
+        &cni_path()?,
+        command,
+        container_id,
+        netns,
+        ifname,
+        stdin,
+    )
+}
+
+fn run_cni_with(
     mut cmd: Command,
+    path: &str,
     command: &str,
     container_id: &str,
     netns: &str,
@@ -349,7 +434,7 @@ pub fn run_cni_raw(
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", ifname)
-        .env("CNI_PATH", cni_path()?)
+        .env("CNI_PATH", path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -497,8 +582,15 @@ impl Lab {
             "onlink",
         ])?;
         sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        // In a container the agent pins under the node's /sys/fs/bpf, at
+        // its default place.
+        let bpf_dir = if self.opts.containers.is_some() {
+            PathBuf::from(format!("/sys/fs/bpf/{ns}/flannel"))
+        } else {
+            PathBuf::from(format!("/sys/fs/bpf/{ns}"))
+        };
         self.nodes.push(Node {
-            bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{ns}")),
+            bpf_dir,
             run_dir: self.dir.join(format!("n{n}")),
             ns,
             kind,
@@ -511,6 +603,7 @@ impl Lab {
             },
             pods: Vec::new(),
             agent: None,
+            agent_pod: None,
         });
         Ok(n - 1)
     }
@@ -593,7 +686,7 @@ impl Lab {
             |lab| {
                 lab.nodes
                     .iter()
-                    .filter(|n| n.agent.is_some())
+                    .filter(|n| n.has_agent())
                     .all(|n| n.status().is_ok_and(|s| s.remote_leases == want))
             },
         )?;
@@ -642,6 +735,9 @@ impl Lab {
     }
 
     fn spawn_agent(&mut self, i: usize) -> Result<()> {
+        if let Some(c) = self.opts.containers.clone() {
+            return self.start_agent_pod(i, &c.tag, &c.without_caps);
+        }
         let bin = agent_bin()?;
         let node = &self.nodes[i];
         std::fs::create_dir_all(&node.run_dir)?;
@@ -723,6 +819,15 @@ impl Lab {
                     self.agent_log(i)
                 );
             }
+            if let Some(state) = self.agent_pod_state(i) {
+                if state != "running" && state != "created" && state != "configured" {
+                    bail!(
+                        "agent container on {} is {state}: {}",
+                        self.nodes[i].ns,
+                        self.agent_log(i)
+                    );
+                }
+            }
             if Instant::now() > deadline {
                 bail!(
                     "agent on {} not ready after {timeout:?}: {}",
@@ -735,6 +840,19 @@ impl Lab {
     }
 
     pub fn agent_log(&self, i: usize) -> String {
+        if let Some(pod) = &self.nodes[i].agent_pod {
+            return pod
+                .podman
+                .output(&["logs", &pod.container])
+                .map(|o| {
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                })
+                .unwrap_or_default();
+        }
         std::fs::read_to_string(self.nodes[i].run_dir.join("agent.log")).unwrap_or_default()
     }
 
@@ -805,13 +923,127 @@ impl Lab {
         Ok(())
     }
 
-    /// SIGKILLs node `i`'s agent (the pinned data path stays).
+    /// SIGKILLs node `i`'s agent (the pinned data path stays). A
+    /// container is killed and stays, to be started again.
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {
         if let Some(mut child) = self.nodes[i].agent.take() {
             child.kill()?;
             child.wait()?;
         }
+        if let Some(pod) = &self.nodes[i].agent_pod {
+            pod.podman
+                .run(&["kill", "--signal", "KILL", &pod.container])?;
+            pod.podman.run(&["wait", &pod.container])?;
+            pod.podman.forget_runc_state(&pod.container)?;
+        }
         Ok(())
+    }
+
+    /// The state podman reports for node `i`'s agent container, if it
+    /// runs one.
+    pub fn agent_pod_state(&self, i: usize) -> Option<String> {
+        let pod = self.nodes[i].agent_pod.as_ref()?;
+        pod.podman
+            .run(&["inspect", "--format", "{{.State.Status}}", &pod.container])
+            .ok()
+    }
+
+    /// Starts node `i`'s agent as the DaemonSet's pod, from the image
+    /// tagged `tag` (empty: the manifest's), with `without_caps` taken out
+    /// of its capabilities. A pod already there is replaced: stopped with
+    /// SIGTERM (as kubelet stops it), removed, and its successor's init
+    /// containers run again, as a rolling update does.
+    pub fn start_agent_pod(&mut self, i: usize, tag: &str, without_caps: &[String]) -> Result<()> {
+        let m = crate::manifest::load()?;
+        let spec = m.pod_spec()?.clone();
+        let config = m.config_map()?.data.clone().unwrap_or_default();
+        let template = m.image()?;
+        let (name, manifest_tag) = template
+            .rsplit_once(':')
+            .context("the manifest's image has no tag")?;
+        let tag = if tag.is_empty() { manifest_tag } else { tag };
+        let image = format!("{name}:{tag}");
+        let fake_sa = self
+            .extras
+            .iter()
+            .find_map(|e| e.downcast_ref::<crate::fakekube::FakeKube>())
+            .context("container mode needs the fake API server (fakekube::start_for_lab)")?;
+        let n = i + 1;
+        let sa_dir = self.dir.join(format!("n{n}-serviceaccount"));
+        let sa_env = fake_sa.service_account(&sa_dir, "kube-flannel")?;
+        let node = &mut self.nodes[i];
+        std::fs::create_dir_all(node.bpffs())?;
+        if node.agent_pod.is_none() {
+            let dir = self.dir.join(format!("podman-n{n}"));
+            let net_d = dir.join("podman-net.d");
+            std::fs::create_dir_all(&net_d)?;
+            let podman = crate::podman::Podman::new(&node.ns, &dir, &net_d, &net_d)?;
+            node.agent_pod = Some(AgentPod {
+                podman,
+                container: String::new(),
+                image: String::new(),
+                init_log: String::new(),
+            });
+        }
+        let run_dir = node.run_dir.clone();
+        let (conf_dir, bin_dir, var_lib_cni, bpffs) = (
+            node.cni_conf_dir(),
+            node.cni_bin_dir(),
+            node.var_lib_cni(),
+            node.bpffs(),
+        );
+        let node_ns_name = node_name(i);
+        let pod = node.agent_pod.as_mut().expect("set above");
+        let loaded = pod
+            .podman
+            .output(&["image", "exists", &image])?
+            .status
+            .success();
+        if !loaded {
+            crate::kubelet::load_image(&pod.podman, &crate::manifest::image_archive(tag), &image)?;
+        }
+        if !pod.container.is_empty() {
+            let grace = spec.termination_grace_period_seconds.unwrap_or(30);
+            pod.podman
+                .run(&["stop", "--time", &grace.to_string(), &pod.container])?;
+            pod.podman.run(&["rm", "--force", &pod.container])?;
+        }
+        let host_path = move |p: &str| -> Result<PathBuf> {
+            Ok(match p {
+                "/run/flannel" => run_dir.clone(),
+                "/var/lib/cni" => var_lib_cni.clone(),
+                "/etc/cni/net.d" => conf_dir.clone(),
+                "/opt/cni/bin" => bin_dir.clone(),
+                "/sys/fs/bpf" => bpffs.clone(),
+                other => bail!("hostPath {other}: the lab has no stand-in for it"),
+            })
+        };
+        // A pod name as the DaemonSet controller makes them, unique to the
+        // run; podman's names are the pod's plus the container's.
+        let pod_name = format!("kube-flannel-ds-{}-n{n}-{tag}", self.id);
+        let ctx = crate::kubelet::PodContext {
+            pod_name,
+            namespace: "kube-flannel".into(),
+            node_name: node_ns_name,
+            image: image.clone(),
+            host_path: &host_path,
+            config_dir: self.dir.join(format!("n{n}-kube-flannel-cfg")),
+            service_account: Some((sa_dir, sa_env)),
+            without_caps: without_caps.to_vec(),
+        };
+        let (container, init_log) = crate::kubelet::start_pod(&pod.podman, &spec, &ctx, &config)?;
+        pod.container = container;
+        pod.image = image;
+        pod.init_log = init_log;
+        Ok(())
+    }
+
+    /// Starts node `i`'s killed agent container again (a container
+    /// restart: no init containers, same pod).
+    pub fn restart_agent_container(&mut self, i: usize) -> Result<()> {
+        let pod = self.nodes[i].agent_pod.as_ref().context("no agent pod")?;
+        pod.podman.run(&["start", &pod.container])?;
+        self.wait_ready(i)
     }
 
     /// Programs node `i` the way stock Flannel's VXLAN backend does.
@@ -941,6 +1173,27 @@ impl Lab {
                 },
             });
         }
+        if node.agent_pod.is_some() {
+            // What the init container installed, with this node's
+            // stand-ins for the host paths Flannel's conflist leaves to
+            // their defaults.
+            let file = node.cni_conf_dir().join("10-flannel.conflist");
+            let installed: serde_json::Value = std::fs::read(&file)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_else(|| panic!("no installed conflist at {}", file.display()));
+            let mut conf = installed["plugins"]
+                .as_array()
+                .and_then(|p| p.iter().find(|p| p["type"] == "flannel"))
+                .cloned()
+                .unwrap_or_else(|| panic!("{} has no flannel plugin", file.display()));
+            conf["cniVersion"] = version.into();
+            conf["name"] = installed["name"].clone();
+            conf["subnetFile"] = node.subnet_file().display().to_string().into();
+            conf["dataDir"] = node.cni_dir().display().to_string().into();
+            conf["ipam"] = serde_json::json!({"dataDir": node.ipam_dir()});
+            return conf;
+        }
         serde_json::json!({
             "cniVersion": version,
             "name": CNI_NETWORK,
@@ -982,14 +1235,14 @@ impl Lab {
         ifname: &str,
         conf: &serde_json::Value,
     ) -> Result<CniCall> {
-        cni_in(
-            &self.nodes[i].ns,
-            command,
-            container_id,
-            netns,
-            ifname,
-            conf,
-        )
+        let node = &self.nodes[i];
+        // In container mode, the plugin the init container installed.
+        let path = if node.agent_pod.is_some() {
+            format!("{}:{REFERENCE_PLUGINS}", node.cni_bin_dir().display())
+        } else {
+            cni_path()?
+        };
+        cni_in_path(&path, &node.ns, command, container_id, netns, ifname, conf)
     }
 
     /// Creates a pod on node `i` through CNI: a namespace, then ADD (the
@@ -1164,7 +1417,12 @@ impl Drop for Lab {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            // Removes its containers and state.
+            let containers = node.agent_pod.take().is_some();
             let _ = ebpf::remove_pins(&node.bpf_dir);
+            if containers {
+                let _ = std::fs::remove_dir_all(node.bpffs());
+            }
         }
         // Pods first, nodes next, the fabric last: veths die with them.
         for ns in self.namespaces.iter().rev() {

@@ -12,6 +12,7 @@
 pub mod etcd;
 pub mod fakekube;
 pub mod interrupt;
+pub mod kubelet;
 pub mod lab;
 pub mod manifest;
 pub mod netns;

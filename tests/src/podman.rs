@@ -151,6 +151,26 @@ network_config_dir = "{conf}"
             .with_context(|| format!("running podman {args:?}"))
     }
 
+    /// Removes runc's state of a container that has exited, so that it
+    /// can be started again: conmon's clean-up runs podman without this
+    /// instance's runc root and leaves that state behind.
+    pub fn forget_runc_state(&self, container: &str) -> Result<()> {
+        let id = self.run(&["inspect", "--format", "{{.Id}}", container])?;
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(self.dir.join("runc"))
+            .args(["delete", "--force", &id])
+            .output()
+            .context("running runc delete")?;
+        if !out.status.success() {
+            bail!(
+                "runc delete {id}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Files in libcni's result cache (podman's view of live attachments).
     pub fn cni_cache(&self) -> Vec<String> {
         std::fs::read_dir(self.dir.join("varlib/cni/results"))

@@ -231,3 +231,131 @@ pub fn udp_source_seen(
     })?;
     join(server)
 }
+
+/// A TCP connection between two pods that stays open and busy until
+/// stopped: the client sends a numbered 1 KiB message every 20 ms and
+/// reads back its echo, checking every byte. Any reset, timeout or wrong
+/// byte ends it with an error, so a stream that reaches [`LongStream::stop`]
+/// survived everything that happened meanwhile.
+pub struct LongStream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    client: std::thread::JoinHandle<Result<u64>>,
+    server: std::thread::JoinHandle<Result<()>>,
+}
+
+impl LongStream {
+    pub fn start(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr, port: u16) -> Result<Self> {
+        let addr = SocketAddrV4::new(server_ip, port);
+        let server = start_server(server_ns, move |ready| {
+            let l = TcpListener::bind(addr)?;
+            ready();
+            let (mut s, _) = l.accept()?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut buf = [0u8; 1024];
+            loop {
+                match s.read(&mut buf)? {
+                    0 => return Ok(()),
+                    n => s.write_all(&buf[..n])?,
+                }
+            }
+        })?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let client = spawn_in_netns(client_ns, move || {
+            let mut s = TcpStream::connect_timeout(&addr.into(), TIMEOUT)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.set_nodelay(true)?;
+            let mut sent = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let msg = pattern(sent + 1, 1024);
+                s.write_all(&msg)
+                    .with_context(|| format!("message {sent}: send"))?;
+                let mut back = vec![0u8; msg.len()];
+                s.read_exact(&mut back)
+                    .with_context(|| format!("message {sent}: echo"))?;
+                if back != msg {
+                    bail!("message {sent}: echo differs");
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            Ok(sent)
+        })?;
+        Ok(Self {
+            stop,
+            client,
+            server,
+        })
+    }
+
+    /// Whether the client has already failed.
+    pub fn failed(&self) -> bool {
+        self.client.is_finished()
+    }
+
+    /// Ends the stream; the number of messages echoed, or what broke it.
+    pub fn stop(self) -> Result<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = join(self.client)?;
+        join(self.server)?;
+        Ok(sent)
+    }
+}
+
+/// `ping` running in the background from a pod until stopped (killed
+/// if the test ends first).
+pub struct Pinger {
+    child: Option<std::process::Child>,
+}
+
+impl Pinger {
+    /// Pings `dst` from namespace `ns` every `interval`.
+    pub fn start(ns: &str, dst: Ipv4Addr, interval: Duration) -> Result<Self> {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "ping", "-n", "-q", "-W", "2", "-i"])
+            .arg(format!("{:.3}", interval.as_secs_f64()))
+            .arg(dst.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting ping")?;
+        Ok(Self { child: Some(child) })
+    }
+
+    /// Stops it (SIGINT, so it prints its summary): (sent, received).
+    pub fn stop(mut self) -> Result<(u64, u64)> {
+        // Let the last echo come back before asking for the summary.
+        std::thread::sleep(Duration::from_millis(500));
+        let child = self.child.take().context("ping already stopped")?;
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .with_context(|| format!("no ping summary: {text}"))?;
+        let num = |word: &str| -> Result<u64> {
+            let before = line
+                .split(',')
+                .find(|p| p.contains(word))
+                .with_context(|| format!("no {word} in {line}"))?;
+            before
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("bad count in {line}"))
+        };
+        Ok((num("transmitted")?, num("received")?))
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
