@@ -459,9 +459,28 @@ impl Drop for FakeKube {
 /// `before_agents` hook: the fake API server in the fabric, with a Node per
 /// lab node whose podCIDR is 10.244.(10+N).0/24 (deliberately not the
 /// subnet its subnet.env names: the podCIDR must win).
+///
+/// A stock-Flannel node is registered as a running flanneld leaves its
+/// Node: its podCIDR is its subnet and Flannel's annotations name its
+/// public IP and VtepMAC.
 pub fn start_for_lab(lab: &mut crate::Lab) -> Result<()> {
+    use flannel_agent::subnet::kube::{BACKEND_DATA, BACKEND_TYPE, PUBLIC_IP, SUBNET_MANAGER};
     let fake = FakeKube::start(&lab.fabric)?;
-    for (i, _) in lab.nodes.iter().enumerate() {
+    for (i, node) in lab.nodes.iter().enumerate() {
+        if node.kind == crate::NodeKind::StockFlannel {
+            let data = json!({"VNI": crate::lab::VNI, "VtepMAC": node.vtep_mac.to_string()});
+            fake.add_node(
+                &crate::lab::node_name(i),
+                Some(&node.subnet.to_string()),
+                json!({
+                    BACKEND_TYPE: "vxlan",
+                    BACKEND_DATA: data.to_string(),
+                    SUBNET_MANAGER: "true",
+                    PUBLIC_IP: node.ip.to_string(),
+                }),
+            );
+            continue;
+        }
         let cidr = format!("10.244.{}.0/24", 11 + i);
         fake.add_node(&crate::lab::node_name(i), Some(&cidr), json!({}));
     }

@@ -41,6 +41,9 @@ pub struct PodContext<'a> {
     /// Capabilities to take out of every container's `add` (the tests'
     /// "one capability removed").
     pub without_caps: Vec<String>,
+    /// Arguments appended to the pod's (not the init containers')
+    /// container, as a JSON patch of the DaemonSet would add them.
+    pub extra_args: Vec<String>,
 }
 
 /// `podman run` arguments for container `c` of `spec`, named `name`:
@@ -281,7 +284,8 @@ pub fn start_pod(
         bail!("the lab runs pods of one container");
     };
     let name = format!("{}-{}", ctx.pod_name, c.name);
-    let args = run_args(spec, c, ctx, &name, true)?;
+    let mut args = run_args(spec, c, ctx, &name, true)?;
+    args.extend(ctx.extra_args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     podman.run(&args)?;
     Ok((name, log))
@@ -348,6 +352,7 @@ mod tests {
             config_dir: "/lab/cfg".into(),
             service_account: Some(("/lab/sa".into(), vec![("K".into(), "V".into())])),
             without_caps: vec!["BPF".into()],
+            extra_args: vec![],
         };
         let agent = &spec.containers[0];
         let a = run_args(spec, agent, &ctx, "c", true).unwrap().join(" ");

@@ -99,6 +99,9 @@ pub struct ContainerOptions {
     pub tag: String,
     /// Capabilities taken out of the agent's `add` list.
     pub without_caps: Vec<String>,
+    /// Arguments appended to the agent's, as the README's `kubectl patch`
+    /// adds them (`--datapath=kernel` on the way back to Flannel).
+    pub extra_args: Vec<String>,
 }
 
 /// A node's agent running as a pod: its podman, its container, its image.
@@ -538,6 +541,13 @@ impl Lab {
             }
         }
         self.wait_converged(Duration::from_secs(20))?;
+        // The agents' leases may differ from what the lab guessed (a
+        // podCIDR decides in the kube store).
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].kind == NodeKind::StockFlannel && !self.nodes[i].has_agent() {
+                self.program_stock_remotes(i)?;
+            }
+        }
         for (i, spec) in specs.iter().enumerate() {
             for _ in 0..spec.pods {
                 self.add_pod(i)?;
@@ -736,7 +746,7 @@ impl Lab {
 
     fn spawn_agent(&mut self, i: usize) -> Result<()> {
         if let Some(c) = self.opts.containers.clone() {
-            return self.start_agent_pod(i, &c.tag, &c.without_caps);
+            return self.start_agent_pod(i, &c);
         }
         let bin = agent_bin()?;
         let node = &self.nodes[i];
@@ -948,12 +958,12 @@ impl Lab {
             .ok()
     }
 
-    /// Starts node `i`'s agent as the DaemonSet's pod, from the image
-    /// tagged `tag` (empty: the manifest's), with `without_caps` taken out
-    /// of its capabilities. A pod already there is replaced: stopped with
-    /// SIGTERM (as kubelet stops it), removed, and its successor's init
-    /// containers run again, as a rolling update does.
-    pub fn start_agent_pod(&mut self, i: usize, tag: &str, without_caps: &[String]) -> Result<()> {
+    /// Starts node `i`'s agent as the DaemonSet's pod, from the image and
+    /// with the changes `how` names. A pod already there is replaced:
+    /// stopped with SIGTERM (as kubelet stops it), removed, and its
+    /// successor's init containers run again, as a rolling update does.
+    pub fn start_agent_pod(&mut self, i: usize, how: &ContainerOptions) -> Result<()> {
+        let tag = how.tag.as_str();
         let m = crate::manifest::load()?;
         let spec = m.pod_spec()?.clone();
         let config = m.config_map()?.data.clone().unwrap_or_default();
@@ -1029,7 +1039,8 @@ impl Lab {
             host_path: &host_path,
             config_dir: self.dir.join(format!("n{n}-kube-flannel-cfg")),
             service_account: Some((sa_dir, sa_env)),
-            without_caps: without_caps.to_vec(),
+            without_caps: how.without_caps.clone(),
+            extra_args: how.extra_args.clone(),
         };
         let (container, init_log) = crate::kubelet::start_pod(&pod.podman, &spec, &ctx, &config)?;
         pod.container = container;
@@ -1103,6 +1114,15 @@ impl Lab {
             "flannel.1",
         ])?;
         ip(&["-n", ns, "link", "set", "flannel.1", "up"])?;
+        self.program_stock_remotes(i)
+    }
+
+    /// Stock-Flannel node `i`'s neighbour, FDB entry and route for every
+    /// other node, in Flannel's order (replace: run again once the
+    /// agents' leases are known, as flanneld follows its watch).
+    fn program_stock_remotes(&self, i: usize) -> Result<()> {
+        let node = &self.nodes[i];
+        let ns = node.ns.as_str();
         for other in self.nodes.iter().filter(|o| o.ns != node.ns) {
             let gw = other.subnet.network().to_string();
             let mac = other.vtep_mac.to_string();
@@ -1154,7 +1174,7 @@ impl Lab {
     /// `bridge` plugin.
     pub fn cni_conf(&self, i: usize, version: &str) -> serde_json::Value {
         let node = &self.nodes[i];
-        if node.kind == NodeKind::StockFlannel {
+        if node.kind == NodeKind::StockFlannel && node.agent_pod.is_none() {
             return serde_json::json!({
                 "cniVersion": version,
                 "name": CNI_NETWORK,

@@ -214,7 +214,13 @@ fn a_rolling_upgrade_keeps_streams_and_pings() -> Result<()> {
     // As the DaemonSet controller does with maxUnavailable 1: one node's
     // pod replaced, its successor ready, then the next.
     for i in 0..3 {
-        lab.start_agent_pod(i, "b", &[])?;
+        lab.start_agent_pod(
+            i,
+            &ContainerOptions {
+                tag: "b".into(),
+                ..Default::default()
+            },
+        )?;
         lab.wait_agent(i, Duration::from_secs(30))?;
         lab.wait_for(Duration::from_secs(30), "the new pod to be ready", |lab| {
             readyz(lab, i).starts_with("HTTP/1.1 200")
@@ -269,4 +275,84 @@ fn a_missing_capability_is_named_at_start() {
         );
         assert!(err.contains("is exited"), "{err}");
     }
+}
+
+#[test]
+fn a_flannel_node_moves_to_the_daemonset_in_place_and_back() -> Result<()> {
+    // Node 2 is as a stock Flannel pod leaves a node: cni0, flannel.1 with
+    // its neighbours, FDB entries and routes, a pod wired by the bridge
+    // plugin, Flannel's annotations on its Node. Node 1 already runs the
+    // DaemonSet's pod.
+    let mut lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::StockFlannel, 1),
+        ],
+        LabOptions {
+            store: LabStore::Kube(fakekube::url()),
+            before_agents: Some(fakekube::start_for_lab),
+            containers: Some(ContainerOptions::default()),
+            ..Default::default()
+        },
+    )?;
+    let (a, old) = ((0, 0), (1, 0));
+    let subnet = lab.nodes[1].subnet;
+    let vtep = lab.nodes[1].vtep_mac;
+    assert!(lab.ping(a, lab.pod(old).ip, 3, 56)?);
+    let ping = Pinger::start(&lab.pod(a).ns, lab.pod(old).ip, Duration::from_millis(100))?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The DaemonSet's pod lands on the Flannel node (kubectl apply -l
+    // flannel-ebpf/part=agent): it takes over Flannel's devices, lease
+    // and VtepMAC, so its peers' entries stay right.
+    lab.start_agent_pod(1, &ContainerOptions::default())?;
+    lab.wait_agent(1, Duration::from_secs(30))?;
+    let st = lab.nodes[1].status()?;
+    assert_eq!(st.datapath, "ebpf");
+    assert_eq!(lab.nodes[1].subnet, subnet, "the lease moved");
+    let n2 = fakekube::of(&lab).node("node2").unwrap();
+    let data = n2["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(data.contains(&vtep.to_string()), "VtepMAC changed: {data}");
+    // A new pod on it is wired by the installed plugin and rides eBPF.
+    let new = (1, lab.add_pod(1)?);
+    let before = snapshot(&lab)?;
+    assert!(lab.ping(new, lab.pod(a).ip, 5, 56)?);
+    let after = snapshot(&lab)?;
+    let d = |node: usize, name: &str| after[node][name] - before[node][name];
+    assert!(d(1, "pod_encap_redirect") + d(1, "pod_encap_neigh") >= 5);
+    assert!(d(0, "uplink_decap") >= 5);
+
+    // And back, as the README says: --datapath=kernel rolled out takes
+    // every program and pin away and leaves Flannel's own wiring, which
+    // stock Flannel then adopts.
+    for i in 0..2 {
+        lab.start_agent_pod(
+            i,
+            &ContainerOptions {
+                extra_args: vec!["--datapath=kernel".into()],
+                ..Default::default()
+            },
+        )?;
+        lab.wait_agent(i, Duration::from_secs(30))?;
+        assert_eq!(lab.nodes[i].status()?.datapath, "kernel");
+        assert!(
+            !lab.nodes[i].bpf_dir.exists(),
+            "pins left under {}",
+            lab.nodes[i].bpf_dir.display()
+        );
+    }
+    let vtep_before = flannel_tests::netns::link_packets(&lab.nodes[1].ns, "flannel.1")?;
+    assert!(lab.ping(new, lab.pod(a).ip, 5, 56)?);
+    let vtep_after = flannel_tests::netns::link_packets(&lab.nodes[1].ns, "flannel.1")?;
+    assert!(
+        vtep_after.0 >= vtep_before.0 + 5 && vtep_after.1 >= vtep_before.1 + 5,
+        "flannel.1 did not carry the traffic: {vtep_before:?} -> {vtep_after:?}"
+    );
+    let (sent, received) = ping.stop()?;
+    assert!(sent >= 20, "only {sent} pings sent");
+    assert_eq!(received, sent, "lost {} of {sent} pings", sent - received);
+    Ok(())
 }
