@@ -255,14 +255,14 @@ fn host_dirs(spec: &PodSpec, ctx: &PodContext) -> Result<()> {
 }
 
 /// Writes the ConfigMap's files, runs every init container to completion
-/// (a failure stops the pod, as kubelet does), then starts the container.
-/// Returns the main container's name.
+/// (a failure stops the pod, with their output, as kubelet does), then
+/// starts the container. Returns its name.
 pub fn start_pod(
     podman: &Podman,
     spec: &PodSpec,
     ctx: &PodContext,
     config: &std::collections::BTreeMap<String, String>,
-) -> Result<(String, String)> {
+) -> Result<String> {
     host_dirs(spec, ctx)?;
     std::fs::create_dir_all(&ctx.config_dir)?;
     for (file, text) in config {
@@ -288,7 +288,7 @@ pub fn start_pod(
     args.extend(ctx.extra_args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     podman.run(&args)?;
-    Ok((name, log))
+    Ok(name)
 }
 
 /// Loads an image archive made by `cargo xtask image` into `podman`'s

@@ -104,13 +104,11 @@ pub struct ContainerOptions {
     pub extra_args: Vec<String>,
 }
 
-/// A node's agent running as a pod: its podman, its container, its image.
+/// A node's agent running as a pod: its podman (which keeps the images
+/// loaded on this node) and its container.
 pub struct AgentPod {
     pub podman: crate::podman::Podman,
     pub container: String,
-    pub image: String,
-    /// The init containers' output.
-    pub init_log: String,
 }
 
 /// A process the lab runs in one of its namespaces (etcd, say), killed
@@ -973,14 +971,14 @@ impl Lab {
             .context("the manifest's image has no tag")?;
         let tag = if tag.is_empty() { manifest_tag } else { tag };
         let image = format!("{name}:{tag}");
-        let fake_sa = self
+        let fake = self
             .extras
             .iter()
             .find_map(|e| e.downcast_ref::<crate::fakekube::FakeKube>())
             .context("container mode needs the fake API server (fakekube::start_for_lab)")?;
         let n = i + 1;
         let sa_dir = self.dir.join(format!("n{n}-serviceaccount"));
-        let sa_env = fake_sa.service_account(&sa_dir, "kube-flannel")?;
+        let sa_env = fake.service_account(&sa_dir, "kube-flannel")?;
         let node = &mut self.nodes[i];
         std::fs::create_dir_all(node.bpffs())?;
         if node.agent_pod.is_none() {
@@ -991,8 +989,6 @@ impl Lab {
             node.agent_pod = Some(AgentPod {
                 podman,
                 container: String::new(),
-                image: String::new(),
-                init_log: String::new(),
             });
         }
         let run_dir = node.run_dir.clone();
@@ -1002,7 +998,7 @@ impl Lab {
             node.var_lib_cni(),
             node.bpffs(),
         );
-        let node_ns_name = node_name(i);
+        let kube_node = node_name(i);
         let pod = node.agent_pod.as_mut().expect("set above");
         let loaded = pod
             .podman
@@ -1034,18 +1030,15 @@ impl Lab {
         let ctx = crate::kubelet::PodContext {
             pod_name,
             namespace: "kube-flannel".into(),
-            node_name: node_ns_name,
-            image: image.clone(),
+            node_name: kube_node,
+            image,
             host_path: &host_path,
             config_dir: self.dir.join(format!("n{n}-kube-flannel-cfg")),
             service_account: Some((sa_dir, sa_env)),
             without_caps: how.without_caps.clone(),
             extra_args: how.extra_args.clone(),
         };
-        let (container, init_log) = crate::kubelet::start_pod(&pod.podman, &spec, &ctx, &config)?;
-        pod.container = container;
-        pod.image = image;
-        pod.init_log = init_log;
+        pod.container = crate::kubelet::start_pod(&pod.podman, &spec, &ctx, &config)?;
         Ok(())
     }
 

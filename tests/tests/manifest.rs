@@ -285,10 +285,21 @@ fn the_daemonset_runs_like_flannels_without_privileges() {
         }
     }
 
-    // Init containers need no capability at all.
+    // Init containers need no capability at all, and take the runtime's
+    // syscall filter; the agent states its profile.
     for c in spec.init_containers.iter().flatten() {
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.capabilities.as_ref().unwrap().add, None, "{}", c.name);
+        let profile = sc.seccomp_profile.as_ref().map(|p| p.type_.as_str());
+        assert_eq!(profile, Some("RuntimeDefault"), "{}", c.name);
+    }
+    for c in &spec.containers {
+        let sc = c.security_context.as_ref().unwrap();
+        assert!(
+            sc.seccomp_profile.is_some(),
+            "{}: no seccompProfile",
+            c.name
+        );
     }
 }
 
