@@ -1320,6 +1320,69 @@ impl Lab {
         &self.nodes[i].pods[j]
     }
 
+    /// Every ordered pair of pods exchanges ICMP (3 pings), TCP and UDP
+    /// (ports from `first_port` up), and the counters prove the eBPF path
+    /// carried it: a local redirect on the same node; encap, TC decap and
+    /// delivery both ways across nodes, with `flannel.1` idle.
+    pub fn every_pair_over_ebpf(&self, first_port: u16) -> Result<()> {
+        let snapshot = || -> Result<Vec<_>> { self.nodes.iter().map(|n| n.counters()).collect() };
+        let vtep = || -> Result<Vec<(u64, u64)>> {
+            self.nodes
+                .iter()
+                .map(|n| crate::netns::link_packets(&n.ns, "flannel.1"))
+                .collect()
+        };
+        let pods = self.all_pods();
+        let mut port = first_port;
+        for &a in &pods {
+            for &b in &pods {
+                if a == b {
+                    continue;
+                }
+                let (before, vtep_before) = (snapshot()?, vtep()?);
+                let (pa, pb) = (self.pod(a), self.pod(b));
+                if !self.ping(a, pb.ip, 3, 56)? {
+                    bail!("ping {} -> {} failed", pa.ip, pb.ip);
+                }
+                port += 1;
+                crate::traffic::tcp_exchange(&pa.ns, &pb.ns, pb.ip, port)?;
+                crate::traffic::udp_exchange(&pa.ns, &pb.ns, pb.ip, port)?;
+                let after = snapshot()?;
+                let d = |node: usize, name: &str| after[node][name] - before[node][name];
+                let counted: Vec<(&str, u64)> = if a.0 == b.0 {
+                    // ping 3 + TCP (handshake, data, fin) + UDP 1, both ways.
+                    if d(a.0, "pod_encap_redirect") != 0 {
+                        bail!("{} -> {}: same-node traffic encapsulated", pa.ip, pb.ip);
+                    }
+                    vec![("local redirect", d(a.0, "pod_local_redirect") / 2)]
+                } else {
+                    // The lab's veth uplinks decapsulate in TC (decap and
+                    // delivery are one verdict there).
+                    let encap = |n| d(n, "pod_encap_redirect") + d(n, "pod_encap_neigh");
+                    vec![
+                        ("encap", encap(a.0)),
+                        ("decap", d(b.0, "uplink_decap")),
+                        (
+                            "delivery",
+                            d(b.0, "uplink_redirect") + d(b.0, "uplink_decap"),
+                        ),
+                        ("reply encap", encap(b.0)),
+                        ("reply decap", d(a.0, "uplink_decap")),
+                    ]
+                };
+                for (what, n) in counted {
+                    if n < 5 {
+                        bail!("{} -> {}: {what} counted {n}", pa.ip, pb.ip);
+                    }
+                }
+                if vtep()? != vtep_before {
+                    bail!("flannel.1 carried pod traffic ({} -> {})", pa.ip, pb.ip);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `ping` from a pod; true when every echo was answered.
     pub fn ping(
         &self,

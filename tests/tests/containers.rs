@@ -114,40 +114,7 @@ fn daemonset_pods_carry_every_pod_pair_over_the_ebpf_path() -> Result<()> {
         );
     }
 
-    let pods = lab.all_pods();
-    let mut port = 24000;
-    for &a in &pods {
-        for &b in &pods {
-            if a == b {
-                continue;
-            }
-            let before = snapshot(&lab)?;
-            let (pa, pb) = (lab.pod(a), lab.pod(b));
-            assert!(lab.ping(a, pb.ip, 3, 56)?, "ping {} -> {}", pa.ip, pb.ip);
-            port += 1;
-            tcp_exchange(&pa.ns, &pb.ns, pb.ip, port)?;
-            udp_exchange(&pa.ns, &pb.ns, pb.ip, port)?;
-            let after = snapshot(&lab)?;
-            let d = |node: usize, name: &str| after[node][name] - before[node][name];
-            if a.0 == b.0 {
-                assert!(d(a.0, "pod_local_redirect") >= 10, "{} -> {}", pa.ip, pb.ip);
-                assert_eq!(d(a.0, "pod_encap_redirect"), 0);
-            } else {
-                let enc = d(a.0, "pod_encap_redirect") + d(a.0, "pod_encap_neigh");
-                let dec = d(b.0, "uplink_decap");
-                let back = d(b.0, "pod_encap_redirect") + d(b.0, "pod_encap_neigh");
-                let back_dec = d(a.0, "uplink_decap");
-                for (what, n) in [
-                    ("encap", enc),
-                    ("decap", dec),
-                    ("reply encap", back),
-                    ("reply decap", back_dec),
-                ] {
-                    assert!(n >= 5, "{} -> {}: {what} counted {n}", pa.ip, pb.ip);
-                }
-            }
-        }
-    }
+    lab.every_pair_over_ebpf(24000)?;
     Ok(())
 }
 

@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use flannel_tests::{
     lab::{NodeKind, NodeSpec, POD_MTU},
-    netns::link_packets,
-    traffic::{bulk_transfer, tcp_exchange, udp_exchange},
+    traffic::bulk_transfer,
     Lab,
 };
 
@@ -24,13 +23,6 @@ fn snapshot(lab: &Lab) -> Result<Vec<HashMap<&'static str, u64>>> {
     lab.nodes.iter().map(|n| n.counters()).collect()
 }
 
-fn vtep_packets(lab: &Lab) -> Result<Vec<(u64, u64)>> {
-    lab.nodes
-        .iter()
-        .map(|n| link_packets(&n.ns, "flannel.1"))
-        .collect()
-}
-
 fn delta(
     before: &[HashMap<&str, u64>],
     after: &[HashMap<&str, u64>],
@@ -43,60 +35,7 @@ fn delta(
 #[test]
 fn every_pod_pair_talks_over_the_ebpf_path() -> Result<()> {
     let lab = Lab::new(&ebpf_nodes(3, 2))?;
-    let pods = lab.all_pods();
-    let mut port = 20000;
-    for &a in &pods {
-        for &b in &pods {
-            if a == b {
-                continue;
-            }
-            let before = snapshot(&lab)?;
-            let vtep_before = vtep_packets(&lab)?;
-            let (pa, pb) = (lab.pod(a), lab.pod(b));
-            assert!(lab.ping(a, pb.ip, 3, 56)?, "ping {} -> {}", pa.ip, pb.ip);
-            port += 1;
-            tcp_exchange(&pa.ns, &pb.ns, pb.ip, port)?;
-            udp_exchange(&pa.ns, &pb.ns, pb.ip, port)?;
-            let after = snapshot(&lab)?;
-            if a.0 == b.0 {
-                // ping 3 + TCP (handshake, data, fin) + UDP 1, both ways.
-                let local = delta(&before, &after, a.0, "pod_local_redirect");
-                assert!(
-                    local >= 10,
-                    "{} -> {}: local redirects {local}",
-                    pa.ip,
-                    pb.ip
-                );
-                assert_eq!(delta(&before, &after, a.0, "pod_encap_redirect"), 0);
-            } else {
-                let enc = delta(&before, &after, a.0, "pod_encap_redirect")
-                    + delta(&before, &after, a.0, "pod_encap_neigh");
-                // The lab's veth uplinks decapsulate in TC (decap and
-                // delivery are one verdict there).
-                let dec = delta(&before, &after, b.0, "uplink_decap");
-                let deliver = delta(&before, &after, b.0, "uplink_redirect") + dec;
-                let back = delta(&before, &after, b.0, "pod_encap_redirect")
-                    + delta(&before, &after, b.0, "pod_encap_neigh");
-                let back_dec = delta(&before, &after, a.0, "uplink_decap");
-                for (what, n) in [
-                    ("encap", enc),
-                    ("decap", dec),
-                    ("delivery", deliver),
-                    ("reply encap", back),
-                    ("reply decap", back_dec),
-                ] {
-                    assert!(n >= 5, "{} -> {}: {what} counted {n}", pa.ip, pb.ip);
-                }
-            }
-            let vtep_after = vtep_packets(&lab)?;
-            assert_eq!(
-                vtep_before, vtep_after,
-                "flannel.1 carried pod traffic ({} -> {})",
-                pa.ip, pb.ip
-            );
-        }
-    }
-    Ok(())
+    lab.every_pair_over_ebpf(20000)
 }
 
 #[test]
