@@ -5,7 +5,10 @@
 //! forwarding while the agent is down. A starting agent loads its programs
 //! against the pinned maps (reusing them) and swaps its programs into the
 //! pinned links atomically (`bpf_link_update`) instead of tearing anything
-//! down.
+//! down. A pinned map whose shape (type, key and value size, capacity,
+//! flags) is not this build's is replaced first: aya reuses a pinned map
+//! without comparing, and new programs over an old layout would read
+//! garbage or, for a grown counter array, count nothing.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -59,6 +62,81 @@ pub enum EbpfError {
     Missing(&'static str),
     #[error("duplicating the program fd: {0}")]
     Dup(io::Error),
+    #[error("reading the eBPF object's map definitions: {0}")]
+    Object(#[from] aya_obj::ParseError),
+    #[error("replacing the pinned map {path} (its shape is not this build's): {source}")]
+    Replace { path: PathBuf, source: io::Error },
+}
+
+/// A map's shape, as the kernel reports a pinned map and as the object
+/// declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+/// The shapes of the maps `object` declares, by name.
+pub fn object_shapes(object: &[u8]) -> Result<BTreeMap<String, MapShape>> {
+    let obj = aya_obj::Object::parse(object)?;
+    Ok(obj
+        .maps
+        .iter()
+        .map(|(name, m)| {
+            let shape = MapShape {
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries: m.max_entries(),
+                flags: m.map_flags(),
+            };
+            (name.clone(), shape)
+        })
+        .collect())
+}
+
+/// The shape of the map pinned at `path`, if one is.
+pub fn pinned_shape(path: &Path) -> Option<MapShape> {
+    let info = MapData::from_pin(path).ok()?.info().ok()?;
+    Some(MapShape {
+        map_type: info.map_type().ok()? as u32,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    })
+}
+
+/// Unpins every map under `<dir>/maps` whose shape differs from the one
+/// `object` declares, so that loading creates it anew; returns their
+/// names. The programs still attached keep their own reference to the old
+/// map until their links are swapped to the new programs.
+pub fn replace_incompatible_pins(dir: &Path, object: &[u8]) -> Result<Vec<String>> {
+    let want = object_shapes(object)?;
+    let mut replaced = Vec::new();
+    for name in maps::ALL {
+        let path = dir.join("maps").join(name);
+        let Some(have) = pinned_shape(&path) else {
+            continue;
+        };
+        if want.get(name) != Some(&have) {
+            tracing::warn!(
+                map = name,
+                pinned = ?have,
+                this_build = ?want.get(name),
+                "pinned map has another shape: replacing it"
+            );
+            std::fs::remove_file(&path).map_err(|source| EbpfError::Replace {
+                path: path.clone(),
+                source,
+            })?;
+            replaced.push(name.to_string());
+        }
+    }
+    Ok(replaced)
 }
 
 type Result<T> = std::result::Result<T, EbpfError>;
@@ -87,6 +165,7 @@ impl Datapath {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| EbpfError::PinDir { path, source })?;
         }
+        replace_incompatible_pins(dir, OBJECT)?;
         let map_paths: Vec<(&str, PathBuf)> = maps::ALL
             .iter()
             .map(|m| (*m, dir.join("maps").join(m)))
