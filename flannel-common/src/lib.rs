@@ -217,7 +217,8 @@ pub mod counters {
     pub const XDP_PASS_FRAGMENT: u32 = 14;
     pub const XDP_PASS_IP_OPTIONS: u32 = 15;
     pub const XDP_PASS_WRONG_VNI: u32 = 16;
-    pub const XDP_PASS_UNKNOWN_VTEP: u32 = 17;
+    /// VXLAN on our port and VNI from an address that holds no lease.
+    pub const XDP_DROP_UNKNOWN_VTEP: u32 = 17;
     pub const XDP_PASS_NOT_LOCAL: u32 = 18;
     pub const XDP_PASS_MALFORMED: u32 = 19;
     pub const XDP_PASS_INNER_NOT_IPV4: u32 = 20;
@@ -231,9 +232,17 @@ pub mod counters {
     // tc_uplink_ingress decapsulating (`CONFIG_F_TC_DECAP`)
     pub const UPLINK_DECAP: u32 = 27;
     pub const UPLINK_DROP_DECAP_FAILED: u32 = 28;
+    /// VXLAN on our port and VNI from an address that holds no lease.
+    pub const UPLINK_DROP_UNKNOWN_VTEP: u32 = 29;
+    // tc_from_pod: a pod sending as another. IPv4 whose source is not the
+    // pod's own address (as registered for this veth).
+    pub const POD_DROP_SPOOFED_SRC: u32 = 30;
+    /// ARP whose sender address is not the pod's own (0.0.0.0, a probe,
+    /// is let through).
+    pub const POD_DROP_SPOOFED_ARP: u32 = 31;
 
     /// Size of the counter array.
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 32;
 
     /// Stable names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -254,7 +263,7 @@ pub mod counters {
         "xdp_pass_fragment",
         "xdp_pass_ip_options",
         "xdp_pass_wrong_vni",
-        "xdp_pass_unknown_vtep",
+        "xdp_drop_unknown_vtep",
         "xdp_pass_not_local",
         "xdp_pass_malformed",
         "xdp_pass_inner_not_ipv4",
@@ -266,6 +275,9 @@ pub mod counters {
         "uplink_drop_redirect_failed",
         "uplink_decap",
         "uplink_drop_decap_failed",
+        "uplink_drop_unknown_vtep",
+        "pod_drop_spoofed_src",
+        "pod_drop_spoofed_arp",
     ];
 
     /// Index of a counter by its name.
@@ -279,9 +291,13 @@ pub mod counters {
     pub const fn event_kind(index: u32) -> u32 {
         match index {
             POD_DROP_ENCAP_FAILED
+            | POD_DROP_SPOOFED_SRC
+            | POD_DROP_SPOOFED_ARP
+            | XDP_DROP_UNKNOWN_VTEP
             | XDP_DROP_ADJUST_FAILED
             | UPLINK_DROP_REDIRECT_FAILED
-            | UPLINK_DROP_DECAP_FAILED => super::MONITOR_DROP,
+            | UPLINK_DROP_DECAP_FAILED
+            | UPLINK_DROP_UNKNOWN_VTEP => super::MONITOR_DROP,
             POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | XDP_DECAP
             | UPLINK_REDIRECT | UPLINK_DECAP => 0,
             _ => super::MONITOR_PASS,
@@ -291,7 +307,9 @@ pub mod counters {
     /// The program that counts counter `index`.
     pub fn program(index: u32) -> &'static str {
         match index {
-            POD_LOCAL_REDIRECT..=POD_DROP_ENCAP_FAILED => super::programs::TC_FROM_POD,
+            POD_LOCAL_REDIRECT..=POD_DROP_ENCAP_FAILED
+            | POD_DROP_SPOOFED_SRC
+            | POD_DROP_SPOOFED_ARP => super::programs::TC_FROM_POD,
             XDP_DECAP..=XDP_DROP_ADJUST_FAILED => super::programs::XDP_UPLINK,
             _ => super::programs::TC_UPLINK_INGRESS,
         }

@@ -39,7 +39,7 @@ use flannel_common::{
     MAX_ENDPOINTS, MAX_REMOTE_SUBNETS, MAX_VTEPS, VXLAN_ENCAP_LEN,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use parse::{Headers, ETH_P_IP_BE, IPPROTO_UDP};
+use parse::{Headers, ETH_P_ARP_BE, ETH_P_IP_BE, IPPROTO_UDP};
 
 #[map(name = "FLANNEL_CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -110,6 +110,12 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
     let Ok(eth_type) = ctx.load::<u16>(12) else {
         return (pass, POD_PASS_MALFORMED);
     };
+    // The veth this program runs on belongs to one pod: what it sends must
+    // carry that pod's address.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if eth_type == ETH_P_ARP_BE {
+        return from_pod_arp(ctx, ifindex);
+    }
     if eth_type != ETH_P_IP_BE {
         return (pass, POD_PASS_NOT_IPV4);
     }
@@ -118,6 +124,9 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
     };
     if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
         return (pass, POD_PASS_MALFORMED);
+    }
+    if !pod_owns(u32::from_ne_bytes(ip.src_addr), ifindex) {
+        return (TC_ACT_SHOT, POD_DROP_SPOOFED_SRC);
     }
     let dst = u32::from_ne_bytes(ip.dst_addr);
 
@@ -149,6 +158,36 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
         return (pass, POD_PASS_TOO_BIG);
     }
     encap(ctx, cfg, &ip, remote)
+}
+
+/// Whether `ip` is the address registered for the pod behind `ifindex`.
+#[inline(always)]
+fn pod_owns(ip: u32, ifindex: u32) -> bool {
+    unsafe { ENDPOINTS.get(ip) }.is_some_and(|ep| ep.host_ifindex == ifindex)
+}
+
+/// ARP from a pod: IPv4-over-Ethernet requests and replies must name the
+/// pod's own address as sender, or none (a probe, RFC 5227); the kernel
+/// answers the rest.
+#[inline(always)]
+fn from_pod_arp(ctx: &TcContext, ifindex: u32) -> (i32, u32) {
+    // htype 1, ptype 0x0800, hlen 6, plen 4, then the operation.
+    const ETHER_IPV4: [u8; 6] = [0, 1, 8, 0, 6, 4];
+    let Ok(head) = ctx.load::<[u8; 6]>(EthHdr::LEN) else {
+        return (TC_ACT_OK, POD_PASS_MALFORMED);
+    };
+    if head != ETHER_IPV4 {
+        return (TC_ACT_OK, POD_PASS_NOT_IPV4);
+    }
+    // Sender protocol address: after the operation and the sender's MAC.
+    let Ok(spa) = ctx.load::<[u8; 4]>(EthHdr::LEN + 14) else {
+        return (TC_ACT_OK, POD_PASS_MALFORMED);
+    };
+    let spa = u32::from_ne_bytes(spa);
+    if spa != 0 && !pod_owns(spa, ifindex) {
+        return (TC_ACT_SHOT, POD_DROP_SPOOFED_ARP);
+    }
+    (TC_ACT_OK, POD_PASS_NOT_IPV4)
 }
 
 /// Builds the outer headers Flannel's VXLAN device would build and hands the
@@ -311,8 +350,10 @@ fn uplink(ctx: &XdpContext) -> (u32, u32) {
         return (pass, XDP_PASS_WRONG_VNI);
     }
     let src = u32::from_ne_bytes(ip.src_addr);
+    // Only nodes that hold a lease may send us VXLAN (the kernel's
+    // flannel.1 would take it from anyone).
     if unsafe { VTEPS.get(src) }.is_none() {
-        return (pass, XDP_PASS_UNKNOWN_VTEP);
+        return (xdp_action::XDP_DROP, XDP_DROP_UNKNOWN_VTEP);
     }
     let Some(inner_eth) = pkt.get_mut::<EthHdr>(parse::INNER_ETH) else {
         return (pass, XDP_PASS_MALFORMED);
@@ -378,6 +419,7 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
                 decapped = true;
             }
             Decap::NotOurs => {}
+            Decap::UnknownVtep => return (TC_ACT_SHOT, UPLINK_DROP_UNKNOWN_VTEP),
             Decap::Failed => return (TC_ACT_SHOT, UPLINK_DROP_DECAP_FAILED),
         }
     }
@@ -421,6 +463,8 @@ enum Decap {
     Done(Ipv4Hdr),
     /// Not VXLAN for a local pod from a known VTEP: the stack decides.
     NotOurs,
+    /// VXLAN for us from an address that holds no lease.
+    UnknownVtep,
     /// The kernel refused to shrink the packet.
     Failed,
 }
@@ -451,7 +495,7 @@ fn tc_decap(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr) -> Decap {
         return Decap::NotOurs;
     }
     if unsafe { VTEPS.get(u32::from_ne_bytes(ip.src_addr)) }.is_none() {
-        return Decap::NotOurs;
+        return Decap::UnknownVtep;
     }
     let Ok(inner_eth) = ctx.load::<EthHdr>(parse::INNER_ETH) else {
         return Decap::NotOurs;

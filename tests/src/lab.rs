@@ -482,6 +482,48 @@ impl Lab {
         Ok(name)
     }
 
+    /// A host on the node network that is not a node (holds no lease):
+    /// namespace `<lab id>-<suffix>` with `eth0` on the fabric at `addr`.
+    pub fn add_fabric_host(&mut self, suffix: &str, addr: Ipv4Addr) -> Result<String> {
+        let ns = self.netns(suffix)?;
+        let port = format!("h-{suffix}");
+        ip(&[
+            "-n",
+            &self.fabric,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &self.fabric,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        Ok(ns)
+    }
+
     fn add_ns(&mut self, name: &str) -> Result<()> {
         ip(&["netns", "add", name])?;
         self.namespaces.push(name.to_string());

@@ -87,3 +87,45 @@ pub fn http_get(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<Stri
         Ok(out)
     })
 }
+
+/// Sends one raw Ethernet `frame` out of interface `ifname` inside `ns`
+/// (an AF_PACKET socket: the frame leaves exactly as given).
+pub fn send_frame(ns: &str, ifname: &str, frame: Vec<u8>) -> Result<()> {
+    let ifname = std::ffi::CString::new(ifname)?;
+    in_netns(ns, move || {
+        // SAFETY: plain socket calls on a descriptor this closure owns;
+        // the address struct is zeroed and filled before use.
+        unsafe {
+            let ifindex = libc::if_nametoindex(ifname.as_ptr());
+            if ifindex == 0 {
+                bail!(
+                    "no interface {ifname:?}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            if fd < 0 {
+                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+            }
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if sent != frame.len() as isize {
+                bail!("sending a raw frame on {ifname:?}: {err}");
+            }
+        }
+        Ok(())
+    })
+}

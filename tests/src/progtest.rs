@@ -17,14 +17,20 @@ use flannel_common::{
 
 use crate::netns::{in_netns, ip};
 
+pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 9, 1);
 pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 9, 2);
 pub const STRANGER_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 9, 99);
 pub const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+/// The pod the TC test packets come from, registered behind the device a
+/// test run uses (the namespace's loopback, ifindex 1).
+pub const SOURCE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 12);
+pub const TEST_RUN_IFINDEX: u32 = 1;
 pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 11);
 pub const UPLINK_MAC: [u8; 6] = [0x0e, 0xaa, 0, 0, 0, 1];
 pub const NEIGH_MAC: [u8; 6] = [0x0e, 0xaa, 0, 0, 0, 2];
@@ -164,6 +170,15 @@ impl Harness {
             },
             0,
         )?;
+        eps.insert(
+            ip_key(SOURCE_POD),
+            Endpoint {
+                host_ifindex: TEST_RUN_IFINDEX,
+                pod_mac: POD_MAC,
+                _pad: [0; 2],
+            },
+            0,
+        )?;
         Ok(h)
     }
 
@@ -249,6 +264,17 @@ impl Harness {
     }
 }
 
+/// An IPv4-over-Ethernet ARP request from `sender` (MAC, address) for
+/// `target`.
+pub fn arp_request(sender_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    a.extend_from_slice(&sender_mac);
+    a.extend_from_slice(&sender.octets());
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&target.octets());
+    eth([0xff; 6], sender_mac, 0x0806, &a)
+}
+
 pub fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
@@ -294,7 +320,7 @@ pub fn pod_frame(dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
         GATEWAY_MAC,
         POD_MAC,
         0x0800,
-        &ipv4(Ipv4Addr::new(10, 244, 1, 12), dst, 1, ttl, &icmp_echo()),
+        &ipv4(SOURCE_POD, dst, 1, ttl, &icmp_echo()),
     )
 }
 
@@ -342,13 +368,7 @@ pub fn sized_pod_frame(dst: Ipv4Addr, size: usize) -> Vec<u8> {
         GATEWAY_MAC,
         POD_MAC,
         0x0800,
-        &ipv4(
-            Ipv4Addr::new(10, 244, 1, 12),
-            dst,
-            17,
-            64,
-            &vec![0u8; size.saturating_sub(34)],
-        ),
+        &ipv4(SOURCE_POD, dst, 17, 64, &vec![0u8; size.saturating_sub(34)]),
     )
 }
 

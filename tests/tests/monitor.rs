@@ -138,9 +138,9 @@ fn monitor_reports_each_pass_with_its_reason_and_holds_the_rate() -> Result<()> 
     let events = stop_monitor(&lab, 0, mon)?;
 
     assert_eq!(
-        the_one(&events, "xdp_pass_unknown_vtep"),
+        the_one(&events, "xdp_drop_unknown_vtep"),
         json!({
-            "type": "pass", "verdict": "xdp_pass_unknown_vtep", "program": "xdp_uplink",
+            "type": "drop", "verdict": "xdp_drop_unknown_vtep", "program": "xdp_uplink",
             "ifname": "eth0", "len": sent_len, "eth_type": "0x0800",
             "src": FABRIC_IP.to_string(), "dst": node0.to_string(), "proto": "udp",
             "sport": sport, "dport": PORT, "vni": 1,

@@ -88,11 +88,6 @@ fn xdp_passes_everything_else_untouched_with_its_reason() -> Result<()> {
             ("outer IP options", options, "xdp_pass_ip_options"),
             ("more fragments", more_frags, "xdp_pass_fragment"),
             ("fragment offset", frag_offset, "xdp_pass_fragment"),
-            (
-                "unknown node",
-                vxlan_frame(STRANGER_IP, PORT, VNI, 0x08, &local),
-                "xdp_pass_unknown_vtep",
-            ),
             ("inner ARP", inner_arp, "xdp_pass_inner_not_ipv4"),
             (
                 "inner dst not local",
@@ -122,6 +117,15 @@ fn xdp_passes_everything_else_untouched_with_its_reason() -> Result<()> {
             let out = h.expect(programs::XDP_UPLINK, pkt, XDP_PASS, counter, what)?;
             assert_eq!(&out, pkt, "{what}: must pass untouched");
         }
+        // VXLAN from an address that holds no lease never reaches the
+        // kernel's flannel.1, which would take it from anyone.
+        h.expect(
+            programs::XDP_UPLINK,
+            &vxlan_frame(STRANGER_IP, PORT, VNI, 0x08, &local),
+            XDP_DROP,
+            "xdp_drop_unknown_vtep",
+            "unknown node",
+        )?;
         // Truncated at every length, across every header boundary (the
         // kernel refuses test frames shorter than an Ethernet header).
         for cut in 14..good.len() {
@@ -162,13 +166,74 @@ fn tc_from_pod_verdicts() -> Result<()> {
         )?;
         assert_eq!(&out[0..6], &POD_MAC, "to the destination pod's MAC");
         assert_eq!(out[22], 64, "bridged: TTL untouched");
-        h.expect(
-            tc,
-            &eth([0xff; 6], POD_MAC, 0x0806, &[0u8; 28]),
-            TC_ACT_OK,
-            "pod_pass_not_ipv4",
-            "ARP",
-        )?;
+        // ARP: the pod's own sender address, or none (a probe), goes to
+        // the kernel; another's is dropped. Other ARP the kernel judges.
+        for (what, pkt, verdict, counter) in [
+            (
+                "ARP from the pod",
+                arp_request(POD_MAC, SOURCE_POD, LOCAL_POD),
+                TC_ACT_OK,
+                "pod_pass_not_ipv4",
+            ),
+            (
+                "ARP probe",
+                arp_request(POD_MAC, Ipv4Addr::UNSPECIFIED, SOURCE_POD),
+                TC_ACT_OK,
+                "pod_pass_not_ipv4",
+            ),
+            (
+                "ARP as another pod",
+                arp_request(POD_MAC, LOCAL_POD, Ipv4Addr::new(10, 244, 1, 1)),
+                TC_ACT_SHOT,
+                "pod_drop_spoofed_arp",
+            ),
+            (
+                "ARP as the gateway",
+                arp_request(POD_MAC, Ipv4Addr::new(10, 244, 1, 1), LOCAL_POD),
+                TC_ACT_SHOT,
+                "pod_drop_spoofed_arp",
+            ),
+            (
+                "not IPv4-over-Ethernet ARP",
+                eth([0xff; 6], POD_MAC, 0x0806, &[0u8; 28]),
+                TC_ACT_OK,
+                "pod_pass_not_ipv4",
+            ),
+            (
+                "ARP cut after its operation",
+                eth([0xff; 6], POD_MAC, 0x0806, &[0, 1, 8, 0, 6, 4, 0, 1]),
+                TC_ACT_OK,
+                "pod_pass_malformed",
+            ),
+        ] {
+            h.expect(tc, &pkt, verdict, counter, what)?;
+        }
+        // IPv4 whose source is not the pod's: another pod's (registered
+        // behind another veth), the gateway, a node, the outside, none.
+        for src in [
+            LOCAL_POD,
+            Ipv4Addr::new(10, 244, 1, 1),
+            Ipv4Addr::new(10, 244, 1, 99),
+            NODE_IP,
+            Ipv4Addr::new(8, 8, 8, 8),
+            Ipv4Addr::UNSPECIFIED,
+        ] {
+            for dst in [LOCAL_POD, REMOTE_POD, NODE_IP] {
+                let pkt = eth(
+                    GATEWAY_MAC,
+                    POD_MAC,
+                    0x0800,
+                    &ipv4(src, dst, 1, 64, &icmp_echo()),
+                );
+                h.expect(
+                    tc,
+                    &pkt,
+                    TC_ACT_SHOT,
+                    "pod_drop_spoofed_src",
+                    &format!("{src} -> {dst}"),
+                )?;
+            }
+        }
         // (The kernel refuses test frames with a cut IPv4 header; the XDP
         // test covers truncation at every length.)
         let mut v6_in_v4 = pod_frame(LOCAL_POD, 64);
@@ -207,7 +272,7 @@ fn tc_from_pod_verdicts() -> Result<()> {
             GATEWAY_MAC,
             POD_MAC,
             0x0800,
-            &ipv4(LOCAL_POD, REMOTE_POD, 17, 64, &[0u8; 1480]),
+            &ipv4(SOURCE_POD, REMOTE_POD, 17, 64, &[0u8; 1480]),
         );
         h.expect(tc, &big, TC_ACT_OK, "pod_pass_too_big", "1500-byte packet")?;
         // No route to the remote node: the stack gets the packet intact.
@@ -373,16 +438,23 @@ fn tc_uplink_ingress_decapsulates_when_there_is_no_xdp() -> Result<()> {
             ),
             ("I flag clear", vxlan_frame(REMOTE_IP, PORT, VNI, 0, &inner)),
             (
-                "unknown VTEP",
-                vxlan_frame(STRANGER_IP, PORT, VNI, 0x08, &inner),
-            ),
-            (
                 "not a local pod",
                 vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &inner_frame(REMOTE_POD)),
             ),
         ] {
             let out = h.expect(up, &pkt, TC_ACT_OK, "uplink_pass", what)?;
             assert_eq!(out, pkt, "{what}: changed");
+        }
+        // VXLAN from an address that holds no lease is dropped, whatever
+        // it carries.
+        for inner_dst in [LOCAL_POD, REMOTE_POD] {
+            h.expect(
+                up,
+                &vxlan_frame(STRANGER_IP, PORT, VNI, 0x08, &inner_frame(inner_dst)),
+                TC_ACT_SHOT,
+                "uplink_drop_unknown_vtep",
+                &format!("unknown VTEP, inner {inner_dst}"),
+            )?;
         }
         // Without the flag (XDP decapsulates), VXLAN is left alone.
         h.set_config(ns.uplink_index()?, CONFIG_F_READY)?;

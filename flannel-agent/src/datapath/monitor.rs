@@ -300,7 +300,7 @@ mod tests {
         let ip = |s: &str| u32::from_ne_bytes(s.parse::<Ipv4Addr>().unwrap().octets());
         let ev = Event {
             ts_ns: 7,
-            counter: counters::XDP_PASS_UNKNOWN_VTEP,
+            counter: counters::XDP_DROP_UNKNOWN_VTEP,
             ifindex: 0,
             len: 98,
             flags: EVENT_F_IPV4 | EVENT_F_L4 | EVENT_F_VXLAN | EVENT_F_INNER_L4,
@@ -319,12 +319,12 @@ mod tests {
             _pad: 0,
         };
         let m = MonitorEvent::decode(&ev);
-        assert_eq!(m.kind, "pass");
-        assert_eq!(m.verdict, "xdp_pass_unknown_vtep");
+        assert_eq!(m.kind, "drop");
+        assert_eq!(m.verdict, "xdp_drop_unknown_vtep");
         assert_eq!(m.program, "xdp_uplink");
         assert_eq!(
             m.line(),
-            "pass (xdp_pass_unknown_vtep) by xdp_uplink on ?(0): 172.30.0.254:40000 -> 172.30.0.1:4789 udp vxlan vni 1 [10.244.2.9:1234 -> 10.244.1.2:80 tcp] len 98"
+            "drop (xdp_drop_unknown_vtep) by xdp_uplink on ?(0): 172.30.0.254:40000 -> 172.30.0.1:4789 udp vxlan vni 1 [10.244.2.9:1234 -> 10.244.1.2:80 tcp] len 98"
         );
         let drop = MonitorEvent::decode(&Event {
             counter: counters::UPLINK_DROP_DECAP_FAILED,
