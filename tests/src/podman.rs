@@ -162,11 +162,10 @@ network_config_dir = "{conf}"
             .args(["delete", "--force", &id])
             .output()
             .context("running runc delete")?;
-        if !out.status.success() {
-            bail!(
-                "runc delete {id}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Podman's own clean-up may have got there first.
+        if !out.status.success() && !err.contains("does not exist") {
+            bail!("runc delete {id}: {}", err.trim());
         }
         Ok(())
     }

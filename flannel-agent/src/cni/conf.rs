@@ -102,9 +102,29 @@ impl NetConf {
                 "name {name:?} may hold only letters, digits, '_', '.' and '-'"
             )));
         }
+        // The runtime chose this plugin by `type`; a config without one
+        // was not meant for any plugin.
+        if opt_str(m, "type")?.is_none_or(|t| t.is_empty()) {
+            return Err(invalid("type is missing from the network configuration"));
+        }
         let subnet_file =
             PathBuf::from(opt_str(m, "subnetFile")?.unwrap_or(DEFAULT_SUBNET_FILE.into()));
         let data_dir = PathBuf::from(opt_str(m, "dataDir")?.unwrap_or(DEFAULT_DATA_DIR.into()));
+        // Records are written under it: it must be a plain absolute path.
+        if !data_dir.is_absolute()
+            || !data_dir.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            })
+            || data_dir.to_string_lossy().split('/').any(|s| s == "..")
+        {
+            return Err(invalid(format!(
+                "dataDir {:?} must be an absolute path without '.' or '..'",
+                data_dir
+            )));
+        }
         let agent_socket = match opt_str(m, "agentSocket")? {
             Some(s) => PathBuf::from(s),
             None => subnet_file
@@ -323,7 +343,7 @@ mod tests {
 
     #[test]
     fn ipam_and_delegate_overrides_are_kept() {
-        let c = NetConf::parse(br#"{"name":"n","cniVersion":"1.1.0","subnetFile":"/x/subnet.env","dataDir":"/d","delegate":{"bridge":"br9","mtu":1400,"ipMasq":true},"ipam":{"type":"host-local","dataDir":"/ipam","routes":[{"dst":"10.244.0.0/16"}]}}"#).unwrap();
+        let c = NetConf::parse(br#"{"name":"n","type":"flannel","cniVersion":"1.1.0","subnetFile":"/x/subnet.env","dataDir":"/d","delegate":{"bridge":"br9","mtu":1400,"ipMasq":true},"ipam":{"type":"host-local","dataDir":"/ipam","routes":[{"dst":"10.244.0.0/16"}]}}"#).unwrap();
         assert_eq!(c.agent_socket, PathBuf::from("/x/agent.sock"));
         assert_eq!(c.bridge(), "br9");
         assert!(c.ip_masq(&env()));
@@ -345,39 +365,59 @@ mod tests {
                 "incompatible CNI versions",
             ),
             (r#"{"cniVersion":"1.0.0"}"#, 7, "name is missing"),
-            (r#"{"cniVersion":"1.0.0","name":"a/b"}"#, 7, "may hold only"),
             (
-                r#"{"cniVersion":"1.0.0","name":"n","delegate":{"type":"ipvlan"}}"#,
+                r#"{"cniVersion":"1.0.0","name":"a/b","type":"flannel"}"#,
+                7,
+                "may hold only",
+            ),
+            (r#"{"cniVersion":"1.0.0","name":"n"}"#, 7, "type is missing"),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":""}"#,
+                7,
+                "type is missing",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"flannel","dataDir":"var/lib"}"#,
+                7,
+                "dataDir",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"flannel","dataDir":"/var/lib/cni/../../etc"}"#,
+                7,
+                "dataDir",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"flannel","delegate":{"type":"ipvlan"}}"#,
                 2,
                 "delegate.type",
             ),
             (
-                r#"{"cniVersion":"1.0.0","name":"n","delegate":{"mtu":"big"}}"#,
+                r#"{"cniVersion":"1.0.0","name":"n","type":"flannel","delegate":{"mtu":"big"}}"#,
                 7,
                 "delegate.mtu",
             ),
             (
-                r#"{"cniVersion":"1.0.0","name":"n","delegate":{"hairpinMode":"yes"}}"#,
+                r#"{"cniVersion":"1.0.0","name":"n","type":"flannel","delegate":{"hairpinMode":"yes"}}"#,
                 7,
                 "hairpinMode",
             ),
             (
-                r#"{"cniVersion":"1.0.0","name":"n","delegate":{"bridge":"a b"}}"#,
+                r#"{"cniVersion":"1.0.0","name":"n","type":"flannel","delegate":{"bridge":"a b"}}"#,
                 7,
                 "delegate.bridge",
             ),
             (
-                r#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"../x"}}"#,
+                r#"{"cniVersion":"1.0.0","name":"n","type":"flannel","ipam":{"type":"../x"}}"#,
                 7,
                 "ipam.type",
             ),
             (
-                r#"{"cniVersion":"1.0.0","name":"n","subnetFile":5}"#,
+                r#"{"cniVersion":"1.0.0","name":"n","type":"flannel","subnetFile":5}"#,
                 7,
                 "subnetFile must be a string",
             ),
             (
-                r#"{"cniVersion":"1.1.0","name":"n","cni.dev/valid-attachments":[{"ifname":"eth0"}]}"#,
+                r#"{"cniVersion":"1.1.0","name":"n","type":"flannel","cni.dev/valid-attachments":[{"ifname":"eth0"}]}"#,
                 7,
                 "needs containerID",
             ),
@@ -392,7 +432,7 @@ mod tests {
     #[test]
     fn missing_subnet_env_says_to_check_the_agent() {
         let c = NetConf::parse(
-            br#"{"name":"n","cniVersion":"1.0.0","subnetFile":"/nonexistent/subnet.env"}"#,
+            br#"{"name":"n","type":"flannel","cniVersion":"1.0.0","subnetFile":"/nonexistent/subnet.env"}"#,
         )
         .unwrap();
         let e = c.subnet_env().unwrap_err();

@@ -358,6 +358,9 @@ impl CniEnv {
         if !self.ifname.is_empty() {
             valid_ifname(&self.ifname)?;
         }
+        if !self.netns.is_empty() {
+            valid_netns(&self.netns)?;
+        }
         Ok(())
     }
 
@@ -386,21 +389,46 @@ pub fn valid_container_id(id: &str) -> CniResult<()> {
     }
 }
 
-/// A Linux interface name: 1 to 15 bytes, no `/`, `:` or whitespace, not `.`/`..`.
+/// A Linux interface name: 1 to 15 printable ASCII bytes, no `/`, `:`
+/// or whitespace, not `.`/`..` (the kernel takes other bytes too, but
+/// they end up in file names, logs and terminals).
 pub fn valid_ifname(name: &str) -> CniResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 15
         && name != "."
         && name != ".."
-        && !name
+        && name
             .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+            .all(|c| c.is_ascii_graphic() && c != '/' && c != ':');
     if ok {
         Ok(())
     } else {
         Err(CniError::new(
             code::INVALID_ENV,
-            format!("CNI_IFNAME {name:?} is not a valid interface name (1-15 bytes, no '/', ':' or spaces)"),
+            format!("CNI_IFNAME {name:?} is not a valid interface name (1-15 printable ASCII bytes, no '/', ':' or spaces)"),
+        ))
+    }
+}
+
+/// `CNI_NETNS`: an absolute path with no `.` or `..` component (a
+/// runtime passes `/proc/<pid>/ns/net` or `/run/netns/<name>`).
+pub fn valid_netns(path: &str) -> CniResult<()> {
+    let p = std::path::Path::new(path);
+    let ok = p.is_absolute()
+        && !path.contains('\0')
+        && p.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        })
+        && !path.split('/').any(|seg| seg == "." || seg == "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_NETNS {path:?} must be an absolute path without '.' or '..'"),
         ))
     }
 }
@@ -482,10 +510,38 @@ mod tests {
         for id in ["-abc", "a/b", "a b", "../x"] {
             assert!(valid_container_id(id).is_err(), "{id}");
         }
-        for name in ["", "eth0/1", "a:b", ".", "sixteen-chars-xx", "a b"] {
+        for name in [
+            "",
+            "eth0/1",
+            "a:b",
+            ".",
+            "..",
+            "sixteen-chars-xx",
+            "a b",
+            "eth\u{7}0",
+            "eth0\n",
+            "\u{1b}[31m",
+            "\u{e9}th0",
+        ] {
             assert!(valid_ifname(name).is_err(), "{name:?}");
         }
         assert!(valid_ifname("eth0").is_ok() && valid_container_id("k8s_pod-1.a").is_ok());
+        for netns in ["net", "proc/1/ns/net", "/run/netns/../x", "/run/./netns/x"] {
+            assert!(valid_netns(netns).is_err(), "{netns:?}");
+        }
+        for netns in ["/proc/42/ns/net", "/run/netns/cni-1234", "/var/run/netns/x"] {
+            assert!(valid_netns(netns).is_ok(), "{netns:?}");
+        }
+        // The checks run with the variables present.
+        let bad = CniEnv::from_map(&HashMap::from([
+            ("CNI_CONTAINERID".to_string(), "abc".to_string()),
+            ("CNI_NETNS".to_string(), "relative/ns".to_string()),
+            ("CNI_IFNAME".to_string(), "eth0".to_string()),
+        ]));
+        let e = bad
+            .require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])
+            .unwrap_err();
+        assert!(e.msg.contains("CNI_NETNS"), "{}", e.msg);
     }
 
     #[test]
