@@ -1,13 +1,20 @@
 //! Atomic file writes, shared by the agent (pod records), subnet.env and
 //! the CNI plugin (attachment records, the installed binary and conflist):
 //! a reader never sees half a file, because each file is written under a
-//! temporary name in its own directory and renamed over the old one.
+//! temporary name in its own directory and renamed over the old one. And
+//! the check that a path from a caller is a plain absolute one.
 
 use std::{
     io::{self, Write},
     os::unix::fs::PermissionsExt,
     path::Path,
 };
+
+/// Whether `path` is absolute, without NUL bytes, and has no `.` or `..`
+/// segment: a path from a caller that cannot climb out of where it says.
+pub fn plain_absolute(path: &str) -> bool {
+    path.starts_with('/') && !path.contains('\0') && !path.split('/').any(|s| s == "." || s == "..")
+}
 
 /// Writes `bytes` to `path` atomically (temp file + rename). Not synced:
 /// for state that is rebuilt from the kernel or the store after a crash.
@@ -55,6 +62,24 @@ pub fn put_file(target: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn plain_absolute_paths() {
+        for ok in [
+            "/",
+            "/var/lib/cni",
+            "/run/netns/x",
+            "/a//b",
+            "/proc/1/ns/net",
+        ] {
+            assert!(super::plain_absolute(ok), "{ok}");
+        }
+        for bad in [
+            "", "var/lib", "/a/../b", "/a/./b", "/..", "/a/.", "/a\0b", "./a",
+        ] {
+            assert!(!super::plain_absolute(bad), "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

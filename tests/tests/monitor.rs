@@ -1,7 +1,7 @@
 //! `flannel-agent monitor` on a live lab (XDP decapsulation, so that the
 //! uplink's verdicts are the specific ones): a VXLAN packet from a host
-//! that holds no lease and a truncated VXLAN packet from a node each give
-//! exactly the event expected, a flood is held to the rate limit in the
+//! that holds no lease (dropped) and a truncated VXLAN packet from a node
+//! (passed) each give exactly the event expected, a flood is held to the rate limit in the
 //! kernel, and the monitor turns events off when it stops.
 
 use std::{
@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use flannel_agent::datapath::monitor;
-use flannel_common::MONITOR_PASS;
+use flannel_common::{MONITOR_DROP, MONITOR_PASS};
 use flannel_tests::{
     lab::{agent_bin, command_in_netns, LabOptions, FABRIC_IP},
     netns::in_netns,
@@ -23,20 +23,20 @@ use serde_json::{json, Value};
 
 const PORT: u16 = 4789;
 
-/// `flannel-agent monitor --type pass -o json` in node `i`, once its
+/// `flannel-agent monitor --type all -o json` in node `i`, once its
 /// events are on.
 fn start_monitor(lab: &Lab, i: usize, extra: &[&str]) -> Result<Child> {
     let mut cmd = command_in_netns(agent_bin()?, &lab.nodes[i].ns)?;
     cmd.arg("monitor")
         .arg("--bpf-dir")
         .arg(&lab.nodes[i].bpf_dir)
-        .args(["--type", "pass", "-o", "json"])
+        .args(["--type", "all", "-o", "json"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = cmd.spawn().context("starting flannel-agent monitor")?;
     lab.wait_for(Duration::from_secs(10), "events on", |lab| {
-        monitor::config(&lab.nodes[i].bpf_dir).is_ok_and(|c| c.mask == MONITOR_PASS)
+        monitor::config(&lab.nodes[i].bpf_dir).is_ok_and(|c| c.mask == MONITOR_PASS | MONITOR_DROP)
     })?;
     Ok(child)
 }
@@ -108,7 +108,7 @@ fn the_one(events: &[Value], verdict: &str) -> Value {
 }
 
 #[test]
-fn monitor_reports_each_pass_with_its_reason_and_holds_the_rate() -> Result<()> {
+fn monitor_reports_each_drop_and_pass_with_its_reason_and_holds_the_rate() -> Result<()> {
     let lab = Lab::with(
         &[
             NodeSpec::new(NodeKind::Ebpf, 1),

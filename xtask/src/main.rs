@@ -238,9 +238,6 @@ fn image(tags: &[String]) -> Result<()> {
                 .arg(bins.join(bin))
                 .arg(format!("/usr/local/bin/{bin}")))?;
         }
-        let built = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs();
         run(buildah().args([
             "config",
             "--entrypoint",
@@ -251,8 +248,6 @@ fn image(tags: &[String]) -> Result<()> {
             "org.opencontainers.image.title=flannel-ebpf",
             "--label",
             &format!("org.opencontainers.image.version={tag}"),
-            "--label",
-            &format!("org.opencontainers.image.created={built}"),
             &ctr,
         ]))?;
         run(buildah().args(["commit", "--rm", &ctr, &reference]))?;
@@ -264,6 +259,8 @@ fn image(tags: &[String]) -> Result<()> {
             .arg(format!("oci-archive:{}:{reference}", archive.display())))?;
         eprintln!("xtask: image {reference} -> {}", archive.display());
     }
+    // Earlier builds of these tags, untagged now, would only fill the disk.
+    let _ = buildah().args(["rmi", "--prune"]).output();
     Ok(())
 }
 

@@ -111,18 +111,9 @@ impl NetConf {
             PathBuf::from(opt_str(m, "subnetFile")?.unwrap_or(DEFAULT_SUBNET_FILE.into()));
         let data_dir = PathBuf::from(opt_str(m, "dataDir")?.unwrap_or(DEFAULT_DATA_DIR.into()));
         // Records are written under it: it must be a plain absolute path.
-        if !data_dir.is_absolute()
-            || !data_dir.components().all(|c| {
-                matches!(
-                    c,
-                    std::path::Component::RootDir | std::path::Component::Normal(_)
-                )
-            })
-            || data_dir.to_string_lossy().split('/').any(|s| s == "..")
-        {
+        if !crate::fsutil::plain_absolute(&data_dir.to_string_lossy()) {
             return Err(invalid(format!(
-                "dataDir {:?} must be an absolute path without '.' or '..'",
-                data_dir
+                "dataDir {data_dir:?} must be an absolute path without '.' or '..'"
             )));
         }
         let agent_socket = match opt_str(m, "agentSocket")? {

@@ -413,17 +413,7 @@ pub fn valid_ifname(name: &str) -> CniResult<()> {
 /// `CNI_NETNS`: an absolute path with no `.` or `..` component (a
 /// runtime passes `/proc/<pid>/ns/net` or `/run/netns/<name>`).
 pub fn valid_netns(path: &str) -> CniResult<()> {
-    let p = std::path::Path::new(path);
-    let ok = p.is_absolute()
-        && !path.contains('\0')
-        && p.components().all(|c| {
-            matches!(
-                c,
-                std::path::Component::RootDir | std::path::Component::Normal(_)
-            )
-        })
-        && !path.split('/').any(|seg| seg == "." || seg == "..");
-    if ok {
+    if crate::fsutil::plain_absolute(path) {
         Ok(())
     } else {
         Err(CniError::new(
