@@ -539,7 +539,21 @@ impl Lab {
         let fab = self.fabric.clone();
         self.add_ns(&fab)?;
         ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &fab, "link", "set", "br0", "up"])?;
+        // A bridge without an address of its own takes the lowest of its
+        // ports' and changes it when a node joins with a lower one; every
+        // node's neighbour entry for the fabric address (etcd, the API
+        // server, the default gateway) then points nowhere until it is
+        // probed again, up to tens of seconds later.
+        ip(&[
+            "-n",
+            &fab,
+            "link",
+            "set",
+            "br0",
+            "address",
+            "0e:fa:b0:00:00:fe",
+            "up",
+        ])?;
         ip(&[
             "-n",
             &fab,
