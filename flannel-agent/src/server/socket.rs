@@ -225,6 +225,17 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<ApiCall>, access: Access) {
             }
         };
         reply(&mut write, &Response::err(closing)).await;
+        // The caller may still be sending what follows: closing with it
+        // unread would turn the answer into a connection reset on its
+        // side. Say "no more" first, then take (and drop) what is still
+        // coming, a bounded amount for a bounded time.
+        let _ = write.shutdown().await;
+        let mut sink = tokio::io::sink();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::io::copy(&mut (&mut lines).take(16 * MAX_MESSAGE as u64), &mut sink),
+        )
+        .await;
         return;
     }
 }
