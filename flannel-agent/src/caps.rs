@@ -64,11 +64,9 @@ pub fn required(datapath: DatapathMode, api_group: bool) -> Vec<Cap> {
 /// `CAP_BPF` and `CAP_PERFMON`, as it does in the kernel.
 pub fn missing(wanted: &[Cap], eff: u64) -> Vec<Cap> {
     let has = |bit: u32| eff & (1 << bit) != 0;
-    wanted
-        .iter()
-        .filter(|c| !(has(c.bit) || (c.bit == BPF.bit || c.bit == PERFMON.bit) && has(SYS_ADMIN)))
-        .copied()
-        .collect()
+    let covered_by_sys_admin = |c: &Cap| c.bit == BPF.bit || c.bit == PERFMON.bit;
+    let held = |c: &Cap| has(c.bit) || (covered_by_sys_admin(c) && has(SYS_ADMIN));
+    wanted.iter().filter(|c| !held(c)).copied().collect()
 }
 
 /// This process's effective capability set.

@@ -343,6 +343,31 @@ pub fn vxlan_frame(src: Ipv4Addr, port: u16, vni: u32, flags: u8, inner: &[u8]) 
     )
 }
 
+/// What a node sends as the UDP payload to a VXLAN port (VNI 1): the
+/// VXLAN header, then an Ethernet frame to `vtep_mac` carrying IPv4 (valid
+/// checksum) and UDP `sport -> dport` with `body`.
+pub fn vxlan_payload(
+    vtep_mac: [u8; 6],
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    body: &[u8],
+) -> Vec<u8> {
+    let mut udp = sport.to_be_bytes().to_vec();
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&((8 + body.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(body);
+    let inner = eth(
+        vtep_mac,
+        [0x0e, 0x0b, 0xad, 0, 0, 1],
+        0x0800,
+        &ipv4(src, dst, 17, 64, &udp),
+    );
+    let mut p = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    p.extend_from_slice(&inner);
+    p
+}
+
 pub fn inner_frame(dst: Ipv4Addr) -> Vec<u8> {
     eth(
         VTEP_MAC,

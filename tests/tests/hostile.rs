@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use flannel_tests::{
     lab::LabOptions,
     netns::{in_netns, send_frame, spawn_in_netns},
-    progtest::{arp_request, eth, ipv4},
+    progtest::{arp_request, vxlan_payload},
     Lab, NodeKind, NodeSpec,
 };
 
@@ -60,25 +60,6 @@ fn send_udp(ns: &str, from: SocketAddr, to: SocketAddr, body: &'static [u8]) -> 
     })
 }
 
-/// A VXLAN payload (VNI 1) carrying a well-formed frame to `vtep_mac`:
-/// IPv4 (valid checksum) and UDP `1234 -> dport` with `body`.
-fn vxlan(vtep_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, dport: u16, body: &[u8]) -> Vec<u8> {
-    let mut udp = 1234u16.to_be_bytes().to_vec();
-    udp.extend_from_slice(&dport.to_be_bytes());
-    udp.extend_from_slice(&((8 + body.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(body);
-    let inner = eth(
-        vtep_mac,
-        [0x0e, 0x0b, 0xad, 0, 0, 1],
-        0x0800,
-        &ipv4(src, dst, 17, 64, &udp),
-    );
-    let mut p = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
-    p.extend_from_slice(&inner);
-    p
-}
-
 fn counter(lab: &Lab, i: usize, name: &str) -> u64 {
     lab.nodes[i].counters().unwrap()[name]
 }
@@ -101,11 +82,10 @@ fn vxlan_from_a_host_without_a_lease_never_reaches_a_pod() -> Result<()> {
         let pod = lab.pod((0, 0));
         let (pod_ns, pod_ip) = (pod.ns.clone(), pod.ip);
         let node = SocketAddr::new(lab.nodes[0].ip.into(), VXLAN_PORT);
-        let frame = vxlan(
+        let frame = vxlan_payload(
             lab.nodes[0].vtep_mac.0,
-            Ipv4Addr::new(10, 244, 9, 9),
-            pod_ip,
-            9999,
+            (Ipv4Addr::new(10, 244, 9, 9), 1234),
+            (pod_ip, 9999),
             b"smuggled",
         );
         let at = SocketAddr::new(pod_ip.into(), 9999);

@@ -17,6 +17,7 @@ use flannel_common::{MONITOR_DROP, MONITOR_PASS};
 use flannel_tests::{
     lab::{agent_bin, command_in_netns, LabOptions, FABRIC_IP},
     netns::in_netns,
+    progtest::vxlan_payload,
     Lab, NodeKind, NodeSpec,
 };
 use serde_json::{json, Value};
@@ -57,25 +58,6 @@ fn stop_monitor(lab: &Lab, i: usize, mut child: Child) -> Result<Vec<Value>> {
     out.lines()
         .map(|l| serde_json::from_str(l).with_context(|| format!("event line {l:?}")))
         .collect()
-}
-
-/// VXLAN (VNI 1) carrying Ethernet + IPv4 + UDP `sport -> dport`.
-fn vxlan_payload(inner_src: Ipv4Addr, inner_dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
-    let mut p = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
-    p.extend_from_slice(&[0x0e, 0, 0, 0, 0, 1, 0x0e, 0, 0, 0, 0, 2, 0x08, 0x00]);
-    let body = b"probe";
-    let total = (20 + 8 + body.len()) as u16;
-    p.extend_from_slice(&[0x45, 0]);
-    p.extend_from_slice(&total.to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0]);
-    p.extend_from_slice(&inner_src.octets());
-    p.extend_from_slice(&inner_dst.octets());
-    p.extend_from_slice(&sport.to_be_bytes());
-    p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&((8 + body.len()) as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(body);
-    p
 }
 
 /// Sends `payloads` over UDP from namespace `ns` to `to`; returns the
@@ -127,7 +109,12 @@ fn monitor_reports_each_drop_and_pass_with_its_reason_and_holds_the_rate() -> Re
     // no lease.
     let mon = start_monitor(&lab, 0, &[])?;
     let inner_src: Ipv4Addr = "10.244.9.9".parse()?;
-    let payload = vxlan_payload(inner_src, pod, 1234, 80);
+    let payload = vxlan_payload(
+        [0x0e, 0, 0, 0, 0, 1],
+        (inner_src, 1234),
+        (pod, 80),
+        b"probe",
+    );
     let sent_len = 14 + 20 + 8 + payload.len();
     let sport = send_from(&lab.fabric, to, vec![payload])?;
     // From node 2, a VXLAN header and six bytes: too short for a frame.
