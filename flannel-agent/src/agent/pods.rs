@@ -152,8 +152,15 @@ impl Pods {
     pub fn delete(&mut self, dp: Option<&mut Datapath>, ip: Ipv4Addr) -> anyhow::Result<()> {
         let rec = self.records.remove(&ip);
         if let Some(dp) = dp {
+            // The interface may be gone already (its namespace deleted
+            // before DEL): the map entry still names the ifindex its
+            // pinned link was made for.
+            let index = dp
+                .endpoint(ip)?
+                .map(|ep| ep.host_ifindex)
+                .or_else(|| rec.and_then(|r| ebpf::ifindex(&r.host_ifname)));
             dp.remove_endpoint(ip)?;
-            if let Some(index) = rec.and_then(|r| ebpf::ifindex(&r.host_ifname)) {
+            if let Some(index) = index {
                 dp.detach_pod(index);
             }
         }

@@ -462,6 +462,15 @@ impl Datapath {
             .map_err(map_err(maps::ENDPOINTS))
     }
 
+    /// The endpoint entry of `ip`, if the map holds one.
+    pub fn endpoint(&mut self, ip: Ipv4Addr) -> Result<Option<Endpoint>> {
+        match self.endpoint_map()?.get(&ip_key(ip), 0) {
+            Ok(ep) => Ok(Some(ep)),
+            Err(e) if is_absent(&e) => Ok(None),
+            Err(e) => Err(map_err(maps::ENDPOINTS)(e)),
+        }
+    }
+
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
         absent_is_fine(self.endpoint_map()?.remove(&ip_key(ip))).map_err(map_err(maps::ENDPOINTS))
     }
@@ -519,19 +528,23 @@ fn trie_key(net: Ipv4Net) -> Key<u32> {
     Key::new(u32::from(net.prefix_len()), ip_key(net.network()))
 }
 
+/// Whether `e` says the key is not in the map (aya 0.14 reports a missing
+/// key on delete as the syscall's ENOENT, on lookup as `KeyNotFound`).
+fn is_absent(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// A delete of a key that is not there has nothing to do.
 fn absent_is_fine(
     r: std::result::Result<(), aya::maps::MapError>,
 ) -> std::result::Result<(), aya::maps::MapError> {
     match r {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        // aya 0.14 reports a missing key on delete as the syscall's ENOENT.
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(e),
+        Err(e) if is_absent(&e) => Ok(()),
+        other => other,
     }
 }
 
