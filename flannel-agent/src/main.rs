@@ -8,7 +8,7 @@ use flannel_agent::{
     agent::{self, defaults, store::StoreOptions, Options},
     api::{self, EndpointRecord, Request},
     cni,
-    datapath::{ebpf, monitor::EventType, DatapathMode, XdpMode},
+    datapath::{ebpf, monitor::EventType, DatapathMode, VxlanSourceCheck, XdpMode},
     mac::MacAddr,
     subnet::{etcd, kube, LeaseTiming},
 };
@@ -233,6 +233,11 @@ struct RunArgs {
     /// native XDP turns off segmentation offload on its peer).
     #[arg(long, env = "FLANNEL_XDP_MODE", value_enum, default_value_t = XdpMode::Auto)]
     xdp_mode: XdpMode,
+    /// What VXLAN's outer source must show to be accepted: `lease` (its IP
+    /// holds a lease) or `strict` (and its MAC is that IP's neighbour
+    /// entry).
+    #[arg(long, value_enum, default_value_t = VxlanSourceCheck::Lease)]
+    vxlan_source_check: VxlanSourceCheck,
     /// Where maps and links are pinned (one directory per instance).
     #[arg(long, default_value = defaults::BPF_DIR)]
     bpf_dir: PathBuf,
@@ -330,6 +335,7 @@ impl RunArgs {
                 .then(|| std::net::SocketAddr::new(self.healthz_ip, self.healthz_port)),
             datapath: self.datapath,
             xdp_mode: self.xdp_mode,
+            vxlan_source_check: self.vxlan_source_check,
             bpf_dir: self.bpf_dir,
             run_dir: self.run_dir,
             bridge: self.bridge,

@@ -57,6 +57,15 @@ pub const CONFIG_F_READY: u32 = 1;
 /// No XDP on the uplink: `tc_uplink_ingress` decapsulates VXLAN itself
 /// (whole GSO packets, no copy).
 pub const CONFIG_F_TC_DECAP: u32 = 2;
+/// `--vxlan-source-check strict`: VXLAN's outer source MAC must be the
+/// neighbour entry (`bpf_fib_lookup`) of its outer source IP.
+pub const CONFIG_F_STRICT_SOURCE: u32 = 4;
+
+/// What `xdp_uplink` writes in the metadata in front of a packet it
+/// decapsulated, so that `tc_uplink_ingress` routes into a pod only what
+/// came out of a VXLAN packet it accepted, never a plain packet sent to a
+/// pod address from outside. Nothing on the wire can set metadata.
+pub const XDP_META_DECAPPED: u32 = 0x464c_4e31;
 
 /// Node-wide configuration, one entry at index 0 of the config array.
 #[repr(C)]
@@ -195,9 +204,43 @@ pub struct Event {
     pub _pad: u64,
 }
 
+#[macro_use]
+pub mod decap;
+
+/// Builds the counter name table from the decap reason list.
+macro_rules! counter_names {
+    ($($id:ident = $n:literal, $name:literal, $action:ident;)*) => {
+        /// Stable names, indexed by counter.
+        pub const NAMES: [&str; COUNT as usize] = [
+            "pod_local_redirect",
+            "pod_encap_redirect",
+            "pod_encap_neigh",
+            "pod_pass_not_ipv4",
+            "pod_pass_not_pod_dst",
+            "pod_pass_ttl",
+            "pod_pass_too_big",
+            "pod_pass_no_config",
+            "pod_pass_no_route",
+            "pod_pass_malformed",
+            "pod_drop_encap_failed",
+            $(concat!("xdp_", $name),)*
+            "xdp_pass_no_meta",
+            $(concat!("uplink_", $name),)*
+            "uplink_redirect",
+            "uplink_pass",
+            "uplink_pass_ttl",
+            "uplink_drop_redirect_failed",
+            "pod_drop_spoofed_src",
+            "pod_drop_spoofed_arp",
+        ];
+    };
+}
+
 /// Per-CPU counters, one per verdict and per drop reason. The index is the
 /// position in the counter array; `NAMES` gives each a stable name.
 pub mod counters {
+    use crate::decap::{self, Action};
+
     // tc_from_pod
     pub const POD_LOCAL_REDIRECT: u32 = 0;
     pub const POD_ENCAP_REDIRECT: u32 = 1;
@@ -210,75 +253,49 @@ pub mod counters {
     pub const POD_PASS_NO_ROUTE: u32 = 8;
     pub const POD_PASS_MALFORMED: u32 = 9;
     pub const POD_DROP_ENCAP_FAILED: u32 = 10;
-    // xdp_uplink
-    pub const XDP_DECAP: u32 = 11;
-    pub const XDP_PASS_NOT_IPV4: u32 = 12;
-    pub const XDP_PASS_NOT_VXLAN: u32 = 13;
-    pub const XDP_PASS_FRAGMENT: u32 = 14;
-    pub const XDP_PASS_IP_OPTIONS: u32 = 15;
-    pub const XDP_PASS_WRONG_VNI: u32 = 16;
-    /// VXLAN on our port and VNI from an address that holds no lease.
-    pub const XDP_DROP_UNKNOWN_VTEP: u32 = 17;
-    pub const XDP_PASS_NOT_LOCAL: u32 = 18;
-    pub const XDP_PASS_MALFORMED: u32 = 19;
-    pub const XDP_PASS_INNER_NOT_IPV4: u32 = 20;
-    pub const XDP_PASS_NO_CONFIG: u32 = 21;
-    pub const XDP_DROP_ADJUST_FAILED: u32 = 22;
-    // tc_uplink_ingress
-    pub const UPLINK_REDIRECT: u32 = 23;
-    pub const UPLINK_PASS: u32 = 24;
-    pub const UPLINK_PASS_TTL: u32 = 25;
-    pub const UPLINK_DROP_REDIRECT_FAILED: u32 = 26;
-    // tc_uplink_ingress decapsulating (`CONFIG_F_TC_DECAP`)
-    pub const UPLINK_DECAP: u32 = 27;
-    pub const UPLINK_DROP_DECAP_FAILED: u32 = 28;
-    /// VXLAN on our port and VNI from an address that holds no lease.
-    pub const UPLINK_DROP_UNKNOWN_VTEP: u32 = 29;
+    // xdp_uplink: `xdp_<reason>` for every decap reason, from here.
+    pub const XDP_FIRST: u32 = 11;
+    /// The driver keeps no metadata in front of the packet, so a
+    /// decapsulated packet could not be told from one sent to a pod from
+    /// outside: VXLAN is left to the kernel.
+    pub const XDP_PASS_NO_META: u32 = XDP_FIRST + decap::COUNT;
+    // tc_uplink_ingress: `uplink_<reason>` when it decapsulates
+    // (`CONFIG_F_TC_DECAP`), from here.
+    pub const UPLINK_FIRST: u32 = XDP_PASS_NO_META + 1;
+    /// A packet `xdp_uplink` decapsulated, routed into its pod.
+    pub const UPLINK_REDIRECT: u32 = UPLINK_FIRST + decap::COUNT;
+    /// Not decapsulated here (XDP judged it, or it is not for a pod).
+    pub const UPLINK_PASS: u32 = UPLINK_REDIRECT + 1;
+    pub const UPLINK_PASS_TTL: u32 = UPLINK_REDIRECT + 2;
+    pub const UPLINK_DROP_REDIRECT_FAILED: u32 = UPLINK_REDIRECT + 3;
     // tc_from_pod: a pod sending as another. IPv4 whose source is not the
     // pod's own address (as registered for this veth).
-    pub const POD_DROP_SPOOFED_SRC: u32 = 30;
+    pub const POD_DROP_SPOOFED_SRC: u32 = UPLINK_REDIRECT + 4;
     /// ARP whose sender address is not the pod's own (0.0.0.0, a probe,
     /// is let through).
-    pub const POD_DROP_SPOOFED_ARP: u32 = 31;
+    pub const POD_DROP_SPOOFED_ARP: u32 = UPLINK_REDIRECT + 5;
 
     /// Size of the counter array.
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = POD_DROP_SPOOFED_ARP + 1;
 
-    /// Stable names, indexed by counter.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "pod_local_redirect",
-        "pod_encap_redirect",
-        "pod_encap_neigh",
-        "pod_pass_not_ipv4",
-        "pod_pass_not_pod_dst",
-        "pod_pass_ttl",
-        "pod_pass_too_big",
-        "pod_pass_no_config",
-        "pod_pass_no_route",
-        "pod_pass_malformed",
-        "pod_drop_encap_failed",
-        "xdp_decap",
-        "xdp_pass_not_ipv4",
-        "xdp_pass_not_vxlan",
-        "xdp_pass_fragment",
-        "xdp_pass_ip_options",
-        "xdp_pass_wrong_vni",
-        "xdp_drop_unknown_vtep",
-        "xdp_pass_not_local",
-        "xdp_pass_malformed",
-        "xdp_pass_inner_not_ipv4",
-        "xdp_pass_no_config",
-        "xdp_drop_adjust_failed",
-        "uplink_redirect",
-        "uplink_pass",
-        "uplink_pass_ttl",
-        "uplink_drop_redirect_failed",
-        "uplink_decap",
-        "uplink_drop_decap_failed",
-        "uplink_drop_unknown_vtep",
-        "pod_drop_spoofed_src",
-        "pod_drop_spoofed_arp",
-    ];
+    /// The XDP counter of a decap reason.
+    #[inline(always)]
+    pub const fn xdp(reason: u32) -> u32 {
+        XDP_FIRST + reason
+    }
+
+    /// The TC counter of a decap reason.
+    #[inline(always)]
+    pub const fn uplink(reason: u32) -> u32 {
+        UPLINK_FIRST + reason
+    }
+
+    pub const XDP_DECAP: u32 = xdp(decap::DECAP);
+    pub const XDP_DROP_UNKNOWN_VTEP: u32 = xdp(decap::DROP_UNKNOWN_VTEP);
+    pub const UPLINK_DECAP: u32 = uplink(decap::DECAP);
+    pub const UPLINK_DROP_ADJUST_FAILED: u32 = uplink(decap::DROP_ADJUST_FAILED);
+
+    decap_reasons!(counter_names);
 
     /// Index of a counter by its name.
     pub fn index(name: &str) -> Option<u32> {
@@ -289,18 +306,26 @@ pub mod counters {
     /// the packet was handled), `MONITOR_DROP` or `MONITOR_PASS`.
     #[inline(always)]
     pub const fn event_kind(index: u32) -> u32 {
-        match index {
-            POD_DROP_ENCAP_FAILED
-            | POD_DROP_SPOOFED_SRC
-            | POD_DROP_SPOOFED_ARP
-            | XDP_DROP_UNKNOWN_VTEP
-            | XDP_DROP_ADJUST_FAILED
-            | UPLINK_DROP_REDIRECT_FAILED
-            | UPLINK_DROP_DECAP_FAILED
-            | UPLINK_DROP_UNKNOWN_VTEP => super::MONITOR_DROP,
-            POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | XDP_DECAP
-            | UPLINK_REDIRECT | UPLINK_DECAP => 0,
-            _ => super::MONITOR_PASS,
+        let action = if index >= XDP_FIRST && index < XDP_PASS_NO_META {
+            decap::ACTIONS[(index - XDP_FIRST) as usize]
+        } else if index >= UPLINK_FIRST && index < UPLINK_REDIRECT {
+            decap::ACTIONS[(index - UPLINK_FIRST) as usize]
+        } else {
+            match index {
+                POD_DROP_ENCAP_FAILED
+                | POD_DROP_SPOOFED_SRC
+                | POD_DROP_SPOOFED_ARP
+                | UPLINK_DROP_REDIRECT_FAILED => Action::Drop,
+                POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | UPLINK_REDIRECT => {
+                    Action::Decap
+                }
+                _ => Action::Pass,
+            }
+        };
+        match action {
+            Action::Drop => super::MONITOR_DROP,
+            Action::Pass => super::MONITOR_PASS,
+            Action::Decap => 0,
         }
     }
 
@@ -310,7 +335,7 @@ pub mod counters {
             POD_LOCAL_REDIRECT..=POD_DROP_ENCAP_FAILED
             | POD_DROP_SPOOFED_SRC
             | POD_DROP_SPOOFED_ARP => super::programs::TC_FROM_POD,
-            XDP_DECAP..=XDP_DROP_ADJUST_FAILED => super::programs::XDP_UPLINK,
+            XDP_FIRST..=XDP_PASS_NO_META => super::programs::XDP_UPLINK,
             _ => super::programs::TC_UPLINK_INGRESS,
         }
     }

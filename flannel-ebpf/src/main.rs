@@ -28,18 +28,20 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect, bpf_redirect_neigh,
-        bpf_redirect_peer, bpf_xdp_adjust_head,
+        bpf_redirect_peer, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
     },
     macros::{classifier, map, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use flannel_common::{
-    counters::*, Config, Endpoint, RemoteNode, Vtep, CONFIG_F_READY, CONFIG_F_TC_DECAP,
-    MAX_ENDPOINTS, MAX_REMOTE_SUBNETS, MAX_VTEPS, VXLAN_ENCAP_LEN,
+    counters::{self, *},
+    decap::{self, Action},
+    Config, Endpoint, RemoteNode, Vtep, CONFIG_F_READY, CONFIG_F_TC_DECAP, MAX_ENDPOINTS,
+    MAX_REMOTE_SUBNETS, MAX_VTEPS, VXLAN_ENCAP_LEN, XDP_META_DECAPPED,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use parse::{Headers, ETH_P_ARP_BE, ETH_P_IP_BE, IPPROTO_UDP};
+use parse::{Headers, ETH_P_ARP_BE, ETH_P_IP_BE};
 
 #[map(name = "FLANNEL_CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -281,6 +283,86 @@ fn encap(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, remote: &RemoteNode) -> (i
 }
 
 // ---------------------------------------------------------------------------
+// The uplink: what the maps know, for the shared decap decision
+// ---------------------------------------------------------------------------
+
+/// The maps and the neighbour table as `decap::Tables`. `ctx` is the
+/// program's context, for `bpf_fib_lookup`.
+struct Maps<'a> {
+    ctx: *mut core::ffi::c_void,
+    cfg: &'a Config,
+}
+
+impl decap::Tables for Maps<'_> {
+    #[inline(always)]
+    fn known_vtep(&self, ip: u32) -> bool {
+        unsafe { VTEPS.get(ip) }.is_some()
+    }
+
+    #[inline(always)]
+    fn lease_node(&self, ip: u32) -> Option<u32> {
+        REMOTES.get(Key::new(32, ip)).map(|r| r.node_ip)
+    }
+
+    #[inline(always)]
+    fn local_pod(&self, ip: u32) -> bool {
+        unsafe { ENDPOINTS.get(ip) }.is_some()
+    }
+
+    /// The MAC this node would send to `ip` with (the next hop's), as the
+    /// FIB and neighbour table say; no resolved neighbour, no match.
+    #[inline(always)]
+    fn neighbour_is(&self, ip: u32, mac: &[u8; 6]) -> bool {
+        let mut fib: FibParams = unsafe { core::mem::zeroed() };
+        fib.family = AF_INET;
+        fib.ifindex = self.cfg.uplink_ifindex;
+        fib.__bindgen_anon_3.ipv4_src = self.cfg.node_ip;
+        fib.__bindgen_anon_4.ipv4_dst = ip;
+        let rc = unsafe {
+            bpf_fib_lookup(
+                self.ctx,
+                &mut fib,
+                core::mem::size_of::<FibParams>() as i32,
+                BPF_FIB_LOOKUP_OUTPUT,
+            )
+        } as u32;
+        rc == BPF_FIB_LKUP_RET_SUCCESS && fib.dmac == *mac
+    }
+}
+
+/// XDP packet bytes, bounds-checked against `data_end`.
+struct XdpBytes(parse::Packet);
+
+impl decap::Frame for XdpBytes {
+    #[inline(always)]
+    fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let p = self.0.get::<[u8; N]>(offset)?;
+        Some(unsafe { core::ptr::read_unaligned(p) })
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// Socket-buffer bytes through `bpf_skb_load_bytes` (works on non-linear
+/// packets too).
+struct SkbBytes<'a>(&'a TcContext);
+
+impl decap::Frame for SkbBytes<'_> {
+    #[inline(always)]
+    fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.0.load::<[u8; N]>(offset).ok()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() as usize
+    }
+}
+
+// ---------------------------------------------------------------------------
 // xdp_uplink
 // ---------------------------------------------------------------------------
 
@@ -296,87 +378,47 @@ pub fn xdp_uplink(ctx: XdpContext) -> u32 {
 fn uplink(ctx: &XdpContext) -> (u32, u32) {
     let pass = xdp_action::XDP_PASS;
     let Some(cfg) = config() else {
-        return (pass, XDP_PASS_NO_CONFIG);
+        return (pass, counters::xdp(decap::PASS_NO_CONFIG));
     };
+    let frame = XdpBytes(parse::Packet::new(ctx.data(), ctx.data_end()));
+    let maps = Maps {
+        ctx: ctx.ctx as *mut _,
+        cfg,
+    };
+    let v = decap::classify(&frame, cfg, &maps, 0);
+    match v.action {
+        Action::Pass => return (pass, counters::xdp(v.reason)),
+        Action::Drop => return (xdp_action::XDP_DROP, counters::xdp(v.reason)),
+        Action::Decap => {}
+    }
+    // Mark it for tc_uplink_ingress, which routes into pods only what was
+    // marked. Without metadata support the kernel decapsulates instead.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
+        return (pass, XDP_PASS_NO_META);
+    }
+    let (meta, data) = unsafe { ((*ctx.ctx).data_meta as usize, (*ctx.ctx).data as usize) };
+    if meta + 4 > data {
+        return (
+            xdp_action::XDP_DROP,
+            counters::xdp(decap::DROP_ADJUST_FAILED),
+        );
+    }
+    unsafe { core::ptr::write_unaligned(meta as *mut u32, XDP_META_DECAPPED) };
+    // Addressed to the uplink, the stack (or tc_uplink_ingress) takes it as
+    // a packet to route to the pod.
     let pkt = parse::Packet::new(ctx.data(), ctx.data_end());
-
-    let Some(eth) = pkt.get::<EthHdr>(0) else {
-        return (pass, XDP_PASS_MALFORMED);
-    };
-    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
-        return (pass, XDP_PASS_NOT_IPV4);
-    }
-    let Some(ip) = pkt.get::<Ipv4Hdr>(parse::OUTER_IP) else {
-        return (pass, XDP_PASS_MALFORMED);
-    };
-    let ip = unsafe { &*ip };
-    if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
-        return (pass, XDP_PASS_MALFORMED);
-    }
-    // Offsets below assume a 20-byte outer header; options are legal but
-    // never used by VXLAN senders, so the stack handles them.
-    if ip.vihl & 0x0f != 5 {
-        return (pass, XDP_PASS_IP_OPTIONS);
-    }
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return (pass, XDP_PASS_FRAGMENT);
-    }
-    if ip.proto != IPPROTO_UDP {
-        return (pass, XDP_PASS_NOT_VXLAN);
-    }
-    let Some(udp) = pkt.get::<network_types::udp::UdpHdr>(parse::OUTER_UDP) else {
-        return (pass, XDP_PASS_MALFORMED);
-    };
-    let udp = unsafe { &*udp };
-    if u16::from_be_bytes(udp.dst) != cfg.udp_port {
-        return (pass, XDP_PASS_NOT_VXLAN);
-    }
-    // The IP and UDP lengths must cover a whole VXLAN frame and fit in what
-    // arrived; anything else is truncated or lying about its size.
-    let ip_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    let udp_len = usize::from(u16::from_be_bytes(udp.len));
-    if udp_len < parse::MIN_VXLAN_UDP_LEN
-        || ip_len < Ipv4Hdr::LEN + udp_len
-        || parse::OUTER_IP + ip_len > pkt.len()
-    {
-        return (pass, XDP_PASS_MALFORMED);
-    }
-    let Some(vx) = pkt.get::<network_types::vxlan::VxlanHdr>(parse::VXLAN) else {
-        return (pass, XDP_PASS_MALFORMED);
-    };
-    let vx = unsafe { &*vx };
-    let vni = u32::from_be_bytes([0, vx.vni[0], vx.vni[1], vx.vni[2]]);
-    if vx.flags & network_types::vxlan::VXLAN_I_FLAG_MASK == 0 || vni != cfg.vni {
-        return (pass, XDP_PASS_WRONG_VNI);
-    }
-    let src = u32::from_ne_bytes(ip.src_addr);
-    // Only nodes that hold a lease may send us VXLAN (the kernel's
-    // flannel.1 would take it from anyone).
-    if unsafe { VTEPS.get(src) }.is_none() {
-        return (xdp_action::XDP_DROP, XDP_DROP_UNKNOWN_VTEP);
-    }
     let Some(inner_eth) = pkt.get_mut::<EthHdr>(parse::INNER_ETH) else {
-        return (pass, XDP_PASS_MALFORMED);
+        return (
+            xdp_action::XDP_DROP,
+            counters::xdp(decap::DROP_ADJUST_FAILED),
+        );
     };
-    if unsafe { (*inner_eth).ether_type } != ETH_P_IP_BE {
-        return (pass, XDP_PASS_INNER_NOT_IPV4);
-    }
-    let Some(inner_ip) = pkt.get::<Ipv4Hdr>(parse::INNER_IP) else {
-        return (pass, XDP_PASS_MALFORMED);
-    };
-    let inner_ip = unsafe { &*inner_ip };
-    if inner_ip.vihl >> 4 != 4 || inner_ip.vihl & 0x0f < 5 {
-        return (pass, XDP_PASS_MALFORMED);
-    }
-    let dst = u32::from_ne_bytes(inner_ip.dst_addr);
-    if unsafe { ENDPOINTS.get(dst) }.is_none() {
-        return (pass, XDP_PASS_NOT_LOCAL);
-    }
-    // Addressed to the uplink, the stack (or tc_uplink_ingress) takes it as a
-    // packet to route to the pod.
     unsafe { (*inner_eth).dst_addr = cfg.uplink_mac };
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_ENCAP_LEN as i32) } != 0 {
-        return (xdp_action::XDP_DROP, XDP_DROP_ADJUST_FAILED);
+        return (
+            xdp_action::XDP_DROP,
+            counters::xdp(decap::DROP_ADJUST_FAILED),
+        );
     }
     (pass, XDP_DECAP)
 }
@@ -393,38 +435,66 @@ pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
     action
 }
 
+/// Whether `xdp_uplink` decapsulated this packet (its metadata mark).
+#[inline(always)]
+fn xdp_decapsulated(ctx: &TcContext) -> bool {
+    let (meta, data) = unsafe {
+        (
+            (*ctx.skb.skb).data_meta as usize,
+            (*ctx.skb.skb).data as usize,
+        )
+    };
+    if meta + 4 > data {
+        return false;
+    }
+    unsafe { core::ptr::read_unaligned(meta as *const u32) == XDP_META_DECAPPED }
+}
+
 #[inline(always)]
 fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
     let pass = TC_ACT_OK;
     let Some(cfg) = config() else {
-        return (pass, UPLINK_PASS);
+        return (pass, counters::uplink(decap::PASS_NO_CONFIG));
     };
-    let Ok(eth) = ctx.load::<EthHdr>(0) else {
-        return (pass, UPLINK_PASS);
-    };
-    if eth.ether_type != ETH_P_IP_BE || eth.dst_addr != cfg.uplink_mac {
-        return (pass, UPLINK_PASS);
-    }
-    let Ok(mut ip) = ctx.load::<Ipv4Hdr>(EthHdr::LEN) else {
-        return (pass, UPLINK_PASS);
-    };
-    if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
-        return (pass, UPLINK_PASS);
-    }
-    let mut decapped = false;
-    if cfg.flags & CONFIG_F_TC_DECAP != 0 && ip.proto == IPPROTO_UDP {
-        match tc_decap(ctx, cfg, &ip) {
-            Decap::Done(inner) => {
-                ip = inner;
-                decapped = true;
-            }
-            Decap::NotOurs => {}
-            Decap::UnknownVtep => return (TC_ACT_SHOT, UPLINK_DROP_UNKNOWN_VTEP),
-            Decap::Failed => return (TC_ACT_SHOT, UPLINK_DROP_DECAP_FAILED),
+    let decapped = if cfg.flags & CONFIG_F_TC_DECAP != 0 {
+        let maps = Maps {
+            ctx: ctx.skb.skb as *mut _,
+            cfg,
+        };
+        let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+        let v = decap::classify(&SkbBytes(ctx), cfg, &maps, gso_size);
+        match v.action {
+            Action::Pass => return (pass, counters::uplink(v.reason)),
+            Action::Drop => return (TC_ACT_SHOT, counters::uplink(v.reason)),
+            Action::Decap => {}
         }
-    }
-    let dst = u32::from_ne_bytes(ip.dst_addr);
-    let Some(ep) = (unsafe { ENDPOINTS.get(dst) }) else {
+        // The outer IP, UDP, VXLAN and inner Ethernet headers go, with
+        // `bpf_skb_adjust_room`, which works on whole GSO packets (the
+        // inner MSS is unchanged, hence FIXED_GSO).
+        let shrink = (parse::INNER_IP - EthHdr::LEN) as i32;
+        if ctx
+            .adjust_room(
+                -shrink,
+                BPF_ADJ_ROOM_MAC,
+                u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+            )
+            .is_err()
+        {
+            return (TC_ACT_SHOT, UPLINK_DROP_ADJUST_FAILED);
+        }
+        true
+    } else if xdp_decapsulated(ctx) {
+        false
+    } else {
+        // XDP judged it already, or it is not for us: a plain packet to a
+        // pod address from outside is the kernel's to route (and filter).
+        return (pass, UPLINK_PASS);
+    };
+    let Ok(ip) = ctx.load::<Ipv4Hdr>(EthHdr::LEN) else {
+        return (TC_ACT_SHOT, UPLINK_DROP_REDIRECT_FAILED);
+    };
+    let Some(ep) = (unsafe { ENDPOINTS.get(u32::from_ne_bytes(ip.dst_addr)) }) else {
+        // The pod went away in between: the kernel has the packet.
         return (pass, UPLINK_PASS);
     };
     if ip.ttl <= 1 {
@@ -456,74 +526,6 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
             UPLINK_REDIRECT
         },
     )
-}
-
-enum Decap {
-    /// Headers removed; the inner IPv4 header, now right after Ethernet.
-    Done(Ipv4Hdr),
-    /// Not VXLAN for a local pod from a known VTEP: the stack decides.
-    NotOurs,
-    /// VXLAN for us from an address that holds no lease.
-    UnknownVtep,
-    /// The kernel refused to shrink the packet.
-    Failed,
-}
-
-/// VXLAN decapsulation in TC, for uplinks without XDP: the same checks as
-/// `xdp_uplink`, then the outer IP, UDP, VXLAN and inner Ethernet headers
-/// are removed with `bpf_skb_adjust_room`, which works on whole GSO
-/// packets (the inner MSS is unchanged, hence FIXED_GSO).
-#[inline(always)]
-fn tc_decap(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr) -> Decap {
-    if ip.vihl & 0x0f != 5
-        || u16::from_be_bytes(ip.frags) & 0x3fff != 0
-        || u32::from_ne_bytes(ip.dst_addr) != cfg.node_ip
-    {
-        return Decap::NotOurs;
-    }
-    let Ok(udp) = ctx.load::<network_types::udp::UdpHdr>(parse::OUTER_UDP) else {
-        return Decap::NotOurs;
-    };
-    if u16::from_be_bytes(udp.dst) != cfg.udp_port {
-        return Decap::NotOurs;
-    }
-    let Ok(vx) = ctx.load::<network_types::vxlan::VxlanHdr>(parse::VXLAN) else {
-        return Decap::NotOurs;
-    };
-    let vni = u32::from_be_bytes([0, vx.vni[0], vx.vni[1], vx.vni[2]]);
-    if vx.flags & network_types::vxlan::VXLAN_I_FLAG_MASK == 0 || vni != cfg.vni {
-        return Decap::NotOurs;
-    }
-    if unsafe { VTEPS.get(u32::from_ne_bytes(ip.src_addr)) }.is_none() {
-        return Decap::UnknownVtep;
-    }
-    let Ok(inner_eth) = ctx.load::<EthHdr>(parse::INNER_ETH) else {
-        return Decap::NotOurs;
-    };
-    if inner_eth.ether_type != ETH_P_IP_BE {
-        return Decap::NotOurs;
-    }
-    let Ok(inner) = ctx.load::<Ipv4Hdr>(parse::INNER_IP) else {
-        return Decap::NotOurs;
-    };
-    if inner.vihl >> 4 != 4 || inner.vihl & 0x0f < 5 {
-        return Decap::NotOurs;
-    }
-    if unsafe { ENDPOINTS.get(u32::from_ne_bytes(inner.dst_addr)) }.is_none() {
-        return Decap::NotOurs;
-    }
-    let shrink = (parse::INNER_IP - EthHdr::LEN) as i32;
-    if ctx
-        .adjust_room(
-            -shrink,
-            BPF_ADJ_ROOM_MAC,
-            u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
-        )
-        .is_err()
-    {
-        return Decap::Failed;
-    }
-    Decap::Done(inner)
 }
 
 #[cfg(not(test))]

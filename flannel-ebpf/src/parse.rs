@@ -16,8 +16,6 @@ pub const OUTER_UDP: usize = OUTER_IP + Ipv4Hdr::LEN;
 pub const VXLAN: usize = OUTER_UDP + UdpHdr::LEN;
 pub const INNER_ETH: usize = VXLAN + VxlanHdr::LEN;
 pub const INNER_IP: usize = INNER_ETH + EthHdr::LEN;
-/// Smallest UDP length that can carry VXLAN + Ethernet + IPv4 headers.
-pub const MIN_VXLAN_UDP_LEN: usize = UdpHdr::LEN + VxlanHdr::LEN + EthHdr::LEN + Ipv4Hdr::LEN;
 
 /// Everything `tc_from_pod` writes in front of the inner IPv4 header.
 pub const HEADERS_LEN: usize = INNER_IP;

@@ -70,6 +70,20 @@ pub fn link_packets(ns: &str, dev: &str) -> Result<(u64, u64)> {
     Ok((get("tx")?, get("rx")?))
 }
 
+/// The MAC address of a link inside `ns`.
+pub fn link_mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
+    let out = ip(&["-n", ns, "-j", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let text = v[0]["address"].as_str().context("no address")?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<_> = text.split(':').collect();
+    anyhow::ensure!(parts.len() == 6, "not a MAC: {text}");
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16)?;
+    }
+    Ok(mac)
+}
+
 /// `GET path` from inside `ns` to `addr` (HTTP/1.1, `Connection: close`):
 /// the whole response, status line and headers included.
 pub fn http_get(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<String> {

@@ -406,3 +406,307 @@ pub fn sized_inner_frame(dst: Ipv4Addr, size: usize) -> Vec<u8> {
         &ipv4(REMOTE_POD, dst, 17, 63, &vec![0u8; size.saturating_sub(34)]),
     )
 }
+
+/// Recomputes the IPv4 header checksum of the header at `at` (options
+/// included, as its IHL says).
+pub fn fix_checksum(f: &mut [u8], at: usize) {
+    let ihl = usize::from(f[at] & 0x0f).max(5) * 4;
+    f[at + 10..at + 12].copy_from_slice(&[0, 0]);
+    let c = checksum(&f[at..at + ihl]);
+    f[at + 10..at + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The addresses a crafted uplink frame is built from: the progtest
+/// constants, or a live lab's.
+#[derive(Clone, Debug)]
+pub struct Wire {
+    /// The receiving node's uplink MAC and IP.
+    pub node_mac: [u8; 6],
+    pub node_ip: Ipv4Addr,
+    /// Outer source MAC of every frame.
+    pub sender_mac: [u8; 6],
+    /// A node that holds a lease, and one of its pods (inner source).
+    pub peer_ip: Ipv4Addr,
+    pub peer_pod: Ipv4Addr,
+    /// An address that holds no lease.
+    pub stranger_ip: Ipv4Addr,
+    pub vtep_mac: [u8; 6],
+    pub peer_vtep_mac: [u8; 6],
+    /// The target pod on the receiving node, another pod there, and an
+    /// address in its lease that no pod has.
+    pub local_pod: Ipv4Addr,
+    pub other_local_pod: Ipv4Addr,
+    pub no_pod: Ipv4Addr,
+    pub port: u16,
+    pub vni: u32,
+}
+
+/// UDP port the inner datagrams of crafted frames go to.
+pub const CRAFTED_DPORT: u16 = 9999;
+
+impl Wire {
+    pub fn progtest() -> Self {
+        Wire {
+            node_mac: UPLINK_MAC,
+            node_ip: NODE_IP,
+            sender_mac: NEIGH_MAC,
+            peer_ip: REMOTE_IP,
+            peer_pod: REMOTE_POD,
+            stranger_ip: STRANGER_IP,
+            vtep_mac: VTEP_MAC,
+            peer_vtep_mac: REMOTE_VTEP_MAC,
+            local_pod: LOCAL_POD,
+            other_local_pod: SOURCE_POD,
+            no_pod: Ipv4Addr::new(10, 244, 1, 99),
+            port: PORT,
+            vni: VNI,
+        }
+    }
+
+    /// The inner frame: `src -> dst`, UDP to `CRAFTED_DPORT` with a body
+    /// that makes the IPv4 packet `size` bytes (at least 28 + 7).
+    pub fn inner(&self, src: Ipv4Addr, dst: Ipv4Addr, size: usize) -> Vec<u8> {
+        let body_len = size.saturating_sub(28).max(7);
+        let mut udp = 1234u16.to_be_bytes().to_vec();
+        udp.extend_from_slice(&CRAFTED_DPORT.to_be_bytes());
+        udp.extend_from_slice(&((8 + body_len) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(b"crafted");
+        udp.resize(8 + body_len, 0x5a);
+        eth(
+            self.vtep_mac,
+            self.peer_vtep_mac,
+            0x0800,
+            &ipv4(src, dst, 17, 63, &udp),
+        )
+    }
+
+    /// A VXLAN frame from `src` carrying `inner`, as a VXLAN device sends it.
+    pub fn vxlan(&self, src: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+        let mut vx = vec![0x08, 0, 0, 0];
+        vx.extend_from_slice(&self.vni.to_be_bytes()[1..]);
+        vx.push(0);
+        vx.extend_from_slice(inner);
+        let mut udp = 40000u16.to_be_bytes().to_vec();
+        udp.extend_from_slice(&self.port.to_be_bytes());
+        udp.extend_from_slice(&((8 + vx.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&vx);
+        eth(
+            self.node_mac,
+            self.sender_mac,
+            0x0800,
+            &ipv4(src, self.node_ip, 17, 64, &udp),
+        )
+    }
+
+    /// The valid frame every crafted one starts from.
+    pub fn good(&self) -> Vec<u8> {
+        self.vxlan(self.peer_ip, &self.inner(self.peer_pod, self.local_pod, 64))
+    }
+}
+
+/// Crafted frames for the uplink programs, each with the decap reason
+/// (`flannel_common::decap::NAMES`) the kernel's own VXLAN path implies:
+/// every header field a hostile sender controls, one at a time, on an
+/// otherwise valid VXLAN frame from a known node to a local pod.
+pub fn crafted_uplink_frames(w: &Wire) -> Vec<(String, Vec<u8>, &'static str)> {
+    const O: Option<usize> = Some(14);
+    const I: Option<usize> = Some(64);
+    let edit = |what: &str, f: &dyn Fn(&mut Vec<u8>), fix: Option<usize>, reason| {
+        let mut p = w.good();
+        f(&mut p);
+        if let Some(at) = fix {
+            fix_checksum(&mut p, at);
+        }
+        (what.to_string(), p, reason)
+    };
+    let from_peer = |what: &str, src: Ipv4Addr, dst: Ipv4Addr, size: usize, reason| {
+        (
+            what.to_string(),
+            w.vxlan(w.peer_ip, &w.inner(src, dst, size)),
+            reason,
+        )
+    };
+    let be = |v: u16| v.to_be_bytes();
+    let mut options = w.good();
+    options[14] = 0x46;
+    options.splice(34..34, [1u8, 1, 1, 1]);
+    let len = be((options.len() - 14) as u16);
+    options[16..18].copy_from_slice(&len);
+    fix_checksum(&mut options, 14);
+    let mut inner_options = w.good();
+    inner_options[64] = 0x46;
+    inner_options.splice(84..84, [1u8, 1, 1, 1]);
+    for (at, by) in [(16, 4u16), (38, 4), (66, 4)] {
+        let v = u16::from_be_bytes([inner_options[at], inner_options[at + 1]]) + by;
+        inner_options[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    }
+    fix_checksum(&mut inner_options, 14);
+    fix_checksum(&mut inner_options, 64);
+    let arp = arp_request(w.sender_mac, w.stranger_ip, w.node_ip);
+    let stranger = w.stranger_ip.octets();
+    vec![
+        ("valid".into(), w.good(), "decap"),
+        ("ARP".into(), arp, "pass_not_ipv4"),
+        edit(
+            "IPv6 ethertype",
+            &|p| p[12..14].copy_from_slice(&be(0x86dd)),
+            None,
+            "pass_not_ipv4",
+        ),
+        edit("outer IP version 6", &|p| p[14] = 0x65, O, "pass_malformed"),
+        edit("outer IHL 4", &|p| p[14] = 0x44, O, "pass_malformed"),
+        edit("to another MAC", &|p| p[5] ^= 0x70, None, "pass_other_host"),
+        edit(
+            "to broadcast",
+            &|p| p[0..6].copy_from_slice(&[0xff; 6]),
+            None,
+            "pass_other_host",
+        ),
+        edit("to another IP", &|p| p[33] ^= 0x70, O, "pass_other_host"),
+        ("outer IP options".into(), options, "pass_ip_options"),
+        edit("more fragments", &|p| p[20] = 0x20, O, "pass_fragment"),
+        edit("fragment offset", &|p| p[21] = 0x10, O, "pass_fragment"),
+        edit("TCP", &|p| p[23] = 6, O, "pass_not_vxlan"),
+        edit(
+            "other UDP port",
+            &|p| p[36..38].copy_from_slice(&be(8472)),
+            None,
+            "pass_not_vxlan",
+        ),
+        edit(
+            "UDP length 8",
+            &|p| p[38..40].copy_from_slice(&be(8)),
+            None,
+            "drop_bad_length",
+        ),
+        edit(
+            "UDP length past IP",
+            &|p| p[38..40].copy_from_slice(&be(2000)),
+            None,
+            "drop_bad_length",
+        ),
+        edit(
+            "IP total length 28",
+            &|p| p[16..18].copy_from_slice(&be(28)),
+            O,
+            "drop_bad_length",
+        ),
+        edit(
+            "IP total length past frame",
+            &|p| p[16..18].copy_from_slice(&be(3000)),
+            O,
+            "drop_bad_length",
+        ),
+        edit(
+            "outer IP checksum",
+            &|p| p[24] ^= 0x40,
+            None,
+            "drop_bad_checksum",
+        ),
+        edit("VXLAN I flag clear", &|p| p[42] = 0, None, "drop_bad_flags"),
+        edit(
+            "VXLAN flags 0xff",
+            &|p| p[42] = 0xff,
+            None,
+            "drop_bad_flags",
+        ),
+        edit(
+            "VXLAN reserved after flags",
+            &|p| p[45] = 1,
+            None,
+            "drop_bad_flags",
+        ),
+        edit(
+            "VXLAN reserved after VNI",
+            &|p| p[49] = 1,
+            None,
+            "drop_bad_flags",
+        ),
+        edit("other VNI", &|p| p[48] ^= 0x10, None, "pass_wrong_vni"),
+        edit(
+            "from an unknown VTEP",
+            &|p| p[26..30].copy_from_slice(&stranger),
+            O,
+            "drop_unknown_vtep",
+        ),
+        edit(
+            "inner ARP",
+            &|p| p[62..64].copy_from_slice(&be(0x0806)),
+            None,
+            "pass_inner_not_ipv4",
+        ),
+        edit(
+            "inner MAC not our VTEP",
+            &|p| p[55] ^= 0x70,
+            None,
+            "drop_inner_mac",
+        ),
+        edit(
+            "inner broadcast MAC",
+            &|p| p[50..56].copy_from_slice(&[0xff; 6]),
+            None,
+            "drop_inner_mac",
+        ),
+        edit(
+            "inner IP version 3",
+            &|p| p[64] = 0x35,
+            I,
+            "drop_inner_malformed",
+        ),
+        ("inner IP options".into(), inner_options, "pass_ip_options"),
+        edit(
+            "inner total length 12",
+            &|p| p[66..68].copy_from_slice(&be(12)),
+            I,
+            "drop_inner_malformed",
+        ),
+        edit(
+            "inner total length past outer",
+            &|p| p[66..68].copy_from_slice(&be(1000)),
+            I,
+            "drop_inner_malformed",
+        ),
+        edit(
+            "inner IP checksum",
+            &|p| p[74] ^= 0x40,
+            None,
+            "drop_inner_malformed",
+        ),
+        from_peer(
+            "inner source 8.8.8.8",
+            Ipv4Addr::new(8, 8, 8, 8),
+            w.local_pod,
+            64,
+            "drop_inner_source",
+        ),
+        from_peer(
+            "inner source a local pod",
+            w.other_local_pod,
+            w.local_pod,
+            64,
+            "drop_inner_source",
+        ),
+        from_peer(
+            "inner destination not a pod",
+            w.peer_pod,
+            w.no_pod,
+            64,
+            "pass_not_local",
+        ),
+        from_peer(
+            "inner packet above the pod MTU",
+            w.peer_pod,
+            w.local_pod,
+            1500,
+            "pass_too_big",
+        ),
+        edit(
+            "UDP checksum present",
+            &|p| p[41] = 1,
+            None,
+            "pass_udp_checksum",
+        ),
+    ]
+}

@@ -689,7 +689,10 @@ fn pods_added_while_the_agent_is_down_are_registered_later() {
     let c0 = lab.nodes[0].counters().unwrap();
     assert!(lab.ping((1, 0), pod_ip, 5, 56).unwrap());
     let c1 = lab.nodes[0].counters().unwrap();
-    assert!(c1["uplink_pass"] >= c0["uplink_pass"] + 5, "{c0:?} {c1:?}");
+    assert!(
+        c1["uplink_pass_not_local"] >= c0["uplink_pass_not_local"] + 5,
+        "{c0:?} {c1:?}"
+    );
     assert_eq!(c1["uplink_decap"], c0["uplink_decap"]);
 
     // The agent comes back and registers it from the records.

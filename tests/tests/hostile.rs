@@ -11,10 +11,11 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use flannel_common::decap;
 use flannel_tests::{
     lab::LabOptions,
-    netns::{in_netns, send_frame, spawn_in_netns},
-    progtest::{arp_request, vxlan_payload},
+    netns::{in_netns, link_mac, link_packets, send_frame, spawn_in_netns},
+    progtest::{arp_request, crafted_uplink_frames, vxlan_payload, Wire, CRAFTED_DPORT},
     Lab, NodeKind, NodeSpec,
 };
 
@@ -82,9 +83,10 @@ fn vxlan_from_a_host_without_a_lease_never_reaches_a_pod() -> Result<()> {
         let pod = lab.pod((0, 0));
         let (pod_ns, pod_ip) = (pod.ns.clone(), pod.ip);
         let node = SocketAddr::new(lab.nodes[0].ip.into(), VXLAN_PORT);
+        let peer_pod = nth(lab.nodes[1].subnet, 9);
         let frame = vxlan_payload(
             lab.nodes[0].vtep_mac.0,
-            (Ipv4Addr::new(10, 244, 9, 9), 1234),
+            (peer_pod, 1234),
             (pod_ip, 9999),
             b"smuggled",
         );
@@ -117,6 +119,134 @@ fn vxlan_from_a_host_without_a_lease_never_reaches_a_pod() -> Result<()> {
         })?;
         assert!(joined(rx)?.is_empty(), "{xdp_mode}: the pod received it");
         assert_eq!(counter(&lab, 0, drop_counter) - before, 5, "{xdp_mode}");
+    }
+    Ok(())
+}
+
+/// The `n`th address of `net`.
+fn nth(net: ipnet::Ipv4Net, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) + n)
+}
+
+/// Counter names whose other traffic on the node network (ARP, the
+/// store's TCP) can move too: for those the crafted frame must move them,
+/// not alone.
+const SHARED: [&str; 3] = ["pass_not_ipv4", "pass_other_host", "pass_not_vxlan"];
+
+/// Crafted frames the kernel's VXLAN path delivers to the pod.
+const KERNEL_DELIVERS: [&str; 4] = [
+    "valid",
+    "outer IP options",
+    "inner IP options",
+    "to broadcast",
+];
+
+/// Crafted frames the lab's Linux bridge (the node network) drops itself:
+/// it validates IP headers (version, IHL, checksum, length) on the way.
+const BRIDGE_DROPS: [&str; 5] = [
+    "IPv6 ethertype",
+    "outer IP version 6",
+    "outer IHL 4",
+    "IP total length past frame",
+    "outer IP checksum",
+];
+
+#[test]
+fn crafted_frames_from_a_host_on_the_node_network_get_the_kernels_verdict() -> Result<()> {
+    for (xdp_mode, prefix) in [("off", "uplink_"), ("generic", "xdp_")] {
+        let mut lab = Lab::with(
+            &[
+                NodeSpec::new(NodeKind::Ebpf, 2),
+                NodeSpec::new(NodeKind::Ebpf, 1),
+            ],
+            LabOptions {
+                agent_args: vec!["--xdp-mode".into(), xdp_mode.into()],
+                ..Default::default()
+            },
+        )?;
+        let attacker_ip = Ipv4Addr::new(172, 30, 0, 201);
+        let attacker = lab.add_fabric_host("att", attacker_ip)?;
+        let node0 = &lab.nodes[0];
+        // The attacker spoofs node 1's address (a known VTEP) with its own
+        // MAC: what the lease check alone cannot see, every other check
+        // must.
+        let wire = Wire {
+            node_mac: link_mac(&node0.ns, "eth0")?,
+            node_ip: node0.ip,
+            sender_mac: link_mac(&attacker, "eth0")?,
+            peer_ip: lab.nodes[1].ip,
+            peer_pod: nth(lab.nodes[1].subnet, 9),
+            stranger_ip: attacker_ip,
+            vtep_mac: node0.vtep_mac.0,
+            peer_vtep_mac: lab.nodes[1].vtep_mac.0,
+            local_pod: lab.pod((0, 0)).ip,
+            other_local_pod: lab.pod((0, 1)).ip,
+            no_pod: nth(node0.subnet, 200),
+            port: VXLAN_PORT,
+            vni: 1,
+        };
+        let target = lab.pod((0, 0)).ns.clone();
+        let at = SocketAddr::new(wire.local_pod.into(), CRAFTED_DPORT);
+        let mut cases = crafted_uplink_frames(&wire);
+        // An inner packet above the pod MTU makes a frame above the node
+        // network's MTU, which the wire cannot carry (progtest covers it).
+        cases.retain(|(_, _, reason)| *reason != "pass_too_big");
+        assert!(
+            cases.len() - BRIDGE_DROPS.len() >= 30,
+            "{} cases",
+            cases.len()
+        );
+        for (name, frame, reason) in cases {
+            let what = format!("{xdp_mode}: {name}");
+            let before = lab.nodes[0].counters()?;
+            let rx = receive(&target, at, Duration::from_millis(300))?;
+            let to_node = || link_packets(&lab.fabric, "n1").map(|(tx, _)| tx);
+            let sent_before = to_node()?;
+            send_frame(&attacker, "eth0", frame)?;
+            let got = joined(rx)?;
+            if BRIDGE_DROPS.contains(&name.as_str()) {
+                // The node network's bridge validates IP headers and
+                // drops these before any node sees them (progtest runs
+                // them through the programs).
+                assert_eq!(to_node()?, sent_before, "{what}: the bridge forwarded it");
+                assert!(got.is_empty(), "{what}");
+                continue;
+            }
+            let after = lab.nodes[0].counters()?;
+            let moved = |name: &str| after[name] - before[name];
+            let want = format!("{prefix}{reason}");
+            if SHARED.contains(&reason) {
+                let all: Vec<_> = before
+                    .keys()
+                    .filter(|k| moved(k) > 0)
+                    .map(|k| (k.clone(), moved(k)))
+                    .collect();
+                assert!(moved(&want) >= 1, "{what}: {want} did not move: {all:?}");
+            } else {
+                assert_eq!(moved(&want), 1, "{what}: {want}");
+            }
+            // No other verdict of this program that this frame could
+            // reach moved: not a decap, not another drop.
+            for name in decap::NAMES {
+                let other = format!("{prefix}{name}");
+                if other != want && !SHARED.contains(&name) {
+                    assert_eq!(moved(&other), 0, "{what}: {other} moved too");
+                }
+            }
+            // Delivered only where the kernel's own path delivers: a valid
+            // frame, valid ones with IP options and one sent to the
+            // broadcast MAC (passed to the kernel, whose flannel.1 takes
+            // them).
+            let delivers = KERNEL_DELIVERS.contains(&name.as_str());
+            assert_eq!(
+                got.len(),
+                usize::from(delivers),
+                "{what}: delivered {got:?}"
+            );
+            if reason == "decap" && prefix == "xdp_" {
+                assert_eq!(moved("uplink_redirect"), 1, "{what}: TC routed it");
+            }
+        }
     }
     Ok(())
 }

@@ -136,9 +136,9 @@ fn monitor_reports_each_drop_and_pass_with_its_reason_and_holds_the_rate() -> Re
         })
     );
     assert_eq!(
-        the_one(&events, "xdp_pass_malformed"),
+        the_one(&events, "xdp_drop_bad_length"),
         json!({
-            "type": "pass", "verdict": "xdp_pass_malformed", "program": "xdp_uplink",
+            "type": "drop", "verdict": "xdp_drop_bad_length", "program": "xdp_uplink",
             "ifname": "eth0", "len": 14 + 20 + 8 + 14,
             "eth_type": "0x0800", "src": lab.nodes[1].ip.to_string(),
             "dst": node0.to_string(), "proto": "udp", "sport": short_sport, "dport": PORT,
@@ -162,7 +162,7 @@ fn monitor_reports_each_drop_and_pass_with_its_reason_and_holds_the_rate() -> Re
     send_from(&node1_ns, to, vec![short; 300])?;
     let events = stop_monitor(&lab, 0, mon)?;
     let secs = started.elapsed().as_secs_f64();
-    let reported = with_verdict(&events, "xdp_pass_malformed").len() as f64;
+    let reported = with_verdict(&events, "xdp_drop_bad_length").len() as f64;
     let cpus = std::thread::available_parallelism()?.get() as f64;
     let bound = cpus * (5.0 + 10.0 * secs + 1.0);
     assert!(

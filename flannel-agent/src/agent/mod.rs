@@ -46,6 +46,8 @@ pub struct Options {
     pub healthz: Option<SocketAddr>,
     pub datapath: DatapathMode,
     pub xdp_mode: XdpMode,
+    /// `--vxlan-source-check`.
+    pub vxlan_source_check: crate::datapath::VxlanSourceCheck,
     pub bpf_dir: PathBuf,
     pub run_dir: PathBuf,
     pub bridge: String,

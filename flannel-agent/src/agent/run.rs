@@ -434,6 +434,8 @@ impl Agent {
             attaching: self.pods.attaching(),
             ebpf: matches!(self.datapath, Active::Ebpf { .. }).then(|| EbpfMode {
                 tc_decap: self.datapath.tc_decap(),
+                strict_source: self.opts.vxlan_source_check
+                    == crate::datapath::VxlanSourceCheck::Strict,
             }),
             ip_masq: self.opts.ip_masq,
         })

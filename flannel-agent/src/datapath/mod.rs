@@ -23,6 +23,18 @@ pub enum DatapathMode {
     Kernel,
 }
 
+/// What VXLAN's outer source must show before it is decapsulated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum VxlanSourceCheck {
+    /// The outer source IP holds a lease (is a cluster node).
+    #[default]
+    Lease,
+    /// And the outer source MAC is that IP's neighbour entry on the uplink
+    /// (its MAC, or the router's when the node is behind one): a host on
+    /// the node network that spoofs a node's IP but not its MAC is dropped.
+    Strict,
+}
+
 /// How XDP is attached to the uplink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpMode {

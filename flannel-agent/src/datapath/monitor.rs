@@ -327,7 +327,7 @@ mod tests {
             "drop (xdp_drop_unknown_vtep) by xdp_uplink on ?(0): 172.30.0.254:40000 -> 172.30.0.1:4789 udp vxlan vni 1 [10.244.2.9:1234 -> 10.244.1.2:80 tcp] len 98"
         );
         let drop = MonitorEvent::decode(&Event {
-            counter: counters::UPLINK_DROP_DECAP_FAILED,
+            counter: counters::UPLINK_DROP_ADJUST_FAILED,
             eth_type: 0x0806,
             ..Default::default()
         });

@@ -8,7 +8,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-use flannel_common::{Config, RemoteNode, CONFIG_F_READY, CONFIG_F_TC_DECAP, VXLAN_ENCAP_LEN};
+use flannel_common::{
+    Config, RemoteNode, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE, CONFIG_F_TC_DECAP, VXLAN_ENCAP_LEN,
+};
 use ipnet::Ipv4Net;
 
 use crate::{
@@ -73,6 +75,8 @@ pub struct Inputs<'a> {
 pub struct EbpfMode {
     /// No XDP on the uplink: its TC program decapsulates.
     pub tc_decap: bool,
+    /// `--vxlan-source-check strict`.
+    pub strict_source: bool,
 }
 
 /// The pod bridge as Flannel's CNI plugin leaves it.
@@ -163,7 +167,13 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             node_ip: ip_key(node.ip),
             uplink_ifindex: node.uplink.index,
             inner_mtu: mtu,
-            flags: CONFIG_F_READY | if mode.tc_decap { CONFIG_F_TC_DECAP } else { 0 },
+            flags: CONFIG_F_READY
+                | if mode.tc_decap { CONFIG_F_TC_DECAP } else { 0 }
+                | if mode.strict_source {
+                    CONFIG_F_STRICT_SOURCE
+                } else {
+                    0
+                },
             vtep_mac: node.vtep_mac.0,
             uplink_mac: node.uplink.mac.unwrap_or_default().0,
             gateway_mac: bridge.mac.0,

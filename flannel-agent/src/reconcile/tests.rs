@@ -113,7 +113,10 @@ impl World {
             leases: BTreeMap::new(),
             pods: BTreeMap::new(),
             attaching: BTreeSet::new(),
-            ebpf: Some(EbpfMode { tc_decap: true }),
+            ebpf: Some(EbpfMode {
+                tc_decap: true,
+                strict_source: false,
+            }),
             ip_masq: false,
             have: Observed::default(),
         };
@@ -812,7 +815,10 @@ fn desired_state_from_node_config_and_leases() {
     w.cfg =
         NetConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":1400}}"#)
             .unwrap();
-    w.ebpf = Some(EbpfMode { tc_decap: false });
+    w.ebpf = Some(EbpfMode {
+        tc_decap: false,
+        strict_source: false,
+    });
     w.ip_masq = true;
     let want = w.want();
     assert_eq!(want.bridge.mtu, 1400);

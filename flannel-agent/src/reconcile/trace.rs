@@ -271,22 +271,33 @@ fn to_local_pod_from_vxlan(
         steps.push(step(
             "uplink",
             format!(
-                "{from} is not in the VTEP map: the kernel's {} takes it",
-                want.vtep.link.name
+                "{from} holds no lease (not in the VTEP map): dropped (xdp_drop_unknown_vtep or uplink_drop_unknown_vtep)"
             ),
         ));
+        expect.push(
+            if cfg.flags & flannel_common::CONFIG_F_TC_DECAP != 0 {
+                "uplink_drop_unknown_vtep"
+            } else {
+                "xdp_drop_unknown_vtep"
+            }
+            .into(),
+        );
         return;
     }
     let Some(ifname) = ifname else {
         steps.push(step(
             "uplink",
             format!(
-                "{} is no pod of this node: left to the kernel (xdp_pass_not_local / uplink_pass)",
+                "{} is no pod of this node: left to the kernel (xdp_pass_not_local or uplink_pass_not_local)",
                 q.dst
             ),
         ));
-        expect.push("xdp_pass_not_local".into());
-        expect.push("uplink_pass".into());
+        if cfg.flags & flannel_common::CONFIG_F_TC_DECAP != 0 {
+            expect.push("uplink_pass_not_local".into());
+        } else {
+            expect.push("xdp_pass_not_local".into());
+            expect.push("uplink_pass".into());
+        }
         return;
     };
     if cfg.flags & flannel_common::CONFIG_F_TC_DECAP != 0 {
