@@ -133,12 +133,16 @@ fn nth(net: ipnet::Ipv4Net, n: u32) -> Ipv4Addr {
 /// not alone.
 const SHARED: [&str; 3] = ["pass_not_ipv4", "pass_other_host", "pass_not_vxlan"];
 
-/// Crafted frames the kernel's VXLAN path delivers to the pod.
-const KERNEL_DELIVERS: [&str; 4] = [
+/// Crafted frames the kernel's VXLAN path delivers to the pod, and the
+/// one the eBPF path delivers where the kernel would not: a wrong outer
+/// UDP checksum, which the programs do not verify (the inner packet's own
+/// checksum still protects what the pod reads).
+const KERNEL_DELIVERS: [&str; 5] = [
     "valid",
     "outer IP options",
     "inner IP options",
     "to broadcast",
+    "wrong UDP checksum",
 ];
 
 /// Crafted frames the lab's Linux bridge (the node network) drops itself:
@@ -219,7 +223,7 @@ fn crafted_frames_from_a_host_on_the_node_network_get_the_kernels_verdict() -> R
                 let all: Vec<_> = before
                     .keys()
                     .filter(|k| moved(k) > 0)
-                    .map(|k| (k.clone(), moved(k)))
+                    .map(|k| (*k, moved(k)))
                     .collect();
                 assert!(moved(&want) >= 1, "{what}: {want} did not move: {all:?}");
             } else {

@@ -9,7 +9,10 @@
 //! * `image`: static (musl) builds of the agent and the CNI plugin in an
 //!   OCI image `FROM scratch`, built offline with buildah, saved as an
 //!   archive under `target/image/`.
-//! * `test`: every test, the privileged ones included, one at a time.
+//! * `fuzz`: every `cargo fuzz` target for a bounded time, from the
+//!   committed seeds in `fuzz/seeds/<target>`.
+//! * `test`: every test, the privileged ones included, one at a time, then
+//!   the quick benchmark.
 
 use std::{
     path::{Path, PathBuf},
@@ -53,6 +56,16 @@ enum Cmd {
         /// deploy/kube-flannel-ebpf.yml names).
         #[arg(long)]
         tag: Vec<String>,
+    },
+    /// Run every fuzz target (cargo fuzz, nightly, libFuzzer) for a
+    /// bounded time each, from the committed seed corpus.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// One target only.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Run all tests (needs root).
     Test {
@@ -119,6 +132,7 @@ fn main() -> Result<()> {
         Cmd::Demo => run_lab_bin("flannel-demo", &[]),
         Cmd::Bench { quick, only } => bench(quick, only),
         Cmd::Image { tag } => image(&tag),
+        Cmd::Fuzz { secs, target } => fuzz(secs, target.as_deref()),
         Cmd::Test { args } => {
             setup()?;
             // The lab starts the agent binary; build it first.
@@ -332,6 +346,71 @@ fn output(cmd: &mut Command) -> Result<String> {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The fuzz targets, as `fuzz/Cargo.toml` names them.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(workspace().join("fuzz").join("Cargo.toml"))?;
+    let mut names = Vec::new();
+    let mut in_bin = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bin = line == "[[bin]]";
+        } else if let Some(name) = line.strip_prefix("name = ").filter(|_| in_bin) {
+            names.push(name.trim_matches('"').to_string());
+        }
+    }
+    anyhow::ensure!(!names.is_empty(), "fuzz/Cargo.toml names no target");
+    Ok(names)
+}
+
+/// Runs each fuzz target for `secs` seconds: new inputs go to a scratch
+/// corpus under target/, the committed seeds are read as they are. A crash
+/// fails the run and leaves its input under fuzz/artifacts/<target>.
+fn fuzz(secs: u64, only: Option<&str>) -> Result<()> {
+    setup_fuzz()?;
+    let dir = workspace().join("fuzz");
+    let targets = fuzz_targets()?;
+    if let Some(t) = only {
+        anyhow::ensure!(targets.iter().any(|n| n == t), "no fuzz target {t}");
+    }
+    for target in targets
+        .iter()
+        .filter(|t| only.is_none_or(|o| o == t.as_str()))
+    {
+        let corpus = workspace().join("target").join("fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = dir.join("seeds").join(target);
+        eprintln!("xtask: fuzzing {target} for {secs} s");
+        run(Command::new("cargo").current_dir(&dir).args([
+            "+nightly".as_ref(),
+            "fuzz".as_ref(),
+            "run".as_ref(),
+            target.as_ref(),
+            corpus.as_os_str(),
+            seeds.as_os_str(),
+            "--".as_ref(),
+            format!("-max_total_time={secs}").as_ref(),
+            "-print_final_stats=1".as_ref(),
+            "-timeout=10".as_ref(),
+            "-rss_limit_mb=2048".as_ref(),
+        ] as [&std::ffi::OsStr; 11]))?;
+    }
+    Ok(())
+}
+
+/// cargo-fuzz, if missing.
+fn setup_fuzz() -> Result<()> {
+    setup_toolchain()?;
+    if Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn setup() -> Result<()> {

@@ -148,14 +148,15 @@ impl EtcdStore {
 
     fn decode(&self, kv: &KeyValue) -> Option<Lease> {
         let key = kv.key_str().ok()?;
-        let subnet = parse_subnet_key(key.strip_prefix(&self.subnets_prefix())?)?;
-        let attrs: LeaseAttrs = match serde_json::from_slice(kv.value()) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(key, err = %e, "skipping a lease whose value is not LeaseAttrs");
-                return None;
-            }
-        };
+        let (subnet, attrs) =
+            match super::decode_lease(key.strip_prefix(&self.subnets_prefix())?, kv.value()) {
+                Ok(Some(lease)) => lease,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(key, err = %e, "skipping a lease whose value is not LeaseAttrs");
+                    return None;
+                }
+            };
         Some(Lease {
             subnet,
             attrs,

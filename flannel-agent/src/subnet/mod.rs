@@ -103,6 +103,18 @@ pub type LeaseSet = Arc<BTreeMap<Ipv4Net, Lease>>;
 /// Where a store publishes: `None` until its first full listing.
 pub type LeaseTx = tokio::sync::watch::Sender<Option<LeaseSet>>;
 
+/// A lease as etcd holds it: the key below `<prefix>/subnets/` and the
+/// `LeaseAttrs` JSON value. `Ok(None)` for a key that names no subnet.
+pub fn decode_lease(
+    key: &str,
+    value: &[u8],
+) -> std::result::Result<Option<(Ipv4Net, LeaseAttrs)>, serde_json::Error> {
+    let Some(subnet) = parse_subnet_key(key) else {
+        return Ok(None);
+    };
+    Ok(Some((subnet, serde_json::from_slice(value)?)))
+}
+
 /// Flannel's key for a subnet: `10.244.1.0-24`.
 pub fn subnet_key(subnet: Ipv4Net) -> String {
     format!("{}-{}", subnet.network(), subnet.prefix_len())
