@@ -17,6 +17,7 @@
 use crate::{Config, CONFIG_F_STRICT_SOURCE};
 
 /// Bytes of a packet, bounds-checked: `load` returns `None` past the end.
+#[allow(clippy::len_without_is_empty)]
 pub trait Frame {
     fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
     fn len(&self) -> usize;
