@@ -85,7 +85,8 @@ pub fn link_mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
 }
 
 /// `GET path` from inside `ns` to `addr` (HTTP/1.1, `Connection: close`):
-/// the whole response, status line and headers included.
+/// the whole response, status line and headers included, with a chunked
+/// body (as Prometheus sends past 4 KiB) joined back into one.
 pub fn http_get(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<String> {
     let path = path.to_string();
     in_netns(ns, move || {
@@ -98,8 +99,33 @@ pub fn http_get(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<Stri
         s.write_all(req.as_bytes())?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
-        Ok(out)
+        dechunk(&out)
     })
+}
+
+/// `resp` with its body de-chunked when the headers say it is chunked.
+fn dechunk(resp: &str) -> Result<String> {
+    let Some((head, mut rest)) = resp.split_once("\r\n\r\n") else {
+        return Ok(resp.to_string());
+    };
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    if !chunked {
+        return Ok(resp.to_string());
+    }
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").context("chunk size line")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("chunk size {size:?}"))?;
+        if size == 0 {
+            break;
+        }
+        body.push_str(after.get(..size).context("chunk shorter than its size")?);
+        rest = after[size..].strip_prefix("\r\n").context("no CRLF after a chunk")?;
+    }
+    Ok(format!("{head}\r\n\r\n{body}"))
 }
 
 /// Sends one raw Ethernet `frame` out of interface `ifname` inside `ns`
