@@ -150,6 +150,7 @@ pub fn command_in_netns(program: impl AsRef<std::ffi::OsStr>, ns: &str) -> Resul
     Ok(cmd)
 }
 
+#[derive(Clone)]
 pub struct Pod {
     /// Namespace name.
     pub ns: String,
@@ -983,6 +984,16 @@ impl Lab {
         if unsafe { libc::kill(pid as i32, sig) } != 0 {
             return Err(std::io::Error::last_os_error())
                 .with_context(|| format!("sending {name} to node {}'s agent (pid {pid})", i + 1));
+        }
+        Ok(())
+    }
+
+    /// Stops node `i`'s agent with SIGTERM, as kubelet does, and waits
+    /// for it to exit.
+    pub fn stop_agent(&mut self, i: usize) -> Result<()> {
+        self.signal_agent(i, libc::SIGTERM, "SIGTERM")?;
+        if let Some(mut child) = self.nodes[i].agent.take() {
+            child.wait()?;
         }
         Ok(())
     }

@@ -123,7 +123,9 @@ fn dechunk(resp: &str) -> Result<String> {
             break;
         }
         body.push_str(after.get(..size).context("chunk shorter than its size")?);
-        rest = after[size..].strip_prefix("\r\n").context("no CRLF after a chunk")?;
+        rest = after[size..]
+            .strip_prefix("\r\n")
+            .context("no CRLF after a chunk")?;
     }
     Ok(format!("{head}\r\n\r\n{body}"))
 }

@@ -335,3 +335,166 @@ fn a_pod_cannot_send_as_another_pod() -> Result<()> {
     assert!(lab.ping((0, 0), c.ip, 2, 56)?);
     Ok(())
 }
+
+/// The packets an nftables rule's counter in `ns` has seen (`nft list`).
+fn nft_count(ns: &str, family_table: &str, needle: &str) -> Result<u64> {
+    let mut args = vec!["nft", "list", "table"];
+    args.extend(family_table.split(' '));
+    let out = flannel_tests::netns::exec(ns, &args)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains(needle))
+        .with_context(|| format!("no rule with {needle:?} in {family_table}:\n{text}"))?;
+    let n = line
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .with_context(|| format!("no counter in {line:?}"))?;
+    Ok(n.parse()?)
+}
+
+#[test]
+fn the_kernel_path_is_guarded_by_nftables() -> Result<()> {
+    let mut lab = Lab::new(&[
+        NodeSpec::new(NodeKind::Kernel, 3),
+        NodeSpec::new(NodeKind::Ebpf, 1),
+    ])?;
+    let attacker = lab.add_fabric_host("att", Ipv4Addr::new(172, 30, 0, 202))?;
+    let node1 = lab.nodes[1].ns.clone();
+    let node0 = lab.nodes[0].ns.clone();
+    let pod = lab.pod((0, 0)).clone();
+    let at = SocketAddr::new(pod.ip.into(), 9999);
+    let node = SocketAddr::new(lab.nodes[0].ip.into(), VXLAN_PORT);
+    let frame = vxlan_payload(
+        lab.nodes[0].vtep_mac.0,
+        (nth(lab.nodes[1].subnet, 9), 1234),
+        (pod.ip, 9999),
+        b"smuggled",
+    );
+    let vxlan_rule = "udp dport 4789 ip saddr != @vteps";
+
+    // Kernel data path: VXLAN from a node holding a lease arrives ...
+    let rx = receive(&pod.ns, at, Duration::from_millis(800))?;
+    let f = frame.clone();
+    let sender = node1.clone();
+    in_netns(&sender, move || {
+        UdpSocket::bind("0.0.0.0:0")?.send_to(&f, node)?;
+        Ok(())
+    })?;
+    assert_eq!(joined(rx)?, vec![b"smuggled".to_vec()], "control");
+    // ... and from the attacker it is dropped by the guard and counted.
+    let before = nft_count(&node0, "ip flannel-guard", vxlan_rule)?;
+    let rx = receive(&pod.ns, at, Duration::from_millis(800))?;
+    let f = frame.clone();
+    in_netns(&attacker, move || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        for _ in 0..5 {
+            s.send_to(&f, node)?;
+        }
+        Ok(())
+    })?;
+    assert!(joined(rx)?.is_empty(), "the kernel path delivered it");
+    assert_eq!(
+        nft_count(&node0, "ip flannel-guard", vxlan_rule)? - before,
+        5
+    );
+
+    // A pod on the kernel path sending as another pod: dropped on its
+    // bridge port and counted; its own address still works, and ARP
+    // claiming the other pod's address is dropped too.
+    let (a, b, c) = (
+        lab.pod((0, 1)).clone(),
+        lab.pod((0, 2)).clone(),
+        lab.pod((1, 0)).clone(),
+    );
+    flannel_tests::netns::ip(&[
+        "-n",
+        &a.ns,
+        "addr",
+        "add",
+        &format!("{}/32", b.ip),
+        "dev",
+        "eth0",
+    ])?;
+    let pod_rule = "iifname . ip saddr != @pods";
+    for (target, what) in [(&c, "to another node"), (&pod, "on the same node")] {
+        let at = SocketAddr::new(target.ip.into(), 9999);
+        let rx = receive(&target.ns, at, Duration::from_millis(600))?;
+        send_udp(&a.ns, SocketAddr::new(a.ip.into(), 0), at, b"honest")?;
+        assert_eq!(joined(rx)?, vec![b"honest".to_vec()], "{what}: control");
+        let before = nft_count(&node0, "bridge flannel-guard", pod_rule)?;
+        let rx = receive(&target.ns, at, Duration::from_millis(600))?;
+        send_udp(&a.ns, SocketAddr::new(b.ip.into(), 0), at, b"as B")?;
+        assert!(joined(rx)?.is_empty(), "{what}: the spoofed packet arrived");
+        assert_eq!(
+            nft_count(&node0, "bridge flannel-guard", pod_rule)? - before,
+            1,
+            "{what}"
+        );
+    }
+    let arp_rule = "arp saddr ip != @pods";
+    let before = nft_count(&node0, "bridge flannel-guard", arp_rule)?;
+    let mut reply = arp_request(a.mac.0, b.ip, lab.nodes[0].gateway());
+    reply[20..22].copy_from_slice(&2u16.to_be_bytes());
+    for _ in 0..3 {
+        send_frame(&a.ns, "eth0", reply.clone())?;
+    }
+    assert_eq!(
+        nft_count(&node0, "bridge flannel-guard", arp_rule)? - before,
+        3
+    );
+
+    // On the eBPF node, what the programs leave to the kernel is guarded
+    // too: VXLAN with outer IP options goes to the kernel before any
+    // lease check, and from the attacker the guard drops it.
+    let attacker_ip = Ipv4Addr::new(172, 30, 0, 202);
+    let wire = Wire {
+        node_mac: link_mac(&node1, "eth0")?,
+        node_ip: lab.nodes[1].ip,
+        sender_mac: link_mac(&attacker, "eth0")?,
+        peer_ip: attacker_ip,
+        peer_pod: nth(lab.nodes[0].subnet, 9),
+        stranger_ip: attacker_ip,
+        vtep_mac: lab.nodes[1].vtep_mac.0,
+        peer_vtep_mac: lab.nodes[0].vtep_mac.0,
+        local_pod: c.ip,
+        other_local_pod: c.ip,
+        no_pod: nth(lab.nodes[1].subnet, 200),
+        port: VXLAN_PORT,
+        vni: 1,
+    };
+    let (_, options, _) = crafted_uplink_frames(&wire)
+        .into_iter()
+        .find(|(name, _, _)| name == "outer IP options")
+        .context("no options frame")?;
+    let before = (
+        nft_count(&node1, "ip flannel-guard", vxlan_rule)?,
+        lab.nodes[1].counters()?["uplink_pass_ip_options"],
+    );
+    let rx = receive(
+        &c.ns,
+        SocketAddr::new(c.ip.into(), CRAFTED_DPORT),
+        Duration::from_millis(500),
+    )?;
+    send_frame(&attacker, "eth0", options)?;
+    assert!(
+        joined(rx)?.is_empty(),
+        "the eBPF node's kernel delivered it"
+    );
+    assert_eq!(
+        (
+            nft_count(&node1, "ip flannel-guard", vxlan_rule)?,
+            lab.nodes[1].counters()?["uplink_pass_ip_options"],
+        ),
+        (before.0 + 1, before.1 + 1)
+    );
+
+    // Stopped, a kernel-path agent leaves no guard behind (uninstalling
+    // and going back to Flannel both go through the kernel path).
+    lab.stop_agent(0)?;
+    let out = flannel_tests::netns::exec(&node0, &["nft", "list", "tables"])?;
+    let tables = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!tables.contains("flannel-guard"), "{tables}");
+    Ok(())
+}

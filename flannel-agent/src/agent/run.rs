@@ -54,6 +54,7 @@ struct Agent {
     ignored: BTreeMap<Ipv4Net, Ignored>,
     /// What this process last wrote to the masquerade table.
     masq_written: Option<reconcile::desired::MasqSpec>,
+    guard_written: Option<reconcile::desired::GuardSpec>,
     metrics: Arc<Metrics>,
 }
 
@@ -177,6 +178,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         remotes: 0,
         ignored: BTreeMap::new(),
         masq_written: None,
+        guard_written: None,
         metrics,
     };
     // At start, devices and masquerading that cannot be set up are fatal,
@@ -263,8 +265,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = int.recv() => break Ok(()),
         }
     };
-    // Pinned maps and links stay: the data path keeps forwarding.
+    // Pinned maps and links stay: the data path keeps forwarding, and so
+    // do the guard tables that go with it. On the kernel path the agent
+    // leaves nothing of its own: the guards go (they would keep new nodes
+    // out with nobody to follow the leases), so that uninstalling and
+    // going back to Flannel, both done from the kernel path, leave none.
     let _ = std::fs::remove_file(&socket);
+    if agent.datapath.ebpf().is_none() {
+        if let Err(err) = crate::guard::remove() {
+            tracing::warn!(%err, "removing the guard tables");
+        }
+    }
     tracing::info!("stopped; the data path stays in place");
     result
 }
@@ -406,6 +417,7 @@ impl Agent {
                 dp: self.datapath.ebpf(),
                 vtep: observed.links.get(&want.vtep.link.name).map(|l| l.index),
                 masq_written: &mut self.masq_written,
+                guard_written: &mut self.guard_written,
             },
         )
         .await;
@@ -421,7 +433,14 @@ impl Agent {
             bridge: &self.opts.bridge,
             vtep: &vtep,
         };
-        reconcile::observe(&self.nl, self.datapath.ebpf(), &devices, self.masq_written).await
+        reconcile::observe(
+            &self.nl,
+            self.datapath.ebpf(),
+            &devices,
+            self.masq_written,
+            self.guard_written.as_ref(),
+        )
+        .await
     }
 
     fn desired(&self) -> reconcile::Desired {

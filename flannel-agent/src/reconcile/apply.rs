@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::{
-    desired::MasqSpec,
+    desired::{GuardSpec, MasqSpec},
     diff::{DeviceOp, MapOp, MasqOp, Op, VtepOp},
 };
 use crate::{
@@ -28,6 +28,8 @@ pub struct Target<'a> {
     /// What this process last wrote to the masquerade table (the table's
     /// contents are not read back).
     pub masq_written: &'a mut Option<MasqSpec>,
+    /// What this process last wrote to the guard tables.
+    pub guard_written: &'a mut Option<GuardSpec>,
 }
 
 /// What a pass did.
@@ -63,12 +65,13 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
         mut dp,
         mut vtep,
         masq_written,
+        guard_written,
     } = t;
     let mut report = Report::default();
     // Each remote's three entries go together; all programs before any
     // delete, then routes, neighbours and FDB entries.
     let mut stages: [Vec<VtepOp>; 4] = Default::default();
-    let (mut masq_ops, mut map_ops) = (Vec::new(), Vec::new());
+    let (mut masq_ops, mut map_ops, mut guard_ops) = (Vec::new(), Vec::new(), Vec::new());
     for op in ops {
         match op {
             Op::Device(d) => {
@@ -99,6 +102,7 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
             }]
             .push(v),
             Op::Masq(m) => masq_ops.push(m),
+            Op::Guard(g) => guard_ops.push(g),
             Op::Map(m) => map_ops.push(m),
             Op::ForgetPod(ip) => {
                 report.forgotten.push(ip);
@@ -134,6 +138,13 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
             MasqOp::RemoveCni => masq::pod_remove(),
         };
         report.record(Op::Masq(m), r);
+    }
+    for g in guard_ops {
+        let r = crate::guard::ensure(g.port, &g.vteps, g.pods.as_ref());
+        if r.is_ok() {
+            *guard_written = Some(g.clone());
+        }
+        report.record(Op::Guard(g), r);
     }
     let mut remotes = [0usize; 4];
     for m in map_ops {

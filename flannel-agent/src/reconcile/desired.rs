@@ -104,6 +104,18 @@ pub struct MasqSpec {
     pub lease: Ipv4Net,
 }
 
+/// The nftables guards (`crate::guard`): VXLAN only from lease holders,
+/// and on the kernel data path the pods' source check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardSpec {
+    pub port: u16,
+    /// Every remote lease's public IP.
+    pub vteps: BTreeSet<Ipv4Addr>,
+    /// Kernel data path: each registered pod's host-side port and address.
+    /// `None` on the eBPF path, whose programs check pods themselves.
+    pub pods: Option<BTreeMap<String, Ipv4Addr>>,
+}
+
 /// What the eBPF maps should hold (pods aside: their entries need the
 /// interface index, an observed fact, so the diff derives them).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +146,7 @@ pub struct Desired {
     pub attaching: BTreeSet<u32>,
     /// `Some` when the eBPF data path runs.
     pub maps: Option<MapsSpec>,
+    pub guard: GuardSpec,
 }
 
 /// The state the node should be in.
@@ -194,7 +207,18 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             .collect(),
         vteps: remotes.values().map(|r| r.public_ip).collect(),
     });
+    let guard = GuardSpec {
+        port: i.cfg.backend.port,
+        vteps: remotes.values().map(|r| r.public_ip).collect(),
+        pods: i.ebpf.is_none().then(|| {
+            i.pods
+                .values()
+                .map(|p| (p.host_ifname.clone(), p.ip))
+                .collect()
+        }),
+    };
     Desired {
+        guard,
         bridge,
         vtep,
         remotes,

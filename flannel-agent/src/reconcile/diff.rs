@@ -19,8 +19,8 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::link::InfoKind;
 
 use super::{
-    desired::{BridgeSpec, Desired, MapsSpec, MasqSpec, VtepSpec},
-    observe::{Maps, MasqTable, Observed, VtepEntries},
+    desired::{BridgeSpec, Desired, GuardSpec, MapsSpec, MasqSpec, VtepSpec},
+    observe::{GuardTables, Maps, MasqTable, Observed, VtepEntries},
 };
 use crate::{mac::MacAddr, netlink::RemoteEntry};
 
@@ -31,6 +31,8 @@ pub enum Op {
     Device(DeviceOp),
     Vtep(VtepOp),
     Masq(MasqOp),
+    /// Write the guard tables (atomically replacing them).
+    Guard(GuardSpec),
     Map(MapOp),
     /// A registered pod whose host interface is gone: drop its record.
     ForgetPod(Ipv4Addr),
@@ -89,13 +91,14 @@ pub enum MapOp {
 
 impl Op {
     /// Every value [`Op::kind`] takes.
-    pub const KINDS: [&'static str; 9] = [
+    pub const KINDS: [&'static str; 10] = [
         "device",
         "remote",
         "route",
         "neighbour",
         "fdb",
         "masquerade",
+        "guard",
         "map_entry",
         "pod_link",
         "pod_record",
@@ -110,6 +113,7 @@ impl Op {
             Op::Vtep(VtepOp::DeleteNeighbour(_)) => "neighbour",
             Op::Vtep(VtepOp::DeleteFdb { .. }) => "fdb",
             Op::Masq(_) => "masquerade",
+            Op::Guard(_) => "guard",
             Op::Map(MapOp::AttachPod { .. } | MapOp::DetachPod(_)) => "pod_link",
             Op::Map(_) => "map_entry",
             Op::ForgetPod(_) => "pod_record",
@@ -140,6 +144,15 @@ impl fmt::Display for Op {
                 write!(f, "install ip-masq rules ({} / {})", m.network, m.lease)
             }
             Op::Masq(MasqOp::Remove) => write!(f, "remove the ip-masq table"),
+            Op::Guard(g) => write!(
+                f,
+                "write the guard tables ({} lease IPs, {})",
+                g.vteps.len(),
+                match &g.pods {
+                    Some(p) => format!("{} pod sources", p.len()),
+                    None => "no pod check: the programs do it".into(),
+                }
+            ),
             Op::Masq(MasqOp::RemoveCni) => {
                 write!(f, "remove the CNI plugin's masquerade table")
             }
@@ -188,6 +201,7 @@ pub fn diff(want: &Desired, have: &Observed) -> Vec<Op> {
         vtep_entries(&want.remotes, entries, &mut ops);
     }
     masquerade(want.masq, have, &mut ops);
+    guard(&want.guard, have, &mut ops);
 
     // Pods whose interface is gone are gone, on either data path.
     let mut live = BTreeMap::new();
@@ -287,6 +301,27 @@ fn masquerade(want: Option<MasqSpec>, have: &Observed, ops: &mut Vec<Op>) {
                 ops.push(Op::Masq(MasqOp::Remove));
             }
         }
+    }
+}
+
+/// The guard tables as they should be: pods whose interface is gone (their
+/// records go in this pass) are left out.
+pub fn guard_spec(want: &GuardSpec, have: &Observed) -> GuardSpec {
+    let mut spec = want.clone();
+    if let Some(pods) = &mut spec.pods {
+        pods.retain(|ifname, _| have.links.contains_key(ifname));
+    }
+    spec
+}
+
+/// Tables this process did not write, or wrote for other leases or pods,
+/// are written again; so are tables that could not be read.
+fn guard(want: &GuardSpec, have: &Observed, ops: &mut Vec<Op>) {
+    let want = guard_spec(want, have);
+    let current = matches!(&have.guard, GuardTables::Seen { ip: true, bridge, written: Some(w) }
+        if *w == want && *bridge == want.pods.is_some());
+    if !current {
+        ops.push(Op::Guard(want));
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 use flannel_common::{Config, Endpoint, RemoteNode};
 use ipnet::Ipv4Net;
 
-use super::desired::MasqSpec;
+use super::desired::{GuardSpec, MasqSpec};
 use crate::{
     datapath::ebpf::{Datapath, EbpfError},
     mac::MacAddr,
@@ -33,6 +33,21 @@ pub struct Observed {
     pub cni_masq: Option<bool>,
     /// `None` on the kernel data path, or when the maps could not be read.
     pub maps: Option<Maps>,
+    pub guard: GuardTables,
+}
+
+/// The guard tables (`ip` and `bridge flannel-guard`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum GuardTables {
+    /// Could not be read (logged).
+    #[default]
+    Unknown,
+    Seen {
+        ip: bool,
+        bridge: bool,
+        /// What this process last wrote (contents are not read back).
+        written: Option<GuardSpec>,
+    },
 }
 
 /// Routes, neighbours and FDB entries on `flannel.<VNI>`.
@@ -85,6 +100,7 @@ pub async fn observe(
     dp: Option<&mut Datapath>,
     devices: &Devices<'_>,
     masq_written: Option<MasqSpec>,
+    guard_written: Option<&GuardSpec>,
 ) -> Result<Observed, NetlinkError> {
     let links: BTreeMap<String, Link> = nl
         .links()
@@ -121,6 +137,17 @@ pub async fn observe(
             MasqTable::Unknown
         }
     };
+    let guard = match crate::guard::present() {
+        Ok((ip, bridge)) => GuardTables::Seen {
+            ip,
+            bridge,
+            written: guard_written.cloned(),
+        },
+        Err(err) => {
+            tracing::debug!(%err, "checking the guard tables");
+            GuardTables::Unknown
+        }
+    };
     let cni_masq = masq::pod_present()
         .map_err(|err| tracing::debug!(%err, table = masq::POD_TABLE, "checking the CNI plugin's masquerade table"))
         .ok();
@@ -142,6 +169,7 @@ pub async fn observe(
         masq,
         cni_masq,
         maps,
+        guard,
     })
 }
 

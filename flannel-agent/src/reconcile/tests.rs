@@ -17,7 +17,7 @@ use netlink_packet_route::link::{InfoKind, InfoVxlan};
 use super::{
     desired::{desired, EbpfMode, Inputs, MasqSpec, Node},
     diff::{diff, DeviceOp, MapOp, MasqOp, Op, VtepOp},
-    observe::{Maps, MasqTable, Observed, VtepEntries},
+    observe::{GuardTables, Maps, MasqTable, Observed, VtepEntries},
     Desired,
 };
 use crate::{
@@ -237,6 +237,11 @@ fn converged(w: &World) -> Observed {
         },
         cni_masq: Some(false),
         maps,
+        guard: GuardTables::Seen {
+            ip: true,
+            bridge: want.guard.pods.is_some(),
+            written: Some(want.guard.clone()),
+        },
     }
 }
 
@@ -654,7 +659,24 @@ fn diff_table() {
         let mut w = World::new();
         setup(&mut w);
         let got = diff(&w.want(), &w.have);
-        assert_eq!(got, expect(&w), "row: {name}");
+        // The guard tables are rewritten whenever what they hold changes
+        // (the rows below check when); the rest is each row's own list.
+        let want_guard = super::diff::guard_spec(&w.want().guard, &w.have);
+        let seen = matches!(&w.have.guard, GuardTables::Seen { ip: true, bridge, written: Some(g) }
+            if *g == want_guard && *bridge == want_guard.pods.is_some());
+        let guards: Vec<_> = got.iter().filter(|o| matches!(o, Op::Guard(_))).collect();
+        let expect_guard = (!seen).then(|| Op::Guard(want_guard.clone()));
+        assert_eq!(
+            guards,
+            expect_guard.iter().collect::<Vec<_>>(),
+            "row: {name}: guard"
+        );
+        let rest: Vec<Op> = got
+            .iter()
+            .filter(|o| !matches!(o, Op::Guard(_)))
+            .cloned()
+            .collect();
+        assert_eq!(rest, expect(&w), "row: {name}");
         // The operations are enough: once they are applied, the next pass
         // has nothing to do.
         simulate(&got, &mut w);
@@ -669,6 +691,13 @@ fn simulate(ops: &[Op], w: &mut World) {
     let have = &mut w.have;
     for op in ops {
         match op {
+            Op::Guard(g) => {
+                have.guard = GuardTables::Seen {
+                    ip: true,
+                    bridge: g.pods.is_some(),
+                    written: Some(g.clone()),
+                };
+            }
             Op::Device(DeviceOp::Bridge(b)) => {
                 let mut l = link(BRIDGE, &b.name, Some(InfoKind::Bridge));
                 l.mtu = b.mtu;
@@ -913,5 +942,57 @@ fn every_operation_kind_is_listed() {
     ops.push(Op::Device(DeviceOp::Bridge(w.want().bridge)));
     for op in ops {
         assert!(Op::KINDS.contains(&op.kind()), "{op}: {}", op.kind());
+    }
+}
+
+#[test]
+fn guard_tables_follow_leases_pods_and_drift() {
+    let guard_ops = |w: &World| -> Vec<super::desired::GuardSpec> {
+        diff(&w.want(), &w.have)
+            .into_iter()
+            .filter_map(|o| match o {
+                Op::Guard(g) => Some(g),
+                _ => None,
+            })
+            .collect()
+    };
+    // Converged: nothing to write.
+    let w = World::new();
+    assert_eq!(guard_ops(&w), vec![]);
+    // eBPF mode: every remote's public IP, no pod check (the programs do it).
+    let mut w = World::new();
+    w.add_lease(lease("10.244.4.0/24", "10.0.0.4", mac(0x44)));
+    let g = guard_ops(&w);
+    assert_eq!(g.len(), 1);
+    assert_eq!(
+        g[0].vteps,
+        [ip("10.0.0.2"), ip("10.0.0.3"), ip("10.0.0.4")].into()
+    );
+    assert_eq!(g[0].pods, None);
+    assert_eq!(g[0].port, w.want().vtep.link.port);
+    // Kernel mode: the live pods' ports and addresses; a pod whose
+    // interface is gone is left out.
+    let mut w = World::new();
+    w.ebpf = None;
+    w.have.maps = None;
+    w.have.links.remove("vethfl-b");
+    let g = guard_ops(&w);
+    assert_eq!(g.len(), 1);
+    assert_eq!(
+        g[0].pods,
+        Some([("vethfl-a".to_string(), ip("10.244.1.2"))].into())
+    );
+    // Flushed by hand, or unreadable: written again.
+    for have in [
+        GuardTables::Seen {
+            ip: false,
+            bridge: false,
+            written: Some(World::new().want().guard),
+        },
+        GuardTables::Unknown,
+    ] {
+        let mut w = World::new();
+        w.have.guard = have.clone();
+        assert_eq!(guard_ops(&w), vec![w.want().guard], "{have:?}");
     }
 }

@@ -1,0 +1,73 @@
+//! The nftables guards as the kernel holds them (root, in a namespace of
+//! its own): the agent's netlink messages read back with `nft`, replaced
+//! atomically, and removed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use anyhow::Result;
+use flannel_agent::guard;
+use flannel_tests::{netns::exec, progtest::Netns};
+
+fn ruleset(ns: &str) -> Result<String> {
+    let out = exec(ns, &["nft", "list", "ruleset"])?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn guards_are_written_replaced_and_removed() -> Result<()> {
+    let ns = Netns::new()?;
+    let name = ns.0.clone();
+    let vteps: BTreeSet<Ipv4Addr> = ["172.30.0.2".parse()?, "172.30.0.3".parse()?].into();
+    let pods: BTreeMap<String, Ipv4Addr> = [
+        ("veth1234".to_string(), "10.244.1.5".parse()?),
+        ("veth5678".to_string(), "10.244.1.6".parse()?),
+    ]
+    .into();
+    let (v, p) = (vteps.clone(), pods.clone());
+    flannel_tests::netns::in_netns(&name, move || Ok(guard::ensure(4789, &v, Some(&p))?))?;
+    let text = ruleset(&name)?;
+    for want in [
+        "table ip flannel-guard",
+        "elements = { 172.30.0.2, 172.30.0.3 }",
+        "type filter hook input priority filter; policy accept;",
+        "udp dport 4789 ip saddr != @vteps counter packets 0 bytes 0 drop",
+        "table bridge flannel-guard",
+        "type filter hook prerouting priority 0; policy accept;",
+        "elements = { \"veth1234\",\n",
+        "\"veth1234\" . 10.244.1.5",
+        "\"veth5678\" . 10.244.1.6",
+        "iifname @ports iifname . ip saddr != @pods counter packets 0 bytes 0 drop",
+        "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ip != 0.0.0.0 iifname @ports iifname . arp saddr ip != @pods counter packets 0 bytes 0 drop",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    // A lease gone, the kernel data path off: replaced in one step, the
+    // bridge table gone.
+    let one: BTreeSet<Ipv4Addr> = ["172.30.0.3".parse()?].into();
+    flannel_tests::netns::in_netns(&name, move || Ok(guard::ensure(4789, &one, None)?))?;
+    let text = ruleset(&name)?;
+    assert!(text.contains("elements = { 172.30.0.3 }"), "{text}");
+    assert!(
+        !text.contains("172.30.0.2") && !text.contains("table bridge"),
+        "{text}"
+    );
+    assert_eq!(
+        flannel_tests::netns::in_netns(&name, || Ok(guard::present()?))?,
+        (true, false)
+    );
+    // No leases at all: the set is empty and every VXLAN packet is dropped.
+    flannel_tests::netns::in_netns(&name, || Ok(guard::ensure(8472, &BTreeSet::new(), None)?))?;
+    assert!(ruleset(&name)?.contains("udp dport 8472 ip saddr != @vteps"));
+    flannel_tests::netns::in_netns(&name, || Ok(guard::remove()?))?;
+    assert!(!ruleset(&name)?.contains("flannel-guard"));
+    flannel_tests::netns::in_netns(&name, || Ok(guard::remove()?))?;
+    Ok(())
+}
