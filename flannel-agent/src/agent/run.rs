@@ -55,6 +55,9 @@ struct Agent {
     /// What this process last wrote to the masquerade table.
     masq_written: Option<reconcile::desired::MasqSpec>,
     guard_written: Option<reconcile::desired::GuardSpec>,
+    /// On the kernel path, pods were added or deleted since the last
+    /// pass: the bridge guard's pod set is behind until one runs.
+    pods_changed: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -179,6 +182,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ignored: BTreeMap::new(),
         masq_written: None,
         guard_written: None,
+        pods_changed: false,
         metrics,
     };
     // At start, devices and masquerading that cannot be set up are fatal,
@@ -253,8 +257,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 }
             }
             Some((req, reply)) = rx.recv() => {
+                let changes_pods = matches!(req, Request::Add(_) | Request::Del { .. });
                 agent.handle(req, reply).await;
                 agent.publish_state();
+                // On the kernel path no program checks pod sources: the
+                // bridge guard does, and must learn the new pod set. One
+                // pass once a burst of calls has drained (the callers
+                // have their answers already).
+                agent.pods_changed |= changes_pods && agent.datapath.ebpf().is_none();
+                if agent.pods_changed && rx.is_empty() {
+                    agent.pods_changed = false;
+                    agent.reconcile("api").await;
+                }
             }
             Some(done) = attached_rx.recv() => {
                 agent.pods.finish_add(agent.datapath.ebpf(), done);
