@@ -706,3 +706,386 @@ pub fn crafted_uplink_frames(w: &Wire) -> Vec<(String, Vec<u8>, &'static str)> {
         edit("wrong UDP checksum", &|p| p[41] = 1, None, "decap"),
     ]
 }
+
+/// The addresses a crafted pod frame is built from: a sending pod on the
+/// node under test, its node, another pod there and one on another node.
+#[derive(Clone, Debug)]
+pub struct PodWire {
+    pub pod_mac: [u8; 6],
+    pub pod_ip: Ipv4Addr,
+    /// `cni0`'s MAC and address (the pod's gateway).
+    pub gateway_mac: [u8; 6],
+    pub gateway_ip: Ipv4Addr,
+    /// The node's address on the node network.
+    pub node_ip: Ipv4Addr,
+    pub local_mac: [u8; 6],
+    pub local_pod: Ipv4Addr,
+    pub remote_pod: Ipv4Addr,
+    /// An address in the other node's lease that no pod holds.
+    pub remote_no_pod: Ipv4Addr,
+}
+
+/// Where a crafted pod frame's UDP datagram goes, for the test to listen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodTarget {
+    /// The pod on the other node.
+    Remote,
+    /// The other pod on the same node.
+    Local,
+    /// The node itself (the gateway's address).
+    Node,
+    /// The node, on DHCP's server port (any address, broadcasts too).
+    NodeDhcp,
+    /// No datagram to listen for (ARP, IPv6, malformed headers...).
+    Nothing,
+}
+
+/// One crafted frame a pod sends.
+pub struct PodCase {
+    pub name: &'static str,
+    pub frame: Vec<u8>,
+    /// The `tc_from_pod` counter it moves (`pod_` + this); `encap` is
+    /// either of `pod_encap_redirect` / `pod_encap_neigh` (which one
+    /// depends on the node's neighbour cache).
+    pub reason: &'static str,
+    pub target: PodTarget,
+    /// Whether the kernel's own path (Flannel's bridge, `flannel.1`, the
+    /// receiving stack, this project's bridge guard) delivers the datagram
+    /// to `target`: the verdict the eBPF path must give too.
+    pub delivers: bool,
+}
+
+impl PodWire {
+    /// UDP from `src` to `dst`:`CRAFTED_DPORT`, no UDP checksum, as an
+    /// IPv4 packet of `ttl`.
+    fn udp(&self, src: Ipv4Addr, dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
+        let mut udp = 1234u16.to_be_bytes().to_vec();
+        udp.extend_from_slice(&CRAFTED_DPORT.to_be_bytes());
+        udp.extend_from_slice(&15u16.to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(b"crafted");
+        ipv4(src, dst, 17, ttl, &udp)
+    }
+
+    /// The frame a pod sends: to the gateway's MAC, or to the local pod's
+    /// for an address on its own bridge.
+    fn frame(&self, dst_ip: Ipv4Addr, ip: &[u8]) -> Vec<u8> {
+        let dst = if dst_ip == self.local_pod {
+            self.local_mac
+        } else {
+            self.gateway_mac
+        };
+        eth(dst, self.pod_mac, 0x0800, ip)
+    }
+
+    fn arp(&self, sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+        arp_request(self.pod_mac, sender, target)
+    }
+}
+
+/// Crafted frames a pod sends from its `eth0`, each with the verdict the
+/// pod program must give and the kernel path's delivery: the pod's own
+/// traffic (controls), spoofed sources (another pod, the node, outside,
+/// DHCP's 0.0.0.0), headers truncated at each boundary or inconsistent,
+/// TTL, fragments, options, ARP as pods use it (probe, gateway lookup)
+/// and as an attacker would, IPv6 link-local and other ethertypes.
+pub fn crafted_pod_frames(w: &PodWire) -> Vec<PodCase> {
+    use PodTarget::*;
+    let own = |dst| w.frame(dst, &w.udp(w.pod_ip, dst, 64));
+    let edit = |dst, f: &dyn Fn(&mut Vec<u8>), fix: bool| {
+        let mut p = own(dst);
+        f(&mut p);
+        if fix {
+            fix_checksum(&mut p, 14);
+        }
+        p
+    };
+    let spoofed = |src, dst| w.frame(dst, &w.udp(src, dst, 64));
+    let case = |name, frame, reason, target, delivers| PodCase {
+        name,
+        frame,
+        reason,
+        target,
+        delivers,
+    };
+    // A UDP datagram in two fragments (16 + 8 bytes of its 24).
+    let fragment = |offset8: u16, more: bool, body: &[u8]| {
+        let mut ip = ipv4(w.pod_ip, w.remote_pod, 17, 64, body);
+        ip[4..6].copy_from_slice(&0x4242u16.to_be_bytes());
+        let ff = (u16::from(more) << 13) | offset8;
+        ip[6..8].copy_from_slice(&ff.to_be_bytes());
+        let mut f = w.frame(w.remote_pod, &ip);
+        fix_checksum(&mut f, 14);
+        f
+    };
+    let mut datagram = 1234u16.to_be_bytes().to_vec();
+    datagram.extend_from_slice(&CRAFTED_DPORT.to_be_bytes());
+    datagram.extend_from_slice(&24u16.to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]);
+    datagram.extend_from_slice(b"fragmented-body!");
+    let with_options = {
+        let ip = w.udp(w.pod_ip, w.remote_pod, 64);
+        let mut o = vec![0x46];
+        o.extend_from_slice(&ip[1..20]);
+        o.extend_from_slice(&[1, 1, 1, 0]); // NOP NOP NOP EOL
+        o.extend_from_slice(&ip[20..]);
+        let len = o.len() as u16;
+        o[2..4].copy_from_slice(&len.to_be_bytes());
+        let mut f = w.frame(w.remote_pod, &o);
+        fix_checksum(&mut f, 14);
+        f
+    };
+    let mut dhcp = eth([0xff; 6], w.pod_mac, 0x0800, &{
+        let mut udp = 68u16.to_be_bytes().to_vec();
+        udp.extend_from_slice(&67u16.to_be_bytes());
+        udp.extend_from_slice(&16u16.to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&[1, 1, 6, 0, 0xde, 0xad, 0xbe, 0xef]);
+        ipv4(Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, 17, 64, &udp)
+    });
+    fix_checksum(&mut dhcp, 14);
+    let mut neighbour_solicitation = vec![0x60, 0, 0, 0, 0, 24, 58, 255];
+    neighbour_solicitation
+        .extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    neighbour_solicitation
+        .extend_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 2]);
+    neighbour_solicitation.extend_from_slice(&[135, 0, 0, 0, 0, 0, 0, 0]);
+    neighbour_solicitation
+        .extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    let ns_frame = eth(
+        [0x33, 0x33, 0xff, 0, 0, 2],
+        w.pod_mac,
+        0x86dd,
+        &neighbour_solicitation,
+    );
+    let mut arp_htype = w.arp(w.pod_ip, w.gateway_ip);
+    arp_htype[14..16].copy_from_slice(&6u16.to_be_bytes());
+    let good_remote = own(w.remote_pod);
+    vec![
+        case(
+            "own source, to a pod on another node",
+            own(w.remote_pod),
+            "encap",
+            Remote,
+            true,
+        ),
+        case(
+            "own source, to a pod on this node",
+            own(w.local_pod),
+            "local_redirect",
+            Local,
+            true,
+        ),
+        case(
+            "own source, to the node",
+            own(w.gateway_ip),
+            "pass_not_pod_dst",
+            Node,
+            true,
+        ),
+        case(
+            "own source, TTL 1 across nodes",
+            w.frame(w.remote_pod, &w.udp(w.pod_ip, w.remote_pod, 1)),
+            "pass_ttl",
+            Remote,
+            false,
+        ),
+        case(
+            "own source, TTL 1 on this node (bridged)",
+            w.frame(w.local_pod, &w.udp(w.pod_ip, w.local_pod, 1)),
+            "local_redirect",
+            Local,
+            true,
+        ),
+        case(
+            "own source, IP options",
+            with_options,
+            "encap",
+            Remote,
+            true,
+        ),
+        case(
+            "fragment 1 of 2",
+            fragment(0, true, &datagram[..16]),
+            "encap",
+            Remote,
+            false,
+        ),
+        case(
+            "fragment 2 of 2 (completes the datagram)",
+            fragment(2, false, &datagram[16..]),
+            "encap",
+            Remote,
+            true,
+        ),
+        case(
+            "own source, to an address no pod holds",
+            own(w.remote_no_pod),
+            "encap",
+            Nothing,
+            false,
+        ),
+        case(
+            "wrong IP checksum, across nodes",
+            edit(w.remote_pod, &|p| p[24] ^= 0xff, false),
+            "encap",
+            Remote,
+            false,
+        ),
+        case(
+            "wrong IP checksum, on this node",
+            edit(w.local_pod, &|p| p[24] ^= 0xff, false),
+            "local_redirect",
+            Local,
+            false,
+        ),
+        case(
+            "IP total length past the frame",
+            edit(
+                w.remote_pod,
+                &|p| p[16..18].copy_from_slice(&600u16.to_be_bytes()),
+                true,
+            ),
+            "encap",
+            Remote,
+            false,
+        ),
+        case(
+            "IP total length above the pod MTU",
+            edit(
+                w.remote_pod,
+                &|p| p[16..18].copy_from_slice(&9000u16.to_be_bytes()),
+                true,
+            ),
+            "pass_too_big",
+            Remote,
+            false,
+        ),
+        case(
+            "IHL 4",
+            edit(w.remote_pod, &|p| p[14] = 0x44, true),
+            "pass_malformed",
+            Remote,
+            false,
+        ),
+        case(
+            "IP version 6 in an IPv4 frame",
+            edit(w.remote_pod, &|p| p[14] = 0x65, true),
+            "pass_malformed",
+            Remote,
+            false,
+        ),
+        case(
+            "Ethernet header only",
+            good_remote[..14].to_vec(),
+            "pass_malformed",
+            Nothing,
+            false,
+        ),
+        case(
+            "IPv4 header cut at 19 bytes",
+            good_remote[..33].to_vec(),
+            "pass_malformed",
+            Nothing,
+            false,
+        ),
+        case(
+            "spoofed: another pod on this node, across nodes",
+            spoofed(w.local_pod, w.remote_pod),
+            "drop_spoofed_src",
+            Remote,
+            false,
+        ),
+        case(
+            "spoofed: a pod on another node, on this node",
+            spoofed(w.remote_pod, w.local_pod),
+            "drop_spoofed_src",
+            Local,
+            false,
+        ),
+        case(
+            "spoofed: the node's address",
+            spoofed(w.node_ip, w.remote_pod),
+            "drop_spoofed_src",
+            Remote,
+            false,
+        ),
+        case(
+            "spoofed: the gateway's address",
+            spoofed(w.gateway_ip, w.local_pod),
+            "drop_spoofed_src",
+            Local,
+            false,
+        ),
+        case(
+            "spoofed: an outside address",
+            spoofed(Ipv4Addr::new(8, 8, 8, 8), w.remote_pod),
+            "drop_spoofed_src",
+            Remote,
+            false,
+        ),
+        case(
+            "DHCP discover from 0.0.0.0 (pods are addressed by IPAM)",
+            dhcp,
+            "drop_spoofed_src",
+            NodeDhcp,
+            false,
+        ),
+        case(
+            "ARP for the gateway",
+            w.arp(w.pod_ip, w.gateway_ip),
+            "pass_not_ipv4",
+            Nothing,
+            false,
+        ),
+        case(
+            "ARP probe (sender 0.0.0.0, RFC 5227)",
+            w.arp(Ipv4Addr::UNSPECIFIED, w.local_pod),
+            "pass_not_ipv4",
+            Nothing,
+            false,
+        ),
+        case(
+            "ARP as another pod",
+            w.arp(w.local_pod, w.gateway_ip),
+            "drop_spoofed_arp",
+            Nothing,
+            false,
+        ),
+        case(
+            "ARP as the gateway",
+            w.arp(w.gateway_ip, w.local_pod),
+            "drop_spoofed_arp",
+            Nothing,
+            false,
+        ),
+        case(
+            "ARP cut after the operation",
+            w.arp(w.pod_ip, w.gateway_ip)[..22].to_vec(),
+            "pass_malformed",
+            Nothing,
+            false,
+        ),
+        case(
+            "ARP, not Ethernet hardware",
+            arp_htype,
+            "pass_not_ipv4",
+            Nothing,
+            false,
+        ),
+        case(
+            "IPv6 link-local neighbour solicitation",
+            ns_frame,
+            "pass_not_ipv4",
+            Nothing,
+            false,
+        ),
+        case(
+            "unknown ethertype",
+            eth(w.gateway_mac, w.pod_mac, 0x88b5, b"local experimental"),
+            "pass_not_ipv4",
+            Nothing,
+            false,
+        ),
+    ]
+}

@@ -498,3 +498,105 @@ fn the_kernel_path_is_guarded_by_nftables() -> Result<()> {
     assert!(!tables.contains("flannel-guard"), "{tables}");
     Ok(())
 }
+
+/// `tc_from_pod` verdicts whose counter the pods' own background traffic
+/// (IPv6 router solicitations, ARP) can move as well.
+const POD_SHARED: [&str; 2] = ["pass_not_ipv4", "pass_not_pod_dst"];
+
+#[test]
+fn crafted_frames_from_a_pod_get_the_kernels_verdict() -> Result<()> {
+    use flannel_tests::progtest::{crafted_pod_frames, PodTarget, PodWire};
+    let lab = Lab::new(&[
+        NodeSpec::new(NodeKind::Ebpf, 2),
+        NodeSpec::new(NodeKind::Ebpf, 1),
+        NodeSpec::new(NodeKind::Kernel, 2),
+    ])?;
+    let remote = lab.pod((1, 0)).clone();
+    let mut cases_run = 0;
+    // The same frames from a pod on the eBPF node and on the kernel-path
+    // node: the delivery verdict is the kernel's on both, and on the eBPF
+    // node the counter says which check gave it.
+    for s in [0, 2] {
+        let node = &lab.nodes[s];
+        let (pod, local) = (lab.pod((s, 0)), lab.pod((s, 1)));
+        let wire = PodWire {
+            pod_mac: pod.mac.0,
+            pod_ip: pod.ip,
+            gateway_mac: link_mac(&node.ns, "cni0")?,
+            gateway_ip: node.gateway(),
+            node_ip: node.ip,
+            local_mac: local.mac.0,
+            local_pod: local.ip,
+            remote_pod: remote.ip,
+            remote_no_pod: nth(lab.nodes[1].subnet, 200),
+        };
+        let cases = crafted_pod_frames(&wire);
+        assert!(cases.len() >= 30, "{} cases", cases.len());
+        for c in cases {
+            let what = format!("{:?} node: {}", node.kind, c.name);
+            let listen = match c.target {
+                PodTarget::Remote => Some((remote.ns.as_str(), remote.ip, CRAFTED_DPORT)),
+                PodTarget::Local => Some((local.ns.as_str(), local.ip, CRAFTED_DPORT)),
+                PodTarget::Node => Some((node.ns.as_str(), node.gateway(), CRAFTED_DPORT)),
+                PodTarget::NodeDhcp => Some((node.ns.as_str(), Ipv4Addr::UNSPECIFIED, 67)),
+                PodTarget::Nothing => None,
+            };
+            let before = (s == 0).then(|| node.counters()).transpose()?;
+            let rx = listen
+                .map(|(ns, ip, port)| {
+                    receive(
+                        ns,
+                        SocketAddr::new(ip.into(), port),
+                        Duration::from_millis(300),
+                    )
+                })
+                .transpose()?;
+            send_frame(&pod.ns, "eth0", c.frame)?;
+            if let Some(rx) = rx {
+                let got = joined(rx)?;
+                assert_eq!(
+                    !got.is_empty(),
+                    c.delivers,
+                    "{what}: delivered {got:?}, the kernel path would {}",
+                    if c.delivers { "deliver it" } else { "not" }
+                );
+            }
+            cases_run += 1;
+            let Some(before) = before else { continue };
+            std::thread::sleep(Duration::from_millis(50));
+            let after = node.counters()?;
+            let moved = |name: &str| after[name] - before[name];
+            let all: Vec<_> = before
+                .keys()
+                .filter(|k| k.starts_with("pod_") && moved(k) > 0)
+                .map(|k| (*k, moved(k)))
+                .collect();
+            let wants: Vec<String> = if c.reason == "encap" {
+                vec!["pod_encap_redirect".into(), "pod_encap_neigh".into()]
+            } else {
+                vec![format!("pod_{}", c.reason)]
+            };
+            let got: u64 = wants.iter().map(|w| moved(w)).sum();
+            if POD_SHARED.contains(&c.reason) {
+                assert!(got >= 1, "{what}: {wants:?} did not move: {all:?}");
+            } else {
+                assert_eq!(got, 1, "{what}: {wants:?}: {all:?}");
+            }
+            // Nothing else of the pod program's that this frame could
+            // reach moved.
+            for (name, n) in &all {
+                let background = POD_SHARED.iter().any(|r| name.ends_with(r));
+                assert!(
+                    wants.iter().any(|w| w == name) || background,
+                    "{what}: {name} moved by {n} too: {all:?}"
+                );
+            }
+        }
+    }
+    assert!(cases_run >= 60);
+    // Each honest pod still talks across and on its node afterwards.
+    assert!(lab.ping((0, 0), remote.ip, 2, 56)?);
+    assert!(lab.ping((2, 0), remote.ip, 2, 56)?);
+    assert!(lab.ping((0, 0), lab.pod((0, 1)).ip, 2, 56)?);
+    Ok(())
+}
