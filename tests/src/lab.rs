@@ -150,7 +150,7 @@ pub fn command_in_netns(program: impl AsRef<std::ffi::OsStr>, ns: &str) -> Resul
     Ok(cmd)
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Pod {
     /// Namespace name.
     pub ns: String,
@@ -978,6 +978,12 @@ impl Lab {
     }
 
     /// Sends signal `sig` (called `name` in errors) to node `i`'s agent.
+    /// The process ID of node `i`'s agent (run directly, not in a
+    /// container).
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].agent.as_ref().map(|c| c.id())
+    }
+
     pub fn signal_agent(&self, i: usize, sig: i32, name: &str) -> Result<()> {
         let pid = self.nodes[i].agent.as_ref().context("no agent")?.id();
         // SAFETY: kill has no memory-safety preconditions.

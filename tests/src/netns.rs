@@ -171,3 +171,177 @@ pub fn send_frame(ns: &str, ifname: &str, frame: Vec<u8>) -> Result<()> {
         Ok(())
     })
 }
+
+/// Where [`hold_connections`] connects.
+pub enum ConnectTo {
+    Unix(std::path::PathBuf),
+    /// An IPv4 TCP address, from inside network namespace `ns`.
+    Tcp {
+        ns: String,
+        addr: std::net::SocketAddrV4,
+    },
+}
+
+/// Child processes holding idle connections open (more than one process
+/// may: the test's own open-file limit is the machine's hard limit). The
+/// children are killed and reaped when this is dropped, panics included.
+pub struct HeldConnections {
+    children: Vec<libc::pid_t>,
+}
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        for pid in self.children.drain(..) {
+            // SAFETY: signalling and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
+/// Opens `n` connections to `to`, idle and held, spread over child
+/// processes of at most `per_child` each; returns once every one is
+/// connected.
+pub fn hold_connections(to: &ConnectTo, n: usize, per_child: usize) -> Result<HeldConnections> {
+    // Everything the child needs is made here: after fork in a threaded
+    // process it may only make plain system calls (no allocation).
+    let (family, addr, len, ns) = match to {
+        ConnectTo::Unix(path) => {
+            // SAFETY: sockaddr_un is plain data; zeroed is valid.
+            let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+            a.sun_family = libc::AF_UNIX as _;
+            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+            anyhow::ensure!(bytes.len() < a.sun_path.len(), "socket path too long");
+            for (d, s) in a.sun_path.iter_mut().zip(bytes) {
+                *d = *s as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+            let mut storage = [0u8; std::mem::size_of::<libc::sockaddr_un>()];
+            // SAFETY: copying a plain struct into a byte buffer of its size.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    &a as *const _ as *const u8,
+                    storage.as_mut_ptr(),
+                    storage.len(),
+                )
+            };
+            (libc::AF_UNIX, storage.to_vec(), len, None)
+        }
+        ConnectTo::Tcp { ns, addr } => {
+            // SAFETY: as above.
+            let mut a: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            a.sin_family = libc::AF_INET as _;
+            a.sin_port = addr.port().to_be();
+            a.sin_addr.s_addr = u32::from(*addr.ip()).to_be();
+            let mut storage = vec![0u8; std::mem::size_of::<libc::sockaddr_in>()];
+            // SAFETY: as above.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    &a as *const _ as *const u8,
+                    storage.as_mut_ptr(),
+                    storage.len(),
+                )
+            };
+            let file = File::open(format!("/run/netns/{ns}"))
+                .with_context(|| format!("opening netns {ns}"))?;
+            (
+                libc::AF_INET,
+                storage,
+                std::mem::size_of::<libc::sockaddr_in>(),
+                Some(file),
+            )
+        }
+    };
+    let ns_fd = ns.as_ref().map(|f| f.as_raw_fd());
+    let mut pipe = [0; 2];
+    // SAFETY: pipe2 into a two-int array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    let [ready_r, ready_w] = pipe;
+    let mut held = HeldConnections {
+        children: Vec::new(),
+    };
+    let mut left = n;
+    while left > 0 {
+        let count = left.min(per_child);
+        left -= count;
+        // SAFETY: the child makes only async-signal-safe calls on memory
+        // prepared before the fork, then waits to be killed.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            bail!("fork: {}", std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            unsafe {
+                if let Some(fd) = ns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        libc::_exit(2);
+                    }
+                }
+                for _ in 0..count {
+                    let s = libc::socket(family, libc::SOCK_STREAM, 0);
+                    if s < 0
+                        || libc::connect(
+                            s,
+                            addr.as_ptr() as *const libc::sockaddr,
+                            len as libc::socklen_t,
+                        ) != 0
+                    {
+                        libc::_exit(3);
+                    }
+                }
+                let one = 1u8;
+                libc::write(ready_w, &one as *const u8 as *const libc::c_void, 1);
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        held.children.push(pid);
+    }
+    // SAFETY: closing our copy of the write end; the children keep theirs.
+    unsafe { libc::close(ready_w) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut ready = 0;
+    while ready < held.children.len() {
+        let mut pfd = libc::pollfd {
+            fd: ready_r,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll and read on our pipe's read end.
+        let r = unsafe { libc::poll(&mut pfd, 1, 1000) };
+        if r > 0 {
+            let mut b = 0u8;
+            let got = unsafe { libc::read(ready_r, &mut b as *mut u8 as *mut libc::c_void, 1) };
+            if got == 1 {
+                ready += 1;
+                continue;
+            }
+        }
+        for &pid in &held.children {
+            let mut status = 0;
+            // SAFETY: polling our own child's state.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                unsafe { libc::close(ready_r) };
+                bail!(
+                    "a connection holder exited with {}",
+                    libc::WEXITSTATUS(status)
+                );
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            unsafe { libc::close(ready_r) };
+            bail!(
+                "{ready} of {} connection holders ready after 120 s",
+                held.children.len()
+            );
+        }
+    }
+    // SAFETY: our read end, no longer used.
+    unsafe { libc::close(ready_r) };
+    Ok(held)
+}

@@ -68,14 +68,17 @@ impl Pods {
     /// thread, many pods being added at once overlap their waits instead
     /// of queueing behind each other on the agent's loop. The answer goes
     /// out from [`Pods::finish_add`].
+    #[allow(clippy::too_many_arguments)]
     pub fn begin_add(
         &mut self,
         node: &Node,
+        bridge: Option<u32>,
+        host: Option<&HostLink>,
         dp: Option<&mut Datapath>,
         rec: EndpointRecord,
         reply: oneshot::Sender<Response>,
     ) {
-        let index = match check(node, &rec) {
+        let index = match check(node, &self.records, bridge, host, &rec) {
             Ok(i) => i,
             Err(err) => {
                 let _ = reply.send(Response::err(format!("{err:#}")));
@@ -239,24 +242,73 @@ impl Pods {
 
 /// The pod's address, MAC and host interface, checked; returns the
 /// interface index.
-fn check(node: &Node, rec: &EndpointRecord) -> anyhow::Result<u32> {
-    if !node.lease.subnet.contains(&rec.ip) || rec.ip == node.gateway().addr() {
-        bail!(
-            "pod IP {} is not a pod address of this node's lease {}",
-            rec.ip,
-            node.lease.subnet
-        );
+/// What the agent's end of a pod's veth must be: a port of the node's
+/// pod bridge (so neither `lo`, the uplink nor any other interface of the
+/// node gets a pod's program and map entry), as netlink reports it.
+#[derive(Clone, Debug)]
+pub struct HostLink {
+    pub index: u32,
+    pub controller: Option<u32>,
+}
+
+/// Checks an `add`: an address of the lease that a pod can hold (not the
+/// network, gateway or broadcast address), a unicast MAC, a host
+/// interface that is a port of the bridge (`bridge`: its index) and not
+/// the uplink or `lo`, and an address no other live endpoint holds.
+fn check(
+    node: &Node,
+    records: &BTreeMap<Ipv4Addr, EndpointRecord>,
+    bridge: Option<u32>,
+    host: Option<&HostLink>,
+    rec: &EndpointRecord,
+) -> anyhow::Result<u32> {
+    let subnet = node.lease.subnet;
+    if !subnet.contains(&rec.ip) {
+        bail!("pod IP {} is not in this node's lease {subnet}", rec.ip);
+    }
+    for (addr, what) in [
+        (subnet.network(), "network"),
+        (node.gateway().addr(), "gateway"),
+        (subnet.broadcast(), "broadcast"),
+    ] {
+        if rec.ip == addr {
+            bail!(
+                "pod IP {} is the {what} address of this node's lease {subnet}",
+                rec.ip
+            );
+        }
     }
     if !rec.mac.is_unicast() {
         bail!("pod MAC {} is not a unicast address", rec.mac);
     }
-    // if_nametoindex: no RTNL round trip while many pods are wired.
-    ebpf::ifindex(&rec.host_ifname).ok_or_else(|| {
-        anyhow!(
-            "host interface {} does not exist on this node",
-            rec.host_ifname
-        )
-    })
+    let name = &rec.host_ifname;
+    if name == "lo" {
+        bail!("host interface {name} is the loopback, not a pod's veth");
+    }
+    if *name == node.uplink.name {
+        bail!("host interface {name} is the node's uplink, not a pod's veth");
+    }
+    let host = host.ok_or_else(|| anyhow!("host interface {name} does not exist on this node"))?;
+    if host.index == node.uplink.index {
+        bail!("host interface {name} is the node's uplink, not a pod's veth");
+    }
+    match bridge {
+        Some(b) if host.controller == Some(b) => {}
+        Some(_) => bail!("host interface {name} is not a port of the pod bridge"),
+        None => bail!("the pod bridge does not exist yet; host interface {name} cannot be on it"),
+    }
+    // Another endpoint with this address whose interface is still there
+    // holds it (a stale record, its veth gone, gives way).
+    if let Some(other) = records.get(&rec.ip) {
+        if other.host_ifname != *name && ebpf::ifindex(&other.host_ifname).is_some() {
+            bail!(
+                "pod IP {} is held by the endpoint on {}; delete it first",
+                rec.ip,
+                other.host_ifname
+            );
+        }
+    }
+    Ok(host.index)
 }
 
 fn read_records(path: &Path) -> anyhow::Result<BTreeMap<Ipv4Addr, EndpointRecord>> {

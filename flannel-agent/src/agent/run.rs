@@ -11,7 +11,6 @@ use anyhow::{anyhow, bail, Context};
 use flannel_common::VXLAN_ENCAP_LEN;
 use ipnet::Ipv4Net;
 use tokio::{
-    net::TcpListener,
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
 };
@@ -72,8 +71,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // can take pods.
     let readiness = Arc::new(server::http::Readiness::default());
     if let Some(addr) = opts.healthz {
-        let l = TcpListener::bind(addr)
-            .await
+        let l = server::http::listen(addr)
             .with_context(|| format!("binding the healthz port {addr}"))?;
         tokio::spawn(server::http::serve(l, metrics.clone(), readiness.clone()));
     }
@@ -358,9 +356,21 @@ impl Agent {
             },
             // Answered once its TC program is attached.
             Request::Add(rec) => {
-                return self
-                    .pods
-                    .begin_add(&self.node, self.datapath.ebpf(), rec, reply)
+                let (bridge, host) = match self.host_links(&rec.host_ifname).await {
+                    Ok(found) => found,
+                    Err(err) => {
+                        let _ = reply.send(Response::err(format!("{err:#}")));
+                        return;
+                    }
+                };
+                return self.pods.begin_add(
+                    &self.node,
+                    bridge,
+                    host.as_ref(),
+                    self.datapath.ebpf(),
+                    rec,
+                    reply,
+                );
             }
             Request::Del { ip } => match self.pods.delete(self.datapath.ebpf(), ip) {
                 Ok(()) => Response::ok(),
@@ -368,6 +378,23 @@ impl Agent {
             },
         };
         let _ = reply.send(resp);
+    }
+
+    /// The pod bridge's index and a pod's host interface, as netlink
+    /// sees them now (an `add` is checked against them).
+    async fn host_links(
+        &self,
+        host_ifname: &str,
+    ) -> anyhow::Result<(Option<u32>, Option<crate::agent::pods::HostLink>)> {
+        let bridge = self.nl.link_by_name(&self.opts.bridge).await?;
+        let host = self.nl.link_by_name(host_ifname).await?;
+        Ok((
+            bridge.map(|b| b.index),
+            host.map(|h| crate::agent::pods::HostLink {
+                index: h.index,
+                controller: h.controller,
+            }),
+        ))
     }
 
     /// One full pass: observe, desired state, diff, apply. Failures are

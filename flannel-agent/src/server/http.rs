@@ -18,6 +18,7 @@ use tokio::{
     net::TcpListener,
 };
 
+use super::slots::Slots;
 use crate::metrics::{Metrics, CONTENT_TYPE};
 
 /// Whether the node is ready for pods, as `/readyz` says.
@@ -34,15 +35,50 @@ impl Readiness {
     }
 }
 
+/// HTTP connections served at once at most (a quarter of the file
+/// descriptors the process may open, if that is fewer); at the cap a new
+/// one takes the slot of the oldest still waiting for its request.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+pub fn connection_cap() -> usize {
+    MAX_CONNECTIONS
+        .min((super::slots::open_files_limit() / 4) as usize)
+        .max(16)
+}
+
+/// The HTTP port's listener, with a backlog deep enough that a burst of
+/// connections waits for the cap's room instead of retrying its SYNs.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Readiness>) {
+    let slots = Slots::new("HTTP port", connection_cap());
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let Some(slot) = slots.admit().await else {
+            continue;
+        };
+        let (metrics, ready, slots) = (metrics.clone(), ready.clone(), slots.clone());
         tokio::spawn(async move {
-            let Some(req) = read_head(&mut s).await else {
+            let _slot = slot;
+            let (idle, evicted) = slots.idle();
+            let req = tokio::select! {
+                req = read_head(&mut s) => req,
+                _ = evicted => None,
+            };
+            drop(idle);
+            let Some(req) = req else {
                 return;
             };
             let path = req

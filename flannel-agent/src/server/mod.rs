@@ -4,4 +4,5 @@
 //! reach the loop as messages; the metrics are only read here.
 
 pub mod http;
+pub mod slots;
 pub mod socket;

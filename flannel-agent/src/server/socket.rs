@@ -15,9 +15,10 @@ use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot, Semaphore},
+    sync::{mpsc, oneshot},
 };
 
+use super::slots::Slots;
 use crate::api::{Request, Response};
 
 /// A request and where its answer goes.
@@ -27,13 +28,21 @@ pub type ApiCall = (Request, oneshot::Sender<Response>);
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Time a client has to send one whole request line.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once at most; more are closed as they arrive.
-/// Half the file descriptors the process may open, if that is fewer.
+/// Connections served at once at most (half the file descriptors the
+/// process may open, if that is fewer); at the cap a new one takes the
+/// slot of the oldest idle one ([`super::slots`]).
 pub const MAX_CONNECTIONS: usize = 4096;
 
-/// Raises the soft limit on open files to the hard one (as Go's runtime
-/// does for Flannel) and returns how many API connections to serve.
+/// How many API connections to serve at once.
 pub fn connection_cap() -> usize {
+    MAX_CONNECTIONS
+        .min((super::slots::open_files_limit() / 2) as usize)
+        .max(16)
+}
+
+/// Raises the soft limit on open files to the hard one (as Go's runtime
+/// does for Flannel) and returns it.
+pub(super) fn raise_open_files() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -50,7 +59,7 @@ pub fn connection_cap() -> usize {
             }
         }
     }
-    MAX_CONNECTIONS.min((lim.rlim_cur / 2) as usize).max(16)
+    lim.rlim_cur
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,18 +127,16 @@ pub fn bind(path: &Path, access: Access) -> Result<UnixListener, SocketError> {
 /// Accepts connections for as long as the process lives; each is served
 /// on its own task once its caller is checked.
 pub async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<ApiCall>, access: Access) {
-    let cap = connection_cap();
-    let slots = Arc::new(Semaphore::new(cap));
+    let slots = Slots::new("API socket", connection_cap());
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!(max = cap, "too many API connections; closing a new one");
+                let Some(slot) = slots.admit().await else {
                     continue;
                 };
-                let tx = tx.clone();
+                let (tx, slots) = (tx.clone(), slots.clone());
                 tokio::spawn(async move {
-                    serve(stream, tx, access).await;
+                    serve(stream, tx, access, &slots).await;
                     drop(slot);
                 });
             }
@@ -147,7 +154,7 @@ async fn reply(write: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) ->
     write.write_all(&out).await.is_ok()
 }
 
-async fn serve(stream: UnixStream, tx: mpsc::Sender<ApiCall>, access: Access) {
+async fn serve(stream: UnixStream, tx: mpsc::Sender<ApiCall>, access: Access, slots: &Arc<Slots>) {
     let cred = stream.peer_cred();
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
@@ -185,13 +192,15 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<ApiCall>, access: Access) {
     }
     loop {
         let mut line = Vec::new();
-        let read = tokio::time::timeout(
-            READ_TIMEOUT,
-            (&mut lines)
-                .take(MAX_MESSAGE as u64 + 1)
-                .read_until(b'\n', &mut line),
-        )
-        .await;
+        // Waiting for a request, the connection's slot may be taken by a
+        // newer one (the cap is reached and this is the oldest waiting).
+        let (idle, evicted) = slots.idle();
+        let mut limited = (&mut lines).take(MAX_MESSAGE as u64 + 1);
+        let read = tokio::select! {
+            read = tokio::time::timeout(READ_TIMEOUT, limited.read_until(b'\n', &mut line)) => read,
+            _ = evicted => return,
+        };
+        drop(idle);
         // A refusal that ends the connection: the rest of what the caller
         // sends cannot be told apart from the request that went wrong.
         let closing = match read {
