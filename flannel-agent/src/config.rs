@@ -2,7 +2,9 @@
 //! validation.
 //!
 //! Field names match Flannel's, case-insensitively as Go's `encoding/json`
-//! matches them, so a `kube-flannel-cfg` ConfigMap loads unchanged. Fields
+//! matches them, so a `kube-flannel-cfg` ConfigMap loads unchanged; two
+//! spellings of one field in one object are refused (Go would silently
+//! keep the last). Fields
 //! Flannel knows but this project does not act on (`EnableNFTables`) are
 //! accepted; fields nobody knows are reported back as warnings, as Flannel
 //! silently ignores them. Every refusal names the field, the value and what
@@ -58,6 +60,8 @@ pub enum ConfigError {
         field: &'static str,
         expected: &'static str,
     },
+    #[error("{first} and {second} name the same field (names match regardless of case); keep one (Flannel would silently take the last)")]
+    Duplicate { first: String, second: String },
 }
 
 fn invalid(field: &'static str, value: impl ToString, expected: impl ToString) -> ConfigError {
@@ -95,27 +99,36 @@ const BACKEND_FIELDS: &[&str] = &[
 
 /// The object's fields under their canonical names (Go's case-insensitive
 /// match), plus the names that matched nothing.
+/// Two keys that differ only in case are refused, naming both.
 fn canonical<'a>(
     obj: &'a Map<String, Value>,
     known: &[&'static str],
     prefix: &str,
     unknown: &mut Vec<String>,
-) -> Vec<(&'static str, &'a Value)> {
+) -> Result<Vec<(&'static str, &'a Value)>, ConfigError> {
     let mut out = Vec::new();
+    let mut seen: Vec<(&'static str, &str)> = Vec::new();
     for (key, value) in obj {
         match known.iter().find(|k| k.eq_ignore_ascii_case(key)) {
-            Some(k) => out.push((*k, value)),
+            Some(k) => {
+                if let Some((_, first)) = seen.iter().find(|(c, _)| c == k) {
+                    return Err(ConfigError::Duplicate {
+                        first: format!("{prefix}{first}"),
+                        second: format!("{prefix}{key}"),
+                    });
+                }
+                seen.push((k, key));
+                out.push((*k, value));
+            }
             None => unknown.push(format!("{prefix}{key}")),
         }
     }
-    out
+    Ok(out)
 }
 
 fn get<'a>(fields: &[(&'static str, &'a Value)], name: &str) -> Option<&'a Value> {
-    // Go keeps the last of several case variants; so do we.
     fields
         .iter()
-        .rev()
         .find(|(k, _)| *k == name)
         .map(|(_, v)| *v)
         .filter(|v| !v.is_null())
@@ -171,7 +184,7 @@ impl NetConfig {
             return Err(ConfigError::NotJson(format!("found {}", type_name(&value))));
         };
         let mut unknown = Vec::new();
-        let top = canonical(&obj, TOP_FIELDS, "", &mut unknown);
+        let top = canonical(&obj, TOP_FIELDS, "", &mut unknown)?;
 
         let enable_ipv4 = get_bool(&top, "EnableIPv4")?.unwrap_or(true);
         let enable_ipv6 = get_bool(&top, "EnableIPv6")?.unwrap_or(false);
@@ -193,6 +206,13 @@ impl NetConfig {
                         "Network",
                         s,
                         format!("host bits are set; did you mean {}?", net.trunc()),
+                    ));
+                }
+                if let Some((range, what)) = not_unicast(net) {
+                    return Err(invalid(
+                        "Network",
+                        s,
+                        format!("overlaps {range} ({what}); expected a unicast range for pods such as 10.244.0.0/16"),
                     ));
                 }
                 Some(net)
@@ -327,6 +347,44 @@ fn parse_ip4(
 }
 
 /// Flannel's rules for SubnetLen, SubnetMin and SubnetMax.
+/// Longest interface name the kernel takes (IFNAMSIZ − 1).
+pub const MAX_IFNAME: usize = 15;
+
+/// The address ranges pods cannot be given, and why.
+const NOT_UNICAST: [(&str, &str); 6] = [
+    ("0.0.0.0/8", "\"this network\""),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved, and the broadcast address"),
+    ("255.255.255.255/32", "broadcast"),
+];
+
+/// The first range of [`NOT_UNICAST`] that `net` overlaps.
+fn not_unicast(net: Ipv4Net) -> Option<(Ipv4Net, &'static str)> {
+    NOT_UNICAST.iter().find_map(|(r, what)| {
+        let r: Ipv4Net = r.parse().ok()?;
+        (r.contains(&net.network()) || net.contains(&r.network())).then_some((r, *what))
+    })
+}
+
+/// Refuses a `Network` that overlaps the subnet of the node's uplink
+/// (`uplink`: its address and prefix): pod routes would shadow the node
+/// network.
+pub fn check_uplink_overlap(network: Ipv4Net, uplink: Ipv4Net) -> Result<(), ConfigError> {
+    let up = uplink.trunc();
+    if network.contains(&up.network()) || up.contains(&network.network()) {
+        return Err(invalid(
+            "Network",
+            network,
+            format!(
+                "overlaps the node network {up} (the uplink's address {uplink}); pod routes would shadow it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn subnet_range4(
     network: Ipv4Net,
     len: Option<u64>,
@@ -421,7 +479,7 @@ fn parse_backend(value: Option<&Value>, unknown: &mut Vec<String>) -> Result<Bac
             "expected an object such as {\"Type\": \"vxlan\"}",
         ));
     };
-    let f = canonical(obj, BACKEND_FIELDS, "Backend.", unknown);
+    let f = canonical(obj, BACKEND_FIELDS, "Backend.", unknown)?;
     let kind = get_str(&f, "Type", "expected \"vxlan\"")
         .map_err(|_| {
             invalid(
@@ -456,6 +514,19 @@ fn parse_backend(value: Option<&Value>, unknown: &mut Vec<String>) -> Result<Bac
         })
     };
     let vni = field("VNI", "Backend.VNI")?.unwrap_or(1) as u32;
+    // The VXLAN device is Flannel's `flannel.<VNI>`; the kernel takes
+    // names of at most 15 bytes.
+    let device = format!("flannel.{vni}");
+    if device.len() > MAX_IFNAME {
+        return Err(invalid(
+            "Backend.VNI",
+            vni,
+            format!(
+                "the VXLAN device would be named {device} ({} bytes), over the kernel's {MAX_IFNAME}: expected at most 9999999",
+                device.len()
+            ),
+        ));
+    }
     let port = match field("Port", "Backend.Port")?.unwrap_or(0) {
         0 => KERNEL_VXLAN_PORT,
         p => p as u16,
@@ -533,6 +604,24 @@ mod tests {
     }"#;
 
     #[test]
+    fn a_network_overlapping_the_node_network_is_refused() {
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        for (network, uplink, refused) in [
+            ("10.244.0.0/16", "172.30.0.1/24", false),
+            ("10.244.0.0/16", "10.244.7.3/24", true),
+            ("10.0.0.0/8", "10.1.2.3/16", true),
+            ("10.244.0.0/16", "10.0.0.5/8", true),
+            ("10.244.0.0/16", "10.245.0.1/16", false),
+        ] {
+            let r = check_uplink_overlap(net(network), net(uplink));
+            assert_eq!(r.is_err(), refused, "{network} beside {uplink}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("overlaps the node network"), "{e}");
+            }
+        }
+    }
+
+    #[test]
     fn kube_flannel_cfg_loads_with_flannel_defaults() {
         let c = NetConfig::parse(KUBE_FLANNEL).unwrap();
         assert_eq!(c.network, "10.244.0.0/16".parse().unwrap());
@@ -580,6 +669,23 @@ mod tests {
             // Case-insensitive names, as Go decodes them; unknown names kept.
             (r#"{"network":"10.244.0.0/16","backend":{"type":"VXLAN","vni":7,"port":4789},"Netwrok":"x"}"#,
              ok(|c| c.backend.vni == 7 && c.backend.port == 4789 && c.unknown_fields == ["Netwrok"])),
+            // Two spellings of one field: refused, naming both.
+            (r#"{"Network":"10.244.0.0/16","network":"10.245.0.0/16","Backend":{"Type":"vxlan"}}"#,
+             Err("Network and network name the same field")),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1,"vni":2}}"#,
+             Err("Backend.VNI and Backend.vni name the same field")),
+            // Ranges pods cannot have.
+            (r#"{"Network":"0.0.0.0/0","Backend":{"Type":"vxlan"}}"#, Err("Network: 0.0.0.0/0 is invalid: overlaps 0.0.0.0/8")),
+            (r#"{"Network":"127.0.0.0/8","Backend":{"Type":"vxlan"}}"#, Err("overlaps 127.0.0.0/8 (loopback)")),
+            (r#"{"Network":"224.0.0.0/4","Backend":{"Type":"vxlan"}}"#, Err("overlaps 224.0.0.0/4 (multicast)")),
+            (r#"{"Network":"239.1.0.0/16","Backend":{"Type":"vxlan"}}"#, Err("overlaps 224.0.0.0/4 (multicast)")),
+            (r#"{"Network":"169.254.0.0/16","Backend":{"Type":"vxlan"}}"#, Err("(link-local)")),
+            (r#"{"Network":"240.0.0.0/8","Backend":{"Type":"vxlan"}}"#, Err("overlaps 240.0.0.0/4")),
+            (r#"{"Network":"100.64.0.0/10","Backend":{"Type":"vxlan"}}"#, ok(|c| c.subnet_len == 24)),
+            // The VXLAN device's name must fit the kernel's 15 bytes.
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":16777215}}"#,
+             Err("Backend.VNI: 16777215 is invalid: the VXLAN device would be named flannel.16777215 (16 bytes), over the kernel's 15")),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":9999999}}"#, ok(|c| c.backend.vni == 9_999_999)),
             // Backend.
             (r#"{"Network":"10.244.0.0/16"}"#, Err("Backend is missing")),
             (r#"{"Network":"10.244.0.0/16","Backend":"vxlan"}"#, Err("Backend: \"vxlan\" is invalid: expected an object")),

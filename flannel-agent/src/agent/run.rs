@@ -101,6 +101,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .await;
     }
     let (uplink, ip) = uplink::choose(&nl, &opts.iface, &opts.iface_regex, public_ip).await?;
+    // Pod routes must not shadow the node network.
+    for addr in nl.ipv4_addrs(uplink.index).await? {
+        crate::config::check_uplink_overlap(cfg.network, addr)?;
+    }
     let vtep_name = format!("flannel.{}", cfg.backend.vni);
     // Flannel keeps the VTEP's MAC across restarts; so do we.
     let vtep_mac = match nl.link_by_name(&vtep_name).await?.and_then(|l| l.mac) {
