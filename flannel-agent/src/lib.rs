@@ -28,6 +28,7 @@ pub mod guard;
 pub mod mac;
 pub mod masq;
 pub mod metrics;
+pub mod netfilter;
 pub mod netlink;
 pub mod nft;
 pub mod reconcile;

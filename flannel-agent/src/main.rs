@@ -238,6 +238,12 @@ struct RunArgs {
     /// entry).
     #[arg(long, value_enum, default_value_t = VxlanSourceCheck::Lease)]
     vxlan_source_check: VxlanSourceCheck,
+    /// Whether pod traffic crosses the kernel's forward hook (firewall
+    /// rules, netfilter-based network policy, rp_filter): `auto` where the
+    /// node has forward-path rules, `on` always, `off` never (the full
+    /// fast path).
+    #[arg(long, env = "FLANNEL_NETFILTER_COMPAT", value_enum, default_value_t = flannel_agent::netfilter::Compat::Auto)]
+    netfilter_compat: flannel_agent::netfilter::Compat,
     /// Where maps and links are pinned (one directory per instance).
     #[arg(long, default_value = defaults::BPF_DIR)]
     bpf_dir: PathBuf,
@@ -336,6 +342,7 @@ impl RunArgs {
             datapath: self.datapath,
             xdp_mode: self.xdp_mode,
             vxlan_source_check: self.vxlan_source_check,
+            netfilter_compat: self.netfilter_compat,
             bpf_dir: self.bpf_dir,
             run_dir: self.run_dir,
             bridge: self.bridge,

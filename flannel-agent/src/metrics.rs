@@ -53,6 +53,7 @@ pub struct Metrics {
     cni: Family<Labels2, Counter>,
     cni_seconds: Histogram,
     datapath: Family<Labels2, Gauge>,
+    netfilter_compat: Gauge,
     /// Shared with the scrape-time collector.
     scraped: std::sync::Arc<Scraped>,
 }
@@ -91,6 +92,7 @@ impl Metrics {
             cni: Family::default(),
             cni_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
             datapath: Family::default(),
+            netfilter_compat: Gauge::default(),
             scraped: scraped.clone(),
         };
         let r = &mut m.registry;
@@ -166,6 +168,11 @@ impl Metrics {
             "The data path in use (mode ebpf or kernel) and where VXLAN is decapsulated (xdp_mode)",
             m.datapath.clone(),
         );
+        r.register(
+            "flannel_netfilter_compat",
+            "1 while pod traffic crosses the kernel's forward hook (--netfilter-compat, or forward-path rules found on the node); 0 on the full fast path",
+            m.netfilter_compat.clone(),
+        );
         let build: Family<Labels1, Gauge> = Family::default();
         build
             .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -219,6 +226,10 @@ impl Metrics {
         for (op, _) in &report.failed {
             self.errors.get_or_create(&[("kind", op.kind())]).inc();
         }
+    }
+
+    pub fn set_netfilter_compat(&self, on: bool) {
+        self.netfilter_compat.set(i64::from(on));
     }
 
     pub fn set_state(&self, leases: usize, remotes: usize, ignored: usize, pods: usize) {

@@ -367,6 +367,83 @@ impl Socket {
     }
 }
 
+impl Socket {
+    /// A dump request (`msg` of the nftables subsystem, every object of
+    /// `family`, 0 for all): each answer's family and attributes.
+    pub fn dump(&mut self, msg: u16, family: u8) -> Result<Vec<(u8, Vec<u8>)>, NftError> {
+        const NLM_F_DUMP: u16 = 0x300;
+        const NLMSG_DONE: u16 = 3;
+        self.push(
+            (NFNL_SUBSYS_NFTABLES << 8) | msg,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            family,
+            0,
+            &Attrs::default(),
+            "dumping",
+        );
+        self.acks.clear();
+        // SAFETY: as in `exchange`.
+        let sent = unsafe {
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as u16;
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                self.buf.as_ptr() as *const libc::c_void,
+                self.buf.len(),
+                0,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        self.buf.clear();
+        if sent < 0 {
+            return Err(NftError::Socket(io::Error::last_os_error()));
+        }
+        let mut out = Vec::new();
+        let mut rx = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: receiving into our own buffer.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    rx.as_mut_ptr() as *mut libc::c_void,
+                    rx.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(NftError::Socket(io::Error::last_os_error()));
+            }
+            let n = n as usize;
+            let mut off = 0usize;
+            while off + 16 <= n {
+                let len =
+                    u32::from_ne_bytes(rx[off..off + 4].try_into().expect("4 bytes")) as usize;
+                let kind = u16::from_ne_bytes(rx[off + 4..off + 6].try_into().expect("2 bytes"));
+                if len < 16 || off + len > n {
+                    break;
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR if len >= 20 => {
+                        let code =
+                            i32::from_ne_bytes(rx[off + 16..off + 20].try_into().expect("4 bytes"));
+                        if code != 0 {
+                            return Err(NftError::Kernel {
+                                what: "dumping",
+                                source: io::Error::from_raw_os_error(-code),
+                            });
+                        }
+                    }
+                    _ if len >= 20 => out.push((rx[off + 16], rx[off + 20..off + len].to_vec())),
+                    _ => {}
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    }
+}
+
 pub fn table_attrs(name: &str) -> Attrs {
     let mut a = Attrs::default();
     a.str(1, name);

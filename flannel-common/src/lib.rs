@@ -60,6 +60,12 @@ pub const CONFIG_F_TC_DECAP: u32 = 2;
 /// `--vxlan-source-check strict`: VXLAN's outer source MAC must be the
 /// neighbour entry (`bpf_fib_lookup`) of its outer source IP.
 pub const CONFIG_F_STRICT_SOURCE: u32 = 4;
+/// Netfilter-compatible: pod traffic crosses the kernel's forward hook
+/// (and `rp_filter`). `tc_from_pod` checks the source and leaves the rest
+/// to the kernel; decapsulated VXLAN is handed to the VTEP's receive path
+/// (`Config::vtep_ifindex`), as the kernel's VXLAN device would deliver
+/// it, instead of straight into the pod.
+pub const CONFIG_F_NETFILTER: u32 = 8;
 
 /// What `xdp_uplink` writes in the metadata in front of a packet it
 /// decapsulated, so that `tc_uplink_ingress` routes into a pod only what
@@ -94,6 +100,9 @@ pub struct Config {
     /// delivered to pods.
     pub gateway_mac: [u8; 6],
     pub _pad1: [u8; 2],
+    /// Interface index of the VTEP (`flannel.<VNI>`): where decapsulated
+    /// packets enter the stack under `CONFIG_F_NETFILTER`.
+    pub vtep_ifindex: u32,
 }
 
 /// Value of the remote-subnet LPM trie: where a remote lease lives.
@@ -232,6 +241,8 @@ macro_rules! counter_names {
             "uplink_drop_redirect_failed",
             "pod_drop_spoofed_src",
             "pod_drop_spoofed_arp",
+            "pod_pass_netfilter",
+            "uplink_netfilter",
         ];
     };
 }
@@ -275,8 +286,16 @@ pub mod counters {
     /// is let through).
     pub const POD_DROP_SPOOFED_ARP: u32 = UPLINK_REDIRECT + 5;
 
+    /// `CONFIG_F_NETFILTER`: a pod's packet (its source checked) left to
+    /// the kernel, so that its forward hook judges it.
+    pub const POD_PASS_NETFILTER: u32 = UPLINK_REDIRECT + 6;
+    /// `CONFIG_F_NETFILTER`: a packet decapsulated (by XDP or TC) and
+    /// handed to the VTEP's receive path, where the kernel routes it to
+    /// the pod through its forward hook and `rp_filter`.
+    pub const UPLINK_NETFILTER: u32 = UPLINK_REDIRECT + 7;
+
     /// Size of the counter array.
-    pub const COUNT: u32 = POD_DROP_SPOOFED_ARP + 1;
+    pub const COUNT: u32 = UPLINK_NETFILTER + 1;
 
     /// The XDP counter of a decap reason.
     #[inline(always)]
@@ -316,9 +335,8 @@ pub mod counters {
                 | POD_DROP_SPOOFED_SRC
                 | POD_DROP_SPOOFED_ARP
                 | UPLINK_DROP_REDIRECT_FAILED => Action::Drop,
-                POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | UPLINK_REDIRECT => {
-                    Action::Decap
-                }
+                POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | UPLINK_REDIRECT
+                | UPLINK_NETFILTER => Action::Decap,
                 _ => Action::Pass,
             }
         };
@@ -334,7 +352,8 @@ pub mod counters {
         match index {
             POD_LOCAL_REDIRECT..=POD_DROP_ENCAP_FAILED
             | POD_DROP_SPOOFED_SRC
-            | POD_DROP_SPOOFED_ARP => super::programs::TC_FROM_POD,
+            | POD_DROP_SPOOFED_ARP
+            | POD_PASS_NETFILTER => super::programs::TC_FROM_POD,
             XDP_FIRST..=XDP_PASS_NO_META => super::programs::XDP_UPLINK,
             _ => super::programs::TC_UPLINK_INGRESS,
         }

@@ -24,7 +24,7 @@ use aya_ebpf::{
         xdp_action, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
         bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect, bpf_redirect_neigh,
@@ -37,8 +37,8 @@ use aya_ebpf::{
 use flannel_common::{
     counters::{self, *},
     decap::{self, Action},
-    Config, Endpoint, RemoteNode, Vtep, CONFIG_F_READY, CONFIG_F_TC_DECAP, MAX_ENDPOINTS,
-    MAX_REMOTE_SUBNETS, MAX_VTEPS, VXLAN_ENCAP_LEN, XDP_META_DECAPPED,
+    Config, Endpoint, RemoteNode, Vtep, CONFIG_F_NETFILTER, CONFIG_F_READY, CONFIG_F_TC_DECAP,
+    MAX_ENDPOINTS, MAX_REMOTE_SUBNETS, MAX_VTEPS, VXLAN_ENCAP_LEN, XDP_META_DECAPPED,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use parse::{Headers, ETH_P_ARP_BE, ETH_P_IP_BE};
@@ -129,6 +129,11 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
     }
     if !pod_owns(u32::from_ne_bytes(ip.src_addr), ifindex) {
         return (TC_ACT_SHOT, POD_DROP_SPOOFED_SRC);
+    }
+    // The node has forward-path firewall rules: the kernel routes (or
+    // bridges) the packet, through its forward hook and rp_filter.
+    if cfg.flags & CONFIG_F_NETFILTER != 0 {
+        return (pass, POD_PASS_NETFILTER);
     }
     let dst = u32::from_ne_bytes(ip.dst_addr);
 
@@ -490,6 +495,9 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
         // pod address from outside is the kernel's to route (and filter).
         return (pass, UPLINK_PASS);
     };
+    if cfg.flags & CONFIG_F_NETFILTER != 0 {
+        return to_vtep(ctx, cfg);
+    }
     let Ok(ip) = ctx.load::<Ipv4Hdr>(EthHdr::LEN) else {
         return (TC_ACT_SHOT, UPLINK_DROP_REDIRECT_FAILED);
     };
@@ -526,6 +534,22 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
             UPLINK_REDIRECT
         },
     )
+}
+
+/// A decapsulated packet, handed to the VTEP's receive path as the
+/// kernel's VXLAN device would deliver it: addressed to the VTEP's MAC,
+/// it is routed to the pod through the forward hook, with `rp_filter`
+/// seeing it arrive where the kernel path's packets arrive.
+#[inline(always)]
+fn to_vtep(ctx: &TcContext, cfg: &Config) -> (i32, u32) {
+    if cfg.vtep_ifindex == 0 || ctx.store(0, &cfg.vtep_mac, 0).is_err() {
+        return (TC_ACT_SHOT, UPLINK_DROP_REDIRECT_FAILED);
+    }
+    let action = unsafe { bpf_redirect(cfg.vtep_ifindex, u64::from(BPF_F_INGRESS)) } as i32;
+    if action == TC_ACT_SHOT {
+        return (action, UPLINK_DROP_REDIRECT_FAILED);
+    }
+    (action, UPLINK_NETFILTER)
 }
 
 #[cfg(not(test))]

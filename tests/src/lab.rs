@@ -34,11 +34,21 @@ pub enum NodeKind {
 pub struct NodeSpec {
     pub kind: NodeKind,
     pub pods: usize,
+    /// Arguments for this node's agent only, after the lab's.
+    pub args: &'static [&'static str],
 }
 
 impl NodeSpec {
     pub const fn new(kind: NodeKind, pods: usize) -> Self {
-        Self { kind, pods }
+        Self {
+            kind,
+            pods,
+            args: &[],
+        }
+    }
+
+    pub const fn with_args(self, args: &'static [&'static str]) -> Self {
+        Self { args, ..self }
     }
 }
 
@@ -174,6 +184,8 @@ pub struct Node {
     agent: Option<Child>,
     /// The agent's pod, in container mode.
     pub agent_pod: Option<AgentPod>,
+    /// Arguments for this node's agent only ([`NodeSpec::with_args`]).
+    pub agent_args: &'static [&'static str],
 }
 
 impl Node {
@@ -565,7 +577,8 @@ impl Lab {
             "br0",
         ])?;
         for spec in specs {
-            self.create_node(spec.kind)?;
+            let i = self.create_node(spec.kind)?;
+            self.nodes[i].agent_args = spec.args;
         }
         std::fs::write(self.net_conf(), self.net_conf_text())?;
         if let Some(f) = self.opts.before_agents {
@@ -669,6 +682,7 @@ impl Lab {
             pods: Vec::new(),
             agent: None,
             agent_pod: None,
+            agent_args: &[],
         });
         Ok(n - 1)
     }
@@ -845,6 +859,7 @@ impl Lab {
                 .arg(conf);
         }
         cmd.args(&self.opts.agent_args)
+            .args(node.agent_args)
             .arg("--bpf-dir")
             .arg(&node.bpf_dir)
             .arg("--run-dir")

@@ -10,13 +10,7 @@ use flannel_tests::{
 };
 
 fn ebpf_nodes(n: usize, pods: usize) -> Vec<NodeSpec> {
-    vec![
-        NodeSpec {
-            kind: NodeKind::Ebpf,
-            pods
-        };
-        n
-    ]
+    vec![NodeSpec::new(NodeKind::Ebpf, pods); n]
 }
 
 fn snapshot(lab: &Lab) -> Result<Vec<HashMap<&'static str, u64>>> {

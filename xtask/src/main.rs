@@ -66,6 +66,11 @@ enum Cmd {
         /// One target only.
         #[arg(long)]
         target: Option<String>,
+        /// A quick build: unoptimized, no AddressSanitizer (what `test`
+        /// runs; libFuzzer's coverage guidance and the targets' own
+        /// assertions and overflow checks stay).
+        #[arg(long)]
+        quick: bool,
     },
     /// Run all tests (needs root).
     Test {
@@ -132,7 +137,11 @@ fn main() -> Result<()> {
         Cmd::Demo => run_lab_bin("flannel-demo", &[]),
         Cmd::Bench { quick, only } => bench(quick, only),
         Cmd::Image { tag } => image(&tag),
-        Cmd::Fuzz { secs, target } => fuzz(secs, target.as_deref()),
+        Cmd::Fuzz {
+            secs,
+            target,
+            quick,
+        } => fuzz(secs, target.as_deref(), quick),
         Cmd::Test { args } => {
             setup()?;
             // The lab starts the agent binary; build it first.
@@ -149,6 +158,9 @@ fn main() -> Result<()> {
                 .args(["test", "--", "--test-threads=1"])
                 .args(args);
             run_tests(&mut cmd)?;
+            // Every fuzz target, briefly, from the committed seeds: a
+            // crash fails the run.
+            fuzz(FUZZ_TEST_SECS, None, true)?;
             // The benchmark must keep working: its short version, no thresholds.
             bench(true, None)
         }
@@ -364,10 +376,15 @@ fn fuzz_targets() -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Seconds `cargo xtask test` fuzzes each target for.
+const FUZZ_TEST_SECS: u64 = 10;
+
 /// Runs each fuzz target for `secs` seconds: new inputs go to a scratch
 /// corpus under target/, the committed seeds are read as they are. A crash
 /// fails the run and leaves its input under fuzz/artifacts/<target>.
-fn fuzz(secs: u64, only: Option<&str>) -> Result<()> {
+/// `quick`: a debug build without AddressSanitizer (a few minutes to
+/// build instead of a quarter of an hour).
+fn fuzz(secs: u64, only: Option<&str>, quick: bool) -> Result<()> {
     setup_fuzz()?;
     let dir = workspace().join("fuzz");
     let targets = fuzz_targets()?;
@@ -382,19 +399,25 @@ fn fuzz(secs: u64, only: Option<&str>) -> Result<()> {
         std::fs::create_dir_all(&corpus)?;
         let seeds = dir.join("seeds").join(target);
         eprintln!("xtask: fuzzing {target} for {secs} s");
-        run(Command::new("cargo").current_dir(&dir).args([
-            "+nightly".as_ref(),
-            "fuzz".as_ref(),
-            "run".as_ref(),
-            target.as_ref(),
-            corpus.as_os_str(),
-            seeds.as_os_str(),
-            "--".as_ref(),
-            format!("-max_total_time={secs}").as_ref(),
-            "-print_final_stats=1".as_ref(),
-            "-timeout=10".as_ref(),
-            "-rss_limit_mb=2048".as_ref(),
-        ] as [&std::ffi::OsStr; 11]))?;
+        let build: &[&std::ffi::OsStr] = if quick {
+            &["--dev".as_ref(), "-s".as_ref(), "none".as_ref()]
+        } else {
+            &[]
+        };
+        run(Command::new("cargo")
+            .current_dir(&dir)
+            .args(["+nightly".as_ref(), "fuzz".as_ref(), "run".as_ref()] as [&std::ffi::OsStr; 3])
+            .args(build)
+            .args([
+                target.as_ref(),
+                corpus.as_os_str(),
+                seeds.as_os_str(),
+                "--".as_ref(),
+                format!("-max_total_time={secs}").as_ref(),
+                "-print_final_stats=1".as_ref(),
+                "-timeout=10".as_ref(),
+                "-rss_limit_mb=2048".as_ref(),
+            ] as [&std::ffi::OsStr; 8]))?;
     }
     Ok(())
 }

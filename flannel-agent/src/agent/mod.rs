@@ -48,6 +48,8 @@ pub struct Options {
     pub xdp_mode: XdpMode,
     /// `--vxlan-source-check`.
     pub vxlan_source_check: crate::datapath::VxlanSourceCheck,
+    /// `--netfilter-compat`.
+    pub netfilter_compat: crate::netfilter::Compat,
     pub bpf_dir: PathBuf,
     pub run_dir: PathBuf,
     pub bridge: String,

@@ -57,6 +57,11 @@ struct Agent {
     /// On the kernel path, pods were added or deleted since the last
     /// pass: the bridge guard's pod set is behind until one runs.
     pods_changed: bool,
+    /// Whether pod traffic crosses the forward hook, and why (the last
+    /// pass's decision; logged when it changes).
+    netfilter: Option<(bool, String)>,
+    /// The VTEP's interface index, as the last pass observed it.
+    vtep_ifindex: u32,
     metrics: Arc<Metrics>,
 }
 
@@ -185,6 +190,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         masq_written: None,
         guard_written: None,
         pods_changed: false,
+        netfilter: None,
+        vtep_ifindex: 0,
         metrics,
     };
     // At start, devices and masquerading that cannot be set up are fatal,
@@ -407,7 +414,17 @@ impl Agent {
     /// `resync`, `signal`).
     async fn reconcile(&mut self, trigger: &'static str) -> Report {
         let started = Instant::now();
-        let report = self.pass().await;
+        let mut report = self.pass().await;
+        // The pass created (or replaced) the VTEP: the data path config
+        // must name its interface index, which only now exists.
+        if self.datapath.ebpf().is_some() {
+            let vtep = format!("flannel.{}", self.cfg.backend.vni);
+            if let Ok(Some(l)) = self.nl.link_by_name(&vtep).await {
+                if l.index != self.vtep_ifindex {
+                    report = self.pass().await;
+                }
+            }
+        }
         self.metrics.pass(trigger, started.elapsed(), &report);
         self.publish_state();
         report
@@ -438,6 +455,11 @@ impl Agent {
             }
             self.node.uplink = up.clone();
         }
+        self.vtep_ifindex = observed
+            .links
+            .get(&format!("flannel.{}", self.cfg.backend.vni))
+            .map_or(0, |l| l.index);
+        self.decide_netfilter();
         if let Err(err) = self.pods.adopt(
             &self.opts.cni_data_dir,
             &self.node,
@@ -500,9 +522,54 @@ impl Agent {
                 tc_decap: self.datapath.tc_decap(),
                 strict_source: self.opts.vxlan_source_check
                     == crate::datapath::VxlanSourceCheck::Strict,
+                netfilter: self.netfilter.as_ref().is_some_and(|(on, _)| *on),
+                vtep_ifindex: self.vtep_ifindex,
             }),
             ip_masq: self.opts.ip_masq,
         })
+    }
+
+    /// On the eBPF path, whether pod traffic must cross the kernel's
+    /// forward hook: `--netfilter-compat on|off`, or with `auto` whether
+    /// the node has forward-path rules now. Logged and shown in the
+    /// metrics when the answer changes.
+    fn decide_netfilter(&mut self) {
+        use crate::netfilter::Compat;
+        if self.datapath.ebpf().is_none() {
+            return;
+        }
+        let (on, why) = match self.opts.netfilter_compat {
+            Compat::On => (true, "--netfilter-compat on".to_string()),
+            Compat::Off => (false, "--netfilter-compat off".to_string()),
+            Compat::Auto => match crate::netfilter::forward_chains() {
+                Ok(found) if found.is_empty() => (
+                    false,
+                    "no forward-path rules on the node (nftables, iptables)".to_string(),
+                ),
+                Ok(found) => (
+                    true,
+                    format!(
+                        "forward-path rules on the node: {}",
+                        found
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                ),
+                // Unknown: the safe side.
+                Err(err) => (true, format!("the node's firewall cannot be read ({err})")),
+            },
+        };
+        if self.netfilter.as_ref() != Some(&(on, why.clone())) {
+            if on {
+                tracing::info!(reason = %why, "netfilter compatibility on: pod traffic crosses the kernel's forward hook");
+            } else {
+                tracing::info!(reason = %why, "netfilter compatibility off: the full eBPF fast path");
+            }
+            self.metrics.set_netfilter_compat(on);
+            self.netfilter = Some((on, why));
+        }
     }
 
     /// One packet's path on this node, for `flannel-agent trace`.

@@ -9,7 +9,8 @@ use std::{
 };
 
 use flannel_common::{
-    Config, RemoteNode, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE, CONFIG_F_TC_DECAP, VXLAN_ENCAP_LEN,
+    Config, RemoteNode, CONFIG_F_NETFILTER, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE,
+    CONFIG_F_TC_DECAP, VXLAN_ENCAP_LEN,
 };
 use ipnet::Ipv4Net;
 
@@ -77,6 +78,10 @@ pub struct EbpfMode {
     pub tc_decap: bool,
     /// `--vxlan-source-check strict`.
     pub strict_source: bool,
+    /// Pod traffic crosses the kernel's forward hook (`--netfilter-compat`).
+    pub netfilter: bool,
+    /// The VTEP's interface index (0 while it does not exist).
+    pub vtep_ifindex: u32,
 }
 
 /// The pod bridge as Flannel's CNI plugin leaves it.
@@ -186,7 +191,13 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
                     CONFIG_F_STRICT_SOURCE
                 } else {
                     0
+                }
+                | if mode.netfilter {
+                    CONFIG_F_NETFILTER
+                } else {
+                    0
                 },
+            vtep_ifindex: mode.vtep_ifindex,
             vtep_mac: node.vtep_mac.0,
             uplink_mac: node.uplink.mac.unwrap_or_default().0,
             gateway_mac: bridge.mac.0,

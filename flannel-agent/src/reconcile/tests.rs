@@ -116,6 +116,8 @@ impl World {
             ebpf: Some(EbpfMode {
                 tc_decap: true,
                 strict_source: false,
+                netfilter: false,
+                vtep_ifindex: 0,
             }),
             ip_masq: false,
             have: Observed::default(),
@@ -847,6 +849,8 @@ fn desired_state_from_node_config_and_leases() {
     w.ebpf = Some(EbpfMode {
         tc_decap: false,
         strict_source: false,
+        netfilter: false,
+        vtep_ifindex: 0,
     });
     w.ip_masq = true;
     let want = w.want();

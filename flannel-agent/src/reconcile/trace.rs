@@ -167,6 +167,15 @@ fn from_pod(
         expect.push("pod_pass_no_config".into());
         return;
     };
+    if cfg.flags & flannel_common::CONFIG_F_NETFILTER != 0 {
+        steps.push(step(
+            "tc_from_pod",
+            "source is the pod's own; netfilter compatibility is on: left to the kernel (pod_pass_netfilter), which forwards it through its forward hook".into(),
+        ));
+        expect.push("pod_pass_netfilter".into());
+        kernel_beyond(want, q, steps);
+        return;
+    }
     if let Some(ep) = maps.endpoints.get(&q.dst) {
         let ifname = want
             .pods
@@ -300,6 +309,23 @@ fn to_local_pod_from_vxlan(
         }
         return;
     };
+    if cfg.flags & flannel_common::CONFIG_F_NETFILTER != 0 {
+        let by = if cfg.flags & flannel_common::CONFIG_F_TC_DECAP != 0 {
+            "tc_uplink_ingress"
+        } else {
+            expect.push("xdp_decap".into());
+            "xdp_uplink and tc_uplink_ingress"
+        };
+        steps.push(step(
+            by,
+            format!(
+                "VXLAN for a local pod from a known node: decapsulated, then (netfilter compatibility) handed to {}'s receive path (uplink_netfilter); the kernel routes it to {ifname} through its forward hook and rp_filter",
+                want.vtep.link.name
+            ),
+        ));
+        expect.push("uplink_netfilter".into());
+        return;
+    }
     if cfg.flags & flannel_common::CONFIG_F_TC_DECAP != 0 {
         steps.push(step(
             "tc_uplink_ingress",

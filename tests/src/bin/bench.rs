@@ -403,12 +403,17 @@ struct Path {
 }
 
 fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
-    println!("building the lab: 2 eBPF nodes, 2 kernel-path nodes ...");
+    println!(
+        "building the lab: 2 eBPF nodes, 2 kernel-path nodes, 2 eBPF nodes with --netfilter-compat on ..."
+    );
+    const COMPAT: &[&str] = &["--netfilter-compat", "on"];
     let lab = Lab::new(&[
         NodeSpec::new(NodeKind::Ebpf, 2),
         NodeSpec::new(NodeKind::Ebpf, 1),
         NodeSpec::new(NodeKind::Kernel, 2),
         NodeSpec::new(NodeKind::Kernel, 1),
+        NodeSpec::new(NodeKind::Ebpf, 1).with_args(COMPAT),
+        NodeSpec::new(NodeKind::Ebpf, 1).with_args(COMPAT),
     ])?;
     // Pod (i, j) to pod (k, l).
     let pods = |name, (i, j), (k, l)| Path {
@@ -420,6 +425,9 @@ fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
     let cross = [
         pods("ebpf", (0, 0), (1, 0)),
         pods("kernel", (2, 0), (3, 0)),
+        // Pod traffic through the kernel's forward hook (decapsulated in
+        // eBPF, routed by the kernel; encapsulated by flannel.1).
+        pods("ebpf_netfilter", (4, 0), (5, 0)),
         Path {
             name: "limit",
             client: lab.nodes[2].ns.clone(),
@@ -804,7 +812,7 @@ fn markdown(r: &Value) -> String {
         },
         r["cross_node"]["ebpf_datapath"].as_str().unwrap_or("?"),
     );
-    s += "| cross-node, median of rounds | eBPF | kernel path | node-to-node | eBPF / node-to-node | eBPF / kernel |\n|---|---|---|---|---|---|\n";
+    s += "| cross-node, median of rounds | eBPF | eBPF, netfilter-compat | kernel path | node-to-node | eBPF / node-to-node | eBPF / kernel | compat / kernel |\n|---|---|---|---|---|---|---|---|\n";
     let pr = |k: String| {
         let v = &r["paired_ratios"][k];
         if v.is_object() {
@@ -834,7 +842,12 @@ fn markdown(r: &Value) -> String {
         ("TCP RR 1 KB (trans/s)", "rr1k_tps"),
     ];
     for (label, k) in rows {
-        let (e, kk, l) = (g("ebpf", k), g("kernel", k), g("limit", k));
+        let (e, nf, kk, l) = (
+            g("ebpf", k),
+            g("ebpf_netfilter", k),
+            g("kernel", k),
+            g("limit", k),
+        );
         let f = |x: f64| {
             if x >= 100.0 {
                 format!("{x:.0}")
@@ -845,12 +858,14 @@ fn markdown(r: &Value) -> String {
             }
         };
         s += &format!(
-            "| {label} | {} | {} | {} | {} | {} |\n",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
             f(e),
+            f(nf),
             f(kk),
             f(l),
             pr(format!("{k}_ebpf_over_limit")),
             pr(format!("{k}_ebpf_over_kernel")),
+            pr(format!("{k}_netfilter_over_kernel")),
         );
     }
     let sm = &r["same_node"];
@@ -1008,6 +1023,12 @@ fn main() -> Result<()> {
             );
         }
     }
+    for metric in METRICS {
+        paired_ratios.insert(
+            format!("{metric}_netfilter_over_kernel"),
+            paired(&cross, metric, "ebpf_netfilter", "kernel"),
+        );
+    }
     for metric in ["tcp1", "rr1_p50"] {
         paired_ratios.insert(
             format!("same_node_{metric}_ebpf_over_kernel"),
@@ -1035,6 +1056,11 @@ fn main() -> Result<()> {
         "cpu_per_gbit_ebpf_over_limit": r("cpu_per_gbit_ebpf_over_limit"),
         "cpu_per_gbit_max_ebpf_over_kernel": r("cpu_per_gbit_max_ebpf_over_kernel"),
         "udp64_ebpf_over_kernel": r("udp64_kpps_ebpf_over_kernel"),
+        "tcp1_netfilter_over_kernel": r("tcp1_netfilter_over_kernel"),
+        "tcp4_netfilter_over_kernel": r("tcp4_netfilter_over_kernel"),
+        "udp64_netfilter_over_kernel": r("udp64_kpps_netfilter_over_kernel"),
+        "rr_p50_netfilter_over_kernel": r("rr1_p50_netfilter_over_kernel"),
+        "cpu_per_gbit_netfilter_over_kernel": r("cpu_per_gbit_netfilter_over_kernel"),
         "same_node_tcp1_ebpf_over_kernel": r("same_node_tcp1_ebpf_over_kernel"),
         "monitor_on_over_off_tcp1": r("monitor_on_over_off_tcp1"),
         "monitor_on_over_off_udp64": r("monitor_on_over_off_udp64_kpps"),
