@@ -302,8 +302,8 @@ impl Socket {
         );
     }
 
-    /// Sends what was pushed and waits for every ack; the first error wins.
-    pub fn exchange(&mut self) -> Result<(), NftError> {
+    /// Sends what was pushed.
+    fn send(&mut self) -> Result<(), NftError> {
         // SAFETY: sending our own buffer on our own socket; the kernel
         // address is the zeroed sockaddr_nl.
         let sent = unsafe {
@@ -318,38 +318,40 @@ impl Socket {
                 std::mem::size_of::<libc::sockaddr_nl>() as u32,
             )
         };
+        self.buf.clear();
         if sent < 0 {
             return Err(NftError::Socket(io::Error::last_os_error()));
         }
-        self.buf.clear();
+        Ok(())
+    }
+
+    /// One datagram of answers into `rx`; its length.
+    fn recv(&self, rx: &mut [u8]) -> Result<usize, NftError> {
+        // SAFETY: receiving into our own buffer.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                rx.as_mut_ptr() as *mut libc::c_void,
+                rx.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(NftError::Socket(io::Error::last_os_error()));
+        }
+        Ok(n as usize)
+    }
+
+    /// Sends what was pushed and waits for every ack; the first error wins.
+    pub fn exchange(&mut self) -> Result<(), NftError> {
+        self.send()?;
         let mut pending = std::mem::take(&mut self.acks);
         let mut rx = vec![0u8; 65536];
         while !pending.is_empty() {
-            // SAFETY: receiving into our own buffer.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    rx.as_mut_ptr() as *mut libc::c_void,
-                    rx.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                return Err(NftError::Socket(io::Error::last_os_error()));
-            }
-            let mut off = 0usize;
-            let n = n as usize;
-            while off + 16 <= n {
-                let len =
-                    u32::from_ne_bytes(rx[off..off + 4].try_into().expect("4 bytes")) as usize;
-                let kind = u16::from_ne_bytes(rx[off + 4..off + 6].try_into().expect("2 bytes"));
-                let seq = u32::from_ne_bytes(rx[off + 8..off + 12].try_into().expect("4 bytes"));
-                if len < 16 || off + len > n {
-                    break;
-                }
-                if kind == NLMSG_ERROR && len >= 20 {
-                    let code =
-                        i32::from_ne_bytes(rx[off + 16..off + 20].try_into().expect("4 bytes"));
+            let n = self.recv(&mut rx)?;
+            for (kind, seq, msg) in messages(&rx[..n]) {
+                if kind == NLMSG_ERROR && msg.len() >= 20 {
+                    let code = i32::from_ne_bytes(msg[16..20].try_into().expect("4 bytes"));
                     if let Some(pos) = pending.iter().position(|(s, _)| *s == seq) {
                         let (_, what) = pending.remove(pos);
                         if code != 0 {
@@ -360,7 +362,6 @@ impl Socket {
                         }
                     }
                 }
-                off += (len + 3) & !3;
             }
         }
         Ok(())
@@ -382,52 +383,16 @@ impl Socket {
             "dumping",
         );
         self.acks.clear();
-        // SAFETY: as in `exchange`.
-        let sent = unsafe {
-            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-            addr.nl_family = libc::AF_NETLINK as u16;
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                self.buf.as_ptr() as *const libc::c_void,
-                self.buf.len(),
-                0,
-                &addr as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        self.buf.clear();
-        if sent < 0 {
-            return Err(NftError::Socket(io::Error::last_os_error()));
-        }
+        self.send()?;
         let mut out = Vec::new();
         let mut rx = vec![0u8; 1 << 16];
         loop {
-            // SAFETY: receiving into our own buffer.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    rx.as_mut_ptr() as *mut libc::c_void,
-                    rx.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                return Err(NftError::Socket(io::Error::last_os_error()));
-            }
-            let n = n as usize;
-            let mut off = 0usize;
-            while off + 16 <= n {
-                let len =
-                    u32::from_ne_bytes(rx[off..off + 4].try_into().expect("4 bytes")) as usize;
-                let kind = u16::from_ne_bytes(rx[off + 4..off + 6].try_into().expect("2 bytes"));
-                if len < 16 || off + len > n {
-                    break;
-                }
+            let n = self.recv(&mut rx)?;
+            for (kind, _, msg) in messages(&rx[..n]) {
                 match kind {
                     NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR if len >= 20 => {
-                        let code =
-                            i32::from_ne_bytes(rx[off + 16..off + 20].try_into().expect("4 bytes"));
+                    NLMSG_ERROR if msg.len() >= 20 => {
+                        let code = i32::from_ne_bytes(msg[16..20].try_into().expect("4 bytes"));
                         if code != 0 {
                             return Err(NftError::Kernel {
                                 what: "dumping",
@@ -435,13 +400,27 @@ impl Socket {
                             });
                         }
                     }
-                    _ if len >= 20 => out.push((rx[off + 16], rx[off + 20..off + len].to_vec())),
+                    _ if msg.len() >= 20 => out.push((msg[16], msg[20..].to_vec())),
                     _ => {}
                 }
-                off += (len + 3) & !3;
             }
         }
     }
+}
+
+/// The netlink messages in one received datagram: type, sequence number
+/// and the whole message (header included). A truncated one ends the walk.
+fn messages(rx: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
+    let mut off = 0usize;
+    std::iter::from_fn(move || {
+        let head = rx.get(off..off + 16)?;
+        let len = u32::from_ne_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_ne_bytes(head[4..6].try_into().expect("2 bytes"));
+        let seq = u32::from_ne_bytes(head[8..12].try_into().expect("4 bytes"));
+        let msg = rx.get(off..off + len).filter(|_| len >= 16)?;
+        off += (len + 3) & !3;
+        Some((kind, seq, msg))
+    })
 }
 
 pub fn table_attrs(name: &str) -> Attrs {

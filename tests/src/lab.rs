@@ -993,6 +993,19 @@ impl Lab {
     }
 
     /// Sends signal `sig` (called `name` in errors) to node `i`'s agent.
+    /// Strict reverse-path filtering (`rp_filter=1`) on every node, as
+    /// hardened nodes run.
+    pub fn strict_rp_filter(&self) -> Result<()> {
+        for n in &self.nodes {
+            for key in ["all", "default"] {
+                let setting = format!("net.ipv4.conf.{key}.rp_filter=1");
+                let out = crate::netns::exec(&n.ns, &["sysctl", "-qw", &setting])?;
+                anyhow::ensure!(out.status.success(), "{setting} on {}", n.ns);
+            }
+        }
+        Ok(())
+    }
+
     /// The process ID of node `i`'s agent (run directly, not in a
     /// container).
     pub fn agent_pid(&self, i: usize) -> Option<u32> {

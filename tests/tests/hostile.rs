@@ -511,17 +511,8 @@ fn crafted_frames_from_a_pod_get_the_kernels_verdict() -> Result<()> {
         NodeSpec::new(NodeKind::Ebpf, 1),
         NodeSpec::new(NodeKind::Kernel, 2),
     ])?;
-    // Strict reverse-path filtering, as hardened nodes run: the kernel
-    // path's verdicts are taken with it on.
-    for n in &lab.nodes {
-        for key in ["all", "default"] {
-            let out = flannel_tests::netns::exec(
-                &n.ns,
-                &["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=1")],
-            )?;
-            anyhow::ensure!(out.status.success(), "rp_filter on {}", n.ns);
-        }
-    }
+    // The kernel path's verdicts are taken with strict rp_filter.
+    lab.strict_rp_filter()?;
     let remote = lab.pod((1, 0)).clone();
     let mut cases_run = 0;
     // The same frames from a pod on the eBPF node and on the kernel-path

@@ -94,6 +94,22 @@ fn moved(lab: &Lab, i: usize, f: impl Fn() -> Result<()>, name: &str) -> Result<
     Ok(lab.nodes[i].counters()?[name] - before)
 }
 
+/// UDP 9999 from node 1's pod reaches node 0's, decapsulated straight
+/// into it (the fast path).
+fn fast_path_delivers(lab: &Lab) -> Result<()> {
+    let d = moved(
+        lab,
+        0,
+        || {
+            anyhow::ensure!(delivered(lab, (1, 0), (0, 0), 9999)?);
+            Ok(())
+        },
+        "uplink_decap",
+    )?;
+    anyhow::ensure!(d == 1, "uplink_decap moved by {d}");
+    Ok(())
+}
+
 fn log_says(lab: &Lab, i: usize, what: &str) -> bool {
     strip_ansi(&lab.agent_log(i)).contains(what)
 }
@@ -105,27 +121,11 @@ fn forward_rules_and_rp_filter_hold_on_the_ebpf_path() -> Result<()> {
         NodeSpec::new(NodeKind::Ebpf, 1),
         NodeSpec::new(NodeKind::Kernel, 1),
     ])?;
-    // Strict reverse-path filtering everywhere, as hardened nodes run.
-    for n in &lab.nodes {
-        sh(&n.ns, &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"])?;
-        sh(
-            &n.ns,
-            &["sysctl", "-qw", "net.ipv4.conf.default.rp_filter=1"],
-        )?;
-    }
+    lab.strict_rp_filter()?;
     assert!(log_says(&lab, 0, "netfilter compatibility off"));
 
     // No rules: the fast path (decapsulated straight into the pod).
-    let d = moved(
-        &lab,
-        0,
-        || {
-            anyhow::ensure!(delivered(&lab, (1, 0), (0, 0), 9999)?);
-            Ok(())
-        },
-        "uplink_decap",
-    )?;
-    assert_eq!(d, 1);
+    fast_path_delivers(&lab)?;
 
     // The rule on node 0 and on the kernel-path node 2.
     add_forward_drop(&lab.nodes[0].ns)?;
@@ -189,16 +189,7 @@ fn forward_rules_and_rp_filter_hold_on_the_ebpf_path() -> Result<()> {
             .next()
             .is_some_and(|tail| tail.starts_with(" off"))
     })?;
-    let d = moved(
-        &lab,
-        0,
-        || {
-            anyhow::ensure!(delivered(&lab, (1, 0), (0, 0), 9999)?);
-            Ok(())
-        },
-        "uplink_decap",
-    )?;
-    assert_eq!(d, 1);
+    fast_path_delivers(&lab)?;
 
     // Legacy iptables counts as much as nftables.
     sh(
