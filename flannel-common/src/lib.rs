@@ -62,9 +62,8 @@ pub const CONFIG_F_TC_DECAP: u32 = 2;
 pub const CONFIG_F_STRICT_SOURCE: u32 = 4;
 /// Netfilter-compatible: pod traffic crosses the kernel's forward hook
 /// (and `rp_filter`). `tc_from_pod` checks the source and leaves the rest
-/// to the kernel; decapsulated VXLAN is handed to the VTEP's receive path
-/// (`Config::vtep_ifindex`), as the kernel's VXLAN device would deliver
-/// it, instead of straight into the pod.
+/// to the kernel; VXLAN is judged as ever (drops counted) and what would
+/// be decapsulated is left to the kernel's VXLAN device, untouched.
 pub const CONFIG_F_NETFILTER: u32 = 8;
 
 /// What `xdp_uplink` writes in the metadata in front of a packet it
@@ -100,9 +99,6 @@ pub struct Config {
     /// delivered to pods.
     pub gateway_mac: [u8; 6],
     pub _pad1: [u8; 2],
-    /// Interface index of the VTEP (`flannel.<VNI>`): where decapsulated
-    /// packets enter the stack under `CONFIG_F_NETFILTER`.
-    pub vtep_ifindex: u32,
 }
 
 /// Value of the remote-subnet LPM trie: where a remote lease lives.
@@ -242,7 +238,8 @@ macro_rules! counter_names {
             "pod_drop_spoofed_src",
             "pod_drop_spoofed_arp",
             "pod_pass_netfilter",
-            "uplink_netfilter",
+            "uplink_pass_netfilter",
+            "xdp_pass_netfilter",
         ];
     };
 }
@@ -289,13 +286,15 @@ pub mod counters {
     /// `CONFIG_F_NETFILTER`: a pod's packet (its source checked) left to
     /// the kernel, so that its forward hook judges it.
     pub const POD_PASS_NETFILTER: u32 = UPLINK_REDIRECT + 6;
-    /// `CONFIG_F_NETFILTER`: a packet decapsulated (by XDP or TC) and
-    /// handed to the VTEP's receive path, where the kernel routes it to
-    /// the pod through its forward hook and `rp_filter`.
-    pub const UPLINK_NETFILTER: u32 = UPLINK_REDIRECT + 7;
+    /// `CONFIG_F_NETFILTER`: VXLAN that TC would decapsulate, left to the
+    /// kernel's VXLAN device (which routes it to the pod through the
+    /// forward hook and `rp_filter`).
+    pub const UPLINK_PASS_NETFILTER: u32 = UPLINK_REDIRECT + 7;
+    /// The same in XDP.
+    pub const XDP_PASS_NETFILTER: u32 = UPLINK_REDIRECT + 8;
 
     /// Size of the counter array.
-    pub const COUNT: u32 = UPLINK_NETFILTER + 1;
+    pub const COUNT: u32 = XDP_PASS_NETFILTER + 1;
 
     /// The XDP counter of a decap reason.
     #[inline(always)]
@@ -335,8 +334,9 @@ pub mod counters {
                 | POD_DROP_SPOOFED_SRC
                 | POD_DROP_SPOOFED_ARP
                 | UPLINK_DROP_REDIRECT_FAILED => Action::Drop,
-                POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | UPLINK_REDIRECT
-                | UPLINK_NETFILTER => Action::Decap,
+                POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | UPLINK_REDIRECT => {
+                    Action::Decap
+                }
                 _ => Action::Pass,
             }
         };
@@ -354,7 +354,7 @@ pub mod counters {
             | POD_DROP_SPOOFED_SRC
             | POD_DROP_SPOOFED_ARP
             | POD_PASS_NETFILTER => super::programs::TC_FROM_POD,
-            XDP_FIRST..=XDP_PASS_NO_META => super::programs::XDP_UPLINK,
+            XDP_FIRST..=XDP_PASS_NO_META | XDP_PASS_NETFILTER => super::programs::XDP_UPLINK,
             _ => super::programs::TC_UPLINK_INGRESS,
         }
     }

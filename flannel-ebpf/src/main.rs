@@ -24,7 +24,7 @@ use aya_ebpf::{
         xdp_action, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
+        TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
         bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect, bpf_redirect_neigh,
@@ -396,6 +396,11 @@ fn uplink(ctx: &XdpContext) -> (u32, u32) {
         Action::Drop => return (xdp_action::XDP_DROP, counters::xdp(v.reason)),
         Action::Decap => {}
     }
+    // The node has forward-path rules: the kernel's VXLAN device takes
+    // what passed every check, and routes it through the forward hook.
+    if cfg.flags & CONFIG_F_NETFILTER != 0 {
+        return (pass, XDP_PASS_NETFILTER);
+    }
     // Mark it for tc_uplink_ingress, which routes into pods only what was
     // marked. Without metadata support the kernel decapsulates instead.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
@@ -473,6 +478,9 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
             Action::Drop => return (TC_ACT_SHOT, counters::uplink(v.reason)),
             Action::Decap => {}
         }
+        if cfg.flags & CONFIG_F_NETFILTER != 0 {
+            return (pass, UPLINK_PASS_NETFILTER);
+        }
         // The outer IP, UDP, VXLAN and inner Ethernet headers go, with
         // `bpf_skb_adjust_room`, which works on whole GSO packets (the
         // inner MSS is unchanged, hence FIXED_GSO).
@@ -495,9 +503,6 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
         // pod address from outside is the kernel's to route (and filter).
         return (pass, UPLINK_PASS);
     };
-    if cfg.flags & CONFIG_F_NETFILTER != 0 {
-        return to_vtep(ctx, cfg);
-    }
     let Ok(ip) = ctx.load::<Ipv4Hdr>(EthHdr::LEN) else {
         return (TC_ACT_SHOT, UPLINK_DROP_REDIRECT_FAILED);
     };
@@ -534,22 +539,6 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
             UPLINK_REDIRECT
         },
     )
-}
-
-/// A decapsulated packet, handed to the VTEP's receive path as the
-/// kernel's VXLAN device would deliver it: addressed to the VTEP's MAC,
-/// it is routed to the pod through the forward hook, with `rp_filter`
-/// seeing it arrive where the kernel path's packets arrive.
-#[inline(always)]
-fn to_vtep(ctx: &TcContext, cfg: &Config) -> (i32, u32) {
-    if cfg.vtep_ifindex == 0 || ctx.store(0, &cfg.vtep_mac, 0).is_err() {
-        return (TC_ACT_SHOT, UPLINK_DROP_REDIRECT_FAILED);
-    }
-    let action = unsafe { bpf_redirect(cfg.vtep_ifindex, u64::from(BPF_F_INGRESS)) } as i32;
-    if action == TC_ACT_SHOT {
-        return (action, UPLINK_DROP_REDIRECT_FAILED);
-    }
-    (action, UPLINK_NETFILTER)
 }
 
 #[cfg(not(test))]

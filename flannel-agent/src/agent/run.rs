@@ -60,8 +60,6 @@ struct Agent {
     /// Whether pod traffic crosses the forward hook, and why (the last
     /// pass's decision; logged when it changes).
     netfilter: Option<(bool, String)>,
-    /// The VTEP's interface index, as the last pass observed it.
-    vtep_ifindex: u32,
     metrics: Arc<Metrics>,
 }
 
@@ -191,7 +189,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         guard_written: None,
         pods_changed: false,
         netfilter: None,
-        vtep_ifindex: 0,
         metrics,
     };
     // At start, devices and masquerading that cannot be set up are fatal,
@@ -414,17 +411,7 @@ impl Agent {
     /// `resync`, `signal`).
     async fn reconcile(&mut self, trigger: &'static str) -> Report {
         let started = Instant::now();
-        let mut report = self.pass().await;
-        // The pass created (or replaced) the VTEP: the data path config
-        // must name its interface index, which only now exists.
-        if self.datapath.ebpf().is_some() {
-            let vtep = format!("flannel.{}", self.cfg.backend.vni);
-            if let Ok(Some(l)) = self.nl.link_by_name(&vtep).await {
-                if l.index != self.vtep_ifindex {
-                    report = self.pass().await;
-                }
-            }
-        }
+        let report = self.pass().await;
         self.metrics.pass(trigger, started.elapsed(), &report);
         self.publish_state();
         report
@@ -455,10 +442,6 @@ impl Agent {
             }
             self.node.uplink = up.clone();
         }
-        self.vtep_ifindex = observed
-            .links
-            .get(&format!("flannel.{}", self.cfg.backend.vni))
-            .map_or(0, |l| l.index);
         self.decide_netfilter();
         if let Err(err) = self.pods.adopt(
             &self.opts.cni_data_dir,
@@ -523,7 +506,6 @@ impl Agent {
                 strict_source: self.opts.vxlan_source_check
                     == crate::datapath::VxlanSourceCheck::Strict,
                 netfilter: self.netfilter.as_ref().is_some_and(|(on, _)| *on),
-                vtep_ifindex: self.vtep_ifindex,
             }),
             ip_masq: self.opts.ip_masq,
         })

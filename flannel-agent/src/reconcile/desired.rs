@@ -80,8 +80,6 @@ pub struct EbpfMode {
     pub strict_source: bool,
     /// Pod traffic crosses the kernel's forward hook (`--netfilter-compat`).
     pub netfilter: bool,
-    /// The VTEP's interface index (0 while it does not exist).
-    pub vtep_ifindex: u32,
 }
 
 /// The pod bridge as Flannel's CNI plugin leaves it.
@@ -197,7 +195,6 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
                 } else {
                     0
                 },
-            vtep_ifindex: mode.vtep_ifindex,
             vtep_mac: node.vtep_mac.0,
             uplink_mac: node.uplink.mac.unwrap_or_default().0,
             gateway_mac: bridge.mac.0,

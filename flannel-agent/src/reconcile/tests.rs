@@ -117,7 +117,6 @@ impl World {
                 tc_decap: true,
                 strict_source: false,
                 netfilter: false,
-                vtep_ifindex: 0,
             }),
             ip_masq: false,
             have: Observed::default(),
@@ -850,7 +849,6 @@ fn desired_state_from_node_config_and_leases() {
         tc_decap: false,
         strict_source: false,
         netfilter: false,
-        vtep_ifindex: 0,
     });
     w.ip_masq = true;
     let want = w.want();

@@ -310,20 +310,19 @@ fn to_local_pod_from_vxlan(
         return;
     };
     if cfg.flags & flannel_common::CONFIG_F_NETFILTER != 0 {
-        let by = if cfg.flags & flannel_common::CONFIG_F_TC_DECAP != 0 {
-            "tc_uplink_ingress"
+        let (by, counter) = if cfg.flags & flannel_common::CONFIG_F_TC_DECAP != 0 {
+            ("tc_uplink_ingress", "uplink_pass_netfilter")
         } else {
-            expect.push("xdp_decap".into());
-            "xdp_uplink and tc_uplink_ingress"
+            ("xdp_uplink", "xdp_pass_netfilter")
         };
         steps.push(step(
             by,
             format!(
-                "VXLAN for a local pod from a known node: decapsulated, then (netfilter compatibility) handed to {}'s receive path (uplink_netfilter); the kernel routes it to {ifname} through its forward hook and rp_filter",
-                want.vtep.link.name
+                "VXLAN for a local pod from a known node, every check passed; netfilter compatibility is on: left to {} ({}), which decapsulates it and routes it to {ifname} through the forward hook and rp_filter",
+                want.vtep.link.name, counter
             ),
         ));
-        expect.push("uplink_netfilter".into());
+        expect.push(counter.into());
         return;
     }
     if cfg.flags & flannel_common::CONFIG_F_TC_DECAP != 0 {
