@@ -350,6 +350,18 @@ fn parse_ip4(
 /// Longest interface name the kernel takes (IFNAMSIZ − 1).
 pub const MAX_IFNAME: usize = 15;
 
+/// A name the kernel takes for an interface, and that is safe in a path:
+/// 1 to 15 printable ASCII bytes, not `.` or `..`, no `/` or `:`.
+pub fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_IFNAME
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '/' && c != ':')
+}
+
 /// The address ranges pods cannot be given, and why.
 const NOT_UNICAST: [(&str, &str); 6] = [
     ("0.0.0.0/8", "\"this network\""),
@@ -602,6 +614,26 @@ mod tests {
         "Type": "vxlan"
       }
     }"#;
+
+    #[test]
+    fn interface_names_are_what_the_kernel_takes() {
+        for ok in ["cni0", "flannel.1", "a", "flannel.9999999", "br-pods_2"] {
+            assert!(is_interface_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "flannel.16777215",
+            "a/b",
+            "eth:1",
+            "cni 0",
+            "eth\u{7}0",
+            "cnï0",
+        ] {
+            assert!(!is_interface_name(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_network_overlapping_the_node_network_is_refused() {

@@ -250,7 +250,8 @@ struct RunArgs {
     /// Socket and pod records live here.
     #[arg(long, default_value = defaults::RUN_DIR)]
     run_dir: PathBuf,
-    #[arg(long, default_value = "cni0")]
+    /// The pod bridge (an interface name: 1 to 15 printable bytes).
+    #[arg(long, default_value = "cni0", value_parser = interface_name)]
     bridge: String,
     /// Full resync period in seconds.
     #[arg(long, default_value_t = 10)]
@@ -637,4 +638,16 @@ fn group_id(group: &str) -> anyhow::Result<u32> {
     }
     // SAFETY: non-null result of getgrnam.
     Ok(unsafe { (*gr).gr_gid })
+}
+
+/// `--bridge`: a name the kernel takes for an interface.
+fn interface_name(name: &str) -> Result<String, String> {
+    if flannel_agent::config::is_interface_name(name) {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "{name:?} is not an interface name the kernel takes (1 to {} printable ASCII bytes, no '/' or ':')",
+            flannel_agent::config::MAX_IFNAME
+        ))
+    }
 }

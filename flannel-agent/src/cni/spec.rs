@@ -393,14 +393,7 @@ pub fn valid_container_id(id: &str) -> CniResult<()> {
 /// or whitespace, not `.`/`..` (the kernel takes other bytes too, but
 /// they end up in file names, logs and terminals).
 pub fn valid_ifname(name: &str) -> CniResult<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_graphic() && c != '/' && c != ':');
-    if ok {
+    if crate::config::is_interface_name(name) {
         Ok(())
     } else {
         Err(CniError::new(
