@@ -190,14 +190,11 @@ fn legacy_forward(table: &str) -> io::Result<Option<ForwardChain>> {
     if table.len() >= 32 {
         return Ok(None);
     }
+    // Any IPv4 socket reaches x_tables' socket options (CAP_NET_ADMIN is
+    // what they check); a UDP one needs no CAP_NET_RAW, which the
+    // DaemonSet does not grant.
     // SAFETY: plain socket(2), owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_RAW,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
