@@ -102,7 +102,7 @@ fn attr_be32(a: &[(u16, &[u8])], kind: u16) -> Option<u32> {
 fn nft_forward_chains() -> Result<Vec<ForwardChain>, NftError> {
     let mut s = nft::Socket::open()?;
     let mut chains = Vec::new();
-    for (family, payload) in s.dump(NFT_MSG_GETCHAIN, NFPROTO_UNSPEC)? {
+    for (family, payload) in s.dump(NFT_MSG_GETCHAIN, NFPROTO_UNSPEC, &nft::Attrs::default())? {
         let source = match family {
             NFPROTO_IPV4 => "nftables ip",
             NFPROTO_INET => "nftables inet",
@@ -131,15 +131,12 @@ fn nft_forward_chains() -> Result<Vec<ForwardChain>, NftError> {
     if chains.is_empty() {
         return Ok(Vec::new());
     }
-    for (family, payload) in s.dump(NFT_MSG_GETRULE, NFPROTO_UNSPEC)? {
-        let a = attrs(&payload);
-        let (table, chain) = (attr_str(&a, 1), attr_str(&a, 2));
-        if let Some((_, c)) = chains
-            .iter_mut()
-            .find(|(f, c)| *f == family && c.table == table && c.chain == chain)
-        {
-            c.rules += 1;
-        }
+    // Only the forward chains' rules: a node with kube-proxy holds
+    // thousands elsewhere.
+    for (family, c) in &mut chains {
+        let mut filter = nft::Attrs::default();
+        filter.str(1, &c.table).str(2, &c.chain);
+        c.rules = s.dump(NFT_MSG_GETRULE, *family, &filter)?.len();
     }
     Ok(chains
         .into_iter()

@@ -371,7 +371,14 @@ impl Socket {
 impl Socket {
     /// A dump request (`msg` of the nftables subsystem, every object of
     /// `family`, 0 for all): each answer's family and attributes.
-    pub fn dump(&mut self, msg: u16, family: u8) -> Result<Vec<(u8, Vec<u8>)>, NftError> {
+    /// `filter`: attributes the kernel narrows the dump with (a rule dump
+    /// takes the table and the chain).
+    pub fn dump(
+        &mut self,
+        msg: u16,
+        family: u8,
+        filter: &Attrs,
+    ) -> Result<Vec<(u8, Vec<u8>)>, NftError> {
         const NLM_F_DUMP: u16 = 0x300;
         const NLMSG_DONE: u16 = 3;
         self.push(
@@ -379,7 +386,7 @@ impl Socket {
             NLM_F_REQUEST | NLM_F_DUMP,
             family,
             0,
-            &Attrs::default(),
+            filter,
             "dumping",
         );
         self.acks.clear();

@@ -54,38 +54,19 @@ fn sh(ns: &str, cmd: &[&str]) -> Result<()> {
 
 /// The forward rule of the finding: UDP 9999 to the pod network dropped.
 fn add_forward_drop(ns: &str) -> Result<()> {
-    sh(ns, &["nft", "add", "table", "inet", "fw"])?;
-    sh(
-        ns,
-        &[
-            "nft",
-            "add",
-            "chain",
-            "inet",
-            "fw",
-            "podfw",
-            "{ type filter hook forward priority 0 ; }",
-        ],
-    )?;
-    sh(
-        ns,
-        &[
-            "nft",
-            "add",
-            "rule",
-            "inet",
-            "fw",
-            "podfw",
-            "ip",
-            "daddr",
-            "10.244.0.0/16",
-            "udp",
-            "dport",
-            "9999",
-            "counter",
-            "drop",
-        ],
-    )
+    let nft = |words: &str| {
+        let mut args = vec!["nft"];
+        args.extend(words.split('|'));
+        sh(ns, &args)
+    };
+    nft("add|table|inet|fw")?;
+    nft("add|chain|inet|fw|podfw|{ type filter hook forward priority 0 ; }")?;
+    nft("add|rule|inet|fw|podfw|ip|daddr|10.244.0.0/16|udp|dport|9999|counter|drop")?;
+    // Beside it, rules on another hook, which concern no forwarded packet
+    // and are not counted as the forward chain's.
+    nft("add|chain|inet|fw|hostin|{ type filter hook input priority 0 ; }")?;
+    nft("add|rule|inet|fw|hostin|tcp|dport|22|counter|accept")?;
+    nft("add|rule|inet|fw|hostin|tcp|dport|23|counter|drop")
 }
 
 fn moved(lab: &Lab, i: usize, f: impl Fn() -> Result<()>, name: &str) -> Result<u64> {

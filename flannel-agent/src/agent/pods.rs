@@ -240,8 +240,6 @@ impl Pods {
     }
 }
 
-/// The pod's address, MAC and host interface, checked; returns the
-/// interface index.
 /// What the agent's end of a pod's veth must be: a port of the node's
 /// pod bridge (so neither `lo`, the uplink nor any other interface of the
 /// node gets a pod's program and map entry), as netlink reports it.
@@ -255,6 +253,7 @@ pub struct HostLink {
 /// network, gateway or broadcast address), a unicast MAC, a host
 /// interface that is a port of the bridge (`bridge`: its index) and not
 /// the uplink or `lo`, and an address no other live endpoint holds.
+/// Returns the host interface's index.
 fn check(
     node: &Node,
     records: &BTreeMap<Ipv4Addr, EndpointRecord>,

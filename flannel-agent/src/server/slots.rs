@@ -1,8 +1,8 @@
 //! Connection slots for the agent's servers: at most `cap` connections at
 //! once, so that a flood cannot take the process's file descriptors, and
 //! a flood of idle connections cannot lock out a real caller either. A
-//! connection is *idle* while it waits for the first byte of a request;
-//! when every slot is taken, a new connection takes the slot of the
+//! connection is *idle* while it waits for a request (until the request
+//! has arrived whole); when every slot is taken, a new connection takes the slot of the
 //! oldest idle one, which is closed. Only when no connection is idle
 //! (every one is mid-request) is the new one turned away.
 

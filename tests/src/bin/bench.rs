@@ -379,8 +379,70 @@ impl RrSession {
     }
 }
 
+/// TCP connection rate, as netperf's TCP_CRR: for `secs`, connect, send
+/// one byte, read one back, and close (the server closes first, so the
+/// client's ports do not pile up in TIME_WAIT); connections per second.
+fn crr(path: &Path, port: u16, secs: u32) -> Result<f64> {
+    const STOP: u8 = 0xff;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let srv = spawn_in_netns(&path.server, move || {
+        if let Some((_, cpu)) = pinned() {
+            pin_thread(cpu)?;
+        }
+        let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+        ready_tx.send(()).ok();
+        loop {
+            let (mut s, _) = l.accept()?;
+            let mut b = [0u8; 1];
+            if s.read_exact(&mut b).is_err() {
+                continue;
+            }
+            if b[0] == STOP {
+                return Ok(());
+            }
+            let _ = s.write_all(&b);
+        }
+    })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("CRR server did not start")?;
+    let ip = path.ip;
+    let cli = spawn_in_netns(&path.client, move || {
+        if let Some((cpu, _)) = pinned() {
+            pin_thread(cpu)?;
+        }
+        let to = SocketAddrV4::new(ip, port).into();
+        let connect = || -> Result<TcpStream> {
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        };
+        let end = Instant::now() + Duration::from_secs(u64::from(secs));
+        let started = Instant::now();
+        let mut done = 0u64;
+        let mut b = [0u8; 1];
+        while Instant::now() < end {
+            let mut s = connect()?;
+            s.write_all(&[1])?;
+            s.read_exact(&mut b)?;
+            // The server's close.
+            let _ = s.read(&mut b)?;
+            done += 1;
+        }
+        let rate = done as f64 / started.elapsed().as_secs_f64();
+        connect()?.write_all(&[STOP])?;
+        Ok(rate)
+    })?;
+    let rate = cli
+        .join()
+        .map_err(|_| anyhow::anyhow!("CRR client panicked"))??;
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("CRR server panicked"))??;
+    Ok(rate)
+}
+
 /// What each round measures on every cross-node path.
-const METRICS: [&str; 12] = [
+const METRICS: [&str; 13] = [
     "tcp1",
     "tcp4",
     "cpu_per_gbit",
@@ -393,6 +455,7 @@ const METRICS: [&str; 12] = [
     "rr1k_p50",
     "rr1k_p99",
     "rr1k_tps",
+    "crr_cps",
 ];
 
 struct Path {
@@ -471,6 +534,7 @@ fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
             put("rr1k_p50", a);
             put("rr1k_p99", b);
             put("rr1k_tps", c);
+            put("crr_cps", crr(p, 5320 + k as u16, o.secs)?);
         }
     }
     for (one, kb) in sessions {
@@ -493,11 +557,13 @@ fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
         .collect::<Result<Vec<_>>>()?;
     let mut t = vec![Vec::new(); same.len()];
     let mut l = vec![Vec::new(); same.len()];
+    let mut c = vec![Vec::new(); same.len()];
     for run in 0..o.runs {
         println!("same-node round {}/{} ...", run + 1, o.runs);
         for (k, p) in same.iter().enumerate() {
             t[k].push(tcp(&iperf, p, o.secs, 1, None)?.0);
             l[k].push(sessions[k].run(share)?.0);
+            c[k].push(crr(p, 5330 + k as u16, o.secs)?);
         }
     }
     for s in sessions {
@@ -506,7 +572,7 @@ fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
     for (k, p) in same.iter().enumerate() {
         same_json.insert(
             p.name.into(),
-            json!({"tcp1": stats(&t[k]), "rr1_p50": stats(&l[k])}),
+            json!({"tcp1": stats(&t[k]), "rr1_p50": stats(&l[k]), "crr_cps": stats(&c[k])}),
         );
     }
     let monitor_json = monitor_rounds(o, &lab, &iperf, &cross[0])?;
@@ -827,7 +893,7 @@ fn markdown(r: &Value) -> String {
         }
     };
     let paced = format!("CPU s per Gbit, 1 stream paced to {PACED_GBIT} Gbit/s");
-    let rows: [(&str, &str); 12] = [
+    let rows: [(&str, &str); 13] = [
         ("TCP 1 stream (Gbit/s)", "tcp1"),
         ("TCP 4 streams (Gbit/s)", "tcp4"),
         (&paced, "cpu_per_gbit"),
@@ -840,6 +906,7 @@ fn markdown(r: &Value) -> String {
         ("TCP RR 1 KB p50 (µs)", "rr1k_p50"),
         ("TCP RR 1 KB p99 (µs)", "rr1k_p99"),
         ("TCP RR 1 KB (trans/s)", "rr1k_tps"),
+        ("TCP connect/1 B RR/close (conn/s)", "crr_cps"),
     ];
     for (label, k) in rows {
         let (e, nf, kk, l) = (
@@ -870,9 +937,10 @@ fn markdown(r: &Value) -> String {
     }
     let sm = &r["same_node"];
     s += &format!(
-        "\n| same node, median of rounds | eBPF (redirect) | kernel (bridge) | eBPF / kernel |\n|---|---|---|---|\n| TCP 1 stream (Gbit/s) | {:.2} | {:.2} | {} |\n| TCP RR 1 B p50 (µs) | {:.1} | {:.1} | {} |\n",
+        "\n| same node, median of rounds | eBPF (redirect) | kernel (bridge) | eBPF / kernel |\n|---|---|---|---|\n| TCP 1 stream (Gbit/s) | {:.2} | {:.2} | {} |\n| TCP RR 1 B p50 (µs) | {:.1} | {:.1} | {} |\n| TCP connect/1 B RR/close (conn/s) | {:.0} | {:.0} | {} |\n",
         median(&sm["ebpf"]["tcp1"]), median(&sm["kernel"]["tcp1"]), pr("same_node_tcp1_ebpf_over_kernel".into()),
         median(&sm["ebpf"]["rr1_p50"]), median(&sm["kernel"]["rr1_p50"]), pr("same_node_rr1_p50_ebpf_over_kernel".into()),
+        median(&sm["ebpf"]["crr_cps"]), median(&sm["kernel"]["crr_cps"]), pr("same_node_crr_cps_ebpf_over_kernel".into()),
     );
     let mo = &r["monitor"];
     s += &format!(
@@ -1029,7 +1097,7 @@ fn main() -> Result<()> {
             paired(&cross, metric, "ebpf_netfilter", "kernel"),
         );
     }
-    for metric in ["tcp1", "rr1_p50"] {
+    for metric in ["tcp1", "rr1_p50", "crr_cps"] {
         paired_ratios.insert(
             format!("same_node_{metric}_ebpf_over_kernel"),
             paired(&same, metric, "ebpf", "kernel"),
@@ -1062,6 +1130,10 @@ fn main() -> Result<()> {
         "rr_p50_netfilter_over_kernel": r("rr1_p50_netfilter_over_kernel"),
         "cpu_per_gbit_netfilter_over_kernel": r("cpu_per_gbit_netfilter_over_kernel"),
         "same_node_tcp1_ebpf_over_kernel": r("same_node_tcp1_ebpf_over_kernel"),
+        "crr_ebpf_over_limit": r("crr_cps_ebpf_over_limit"),
+        "crr_ebpf_over_kernel": r("crr_cps_ebpf_over_kernel"),
+        "crr_netfilter_over_kernel": r("crr_cps_netfilter_over_kernel"),
+        "same_node_crr_ebpf_over_kernel": r("same_node_crr_cps_ebpf_over_kernel"),
         "monitor_on_over_off_tcp1": r("monitor_on_over_off_tcp1"),
         "monitor_on_over_off_udp64": r("monitor_on_over_off_udp64_kpps"),
     });
