@@ -3,7 +3,7 @@
 //! on the kernel path. With `--netfilter-compat auto` (the default) the
 //! agent finds the rules (nftables, iptables-legacy) on a pass, logs why,
 //! and from then on lets pod traffic cross the kernel's forward hook:
-//! decapsulated VXLAN enters through `flannel.1`'s receive path, pods'
+//! VXLAN that passed the programs' checks is left to `flannel.1`, pods'
 //! packets (their source checked) go to the kernel. Without rules the
 //! full fast path runs again.
 
