@@ -81,6 +81,27 @@ fn elements<'a>(table: &str, name: &str, id: u32, keys: impl Iterator<Item = &'a
     a
 }
 
+/// Adds `keys` to set `name` of this batch, in messages of at most
+/// [`ELEMENTS_PER_MESSAGE`] elements.
+fn fill<K: AsRef<[u8]>>(
+    s: &mut Socket,
+    family: u8,
+    name: &str,
+    id: u32,
+    keys: &[K],
+    what: &'static str,
+) {
+    for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
+        s.nft_in(
+            family,
+            NFT_MSG_NEWSETELEM,
+            NLM_F_CREATE,
+            &elements(TABLE, name, id, chunk.iter().map(|k| k.as_ref())),
+            what,
+        );
+    }
+}
+
 fn chain(table: &str, name: &str, hook: u32) -> Attrs {
     let mut a = Attrs::default();
     a.str(1, table)
@@ -141,15 +162,14 @@ pub fn ensure(
         "creating the VTEP set",
     );
     let keys: Vec<[u8; 4]> = vteps.iter().map(|a| a.octets()).collect();
-    if !keys.is_empty() {
-        s.nft_in(
-            ip,
-            NFT_MSG_NEWSETELEM,
-            NLM_F_CREATE,
-            &elements(TABLE, VTEP_SET, VTEP_SET_ID, keys.iter().map(|k| &k[..])),
-            "filling the VTEP set",
-        );
-    }
+    fill(
+        &mut s,
+        ip,
+        VTEP_SET,
+        VTEP_SET_ID,
+        &keys,
+        "filling the VTEP set",
+    );
     s.nft_in(
         ip,
         NFT_MSG_NEWCHAIN,
@@ -205,22 +225,24 @@ pub fn ensure(
         );
         if !pods.is_empty() {
             let ports: Vec<[u8; IFNAMSIZ]> = pods.keys().map(|n| ifname_key(n)).collect();
-            s.nft_in(
+            fill(
+                &mut s,
                 br,
-                NFT_MSG_NEWSETELEM,
-                NLM_F_CREATE,
-                &elements(TABLE, PORT_SET, PORT_SET_ID, ports.iter().map(|k| &k[..])),
+                PORT_SET,
+                PORT_SET_ID,
+                &ports,
                 "filling the port set",
             );
             let pairs: Vec<Vec<u8>> = pods
                 .iter()
                 .map(|(n, ip)| [&ifname_key(n)[..], &ip.octets()[..]].concat())
                 .collect();
-            s.nft_in(
+            fill(
+                &mut s,
                 br,
-                NFT_MSG_NEWSETELEM,
-                NLM_F_CREATE,
-                &elements(TABLE, POD_SET, POD_SET_ID, pairs.iter().map(|k| &k[..])),
+                POD_SET,
+                POD_SET_ID,
+                &pairs,
                 "filling the pod set",
             );
         }

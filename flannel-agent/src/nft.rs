@@ -67,13 +67,24 @@ pub enum NftError {
     },
 }
 
+/// Set elements per `NEWSETELEM` message: the element list is one
+/// attribute, whose 16-bit length 5,000 addresses would overflow (the
+/// kernel then reads a different message and refuses it).
+pub const ELEMENTS_PER_MESSAGE: usize = 1000;
+
 /// One netlink attribute tree, encoded as the kernel expects.
 #[derive(Default)]
 pub struct Attrs(pub Vec<u8>);
 
 impl Attrs {
+    /// An attribute's length is 16 bits: callers keep one under 64 KiB
+    /// (set elements go in chunks, [`ELEMENTS_PER_MESSAGE`]).
     pub fn raw(&mut self, kind: u16, data: &[u8]) -> &mut Self {
         let len = 4 + data.len();
+        debug_assert!(
+            len <= usize::from(u16::MAX),
+            "netlink attribute of {len} bytes"
+        );
         self.0.extend_from_slice(&(len as u16).to_ne_bytes());
         self.0.extend_from_slice(&kind.to_ne_bytes());
         self.0.extend_from_slice(data);
@@ -241,6 +252,20 @@ impl Socket {
                 libc::SO_RCVTIMEO,
                 &tv as *const _ as *const libc::c_void,
                 std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        // Errors are acknowledged with their code only, not with the
+        // whole request echoed (a set of thousands of elements is larger
+        // than any receive buffer, and its error would be lost).
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt with an int, as NETLINK_CAP_ACK takes.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                libc::NETLINK_CAP_ACK,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
             );
         }
         Ok(Socket {

@@ -182,6 +182,53 @@ impl Harness {
         Ok(h)
     }
 
+    /// Fills the maps as a big cluster would: `remotes` more remote
+    /// subnets (10.128.0.0/24 up, each on its own node, that node a known
+    /// VTEP) and `pods` more local endpoints (10.250.0.0 up), beside the
+    /// entries the cases use.
+    pub fn fill(&mut self, remotes: u32, pods: u32) -> Result<()> {
+        let nth = |base: [u8; 2], i: u32, last: u8| {
+            Ipv4Addr::new(base[0], base[1] + (i / 256) as u8, (i % 256) as u8, last)
+        };
+        {
+            let mut trie: LpmTrie<_, u32, RemoteNode> =
+                LpmTrie::try_from(self.bpf.map_mut(maps::REMOTE_SUBNETS).unwrap())?;
+            for i in 0..remotes {
+                trie.insert(
+                    &Key::new(24, ip_key(nth([10, 128], i, 0))),
+                    RemoteNode {
+                        node_ip: ip_key(nth([172, 100], i, 1)),
+                        vtep_mac: REMOTE_VTEP_MAC,
+                        _pad: [0; 2],
+                    },
+                    0,
+                )?;
+            }
+        }
+        {
+            let mut vteps: HashMap<_, u32, Vtep> =
+                HashMap::try_from(self.bpf.map_mut(maps::VTEPS).unwrap())?;
+            for i in 0..remotes {
+                vteps.insert(ip_key(nth([172, 100], i, 1)), Vtep::default(), 0)?;
+            }
+        }
+        let mut eps: HashMap<_, u32, Endpoint> =
+            HashMap::try_from(self.bpf.map_mut(maps::ENDPOINTS).unwrap())?;
+        for i in 0..pods {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + i);
+            eps.insert(
+                ip_key(ip),
+                Endpoint {
+                    host_ifindex: 5000 + i,
+                    pod_mac: POD_MAC,
+                    _pad: [0; 2],
+                },
+                0,
+            )?;
+        }
+        Ok(())
+    }
+
     pub fn set_config(&mut self, uplink_ifindex: u32, flags: u32) -> Result<()> {
         let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap())?;
         cfg.set(

@@ -71,3 +71,59 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
     flannel_tests::netns::in_netns(&name, || Ok(guard::remove()?))?;
     Ok(())
 }
+
+/// 5,000 leases and 300 pods: more elements than one netlink attribute
+/// holds, so they go in several messages of one transaction. (One message
+/// overflowed the attribute's 16-bit length, the kernel refused the batch
+/// and every pass retried it.)
+#[test]
+fn a_large_cluster_fits() -> Result<()> {
+    let ns = Netns::new()?;
+    let name = ns.0.clone();
+    let vteps: BTreeSet<Ipv4Addr> = (0..5000u32)
+        .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 31, 0, 1)) + i))
+        .collect();
+    let pods: BTreeMap<String, Ipv4Addr> = (0..300u32)
+        .map(|i| {
+            (
+                format!("veth{i:08x}"),
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 2)) + i),
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    flannel_tests::netns::in_netns(&name, move || Ok(guard::ensure(4789, &vteps, Some(&pods))?))?;
+    let took = started.elapsed();
+    let text = ruleset(&name)?;
+    for want in [
+        "172.31.0.1",
+        "172.31.19.136",
+        "\"veth0000012b\" . 10.244.1.45",
+    ] {
+        assert!(text.contains(want), "missing {want:?}");
+    }
+    let count = |set: &str| -> Result<usize> {
+        let out = exec(
+            &name,
+            &[
+                "nft",
+                "-j",
+                "list",
+                "set",
+                set.split(' ').next().unwrap(),
+                "flannel-guard",
+                set.split(' ').nth(1).unwrap(),
+            ],
+        )?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["nftables"]
+            .as_array()
+            .and_then(|a| a.iter().find_map(|o| o["set"]["elem"].as_array()))
+            .map_or(0, |e| e.len()))
+    };
+    assert_eq!(count("ip vteps")?, 5000);
+    assert_eq!(count("bridge pods")?, 300);
+    assert_eq!(count("bridge ports")?, 300);
+    println!("5,000 leases and 300 pods written in {took:?}");
+    Ok(())
+}

@@ -661,7 +661,33 @@ fn program_costs(o: &Opts) -> Result<Value> {
         )?;
         inner.set_neigh(true)?;
         let mut out = Map::new();
-        for size in [64usize, 512, 1450] {
+        // One packet per run: encap and decap change the packet, and the
+        // kernel's `repeat` would run them on their own output.
+        let measure = |h: &Harness, what: &str, prog: &str, pkt: &[u8], counter: &str| {
+            let before = h.counter(counter);
+            let mut total = Duration::ZERO;
+            for _ in 0..runs {
+                let opts = TestRunOptions {
+                    data_in: Some(pkt),
+                    ..TestRunOptions::new()
+                };
+                let r = if prog == programs::XDP_UPLINK {
+                    let p: &Xdp = h.bpf.program(prog).context(prog.to_string())?.try_into()?;
+                    p.test_run(opts)?
+                } else {
+                    let p: &SchedClassifier =
+                        h.bpf.program(prog).context(prog.to_string())?.try_into()?;
+                    p.test_run(opts)?
+                };
+                total += r.duration;
+            }
+            let moved = h.counter(counter) - before;
+            if moved != u64::from(runs) {
+                bail!("{what}: {counter} moved {moved}, not {runs}");
+            }
+            Ok(total.as_secs_f64() * 1e9 / f64::from(runs))
+        };
+        let cases = |size: usize| -> [(&str, &str, Vec<u8>, &str); 5] {
             let vx = progtest::vxlan_frame(
                 progtest::REMOTE_IP,
                 progtest::PORT,
@@ -669,7 +695,7 @@ fn program_costs(o: &Opts) -> Result<Value> {
                 0x08,
                 &progtest::sized_inner_frame(progtest::LOCAL_POD, size),
             );
-            let cases: [(&str, &str, Vec<u8>, &str); 5] = [
+            [
                 (
                     "encap",
                     programs::TC_FROM_POD,
@@ -690,34 +716,23 @@ fn program_costs(o: &Opts) -> Result<Value> {
                 ),
                 ("decap", programs::XDP_UPLINK, vx.clone(), "xdp_decap"),
                 ("tc_decap", programs::TC_UPLINK_INGRESS, vx, "uplink_decap"),
-            ];
-            for (what, prog, pkt, counter) in cases {
-                let before = h.counter(counter);
-                // One packet per run: encap and decap change the packet, and
-                // the kernel's `repeat` would run them on their own output.
-                let mut total = Duration::ZERO;
-                for _ in 0..runs {
-                    let opts = TestRunOptions {
-                        data_in: Some(&pkt),
-                        ..TestRunOptions::new()
-                    };
-                    let r = if prog == programs::XDP_UPLINK {
-                        let p: &Xdp = h.bpf.program(prog).context(prog)?.try_into()?;
-                        p.test_run(opts)?
-                    } else {
-                        let p: &SchedClassifier = h.bpf.program(prog).context(prog)?.try_into()?;
-                        p.test_run(opts)?
-                    };
-                    total += r.duration;
-                }
-                let moved = h.counter(counter) - before;
-                if moved != u64::from(runs) {
-                    bail!("{what} at {size} B: {counter} moved {moved}, not {runs}");
-                }
-                out.insert(
-                    format!("{what}_{size}"),
-                    json!(total.as_secs_f64() * 1e9 / f64::from(runs)),
-                );
+            ]
+        };
+        for size in [64usize, 512, 1450] {
+            for (what, prog, pkt, counter) in cases(size) {
+                let ns = measure(&h, &format!("{what} at {size} B"), prog, &pkt, counter)?;
+                out.insert(format!("{what}_{size}"), json!(ns));
+            }
+        }
+        // The same 64-byte cases as the maps grow: 10 remote leases, then
+        // 5,000 remote leases and 250 pods (the cost must not grow). The
+        // harness holds one remote and two pods of its own.
+        for (remotes, pods, label) in [(9, 0, "10_remotes"), (4_999, 248, "5000_remotes_250_pods")]
+        {
+            h.fill(remotes, pods)?;
+            for (what, prog, pkt, counter) in cases(64) {
+                let ns = measure(&h, &format!("{what} with {label}"), prog, &pkt, counter)?;
+                out.insert(format!("{what}_64_{label}"), json!(ns));
             }
         }
         Ok(Value::Object(out))
@@ -958,6 +973,20 @@ fn markdown(r: &Value) -> String {
         };
         s += &format!("| {p} | {:.0} | {:.0} | {:.0} |\n", v(64), v(512), v(1450));
     }
+    s += "\n| program at 64 B (ns/packet) | 10 remote leases | 5,000 remote leases, 250 pods | / pass (10) | / pass (5,000) |\n|---|---|---|---|---|\n";
+    for p in ["encap", "decap", "tc_decap", "local_redirect", "pass"] {
+        let v = |p: &str, l: &str| {
+            r["programs"][format!("{p}_64_{l}")]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        };
+        let (small, big) = (v(p, "10_remotes"), v(p, "5000_remotes_250_pods"));
+        s += &format!(
+            "| {p} | {small:.0} | {big:.0} | {:.2} | {:.2} |\n",
+            small / v("pass", "10_remotes"),
+            big / v("pass", "5000_remotes_250_pods")
+        );
+    }
     s += "\n| remote leases | eBPF node (s) | kernel node (s) | eBPF agent RSS (MiB, before → after) | kernel agent RSS (MiB) |\n|---|---|---|---|---|\n";
     if let Some(cp) = r["control_plane"].as_object() {
         for (k, v) in cp {
@@ -1049,6 +1078,14 @@ fn svg(r: &Value) -> String {
     s
 }
 
+/// One program cost over another, from the program-cost JSON.
+fn prog_ratio(progs: &Value, a: &str, b: &str) -> Value {
+    match (progs[a].as_f64(), progs[b].as_f64()) {
+        (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+        _ => Value::Null,
+    }
+}
+
 fn main() -> Result<()> {
     flannel_tests::interrupt::clean_up_on_signals()?;
     let o = Opts::parse()?;
@@ -1135,6 +1172,11 @@ fn main() -> Result<()> {
         "crr_netfilter_over_kernel": r("crr_cps_netfilter_over_kernel"),
         "same_node_crr_ebpf_over_kernel": r("same_node_crr_cps_ebpf_over_kernel"),
         "monitor_on_over_off_tcp1": r("monitor_on_over_off_tcp1"),
+        "encap_over_pass_64": prog_ratio(&progs, "encap_64", "pass_64"),
+        "tc_decap_over_pass_64": prog_ratio(&progs, "tc_decap_64", "pass_64"),
+        "encap_over_pass_5000_remotes": prog_ratio(&progs, "encap_64_5000_remotes_250_pods", "pass_64_5000_remotes_250_pods"),
+        "tc_decap_over_pass_5000_remotes": prog_ratio(&progs, "tc_decap_64_5000_remotes_250_pods", "pass_64_5000_remotes_250_pods"),
+        "encap_5000_over_10_remotes": prog_ratio(&progs, "encap_64_5000_remotes_250_pods", "encap_64_10_remotes"),
         "monitor_on_over_off_udp64": r("monitor_on_over_off_udp64_kpps"),
     });
     let report = json!({
