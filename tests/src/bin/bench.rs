@@ -294,10 +294,7 @@ impl RrSession {
         let ip = path.ip;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let srv = spawn_in_netns(&path.server, move || {
-            if let Some((_, cpu)) = pinned() {
-                pin_thread(cpu)?;
-            }
-            let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+            let l = server_listener(port)?;
             ready_tx.send(()).ok();
             let (mut s, _) = l.accept()?;
             s.set_nodelay(true)?;
@@ -379,6 +376,17 @@ impl RrSession {
     }
 }
 
+/// A server's listener on `port`, its thread pinned to the server CPU.
+fn server_listener(port: u16) -> Result<TcpListener> {
+    if let Some((_, cpu)) = pinned() {
+        pin_thread(cpu)?;
+    }
+    Ok(TcpListener::bind(SocketAddrV4::new(
+        Ipv4Addr::UNSPECIFIED,
+        port,
+    ))?)
+}
+
 /// TCP connection rate, as netperf's TCP_CRR: for `secs`, connect, send
 /// one byte, read one back, and close (the server closes first, so the
 /// client's ports do not pile up in TIME_WAIT); connections per second.
@@ -386,10 +394,7 @@ fn crr(path: &Path, port: u16, secs: u32) -> Result<f64> {
     const STOP: u8 = 0xff;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let srv = spawn_in_netns(&path.server, move || {
-        if let Some((_, cpu)) = pinned() {
-            pin_thread(cpu)?;
-        }
-        let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+        let l = server_listener(port)?;
         ready_tx.send(()).ok();
         loop {
             let (mut s, _) = l.accept()?;
