@@ -240,34 +240,20 @@ impl Socket {
         }
         // SAFETY: fd is a fresh, valid descriptor.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: 2,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt with a properly sized timeval.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-        }
+        // Answers within 2 s, or an error rather than a hang.
+        set_option(
+            &fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &libc::timeval {
+                tv_sec: 2,
+                tv_usec: 0,
+            },
+        );
         // Errors are acknowledged with their code only, not with the
         // whole request echoed (a set of thousands of elements is larger
         // than any receive buffer, and its error would be lost).
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt with an int, as NETLINK_CAP_ACK takes.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_NETLINK,
-                libc::NETLINK_CAP_ACK,
-                &one as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as u32,
-            );
-        }
+        set_option(&fd, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, &1i32);
         Ok(Socket {
             fd,
             seq: 1,
@@ -453,6 +439,20 @@ fn messages(rx: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
         off += (len + 3) & !3;
         Some((kind, seq, msg))
     })
+}
+
+/// setsockopt(2) with a plain value; a refusal leaves the default.
+fn set_option<T>(fd: &std::os::fd::OwnedFd, level: i32, name: i32, value: &T) {
+    // SAFETY: `value` is a valid T of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as u32,
+        );
+    }
 }
 
 pub fn table_attrs(name: &str) -> Attrs {

@@ -61,6 +61,25 @@ fn send_udp(ns: &str, from: SocketAddr, to: SocketAddr, body: &'static [u8]) -> 
     })
 }
 
+/// `payload` as UDP from any address of `ns` to `to`, `times` times.
+fn send_payload(ns: &str, to: SocketAddr, payload: &[u8], times: usize) -> Result<()> {
+    let payload = payload.to_vec();
+    in_netns(ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        for _ in 0..times {
+            s.send_to(&payload, to)?;
+        }
+        Ok(())
+    })
+}
+
+/// Gives pod namespace `ns` the address `ip` too, so that its kernel can
+/// send under it (an attacker holding its victim's address).
+fn hold_address(ns: &str, ip: Ipv4Addr) -> Result<()> {
+    flannel_tests::netns::ip(&["-n", ns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+    Ok(())
+}
+
 fn counter(lab: &Lab, i: usize, name: &str) -> u64 {
     lab.nodes[i].counters().unwrap()[name]
 }
@@ -94,11 +113,7 @@ fn vxlan_from_a_host_without_a_lease_never_reaches_a_pod() -> Result<()> {
 
         // Control: the same packet from a node that holds a lease arrives.
         let rx = receive(&pod_ns, at, Duration::from_millis(800))?;
-        let (node1_ns, f) = (lab.nodes[1].ns.clone(), frame.clone());
-        in_netns(&node1_ns, move || {
-            UdpSocket::bind("0.0.0.0:0")?.send_to(&f, node)?;
-            Ok(())
-        })?;
+        send_payload(&lab.nodes[1].ns, node, &frame, 1)?;
         assert_eq!(
             joined(rx)?,
             vec![b"smuggled".to_vec()],
@@ -109,14 +124,7 @@ fn vxlan_from_a_host_without_a_lease_never_reaches_a_pod() -> Result<()> {
         // reaches the pod.
         let before = counter(&lab, 0, drop_counter);
         let rx = receive(&pod_ns, at, Duration::from_millis(800))?;
-        let f = frame.clone();
-        in_netns(&attacker, move || {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
-            for _ in 0..5 {
-                s.send_to(&f, node)?;
-            }
-            Ok(())
-        })?;
+        send_payload(&attacker, node, &frame, 5)?;
         assert!(joined(rx)?.is_empty(), "{xdp_mode}: the pod received it");
         assert_eq!(counter(&lab, 0, drop_counter) - before, 5, "{xdp_mode}");
     }
@@ -269,15 +277,7 @@ fn a_pod_cannot_send_as_another_pod() -> Result<()> {
     );
     // The attacker holds its victim's address too, so its kernel sends
     // with it.
-    flannel_tests::netns::ip(&[
-        "-n",
-        &a.ns,
-        "addr",
-        "add",
-        &format!("{}/32", b.ip),
-        "dev",
-        "eth0",
-    ])?;
+    hold_address(&a.ns, b.ip)?;
 
     for (target, what) in [(c, "to another node"), (d, "on the same node")] {
         let at = SocketAddr::new(target.ip.into(), 9999);
@@ -376,24 +376,12 @@ fn the_kernel_path_is_guarded_by_nftables() -> Result<()> {
 
     // Kernel data path: VXLAN from a node holding a lease arrives ...
     let rx = receive(&pod.ns, at, Duration::from_millis(800))?;
-    let f = frame.clone();
-    let sender = node1.clone();
-    in_netns(&sender, move || {
-        UdpSocket::bind("0.0.0.0:0")?.send_to(&f, node)?;
-        Ok(())
-    })?;
+    send_payload(&node1, node, &frame, 1)?;
     assert_eq!(joined(rx)?, vec![b"smuggled".to_vec()], "control");
     // ... and from the attacker it is dropped by the guard and counted.
     let before = nft_count(&node0, "ip flannel-guard", vxlan_rule)?;
     let rx = receive(&pod.ns, at, Duration::from_millis(800))?;
-    let f = frame.clone();
-    in_netns(&attacker, move || {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        for _ in 0..5 {
-            s.send_to(&f, node)?;
-        }
-        Ok(())
-    })?;
+    send_payload(&attacker, node, &frame, 5)?;
     assert!(joined(rx)?.is_empty(), "the kernel path delivered it");
     assert_eq!(
         nft_count(&node0, "ip flannel-guard", vxlan_rule)? - before,
@@ -408,15 +396,7 @@ fn the_kernel_path_is_guarded_by_nftables() -> Result<()> {
         lab.pod((0, 2)).clone(),
         lab.pod((1, 0)).clone(),
     );
-    flannel_tests::netns::ip(&[
-        "-n",
-        &a.ns,
-        "addr",
-        "add",
-        &format!("{}/32", b.ip),
-        "dev",
-        "eth0",
-    ])?;
+    hold_address(&a.ns, b.ip)?;
     let pod_rule = "iifname . ip saddr != @pods";
     for (target, what) in [(&c, "to another node"), (&pod, "on the same node")] {
         let at = SocketAddr::new(target.ip.into(), 9999);
