@@ -14,6 +14,11 @@ pub mod maps {
     pub const ENDPOINTS: &str = "FLANNEL_ENDPOINTS";
     pub const VTEPS: &str = "FLANNEL_VTEPS";
     pub const COUNTERS: &str = "FLANNEL_COUNTERS";
+    /// Per-CPU array of [`crate::NextHop`]s, a direct-mapped cache by
+    /// remote node IP (`next_hop_slot`): `tc_from_pod`'s copy of the FIB's
+    /// answer for the outer packet. A cache, not state: never pinned, each
+    /// load of the programs starts it empty.
+    pub const NEXT_HOPS: &str = "FLANNEL_NEXT_HOPS";
     /// Ring buffer of [`crate::Event`]s for `flannel-agent monitor`.
     pub const EVENTS: &str = "FLANNEL_EVENTS";
     /// [`crate::MonitorConfig`] at index 0: which events to send, how many.
@@ -110,6 +115,57 @@ pub struct RemoteNode {
     /// The remote node's VtepMAC (inner destination MAC).
     pub vtep_mac: [u8; 6],
     pub _pad: [u8; 2],
+}
+
+/// Bytes `tc_from_pod` puts in front of an inner IPv4 packet: outer
+/// Ethernet, IPv4, UDP, VXLAN and inner Ethernet.
+pub const VXLAN_HEADERS_LEN: usize = 64;
+
+/// A slot of the next-hop cache: for one remote node, where the FIB sent
+/// its outer packets, when it said so, and the headers to write, ready but
+/// for the per-packet fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    /// `bpf_ktime_get_coarse_ns` of the FIB lookup; 0: an empty slot.
+    pub stamp_ns: u64,
+    /// The interface the outer packet leaves by.
+    pub ifindex: u32,
+    /// The remote node's IPv4 (network order bytes): whose slot this is.
+    pub node_ip: u32,
+    /// The headers with the next hop's and the leaving interface's MACs as
+    /// outer Ethernet, and zero in the outer IPv4 total length,
+    /// identification, the UDP source port and length (the IPv4 checksum
+    /// is that of this form).
+    pub headers: [u8; VXLAN_HEADERS_LEN],
+}
+
+impl Default for NextHop {
+    fn default() -> Self {
+        Self {
+            stamp_ns: 0,
+            ifindex: 0,
+            node_ip: 0,
+            headers: [0; VXLAN_HEADERS_LEN],
+        }
+    }
+}
+
+/// How long `tc_from_pod` trusts a cached FIB answer before asking again:
+/// a changed route or neighbour MAC takes effect within this long (the
+/// kernel's own path would switch at once). An unresolved neighbour is
+/// never cached, and an entry whose headers no longer match the config or
+/// the remote's VTEP MAC is not used.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+/// Slots of the next-hop cache on each CPU. Two remotes sharing a slot
+/// only cost each other a FIB lookup per packet.
+pub const NEXT_HOP_SLOTS: u32 = 1024;
+
+/// The next-hop cache slot of a remote node (a multiplicative hash of its
+/// address, so that nodes numbered in a row spread).
+#[inline(always)]
+pub const fn next_hop_slot(node_ip: u32) -> u32 {
+    node_ip.wrapping_mul(0x9e37_79b1) >> (32 - NEXT_HOP_SLOTS.trailing_zeros())
 }
 
 /// Key of the remote-subnet LPM trie data part: IPv4 address bytes.
@@ -211,6 +267,7 @@ pub struct Event {
 
 #[macro_use]
 pub mod decap;
+pub mod csum;
 
 /// Builds the counter name table from the decap reason list.
 macro_rules! counter_names {
@@ -368,6 +425,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::RemoteNode {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Vtep {}
+    unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::MonitorConfig {}
     unsafe impl aya::Pod for super::MonitorState {}
     unsafe impl aya::Pod for super::Event {}
@@ -375,6 +433,7 @@ mod pod_impls {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
     use core::mem::size_of;
 
@@ -384,9 +443,21 @@ mod tests {
         assert_eq!(size_of::<RemoteNode>(), 12);
         assert_eq!(size_of::<Endpoint>(), 12);
         assert_eq!(size_of::<Vtep>(), 4);
+        assert_eq!(size_of::<NextHop>(), 80);
         assert_eq!(size_of::<MonitorConfig>(), 16);
         assert_eq!(size_of::<MonitorState>(), 40);
         assert_eq!(size_of::<Event>(), 64);
+    }
+
+    #[test]
+    fn next_hop_slots_spread_a_subnet_of_nodes() {
+        assert!(NEXT_HOP_SLOTS.is_power_of_two());
+        // 200 nodes numbered in a row, as a node network assigns them.
+        let slots: std::collections::BTreeSet<u32> = (1..=200u8)
+            .map(|i| next_hop_slot(u32::from_ne_bytes([172, 30, 0, i])))
+            .collect();
+        assert!(slots.iter().all(|&s| s < NEXT_HOP_SLOTS));
+        assert!(slots.len() >= 180, "{} distinct slots", slots.len());
     }
 
     #[test]

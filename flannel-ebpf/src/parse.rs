@@ -1,8 +1,7 @@
 //! Bounds-checked packet access for XDP and the VXLAN header block that
 //! `tc_from_pod` writes in front of a pod packet.
 
-use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
-use flannel_common::{Config, RemoteNode};
+use flannel_common::{csum, Config, RemoteNode, VXLAN_HEADERS_LEN};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 
 /// `ETH_P_IP` as it appears in a packet read into a native-endian `u16`.
@@ -19,6 +18,10 @@ pub const INNER_IP: usize = INNER_ETH + EthHdr::LEN;
 
 /// Everything `tc_from_pod` writes in front of the inner IPv4 header.
 pub const HEADERS_LEN: usize = INNER_IP;
+const _: () = assert!(HEADERS_LEN == VXLAN_HEADERS_LEN);
+
+/// The outer TTL, as the kernel's VXLAN device sets it by default.
+pub const OUTER_TTL: u8 = 64;
 
 /// A linear packet `[start, end)`; every access checks its bounds first so
 /// that the verifier (and a truncated packet) can never read past the end.
@@ -36,6 +39,14 @@ impl Packet {
     #[inline(always)]
     pub fn len(&self) -> usize {
         self.end - self.start
+    }
+
+    /// A copy of the `T` at `offset`, if the packet holds all of it.
+    #[inline(always)]
+    pub fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let p = self.get::<T>(offset)?;
+        // SAFETY: `get` checked that the bytes lie inside the packet.
+        Some(unsafe { core::ptr::read_unaligned(p) })
     }
 
     #[inline(always)]
@@ -72,34 +83,27 @@ pub struct Headers;
 
 impl Headers {
     /// The block Flannel's VXLAN device puts in front of an inner IPv4
-    /// packet. `outer_len` is the outer IPv4 total length.
-    #[allow(clippy::too_many_arguments)]
+    /// packet, as a template: `dmac` is the next hop's MAC (zero when the
+    /// kernel is to resolve it and fill it), and the per-packet fields
+    /// (outer total length, identification, UDP source port and length)
+    /// are zero, the IPv4 checksum being that of this form. `fill` completes
+    /// a copy in the packet.
     #[inline(always)]
     pub fn vxlan(
         cfg: &Config,
         remote: &RemoteNode,
-        fib: &FibParams,
-        neigh_resolved: bool,
-        outer_len: u16,
-        ip_id: u16,
-        sport: u16,
-        ttl: u8,
+        dmac: &[u8; 6],
+        smac: &[u8; 6],
     ) -> [u8; HEADERS_LEN] {
         let mut h = [0u8; HEADERS_LEN];
         // Outer Ethernet. Without a resolved neighbour the kernel fills it.
-        if neigh_resolved {
-            h[0..6].copy_from_slice(&fib.dmac);
-            h[6..12].copy_from_slice(&fib.smac);
-        } else {
-            h[6..12].copy_from_slice(&cfg.uplink_mac);
-        }
+        h[0..6].copy_from_slice(dmac);
+        h[6..12].copy_from_slice(smac);
         h[12] = 0x08;
         // Outer IPv4: no options, no DF (as the kernel's VXLAN default).
         let ip = OUTER_IP;
         h[ip] = 0x45;
-        h[ip + 2..ip + 4].copy_from_slice(&outer_len.to_be_bytes());
-        h[ip + 4..ip + 6].copy_from_slice(&ip_id.to_be_bytes());
-        h[ip + 8] = ttl;
+        h[ip + 8] = OUTER_TTL;
         h[ip + 9] = IPPROTO_UDP;
         h[ip + 12..ip + 16].copy_from_slice(&cfg.node_ip.to_ne_bytes());
         h[ip + 16..ip + 20].copy_from_slice(&remote.node_ip.to_ne_bytes());
@@ -108,10 +112,7 @@ impl Headers {
         h[ip + 10..ip + 12].copy_from_slice(&ip_checksum(&iph).to_be_bytes());
         // UDP, checksum zero as the kernel sends VXLAN over IPv4 by default.
         let udp = OUTER_UDP;
-        let udp_len = outer_len - Ipv4Hdr::LEN as u16;
-        h[udp..udp + 2].copy_from_slice(&sport.to_be_bytes());
         h[udp + 2..udp + 4].copy_from_slice(&cfg.udp_port.to_be_bytes());
-        h[udp + 4..udp + 6].copy_from_slice(&udp_len.to_be_bytes());
         // VXLAN: I flag, 24-bit VNI.
         h[VXLAN] = 0x08;
         let vni = cfg.vni.to_be_bytes();
@@ -121,5 +122,51 @@ impl Headers {
         h[INNER_ETH + 6..INNER_ETH + 12].copy_from_slice(&cfg.vtep_mac);
         h[INNER_ETH + 12] = 0x08;
         h
+    }
+
+    /// Whether a cached template still says what `vxlan` would build now
+    /// for `remote` (the next hop's MACs aside, which the cache's age
+    /// bounds).
+    #[inline(always)]
+    pub fn current(h: &[u8; HEADERS_LEN], cfg: &Config, remote: &RemoteNode) -> bool {
+        let at = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        at(OUTER_IP + 12) == cfg.node_ip
+            && at(OUTER_IP + 16) == remote.node_ip
+            && u16::from_be_bytes([h[OUTER_UDP + 2], h[OUTER_UDP + 3]]) == cfg.udp_port
+            && u32::from_be_bytes([0, h[VXLAN + 4], h[VXLAN + 5], h[VXLAN + 6]]) == cfg.vni
+            && h[INNER_ETH..INNER_ETH + 6] == remote.vtep_mac
+            && h[INNER_ETH + 6..INNER_ETH + 12] == cfg.vtep_mac
+    }
+
+    /// Completes a template written at the start of `out`: the outer
+    /// lengths (`outer_len` is the outer IPv4 total length), identification
+    /// and UDP source port, and the checksum updated for them.
+    #[inline(always)]
+    pub fn fill(out: *mut u8, outer_len: u16, ip_id: u16, sport: u16) {
+        let ip = OUTER_IP;
+        let udp = OUTER_UDP;
+        // SAFETY: the caller holds `out` as HEADERS_LEN checked packet bytes.
+        unsafe {
+            let check = u16::from_be_bytes([*out.add(ip + 10), *out.add(ip + 11)]);
+            let check = csum::replace16(csum::replace16(check, 0, outer_len), 0, ip_id);
+            put16(out.add(ip + 2), outer_len);
+            put16(out.add(ip + 4), ip_id);
+            put16(out.add(ip + 10), check);
+            put16(out.add(udp), sport);
+            put16(out.add(udp + 4), outer_len - Ipv4Hdr::LEN as u16);
+        }
+    }
+}
+
+/// Writes `v` big-endian at `p`.
+///
+/// # Safety
+/// `p` and `p + 1` must be writable packet bytes.
+#[inline(always)]
+pub unsafe fn put16(p: *mut u8, v: u16) {
+    let b = v.to_be_bytes();
+    unsafe {
+        *p = b[0];
+        *p.add(1) = b[1];
     }
 }

@@ -345,3 +345,19 @@ pub fn hold_connections(to: &ConnectTo, n: usize, per_child: usize) -> Result<He
     unsafe { libc::close(ready_r) };
     Ok(held)
 }
+
+/// Pins the calling thread to `cpu` (for per-CPU state: the benchmark's
+/// client and server threads, and tests of per-CPU caches).
+pub fn pin_thread(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in
+    // bounds for any cpu below CPU_SETSIZE, and pid 0 is this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("pinning a thread to CPU {cpu}"));
+        }
+    }
+    Ok(())
+}

@@ -80,6 +80,11 @@ impl Netns {
     }
 
     pub fn set_neigh(&self, present: bool) -> Result<()> {
+        self.set_neigh_mac(present.then_some(NEIGH_MAC))
+    }
+
+    /// The uplink's neighbour entry for the remote node: `mac`, or none.
+    pub fn set_neigh_mac(&self, mac: Option<[u8; 6]>) -> Result<()> {
         let n = self.0.as_str();
         let _ = Command::new("ip")
             .args([
@@ -92,7 +97,7 @@ impl Netns {
                 "up0",
             ])
             .output();
-        if present {
+        if let Some(lladdr) = mac {
             ip(&[
                 "-n",
                 n,
@@ -100,7 +105,7 @@ impl Netns {
                 "replace",
                 &REMOTE_IP.to_string(),
                 "lladdr",
-                &mac(NEIGH_MAC),
+                &self::mac(lladdr),
                 "dev",
                 "up0",
                 "nud",
@@ -145,17 +150,7 @@ impl Harness {
         x.load()?;
         let mut h = Harness { bpf };
         h.set_config(uplink_ifindex, CONFIG_F_READY)?;
-        let mut remotes: LpmTrie<_, u32, RemoteNode> =
-            LpmTrie::try_from(h.bpf.map_mut(maps::REMOTE_SUBNETS).unwrap())?;
-        remotes.insert(
-            &Key::new(24, ip_key(Ipv4Addr::new(10, 244, 2, 0))),
-            RemoteNode {
-                node_ip: ip_key(REMOTE_IP),
-                vtep_mac: REMOTE_VTEP_MAC,
-                _pad: [0; 2],
-            },
-            0,
-        )?;
+        h.set_remote_vtep(REMOTE_VTEP_MAC)?;
         let mut vteps: HashMap<_, u32, Vtep> =
             HashMap::try_from(h.bpf.map_mut(maps::VTEPS).unwrap())?;
         vteps.insert(ip_key(REMOTE_IP), Vtep::default(), 0)?;
@@ -226,6 +221,22 @@ impl Harness {
                 0,
             )?;
         }
+        Ok(())
+    }
+
+    /// The remote lease 10.244.2.0/24 on `REMOTE_IP`, with VTEP MAC `mac`.
+    pub fn set_remote_vtep(&mut self, mac: [u8; 6]) -> Result<()> {
+        let mut remotes: LpmTrie<_, u32, RemoteNode> =
+            LpmTrie::try_from(self.bpf.map_mut(maps::REMOTE_SUBNETS).unwrap())?;
+        remotes.insert(
+            &Key::new(24, ip_key(Ipv4Addr::new(10, 244, 2, 0))),
+            RemoteNode {
+                node_ip: ip_key(REMOTE_IP),
+                vtep_mac: mac,
+                _pad: [0; 2],
+            },
+            0,
+        )?;
         Ok(())
     }
 

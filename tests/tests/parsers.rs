@@ -302,20 +302,97 @@ fn tc_from_pod_encapsulates_like_flannel() -> Result<()> {
         assert_eq!(checksum(iip), 0, "inner IPv4 checksum");
         assert_eq!(&out[84..], &pkt[34..]);
 
-        // Next hop not resolved yet: the kernel resolves it (redirect_neigh).
+        // Same flow, same source port; other flows spread.
+        let (_, again) = h.run(programs::TC_FROM_POD, &pkt)?;
+        assert_eq!(&again[34..36], &out[34..36]);
+        let sports: std::collections::BTreeSet<[u8; 2]> = (0..64u16)
+            .map(|i| {
+                // UDP from client port 40000 + i.
+                let mut udp = (40_000 + i).to_be_bytes().to_vec();
+                udp.extend_from_slice(&[0x13, 0x89, 0, 12, 0, 0, 1, 2, 3, 4]);
+                let p = eth(
+                    GATEWAY_MAC,
+                    POD_MAC,
+                    0x0800,
+                    &ipv4(SOURCE_POD, REMOTE_POD, 17, 64, &udp),
+                );
+                let (_, o) = h.run(programs::TC_FROM_POD, &p)?;
+                Ok([o[34], o[35]])
+            })
+            .collect::<Result<_>>()?;
+        assert!(
+            sports.len() >= 60,
+            "{} source ports for 64 flows",
+            sports.len()
+        );
+        Ok(())
+    })
+}
+
+/// `tc_from_pod` keeps the FIB's answer per remote node and CPU for up to
+/// `NEXT_HOP_TTL_NS`: a changed neighbour MAC, or a vanished neighbour,
+/// takes effect once that long has passed; a changed remote VTEP MAC or
+/// config takes effect at once.
+#[test]
+fn tc_from_pod_caches_the_next_hop_for_a_second() -> Result<()> {
+    in_lab_netns(|ns| {
+        // The cache is per CPU: stay on one.
+        flannel_tests::netns::pin_thread(0)?;
+        let mut h = Harness::new(ns.uplink_index()?)?;
+        let pkt = pod_frame(REMOTE_POD, 64);
+        let encap = |h: &Harness, what: &str| {
+            h.expect(
+                programs::TC_FROM_POD,
+                &pkt,
+                TC_ACT_REDIRECT,
+                "pod_encap_redirect",
+                what,
+            )
+        };
+        const OTHER_MAC: [u8; 6] = [0x0e, 0xaa, 0, 0, 0, 3];
+        const OTHER_VTEP: [u8; 6] = [0x0e, 0x66, 0, 0, 0, 3];
+        let ttl = std::time::Duration::from_nanos(flannel_common::NEXT_HOP_TTL_NS);
+        ns.set_neigh(true)?;
+        assert_eq!(&encap(&h, "first packet")?[0..6], &NEIGH_MAC);
+        // The neighbour's MAC changes: the cached answer stands, for now.
+        ns.set_neigh_mac(Some(OTHER_MAC))?;
+        assert_eq!(&encap(&h, "cached")?[0..6], &NEIGH_MAC);
+        // The remote's VTEP MAC changes: the entry is stale at once, and
+        // the FIB is asked again.
+        h.set_remote_vtep(OTHER_VTEP)?;
+        let out = encap(&h, "new VTEP MAC")?;
+        assert_eq!(&out[50..56], &OTHER_VTEP);
+        assert_eq!(&out[0..6], &OTHER_MAC);
+        assert_eq!(checksum(&out[14..34]), 0, "outer IPv4 checksum");
+        // So does a new config (another VNI).
+        let uplink = ns.uplink_index()?;
+        h.set_config(uplink, CONFIG_F_READY)?;
+        {
+            use aya::maps::Array;
+            let mut cfg: Array<_, flannel_common::Config> =
+                Array::try_from(h.bpf.map_mut(flannel_common::maps::CONFIG).unwrap())?;
+            let mut c = cfg.get(&0, 0)?;
+            c.vni = 77;
+            cfg.set(0, c, 0)?;
+        }
+        let out = encap(&h, "new VNI")?;
+        assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0, 77, 0]);
+        // The neighbour goes: packets still leave by the cached hop until
+        // it expires, then the kernel is asked to resolve it.
         ns.set_neigh(false)?;
+        assert_eq!(&encap(&h, "cached, neighbour gone")?[0..6], &OTHER_MAC);
+        std::thread::sleep(ttl + std::time::Duration::from_millis(100));
         h.expect(
             programs::TC_FROM_POD,
             &pkt,
             TC_ACT_REDIRECT,
             "pod_encap_neigh",
-            "unresolved neighbour",
+            "expired, neighbour gone",
         )?;
-
-        // Same flow, same source port; other flows spread.
+        // Unresolved answers are not cached: once the neighbour is back,
+        // the next packet has it.
         ns.set_neigh(true)?;
-        let (_, again) = h.run(programs::TC_FROM_POD, &pkt)?;
-        assert_eq!(&again[34..36], &out[34..36]);
+        assert_eq!(&encap(&h, "neighbour back")?[0..6], &NEIGH_MAC);
         Ok(())
     })
 }

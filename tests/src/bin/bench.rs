@@ -18,7 +18,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use flannel_common::programs;
 use flannel_tests::{
     lab::{command_in_netns, NodeKind, NodeSpec},
-    netns::{in_netns, spawn_in_netns},
+    netns::{in_netns, pin_thread, spawn_in_netns},
     progtest::{self, Harness, Netns},
     Lab,
 };
@@ -144,21 +144,6 @@ impl CpuMark {
 fn pinned() -> Option<(usize, usize)> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     (n >= 2).then_some((0, 1))
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin_thread(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in
-    // bounds for any cpu below CPU_SETSIZE, and pid 0 is this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("pinning a benchmark thread to CPU {cpu}"));
-        }
-    }
-    Ok(())
 }
 
 /// The rate CPU per Gbit is measured at: below what every path reaches
@@ -446,8 +431,172 @@ fn crr(path: &Path, port: u16, secs: u32) -> Result<f64> {
     Ok(rate)
 }
 
+/// Concurrent flows for the many-flows workloads.
+const FLOWS: usize = 1_000;
+
+/// Many TCP flows between two pods at once: `FLOWS` connections, driven
+/// by one pinned thread on each side (tokio, one task per connection), as
+/// a busy node's many RPC clients are. `bulk`: every flow sends as fast as
+/// it can, and the result is the aggregate Gbit/s the server receives.
+/// Otherwise every flow keeps one 1-byte request in flight, and the result
+/// is (p99 µs, transactions per second) over all of them. The first half
+/// second is not measured.
+fn many_flows(path: &Path, port: u16, secs: u32, bulk: bool) -> Result<(f64, f64)> {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raise_open_file_limit(4 * FLOWS as u64)?;
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("a tokio runtime")
+    };
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (srv_received, srv_stop) = (received.clone(), stop.clone());
+    let srv = spawn_in_netns(&path.server, move || {
+        let l = server_listener(port)?;
+        l.set_nonblocking(true)?;
+        runtime()?.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            ready_tx.send(()).ok();
+            let mut tasks = Vec::with_capacity(FLOWS);
+            for _ in 0..FLOWS {
+                let (mut s, _) = l.accept().await?;
+                s.set_nodelay(true)?;
+                let (received, stop) = (srv_received.clone(), srv_stop.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = vec![0u8; if bulk { 64 * 1024 } else { 1 }];
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        received.fetch_add(n as u64, Relaxed);
+                        if !bulk && (stop.load(Relaxed) || s.write_all(&buf).await.is_err()) {
+                            return;
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await?;
+            }
+            anyhow::Ok(())
+        })
+    })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("many-flows server did not start")?;
+    let ip = path.ip;
+    let (cli_stop, cli_measuring) = (stop.clone(), measuring.clone());
+    let cli = spawn_in_netns(&path.client, move || {
+        if let Some((cpu, _)) = pinned() {
+            pin_thread(cpu)?;
+        }
+        runtime()?.block_on(async move {
+            let to = SocketAddrV4::new(ip, port);
+            let mut conns = Vec::with_capacity(FLOWS);
+            for _ in 0..FLOWS {
+                let s = tokio::net::TcpStream::connect(to).await?;
+                s.set_nodelay(true)?;
+                conns.push(s);
+            }
+            let tasks: Vec<_> = conns
+                .into_iter()
+                .map(|mut s| {
+                    let (stop, measuring) = (cli_stop.clone(), cli_measuring.clone());
+                    tokio::spawn(async move {
+                        let mut times = Vec::new();
+                        let msg = vec![0x5au8; if bulk { 16 * 1024 } else { 1 }];
+                        let mut b = [0u8; 1];
+                        while !stop.load(Relaxed) {
+                            let t = Instant::now();
+                            if s.write_all(&msg).await.is_err() {
+                                break;
+                            }
+                            if !bulk {
+                                if s.read_exact(&mut b).await.is_err() {
+                                    break;
+                                }
+                                if measuring.load(Relaxed) {
+                                    times.push(t.elapsed().as_secs_f64() * 1e6);
+                                }
+                            }
+                        }
+                        times
+                    })
+                })
+                .collect();
+            let mut times = Vec::new();
+            for t in tasks {
+                times.extend(t.await?);
+            }
+            anyhow::Ok(times)
+        })
+    })?;
+    let settle = Instant::now() + Duration::from_secs(10);
+    // Measured once every flow is connected and moving.
+    while received.load(Relaxed) < FLOWS as u64 && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (b0, t0) = (received.load(Relaxed), Instant::now());
+    measuring.store(true, Relaxed);
+    std::thread::sleep(Duration::from_secs(u64::from(secs)));
+    measuring.store(false, Relaxed);
+    let (b1, window) = (received.load(Relaxed), t0.elapsed().as_secs_f64());
+    stop.store(true, Relaxed);
+    let times = cli
+        .join()
+        .map_err(|_| anyhow::anyhow!("many-flows client panicked"))??;
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("many-flows server panicked"))??;
+    if bulk {
+        return Ok(((b1 - b0) as f64 * 8.0 / window / 1e9, 0.0));
+    }
+    if times.is_empty() {
+        bail!("no transaction completed over {FLOWS} flows on the {} path", path.name);
+    }
+    let mut t = times;
+    t.sort_by(|a, b| a.total_cmp(b));
+    let p99 = t[((t.len() - 1) as f64 * 0.99) as usize];
+    Ok((p99, t.len() as f64 / window))
+}
+
+/// Raises this process's soft open-file limit to at least `want` (within
+/// the hard limit): the many-flows workloads hold two sockets per flow.
+fn raise_open_file_limit(want: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit");
+        }
+        if lim.rlim_cur >= want {
+            return Ok(());
+        }
+        if lim.rlim_max < want {
+            bail!("the open-file limit is {} and {want} are needed", lim.rlim_max);
+        }
+        lim.rlim_cur = want;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit");
+        }
+    }
+    Ok(())
+}
+
 /// What each round measures on every cross-node path.
-const METRICS: [&str; 13] = [
+const METRICS: [&str; 16] = [
     "tcp1",
     "tcp4",
     "cpu_per_gbit",
@@ -461,6 +610,9 @@ const METRICS: [&str; 13] = [
     "rr1k_p99",
     "rr1k_tps",
     "crr_cps",
+    "flows_gbit",
+    "flows_rr_p99",
+    "flows_rr_tps",
 ];
 
 struct Path {
@@ -540,6 +692,13 @@ fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
             put("rr1k_p99", b);
             put("rr1k_tps", c);
             put("crr_cps", crr(p, 5320 + k as u16, o.secs)?);
+            put(
+                "flows_gbit",
+                many_flows(p, 5340 + k as u16, o.secs, true)?.0,
+            );
+            let (p99, tps) = many_flows(p, 5340 + k as u16, o.secs, false)?;
+            put("flows_rr_p99", p99);
+            put("flows_rr_tps", tps);
         }
     }
     for (one, kb) in sessions {
@@ -913,7 +1072,7 @@ fn markdown(r: &Value) -> String {
         }
     };
     let paced = format!("CPU s per Gbit, 1 stream paced to {PACED_GBIT} Gbit/s");
-    let rows: [(&str, &str); 13] = [
+    let rows: [(&str, &str); 16] = [
         ("TCP 1 stream (Gbit/s)", "tcp1"),
         ("TCP 4 streams (Gbit/s)", "tcp4"),
         (&paced, "cpu_per_gbit"),
@@ -927,6 +1086,9 @@ fn markdown(r: &Value) -> String {
         ("TCP RR 1 KB p99 (µs)", "rr1k_p99"),
         ("TCP RR 1 KB (trans/s)", "rr1k_tps"),
         ("TCP connect/1 B RR/close (conn/s)", "crr_cps"),
+        ("1,000 TCP flows, aggregate (Gbit/s)", "flows_gbit"),
+        ("1,000 TCP flows, 1 B RR p99 (µs)", "flows_rr_p99"),
+        ("1,000 TCP flows, 1 B RR (trans/s)", "flows_rr_tps"),
     ];
     for (label, k) in rows {
         let (e, nf, kk, l) = (
@@ -1177,6 +1339,12 @@ fn main() -> Result<()> {
         "crr_netfilter_over_kernel": r("crr_cps_netfilter_over_kernel"),
         "same_node_crr_ebpf_over_kernel": r("same_node_crr_cps_ebpf_over_kernel"),
         "monitor_on_over_off_tcp1": r("monitor_on_over_off_tcp1"),
+        "flows_gbit_ebpf_over_limit": r("flows_gbit_ebpf_over_limit"),
+        "flows_gbit_ebpf_over_kernel": r("flows_gbit_ebpf_over_kernel"),
+        "flows_rr_p99_ebpf_over_limit": r("flows_rr_p99_ebpf_over_limit"),
+        "flows_rr_p99_ebpf_over_kernel": r("flows_rr_p99_ebpf_over_kernel"),
+        "flows_rr_tps_ebpf_over_limit": r("flows_rr_tps_ebpf_over_limit"),
+        "flows_rr_tps_ebpf_over_kernel": r("flows_rr_tps_ebpf_over_kernel"),
         "encap_over_pass_64": prog_ratio(&progs, "encap_64", "pass_64"),
         "tc_decap_over_pass_64": prog_ratio(&progs, "tc_decap_64", "pass_64"),
         "encap_over_pass_5000_remotes": prog_ratio(&progs, "encap_64_5000_remotes_250_pods", "pass_64_5000_remotes_250_pods"),
