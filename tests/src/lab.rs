@@ -93,6 +93,10 @@ pub struct LabOptions {
     pub install_cni: bool,
     /// `--resync-secs` (default 2).
     pub resync_secs: Option<u64>,
+    /// MTU of the node network (the fabric bridge, its ports and every
+    /// node's `eth0`); default 1500. Pods get 50 bytes less, as Flannel's
+    /// VXLAN backend gives them.
+    pub uplink_mtu: Option<u32>,
     /// Run every agent as the DaemonSet does: the pod template of
     /// `deploy/kube-flannel-ebpf.yml` under podman in the node's
     /// namespace, with in-cluster config against the fake API server
@@ -488,6 +492,17 @@ impl Lab {
         Ok(lab)
     }
 
+    /// The node network's MTU (see [`LabOptions::uplink_mtu`]).
+    pub fn uplink_mtu(&self) -> u32 {
+        self.opts.uplink_mtu.unwrap_or(1500)
+    }
+
+    /// The pods' MTU: the node network's less the VXLAN overhead
+    /// ([`POD_MTU`] on the default node network).
+    pub fn pod_mtu(&self) -> u32 {
+        self.uplink_mtu() - (1500 - POD_MTU)
+    }
+
     /// A fresh namespace `<lab id>-<suffix>`, removed with the lab.
     pub fn netns(&mut self, suffix: &str) -> Result<String> {
         let name = format!("{}-{suffix}", self.id);
@@ -557,6 +572,7 @@ impl Lab {
         // node's neighbour entry for the fabric address (etcd, the API
         // server, the default gateway) then points nowhere until it is
         // probed again, up to tens of seconds later.
+        let mtu = self.uplink_mtu().to_string();
         ip(&[
             "-n",
             &fab,
@@ -565,6 +581,8 @@ impl Lab {
             "br0",
             "address",
             "0e:fa:b0:00:00:fe",
+            "mtu",
+            &mtu,
             "up",
         ])?;
         ip(&[
@@ -599,7 +617,7 @@ impl Lab {
             } else {
                 // Flannel reuses the subnet of an existing subnet.env when
                 // it is free: that keeps the lab's addresses predictable.
-                SubnetEnv::new("10.244.0.0/16".parse()?, node.subnet, POD_MTU, false)
+                SubnetEnv::new("10.244.0.0/16".parse()?, node.subnet, self.pod_mtu(), false)
                     .write(&node.subnet_file())?;
             }
         }
@@ -631,8 +649,10 @@ impl Lab {
         let ns = format!("{}-n{n}", self.id);
         self.add_ns(&ns)?;
         let port = format!("n{n}");
+        let mtu = self.uplink_mtu().to_string();
         ip(&[
-            "-n", &fab, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            "-n", &fab, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", "eth0",
+            "mtu", &mtu, "netns", &ns,
         ])?;
         ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
         let node_ip = Ipv4Addr::new(172, 30, 0, n as u8);
@@ -702,7 +722,7 @@ impl Lab {
         let i = self.create_node(kind)?;
         std::fs::create_dir_all(&self.nodes[i].run_dir)?;
         if let Some(p) = prefer {
-            SubnetEnv::new("10.244.0.0/16".parse()?, p, POD_MTU, false)
+            SubnetEnv::new("10.244.0.0/16".parse()?, p, self.pod_mtu(), false)
                 .write(&self.nodes[i].subnet_file())?;
         }
         self.spawn_agent(i)?;
@@ -1153,6 +1173,7 @@ impl Lab {
 
     /// Programs node `i` the way stock Flannel's VXLAN backend does.
     fn setup_stock_flannel(&mut self, i: usize) -> Result<()> {
+        let pod_mtu = self.pod_mtu().to_string();
         let node = &self.nodes[i];
         let ns = node.ns.as_str();
         let gw = format!("{}/24", node.gateway());
@@ -1165,7 +1186,7 @@ impl Lab {
             "set",
             "cni0",
             "mtu",
-            &POD_MTU.to_string(),
+            &pod_mtu,
             "up",
         ])?;
         let local = node.ip.to_string();
@@ -1196,7 +1217,7 @@ impl Lab {
             "address",
             &node.vtep_mac.to_string(),
             "mtu",
-            &POD_MTU.to_string(),
+            &pod_mtu,
         ])?;
         ip(&[
             "-n",
@@ -1278,7 +1299,7 @@ impl Lab {
                 "isDefaultGateway": true,
                 "hairpinMode": true,
                 "ipMasq": false,
-                "mtu": POD_MTU,
+                "mtu": self.pod_mtu(),
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": node.subnet.to_string()}]],

@@ -47,8 +47,10 @@ impl Opts {
                 "--quick" => quick = true,
                 "--out" => out = args.next().context("--out needs a directory")?.into(),
                 "--only" => match args.next().as_deref() {
-                    Some(part @ ("data" | "programs" | "control")) => only = Some(part.to_string()),
-                    other => bail!("--only takes data, programs or control, not {other:?}"),
+                    Some(part @ ("data" | "jumbo" | "programs" | "control")) => {
+                        only = Some(part.to_string())
+                    }
+                    other => bail!("--only takes data, jumbo, programs or control, not {other:?}"),
                 },
                 other => bail!("unknown argument {other:?} (use --quick, --out DIR, --only PART)"),
             }
@@ -762,6 +764,90 @@ fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
     ))
 }
 
+/// What each round measures on an uplink MTU of 9000.
+const JUMBO_METRICS: [&str; 5] = ["tcp1", "tcp4", "cpu_per_gbit", "rr1k_p50", "flows_gbit"];
+
+/// The cross-node paths again on a node network whose MTU is 9000 (pods
+/// 8950), for the workloads the MTU changes: bulk TCP, its CPU cost, 1 KB
+/// request/response and many flows.
+fn jumbo(o: &Opts) -> Result<Value> {
+    println!("building the MTU 9000 lab: 2 eBPF nodes, 2 kernel-path nodes ...");
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+        ],
+        flannel_tests::lab::LabOptions {
+            uplink_mtu: Some(9000),
+            ..Default::default()
+        },
+    )?;
+    let pods = |name, i: usize, k: usize| Path {
+        name,
+        client: lab.pod((i, 0)).ns.clone(),
+        server: lab.pod((k, 0)).ns.clone(),
+        ip: lab.pod((k, 0)).ip,
+    };
+    let paths = [
+        pods("ebpf", 0, 1),
+        pods("kernel", 2, 3),
+        Path {
+            name: "limit",
+            client: lab.nodes[2].ns.clone(),
+            server: lab.nodes[3].ns.clone(),
+            ip: lab.nodes[3].ip,
+        },
+    ];
+    let iperf = Iperf::default();
+    let mut m: std::collections::BTreeMap<&str, Vec<Vec<f64>>> = JUMBO_METRICS
+        .iter()
+        .map(|k| (*k, vec![Vec::new(); paths.len()]))
+        .collect();
+    let sessions = paths
+        .iter()
+        .enumerate()
+        .map(|(k, p)| RrSession::open(p, 5350 + k as u16, 1024))
+        .collect::<Result<Vec<_>>>()?;
+    let share = (o.rr_count / o.runs).max(100);
+    for run in 0..o.runs {
+        println!("MTU 9000 round {}/{} ...", run + 1, o.runs);
+        for (k, p) in paths.iter().enumerate() {
+            let mut put = |key: &str, v: f64| m.get_mut(key).expect("a JUMBO_METRICS key")[k].push(v);
+            put("tcp1", tcp(&iperf, p, o.secs, 1, None)?.0);
+            put("tcp4", tcp(&iperf, p, o.secs, 4, None)?.0);
+            put(
+                "cpu_per_gbit",
+                tcp(&iperf, p, o.secs, 1, Some(PACED_GBIT))?.1,
+            );
+            put("rr1k_p50", sessions[k].run(share)?.0);
+            put(
+                "flows_gbit",
+                many_flows(p, 5360 + k as u16, o.secs, true)?.0,
+            );
+        }
+    }
+    for s in sessions {
+        s.close()?;
+    }
+    let c = lab.nodes[1].counters()?;
+    let mut out = Map::new();
+    for (k, p) in paths.iter().enumerate() {
+        let mut o = Map::new();
+        for (key, runs) in &m {
+            o.insert(key.to_string(), stats(&runs[k]));
+        }
+        out.insert(p.name.into(), Value::Object(o));
+    }
+    out.insert("pod_mtu".into(), json!(lab.pod_mtu()));
+    out.insert(
+        "ebpf_counters".into(),
+        json!({"node2_uplink_decap": c["uplink_decap"], "node2_xdp_decap": c["xdp_decap"]}),
+    );
+    Ok(Value::Object(out))
+}
+
 /// The eBPF cross-node path with `flannel-agent monitor --type all`
 /// running on both of its nodes against without, in paired rounds (off
 /// then on), for TCP 1 stream and UDP 64 B.
@@ -1117,6 +1203,27 @@ fn markdown(r: &Value) -> String {
             pr(format!("{k}_netfilter_over_kernel")),
         );
     }
+    let j = &r["jumbo"];
+    s += &format!(
+        "\n| cross-node, uplink MTU 9000 (pods {}), median of rounds | eBPF | kernel path | node-to-node | eBPF / node-to-node | eBPF / kernel |\n|---|---|---|---|---|---|\n",
+        j["pod_mtu"]
+    );
+    for (label, k) in [
+        ("TCP 1 stream (Gbit/s)", "tcp1"),
+        ("TCP 4 streams (Gbit/s)", "tcp4"),
+        (paced.as_str(), "cpu_per_gbit"),
+        ("TCP RR 1 KB p50 (µs)", "rr1k_p50"),
+        ("1,000 TCP flows, aggregate (Gbit/s)", "flows_gbit"),
+    ] {
+        s += &format!(
+            "| {label} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+            median(&j["ebpf"][k]),
+            median(&j["kernel"][k]),
+            median(&j["limit"][k]),
+            pr(format!("jumbo_{k}_ebpf_over_limit")),
+            pr(format!("jumbo_{k}_ebpf_over_kernel")),
+        );
+    }
     let sm = &r["same_node"];
     s += &format!(
         "\n| same node, median of rounds | eBPF (redirect) | kernel (bridge) | eBPF / kernel |\n|---|---|---|---|\n| TCP 1 stream (Gbit/s) | {:.2} | {:.2} | {} |\n| TCP RR 1 B p50 (µs) | {:.1} | {:.1} | {} |\n| TCP connect/1 B RR/close (conn/s) | {:.0} | {:.0} | {} |\n",
@@ -1265,6 +1372,7 @@ fn main() -> Result<()> {
                 let (cross, same, monitor) = data_path(&o)?;
                 json!({"cross_node": cross, "same_node": same, "monitor": monitor})
             }
+            "jumbo" => jumbo(&o)?,
             "programs" => program_costs(&o)?,
             _ => control_plane(&o)?,
         };
@@ -1278,6 +1386,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let (cross, same, monitor) = data_path(&o)?;
+    let jumbo = jumbo(&o)?;
     println!("program costs ({} runs per case) ...", o.test_runs);
     let progs = program_costs(&o)?;
     println!("control plane ({:?} leases) ...", o.leases);
@@ -1300,6 +1409,14 @@ fn main() -> Result<()> {
             format!("{metric}_netfilter_over_kernel"),
             paired(&cross, metric, "ebpf_netfilter", "kernel"),
         );
+    }
+    for metric in JUMBO_METRICS {
+        for vs in ["limit", "kernel"] {
+            paired_ratios.insert(
+                format!("jumbo_{metric}_ebpf_over_{vs}"),
+                paired(&jumbo, metric, "ebpf", vs),
+            );
+        }
     }
     for metric in ["tcp1", "rr1_p50", "crr_cps"] {
         paired_ratios.insert(
@@ -1345,6 +1462,15 @@ fn main() -> Result<()> {
         "flows_rr_p99_ebpf_over_kernel": r("flows_rr_p99_ebpf_over_kernel"),
         "flows_rr_tps_ebpf_over_limit": r("flows_rr_tps_ebpf_over_limit"),
         "flows_rr_tps_ebpf_over_kernel": r("flows_rr_tps_ebpf_over_kernel"),
+        "jumbo_tcp1_ebpf_over_limit": r("jumbo_tcp1_ebpf_over_limit"),
+        "jumbo_tcp1_ebpf_over_kernel": r("jumbo_tcp1_ebpf_over_kernel"),
+        "jumbo_tcp4_ebpf_over_limit": r("jumbo_tcp4_ebpf_over_limit"),
+        "jumbo_tcp4_ebpf_over_kernel": r("jumbo_tcp4_ebpf_over_kernel"),
+        "jumbo_cpu_per_gbit_ebpf_over_limit": r("jumbo_cpu_per_gbit_ebpf_over_limit"),
+        "jumbo_cpu_per_gbit_ebpf_over_kernel": r("jumbo_cpu_per_gbit_ebpf_over_kernel"),
+        "jumbo_rr1k_p50_ebpf_over_limit": r("jumbo_rr1k_p50_ebpf_over_limit"),
+        "jumbo_flows_gbit_ebpf_over_limit": r("jumbo_flows_gbit_ebpf_over_limit"),
+        "jumbo_flows_gbit_ebpf_over_kernel": r("jumbo_flows_gbit_ebpf_over_kernel"),
         "encap_over_pass_64": prog_ratio(&progs, "encap_64", "pass_64"),
         "tc_decap_over_pass_64": prog_ratio(&progs, "tc_decap_64", "pass_64"),
         "encap_over_pass_5000_remotes": prog_ratio(&progs, "encap_64_5000_remotes_250_pods", "pass_64_5000_remotes_250_pods"),
@@ -1361,6 +1487,7 @@ fn main() -> Result<()> {
             "client_server_cpus": pinned().map(|(c, s)| json!([c, s])),
         },
         "cross_node": cross,
+        "jumbo": jumbo,
         "same_node": same,
         "monitor": monitor,
         "programs": progs,
