@@ -1179,16 +1179,7 @@ impl Lab {
         let gw = format!("{}/24", node.gateway());
         ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
         ip(&["-n", ns, "addr", "add", &gw, "dev", "cni0"])?;
-        ip(&[
-            "-n",
-            ns,
-            "link",
-            "set",
-            "cni0",
-            "mtu",
-            &pod_mtu,
-            "up",
-        ])?;
+        ip(&["-n", ns, "link", "set", "cni0", "mtu", &pod_mtu, "up"])?;
         let local = node.ip.to_string();
         ip(&[
             "-n",

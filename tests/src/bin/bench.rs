@@ -563,7 +563,10 @@ fn many_flows(path: &Path, port: u16, secs: u32, bulk: bool) -> Result<(f64, f64
         return Ok(((b1 - b0) as f64 * 8.0 / window / 1e9, 0.0));
     }
     if times.is_empty() {
-        bail!("no transaction completed over {FLOWS} flows on the {} path", path.name);
+        bail!(
+            "no transaction completed over {FLOWS} flows on the {} path",
+            path.name
+        );
     }
     let mut t = times;
     t.sort_by(|a, b| a.total_cmp(b));
@@ -587,7 +590,10 @@ fn raise_open_file_limit(want: u64) -> Result<()> {
             return Ok(());
         }
         if lim.rlim_max < want {
-            bail!("the open-file limit is {} and {want} are needed", lim.rlim_max);
+            bail!(
+                "the open-file limit is {} and {want} are needed",
+                lim.rlim_max
+            );
         }
         lim.rlim_cur = want;
         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
@@ -814,7 +820,8 @@ fn jumbo(o: &Opts) -> Result<Value> {
     for run in 0..o.runs {
         println!("MTU 9000 round {}/{} ...", run + 1, o.runs);
         for (k, p) in paths.iter().enumerate() {
-            let mut put = |key: &str, v: f64| m.get_mut(key).expect("a JUMBO_METRICS key")[k].push(v);
+            let mut put =
+                |key: &str, v: f64| m.get_mut(key).expect("a JUMBO_METRICS key")[k].push(v);
             put("tcp1", tcp(&iperf, p, o.secs, 1, None)?.0);
             put("tcp4", tcp(&iperf, p, o.secs, 4, None)?.0);
             put(
