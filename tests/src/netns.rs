@@ -361,3 +361,28 @@ pub fn pin_thread(cpu: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Raises this process's open-file limit to at least `n` (the hard limit
+/// too, which root may raise when it holds CAP_SYS_RESOURCE).
+pub fn raise_open_files(n: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit");
+        }
+        if lim.rlim_cur >= n {
+            return Ok(());
+        }
+        lim.rlim_cur = n;
+        lim.rlim_max = lim.rlim_max.max(n);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("raising the open-file limit to {n}"));
+        }
+    }
+    Ok(())
+}

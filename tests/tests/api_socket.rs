@@ -87,7 +87,7 @@ fn the_api_socket_refuses_strangers_and_survives_abuse() -> Result<()> {
     // answers others and forwards meanwhile.
     let mut half = UnixStream::connect(&sock)?;
     half.write_all(b"{\"op\":\"sta")?;
-    raise_open_files(4096)?;
+    flannel_tests::netns::raise_open_files(4096)?;
     let idle: Vec<UnixStream> = (0..1000)
         .map(|_| UnixStream::connect(&sock))
         .collect::<std::io::Result<_>>()?;
@@ -106,26 +106,6 @@ fn the_api_socket_refuses_strangers_and_survives_abuse() -> Result<()> {
     );
     drop(idle);
     assert!(lab.nodes[0].status().is_ok());
-    Ok(())
-}
-
-fn raise_open_files(n: u64) -> Result<()> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit on a valid struct; root may raise
-    // the hard limit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        lim.rlim_cur = lim.rlim_cur.max(n);
-        lim.rlim_max = lim.rlim_max.max(n);
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-    }
     Ok(())
 }
 

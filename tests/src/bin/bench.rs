@@ -449,7 +449,8 @@ fn many_flows(path: &Path, port: u16, secs: u32, bulk: bool) -> Result<(f64, f64
         Arc,
     };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    raise_open_file_limit(4 * FLOWS as u64)?;
+    // Two sockets per flow in this process, with room to spare.
+    flannel_tests::netns::raise_open_files(4 * FLOWS as u64)?;
     let runtime = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -574,35 +575,6 @@ fn many_flows(path: &Path, port: u16, secs: u32, bulk: bool) -> Result<(f64, f64
     Ok((p99, t.len() as f64 / window))
 }
 
-/// Raises this process's soft open-file limit to at least `want` (within
-/// the hard limit): the many-flows workloads hold two sockets per flow.
-fn raise_open_file_limit(want: u64) -> Result<()> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit pointer.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(std::io::Error::last_os_error()).context("getrlimit");
-        }
-        if lim.rlim_cur >= want {
-            return Ok(());
-        }
-        if lim.rlim_max < want {
-            bail!(
-                "the open-file limit is {} and {want} are needed",
-                lim.rlim_max
-            );
-        }
-        lim.rlim_cur = want;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            return Err(std::io::Error::last_os_error()).context("setrlimit");
-        }
-    }
-    Ok(())
-}
-
 /// What each round measures on every cross-node path.
 const METRICS: [&str; 16] = [
     "tcp1",
@@ -622,6 +594,22 @@ const METRICS: [&str; 16] = [
     "flows_rr_p99",
     "flows_rr_tps",
 ];
+
+/// Each path's figures: metric → the statistics of its rounds.
+fn per_path(
+    paths: &[Path],
+    m: &std::collections::BTreeMap<&str, Vec<Vec<f64>>>,
+) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (k, p) in paths.iter().enumerate() {
+        let o: Map<String, Value> = m
+            .iter()
+            .map(|(key, runs)| (key.to_string(), stats(&runs[k])))
+            .collect();
+        out.insert(p.name.into(), Value::Object(o));
+    }
+    out
+}
 
 struct Path {
     name: &'static str,
@@ -713,14 +701,7 @@ fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
         one.close()?;
         kb.close()?;
     }
-    let mut cross_json = Map::new();
-    for (k, p) in cross.iter().enumerate() {
-        let mut o = Map::new();
-        for (key, runs) in &m {
-            o.insert(key.to_string(), stats(&runs[k]));
-        }
-        cross_json.insert(p.name.into(), Value::Object(o));
-    }
+    let mut cross_json = per_path(&cross, &m);
     let mut same_json = Map::new();
     let sessions = same
         .iter()
@@ -839,14 +820,7 @@ fn jumbo(o: &Opts) -> Result<Value> {
         s.close()?;
     }
     let c = lab.nodes[1].counters()?;
-    let mut out = Map::new();
-    for (k, p) in paths.iter().enumerate() {
-        let mut o = Map::new();
-        for (key, runs) in &m {
-            o.insert(key.to_string(), stats(&runs[k]));
-        }
-        out.insert(p.name.into(), Value::Object(o));
-    }
+    let mut out = per_path(&paths, &m);
     out.insert("pod_mtu".into(), json!(lab.pod_mtu()));
     out.insert(
         "ebpf_counters".into(),
