@@ -133,6 +133,10 @@ pub struct NextHop {
     pub ifindex: u32,
     /// The remote node's IPv4 (network order bytes): whose slot this is.
     pub node_ip: u32,
+    /// `Config::uplink_ifindex` when the FIB answered: a new uplink makes
+    /// the entry stale at once.
+    pub uplink_ifindex: u32,
+    pub _pad: u32,
     /// The headers with the next hop's and the leaving interface's MACs as
     /// outer Ethernet, and zero in the outer IPv4 total length,
     /// identification, the UDP source port and length (the IPv4 checksum
@@ -146,6 +150,8 @@ impl Default for NextHop {
             stamp_ns: 0,
             ifindex: 0,
             node_ip: 0,
+            uplink_ifindex: 0,
+            _pad: 0,
             headers: [0; VXLAN_HEADERS_LEN],
         }
     }
@@ -155,7 +161,7 @@ impl Default for NextHop {
 /// a changed route or neighbour MAC takes effect within this long (the
 /// kernel's own path would switch at once). An unresolved neighbour is
 /// never cached, and an entry whose headers no longer match the config or
-/// the remote's VTEP MAC is not used.
+/// the remote's VTEP MAC, or made for another uplink, is not used.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 /// Slots of the next-hop cache on each CPU. Two remotes sharing a slot
 /// only cost each other a FIB lookup per packet.
@@ -443,7 +449,7 @@ mod tests {
         assert_eq!(size_of::<RemoteNode>(), 12);
         assert_eq!(size_of::<Endpoint>(), 12);
         assert_eq!(size_of::<Vtep>(), 4);
-        assert_eq!(size_of::<NextHop>(), 80);
+        assert_eq!(size_of::<NextHop>(), 88);
         assert_eq!(size_of::<MonitorConfig>(), 16);
         assert_eq!(size_of::<MonitorState>(), 40);
         assert_eq!(size_of::<Event>(), 64);

@@ -252,6 +252,7 @@ fn from_pod_arp(ctx: &TcContext, ifindex: u32) -> (i32, u32) {
 fn cached_hop(cfg: &Config, remote: &RemoteNode, now: u64) -> Option<&'static NextHop> {
     let h = NEXT_HOPS.get(next_hop_slot(remote.node_ip))?;
     if h.node_ip != remote.node_ip
+        || h.uplink_ifindex != cfg.uplink_ifindex
         || now.wrapping_sub(h.stamp_ns) >= NEXT_HOP_TTL_NS
         || !Headers::current(&h.headers, cfg, remote)
     {
@@ -283,6 +284,8 @@ fn resolve_hop(ctx: &TcContext, cfg: &Config, remote: &RemoteNode, now: u64) -> 
                 stamp_ns: now,
                 ifindex: fib.ifindex,
                 node_ip: remote.node_ip,
+                uplink_ifindex: cfg.uplink_ifindex,
+                _pad: 0,
                 headers: Headers::vxlan(cfg, remote, &fib.dmac, &fib.smac),
             };
             if let Some(slot) = NEXT_HOPS.get_ptr_mut(next_hop_slot(remote.node_ip)) {
