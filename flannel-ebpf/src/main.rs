@@ -262,9 +262,17 @@ fn cached_hop(cfg: &Config, remote: &RemoteNode, now: u64) -> Option<&'static Ne
 }
 
 /// Asks the FIB for the outer packet to `remote`, as the kernel would route
-/// it. A resolved next hop is cached with its headers.
+/// it: the hop, and the next-hop address when its MAC is not resolved yet
+/// (the kernel is then to resolve it; such an answer is not cached). A
+/// resolved hop is cached. `None`: no route, or the node does not forward,
+/// and the stack decides.
 #[inline(always)]
-fn resolve_hop(ctx: &TcContext, cfg: &Config, remote: &RemoteNode, now: u64) -> Hop {
+fn resolve_hop(
+    ctx: &TcContext,
+    cfg: &Config,
+    remote: &RemoteNode,
+    now: u64,
+) -> Option<(NextHop, Option<u32>)> {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.ifindex = cfg.uplink_ifindex;
@@ -278,44 +286,31 @@ fn resolve_hop(ctx: &TcContext, cfg: &Config, remote: &RemoteNode, now: u64) -> 
             BPF_FIB_LOOKUP_OUTPUT,
         )
     } as u32;
+    let hop = |dmac: &[u8; 6], smac: &[u8; 6]| NextHop {
+        stamp_ns: now,
+        ifindex: fib.ifindex,
+        node_ip: remote.node_ip,
+        uplink_ifindex: cfg.uplink_ifindex,
+        _pad: 0,
+        headers: Headers::vxlan(cfg, remote, dmac, smac),
+    };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            let hop = NextHop {
-                stamp_ns: now,
-                ifindex: fib.ifindex,
-                node_ip: remote.node_ip,
-                uplink_ifindex: cfg.uplink_ifindex,
-                _pad: 0,
-                headers: Headers::vxlan(cfg, remote, &fib.dmac, &fib.smac),
-            };
+            let h = hop(&fib.dmac, &fib.smac);
             if let Some(slot) = NEXT_HOPS.get_ptr_mut(next_hop_slot(remote.node_ip)) {
                 // SAFETY: this CPU's slot; only this CPU touches it.
-                unsafe { *slot = hop };
+                unsafe { *slot = h };
             }
-            Hop::Resolved(hop)
+            Some((h, None))
         }
         // The FIB rewrites the destination to the next hop (a gateway, or
-        // the node itself when on-link); the kernel resolves its MAC.
-        BPF_FIB_LKUP_RET_NO_NEIGH => Hop::Unresolved {
-            ifindex: fib.ifindex,
-            via: unsafe { fib.__bindgen_anon_4.ipv4_dst },
-            headers: Headers::vxlan(cfg, remote, &[0; 6], &cfg.uplink_mac),
-        },
-        // No route, or the node does not forward: the stack decides.
-        _ => Hop::NoRoute,
+        // the node itself when on-link).
+        BPF_FIB_LKUP_RET_NO_NEIGH => Some((
+            hop(&[0; 6], &cfg.uplink_mac),
+            Some(unsafe { fib.__bindgen_anon_4.ipv4_dst }),
+        )),
+        _ => None,
     }
-}
-
-/// Where the outer packet to a remote node goes, when not from the cache.
-enum Hop {
-    Resolved(NextHop),
-    /// Out of `ifindex` to next hop `via`, whose MAC the kernel must resolve.
-    Unresolved {
-        ifindex: u32,
-        via: u32,
-        headers: [u8; parse::HEADERS_LEN],
-    },
-    NoRoute,
 }
 
 /// Builds the outer headers Flannel's VXLAN device would build and hands the
@@ -333,28 +328,18 @@ fn encap(
     let drop = TC_ACT_SHOT;
 
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let resolved;
-    let (ifindex, via, headers) = match cached_hop(cfg, remote, now) {
-        Some(h) => (h.ifindex, None, &h.headers),
-        None => match resolve_hop(ctx, cfg, remote, now) {
-            Hop::Resolved(h) => {
-                resolved = h;
-                (resolved.ifindex, None, &resolved.headers)
-            }
-            Hop::Unresolved {
-                ifindex,
-                via,
-                headers,
-            } => {
-                resolved = NextHop {
-                    headers,
-                    ..NextHop::default()
-                };
-                (ifindex, Some(via), &resolved.headers)
-            }
-            Hop::NoRoute => return (pass, POD_PASS_NO_ROUTE),
-        },
+    let fresh;
+    let (hop, via) = match cached_hop(cfg, remote, now) {
+        Some(h) => (h, None),
+        None => {
+            let Some((h, via)) = resolve_hop(ctx, cfg, remote, now) else {
+                return (pass, POD_PASS_NO_ROUTE);
+            };
+            fresh = h;
+            (&fresh, via)
+        }
     };
+    let (ifindex, headers) = (hop.ifindex, &hop.headers);
     let sport = (((u64::from(hash)) * u64::from(SPORT_MAX - SPORT_MIN)) >> 32) as u32 + SPORT_MIN;
 
     let flags = u64::from(

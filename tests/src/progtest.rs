@@ -240,6 +240,15 @@ impl Harness {
         Ok(())
     }
 
+    /// Changes the config in place (`set_config` writes the whole of it).
+    pub fn update_config(&mut self, edit: impl FnOnce(&mut Config)) -> Result<()> {
+        let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap())?;
+        let mut c = cfg.get(&0, 0)?;
+        edit(&mut c);
+        cfg.set(0, c, 0)?;
+        Ok(())
+    }
+
     pub fn set_config(&mut self, uplink_ifindex: u32, flags: u32) -> Result<()> {
         let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap())?;
         cfg.set(

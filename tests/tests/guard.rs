@@ -102,18 +102,10 @@ fn a_large_cluster_fits() -> Result<()> {
     ] {
         assert!(text.contains(want), "missing {want:?}");
     }
-    let count = |set: &str| -> Result<usize> {
+    let count = |family: &str, set: &str| -> Result<usize> {
         let out = exec(
             &name,
-            &[
-                "nft",
-                "-j",
-                "list",
-                "set",
-                set.split(' ').next().unwrap(),
-                "flannel-guard",
-                set.split(' ').nth(1).unwrap(),
-            ],
+            &["nft", "-j", "list", "set", family, "flannel-guard", set],
         )?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         Ok(v["nftables"]
@@ -121,9 +113,9 @@ fn a_large_cluster_fits() -> Result<()> {
             .and_then(|a| a.iter().find_map(|o| o["set"]["elem"].as_array()))
             .map_or(0, |e| e.len()))
     };
-    assert_eq!(count("ip vteps")?, 5000);
-    assert_eq!(count("bridge pods")?, 300);
-    assert_eq!(count("bridge ports")?, 300);
+    assert_eq!(count("ip", "vteps")?, 5000);
+    assert_eq!(count("bridge", "pods")?, 300);
+    assert_eq!(count("bridge", "ports")?, 300);
     println!("5,000 leases and 300 pods written in {took:?}");
     Ok(())
 }

@@ -367,27 +367,13 @@ fn tc_from_pod_caches_the_next_hop_for_a_second() -> Result<()> {
         // So does a new config (another VNI).
         let uplink = ns.uplink_index()?;
         h.set_config(uplink, CONFIG_F_READY)?;
-        {
-            use aya::maps::Array;
-            let mut cfg: Array<_, flannel_common::Config> =
-                Array::try_from(h.bpf.map_mut(flannel_common::maps::CONFIG).unwrap())?;
-            let mut c = cfg.get(&0, 0)?;
-            c.vni = 77;
-            cfg.set(0, c, 0)?;
-        }
+        h.update_config(|c| c.vni = 77)?;
         let out = encap(&h, "new VNI")?;
         assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0, 77, 0]);
         // A new uplink (another ifindex in the config) makes the entry
         // stale at once too: the FIB is asked again, and from `lo` it
         // finds no route.
-        {
-            use aya::maps::Array;
-            let mut cfg: Array<_, flannel_common::Config> =
-                Array::try_from(h.bpf.map_mut(flannel_common::maps::CONFIG).unwrap())?;
-            let mut c = cfg.get(&0, 0)?;
-            c.uplink_ifindex = 1;
-            cfg.set(0, c, 0)?;
-        }
+        h.update_config(|c| c.uplink_ifindex = 1)?;
         h.expect(
             programs::TC_FROM_POD,
             &pkt,
