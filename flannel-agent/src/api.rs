@@ -117,7 +117,13 @@ pub struct RemoteCheck {
     pub subnet: String,
     /// From the lease.
     pub public_ip: String,
+    /// Empty for a direct remote.
     pub vtep_mac: String,
+    /// Routed directly (DirectRouting, host-gw): `route` is then the
+    /// route via the node's IP through the uplink, and there is no
+    /// neighbour or FDB entry.
+    #[serde(default)]
+    pub direct: bool,
     /// The remote-subnet map's entry: `<node IP> <VtepMAC>`; `None`
     /// when absent (or on the kernel data path).
     pub map: Option<String>,

@@ -34,13 +34,40 @@ pub struct NetConfig {
     pub unknown_fields: Vec<String>,
 }
 
+/// `Backend.Type`: the two Flannel backends this project carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendType {
+    /// VXLAN (`flannel.<VNI>`), with `DirectRouting` to nodes on this
+    /// node's L2 network when asked.
+    Vxlan,
+    /// Plain routes to every remote lease via its node's IP; every node
+    /// must be on one L2 network.
+    HostGw,
+}
+
+impl BackendType {
+    /// The name Flannel writes in a lease's `BackendType`.
+    pub fn lease_name(self) -> &'static str {
+        match self {
+            BackendType::Vxlan => "vxlan",
+            BackendType::HostGw => "host-gw",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
+    pub kind: BackendType,
+    /// VXLAN only: the network identifier and UDP port (host-gw keeps the
+    /// defaults, unused).
     pub vni: u32,
     /// The UDP port on the wire (0 already turned into 8472).
     pub port: u16,
-    /// Explicit pod MTU; `None` means uplink MTU − 50.
+    /// Explicit pod MTU; `None` means uplink MTU − 50 (VXLAN) or the
+    /// uplink's MTU (host-gw, which ignores `MTU` as Flannel does).
     pub mtu: Option<u32>,
+    /// VXLAN's `DirectRouting`: remotes on this node's L2 network get a
+    /// plain route instead of encapsulation.
     pub direct_routing: bool,
     pub gbp: bool,
 }
@@ -492,22 +519,28 @@ fn parse_backend(value: Option<&Value>, unknown: &mut Vec<String>) -> Result<Bac
         ));
     };
     let f = canonical(obj, BACKEND_FIELDS, "Backend.", unknown)?;
-    let kind = get_str(&f, "Type", "expected \"vxlan\"")
+    const TYPES: &str = "expected \"vxlan\" or \"host-gw\"";
+    let kind = get_str(&f, "Type", TYPES)
         .map_err(|_| {
             invalid(
                 "Backend.Type",
                 get(&f, "Type").unwrap_or(&Value::Null),
-                "expected \"vxlan\"",
+                TYPES,
             )
         })?
         .unwrap_or("udp");
-    if !kind.eq_ignore_ascii_case("vxlan") {
-        return Err(invalid(
-            "Backend.Type",
-            format!("{kind:?}"),
-            "expected \"vxlan\", the backend this project implements",
-        ));
-    }
+    // Flannel lower-cases the name before looking the backend up.
+    let kind = match kind.to_ascii_lowercase().as_str() {
+        "vxlan" => BackendType::Vxlan,
+        "host-gw" => BackendType::HostGw,
+        other => {
+            return Err(invalid(
+                "Backend.Type",
+                format!("{other:?}"),
+                format!("{TYPES}, the backends this project implements"),
+            ))
+        }
+    };
     let field = |name: &'static str, full: &'static str| -> Result<Option<u64>, ConfigError> {
         let max = match name {
             "VNI" => 0xff_ffff,
@@ -577,11 +610,11 @@ fn parse_backend(value: Option<&Value>, unknown: &mut Vec<String>) -> Result<Bac
             "the eBPF data path does not carry VXLAN group policy; set it to false or leave it out",
         ));
     }
-    if direct_routing {
+    if direct_routing && kind == BackendType::HostGw {
         return Err(invalid(
             "Backend.DirectRouting",
             true,
-            "not carried by this version; set it to false or leave it out",
+            "a vxlan option: host-gw routes every remote directly already; leave it out",
         ));
     }
     if let Some(v) = get(&f, "MacPrefix") {
@@ -594,6 +627,7 @@ fn parse_backend(value: Option<&Value>, unknown: &mut Vec<String>) -> Result<Bac
         }
     }
     Ok(Backend {
+        kind,
         vni,
         port,
         mtu,
@@ -721,7 +755,11 @@ mod tests {
             // Backend.
             (r#"{"Network":"10.244.0.0/16"}"#, Err("Backend is missing")),
             (r#"{"Network":"10.244.0.0/16","Backend":"vxlan"}"#, Err("Backend: \"vxlan\" is invalid: expected an object")),
-            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#, Err("Backend.Type: \"host-gw\" is invalid: expected \"vxlan\"")),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#, ok(|c| c.backend.kind == BackendType::HostGw && !c.backend.direct_routing)),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"Host-GW"}}"#, ok(|c| c.backend.kind == BackendType::HostGw)),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"VXLAN"}}"#, ok(|c| c.backend.kind == BackendType::Vxlan)),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#, Err("Backend.Type: \"udp\" is invalid: expected \"vxlan\" or \"host-gw\"")),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw","DirectRouting":true}}"#, Err("Backend.DirectRouting: true is invalid: a vxlan option")),
             (r#"{"Network":"10.244.0.0/16","Backend":{}}"#, Err("Backend.Type: \"udp\" is invalid")),
             (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, Err("Backend.VNI: 16777216 is invalid: expected an integer from 0 to 16777215")),
             (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Port":0}}"#, ok(|c| c.backend.port == 8472)),
@@ -731,7 +769,7 @@ mod tests {
             (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","GBP":true}}"#, Err("Backend.GBP: true is invalid")),
             (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","GBP":false,"DirectRouting":false}}"#, ok(|c| !c.backend.gbp)),
             (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":"yes"}}"#, Err("Backend.DirectRouting: \"yes\" is invalid: expected true or false")),
-            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#, Err("Backend.DirectRouting: true is invalid")),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#, ok(|c| c.backend.direct_routing && c.backend.kind == BackendType::Vxlan)),
             // IP families.
             (r#"{"Network":"10.244.0.0/16","EnableIPv4":false,"Backend":{"Type":"vxlan"}}"#, Err("at least one of EnableIPv4 and EnableIPv6")),
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"Backend":{"Type":"vxlan"}}"#, Err("IPv6Network is missing")),

@@ -135,10 +135,11 @@ fn fresh_table(s: &mut Socket, family: u8) {
 }
 
 /// Installs (or atomically replaces) the guards: VXLAN on `port` only from
-/// `vteps`; with `pods` (port name → the pod's address), the pod source
-/// check on those ports, else no bridge table.
+/// `vteps` (no VXLAN rule without a port: host-gw carries no VXLAN); with
+/// `pods` (port name → the pod's address), the pod source check on those
+/// ports, else no bridge table.
 pub fn ensure(
-    port: u16,
+    port: Option<u16>,
     vteps: &BTreeSet<Ipv4Addr>,
     pods: Option<&BTreeMap<String, Ipv4Addr>>,
 ) -> Result<(), NftError> {
@@ -177,21 +178,23 @@ pub fn ensure(
         &chain(TABLE, VXLAN_CHAIN, NF_INET_LOCAL_IN),
         "creating the VXLAN chain",
     );
-    let mut r = Rule::default();
-    r.meta(NFT_META_L4PROTO, NFT_REG_1)
-        .cmp(NFT_REG_1, NFT_CMP_EQ, &[17])
-        .payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG_1)
-        .cmp(NFT_REG_1, NFT_CMP_EQ, &port.to_be_bytes())
-        .payload(NFT_PAYLOAD_NETWORK_HEADER, 12, 4, NFT_REG_1)
-        .lookup(VTEP_SET, VTEP_SET_ID, NFT_REG_1, true)
-        .drop_counted();
-    s.nft_in(
-        ip,
-        NFT_MSG_NEWRULE,
-        NLM_F_CREATE | NLM_F_APPEND,
-        &rule_attrs(TABLE, VXLAN_CHAIN, &r),
-        "adding the VXLAN rule",
-    );
+    if let Some(port) = port {
+        let mut r = Rule::default();
+        r.meta(NFT_META_L4PROTO, NFT_REG_1)
+            .cmp(NFT_REG_1, NFT_CMP_EQ, &[17])
+            .payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG_1)
+            .cmp(NFT_REG_1, NFT_CMP_EQ, &port.to_be_bytes())
+            .payload(NFT_PAYLOAD_NETWORK_HEADER, 12, 4, NFT_REG_1)
+            .lookup(VTEP_SET, VTEP_SET_ID, NFT_REG_1, true)
+            .drop_counted();
+        s.nft_in(
+            ip,
+            NFT_MSG_NEWRULE,
+            NLM_F_CREATE | NLM_F_APPEND,
+            &rule_attrs(TABLE, VXLAN_CHAIN, &r),
+            "adding the VXLAN rule",
+        );
+    }
 
     let br = NFPROTO_BRIDGE;
     fresh_table(&mut s, br);

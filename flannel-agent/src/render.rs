@@ -68,7 +68,11 @@ pub fn inspect(i: &Inspect) -> String {
             vec![
                 r.subnet.clone(),
                 r.public_ip.clone(),
-                r.vtep_mac.clone(),
+                if r.direct {
+                    "(direct)".into()
+                } else {
+                    r.vtep_mac.clone()
+                },
                 opt(&r.map),
                 r.map_vtep.map_or("-".into(), yes),
                 yes(r.route),

@@ -112,10 +112,19 @@ pub struct Config {
 pub struct RemoteNode {
     /// The remote node's public IP (outer destination), network order bytes.
     pub node_ip: u32,
-    /// The remote node's VtepMAC (inner destination MAC).
+    /// The remote node's VtepMAC (inner destination MAC); zero for a
+    /// direct route.
     pub vtep_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `REMOTE_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
 }
+
+/// `RemoteNode::flags`: the remote is reached without encapsulation
+/// (`DirectRouting` to a node on this node's L2 network, or the `host-gw`
+/// backend): its pods' packets go to the node's IP as they are, routed
+/// once (TTL − 1), like the kernel's route `<subnet> via <node IP>`.
+pub const REMOTE_F_DIRECT: u8 = 1;
 
 /// Bytes `tc_from_pod` puts in front of an inner IPv4 packet: outer
 /// Ethernet, IPv4, UDP, VXLAN and inner Ethernet.
@@ -303,6 +312,8 @@ macro_rules! counter_names {
             "pod_pass_netfilter",
             "uplink_pass_netfilter",
             "xdp_pass_netfilter",
+            "pod_direct_redirect",
+            "pod_direct_neigh",
         ];
     };
 }
@@ -356,8 +367,15 @@ pub mod counters {
     /// The same in XDP.
     pub const XDP_PASS_NETFILTER: u32 = UPLINK_REDIRECT + 8;
 
+    /// A packet for a direct remote (`REMOTE_F_DIRECT`), routed to the
+    /// node's IP and redirected to the uplink with the next hop's MAC.
+    pub const POD_DIRECT_REDIRECT: u32 = UPLINK_REDIRECT + 9;
+    /// The same with the next hop's MAC unresolved: handed to the kernel's
+    /// neighbour layer (`bpf_redirect_neigh`), which resolves it.
+    pub const POD_DIRECT_NEIGH: u32 = UPLINK_REDIRECT + 10;
+
     /// Size of the counter array.
-    pub const COUNT: u32 = XDP_PASS_NETFILTER + 1;
+    pub const COUNT: u32 = POD_DIRECT_NEIGH + 1;
 
     /// The XDP counter of a decap reason.
     #[inline(always)]
@@ -397,9 +415,8 @@ pub mod counters {
                 | POD_DROP_SPOOFED_SRC
                 | POD_DROP_SPOOFED_ARP
                 | UPLINK_DROP_REDIRECT_FAILED => Action::Drop,
-                POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | UPLINK_REDIRECT => {
-                    Action::Decap
-                }
+                POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | POD_DIRECT_REDIRECT
+                | POD_DIRECT_NEIGH | UPLINK_REDIRECT => Action::Decap,
                 _ => Action::Pass,
             }
         };
@@ -416,7 +433,9 @@ pub mod counters {
             POD_LOCAL_REDIRECT..=POD_DROP_ENCAP_FAILED
             | POD_DROP_SPOOFED_SRC
             | POD_DROP_SPOOFED_ARP
-            | POD_PASS_NETFILTER => super::programs::TC_FROM_POD,
+            | POD_PASS_NETFILTER
+            | POD_DIRECT_REDIRECT
+            | POD_DIRECT_NEIGH => super::programs::TC_FROM_POD,
             XDP_FIRST..=XDP_PASS_NO_META | XDP_PASS_NETFILTER => super::programs::XDP_UPLINK,
             _ => super::programs::TC_UPLINK_INGRESS,
         }

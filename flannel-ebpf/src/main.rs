@@ -40,7 +40,7 @@ use flannel_common::{
     decap::{self, Action},
     next_hop_slot, Config, Endpoint, NextHop, RemoteNode, Vtep, CONFIG_F_NETFILTER, CONFIG_F_READY,
     CONFIG_F_TC_DECAP, MAX_ENDPOINTS, MAX_REMOTE_SUBNETS, MAX_VTEPS, NEXT_HOP_SLOTS,
-    NEXT_HOP_TTL_NS, VXLAN_ENCAP_LEN, XDP_META_DECAPPED,
+    NEXT_HOP_TTL_NS, REMOTE_F_DIRECT, VXLAN_ENCAP_LEN, XDP_META_DECAPPED,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use parse::{Headers, ETH_P_ARP_BE, ETH_P_IP_BE};
@@ -184,15 +184,26 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
     if ip.ttl <= 1 {
         return (pass, POD_PASS_TTL);
     }
+    let direct = remote.flags & REMOTE_F_DIRECT != 0;
+    // A direct packet is not encapsulated: it may be as large as the
+    // uplink's MTU, which is `inner_mtu` plus the VXLAN headers.
+    let limit = if direct {
+        cfg.inner_mtu + VXLAN_ENCAP_LEN
+    } else {
+        cfg.inner_mtu
+    };
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     let too_big = if gso_size == 0 {
-        u32::from(u16::from_be_bytes(ip.tot_len)) > cfg.inner_mtu
+        u32::from(u16::from_be_bytes(ip.tot_len)) > limit
     } else {
         // IPv4 and TCP headers without options: the smallest a segment carries.
-        gso_size + 40 > cfg.inner_mtu
+        gso_size + 40 > limit
     };
     if too_big {
         return (pass, POD_PASS_TOO_BIG);
+    }
+    if direct {
+        return route_direct(ctx, cfg, &ip, remote);
     }
     // The kernel's flow hash when the packet has one (a TCP socket's), or
     // one of our own over the addresses and ports: far cheaper than
@@ -313,6 +324,82 @@ fn resolve_hop(
     }
 }
 
+/// The next hop for `remote`'s node: the cached FIB answer while it holds,
+/// else a new lookup, kept in `fresh` (no copy of a cached entry).
+/// `None`: no route, the stack decides.
+#[inline(always)]
+fn next_hop<'a>(
+    ctx: &TcContext,
+    cfg: &Config,
+    remote: &RemoteNode,
+    fresh: &'a mut core::mem::MaybeUninit<NextHop>,
+) -> Option<(&'a NextHop, Option<u32>)> {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    match cached_hop(cfg, remote, now) {
+        Some(h) => Some((h, None)),
+        None => {
+            let (h, via) = resolve_hop(ctx, cfg, remote, now)?;
+            Some((fresh.write(h), via))
+        }
+    }
+}
+
+/// What the kernel's route `<subnet> via <node IP> dev <uplink>` does
+/// (Flannel's DirectRouting and host-gw): the packet, TTL − 1, leaves by
+/// the uplink to the next hop's MAC (the node's own when on-link), from
+/// the uplink's. The FIB answer comes from the next-hop cache, as for
+/// encapsulation.
+#[inline(always)]
+fn route_direct(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, remote: &RemoteNode) -> (i32, u32) {
+    let mut fresh = core::mem::MaybeUninit::uninit();
+    let Some((hop, via)) = next_hop(ctx, cfg, remote, &mut fresh) else {
+        return (TC_ACT_OK, POD_PASS_NO_ROUTE);
+    };
+    // The helper calls above left the packet as it was, but the verifier
+    // wants its bounds proven again.
+    let pkt = parse::Packet::new(ctx.data(), ctx.data_end());
+    let Some(p) = pkt.get_mut::<[u8; EthHdr::LEN + Ipv4Hdr::LEN]>(0) else {
+        return (TC_ACT_OK, POD_PASS_MALFORMED);
+    };
+    let p = p as *mut u8;
+    let check = csum::ttl_decremented(
+        u16::from_be_bytes(ip.check),
+        u16::from_be_bytes([ip.ttl, ip.proto]),
+    );
+    // SAFETY: `get_mut` checked that all of these bytes are in the packet;
+    // the template's first 12 bytes are the next hop's and our MACs.
+    unsafe {
+        core::ptr::copy_nonoverlapping(hop.headers.as_ptr(), p, 12);
+        *p.add(EthHdr::LEN + 8) = ip.ttl - 1;
+        parse::put16(p.add(EthHdr::LEN + 10), check);
+    }
+    match via {
+        None => {
+            let action = unsafe { bpf_redirect(hop.ifindex, 0) } as i32;
+            (action, POD_DIRECT_REDIRECT)
+        }
+        Some(via) => (redirect_neigh(hop.ifindex, via), POD_DIRECT_NEIGH),
+    }
+}
+
+/// Hands the packet to `ifindex`'s neighbour layer, which resolves `via`
+/// and fills in the Ethernet header.
+#[inline(always)]
+fn redirect_neigh(ifindex: u32, via: u32) -> i32 {
+    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    nh.nh_family = u32::from(AF_INET);
+    nh.__bindgen_anon_1.ipv4_nh = via;
+    let action = unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &mut nh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    action as i32
+}
+
 /// Builds the outer headers Flannel's VXLAN device would build and hands the
 /// packet to the uplink. Everything that can fail without touching the packet
 /// is done first, so that such a failure still passes it to the stack intact.
@@ -327,17 +414,9 @@ fn encap(
     let pass = TC_ACT_OK;
     let drop = TC_ACT_SHOT;
 
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let fresh;
-    let (hop, via) = match cached_hop(cfg, remote, now) {
-        Some(h) => (h, None),
-        None => {
-            let Some((h, via)) = resolve_hop(ctx, cfg, remote, now) else {
-                return (pass, POD_PASS_NO_ROUTE);
-            };
-            fresh = h;
-            (&fresh, via)
-        }
+    let mut fresh = core::mem::MaybeUninit::uninit();
+    let Some((hop, via)) = next_hop(ctx, cfg, remote, &mut fresh) else {
+        return (pass, POD_PASS_NO_ROUTE);
     };
     let (ifindex, headers) = (hop.ifindex, &hop.headers);
     let sport = (((u64::from(hash)) * u64::from(SPORT_MAX - SPORT_MIN)) >> 32) as u32 + SPORT_MIN;
@@ -389,21 +468,8 @@ fn encap(
             let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
             (action, POD_ENCAP_REDIRECT)
         }
-        Some(via) => {
-            // Neighbour not resolved yet: let the kernel resolve it and fill L2.
-            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-            nh.nh_family = u32::from(AF_INET);
-            nh.__bindgen_anon_1.ipv4_nh = via;
-            let action = unsafe {
-                bpf_redirect_neigh(
-                    ifindex,
-                    &mut nh,
-                    core::mem::size_of::<bpf_redir_neigh>() as i32,
-                    0,
-                )
-            } as i32;
-            (action, POD_ENCAP_NEIGH)
-        }
+        // Neighbour not resolved yet: let the kernel resolve it and fill L2.
+        Some(via) => (redirect_neigh(ifindex, via), POD_ENCAP_NEIGH),
     }
 }
 

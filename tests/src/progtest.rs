@@ -194,7 +194,7 @@ impl Harness {
                     RemoteNode {
                         node_ip: ip_key(nth([172, 100], i, 1)),
                         vtep_mac: REMOTE_VTEP_MAC,
-                        _pad: [0; 2],
+                        ..Default::default()
                     },
                     0,
                 )?;
@@ -226,17 +226,18 @@ impl Harness {
 
     /// The remote lease 10.244.2.0/24 on `REMOTE_IP`, with VTEP MAC `mac`.
     pub fn set_remote_vtep(&mut self, mac: [u8; 6]) -> Result<()> {
+        self.set_remote(RemoteNode {
+            node_ip: ip_key(REMOTE_IP),
+            vtep_mac: mac,
+            ..Default::default()
+        })
+    }
+
+    /// The remote lease 10.244.2.0/24 as `node` says.
+    pub fn set_remote(&mut self, node: RemoteNode) -> Result<()> {
         let mut remotes: LpmTrie<_, u32, RemoteNode> =
             LpmTrie::try_from(self.bpf.map_mut(maps::REMOTE_SUBNETS).unwrap())?;
-        remotes.insert(
-            &Key::new(24, ip_key(Ipv4Addr::new(10, 244, 2, 0))),
-            RemoteNode {
-                node_ip: ip_key(REMOTE_IP),
-                vtep_mac: mac,
-                _pad: [0; 2],
-            },
-            0,
-        )?;
+        remotes.insert(&Key::new(24, ip_key(Ipv4Addr::new(10, 244, 2, 0))), node, 0)?;
         Ok(())
     }
 

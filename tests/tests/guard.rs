@@ -32,7 +32,7 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
     ]
     .into();
     let (v, p) = (vteps.clone(), pods.clone());
-    flannel_tests::netns::in_netns(&name, move || Ok(guard::ensure(4789, &v, Some(&p))?))?;
+    flannel_tests::netns::in_netns(&name, move || Ok(guard::ensure(Some(4789), &v, Some(&p))?))?;
     let text = ruleset(&name)?;
     for want in [
         "table ip flannel-guard",
@@ -52,7 +52,7 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
     // A lease gone, the kernel data path off: replaced in one step, the
     // bridge table gone.
     let one: BTreeSet<Ipv4Addr> = ["172.30.0.3".parse()?].into();
-    flannel_tests::netns::in_netns(&name, move || Ok(guard::ensure(4789, &one, None)?))?;
+    flannel_tests::netns::in_netns(&name, move || Ok(guard::ensure(Some(4789), &one, None)?))?;
     let text = ruleset(&name)?;
     assert!(text.contains("elements = { 172.30.0.3 }"), "{text}");
     assert!(
@@ -64,8 +64,15 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
         (true, false)
     );
     // No leases at all: the set is empty and every VXLAN packet is dropped.
-    flannel_tests::netns::in_netns(&name, || Ok(guard::ensure(8472, &BTreeSet::new(), None)?))?;
+    flannel_tests::netns::in_netns(&name, || {
+        Ok(guard::ensure(Some(8472), &BTreeSet::new(), None)?)
+    })?;
     assert!(ruleset(&name)?.contains("udp dport 8472 ip saddr != @vteps"));
+    // host-gw: no VXLAN port, no VXLAN rule (UDP 8472 is not ours).
+    flannel_tests::netns::in_netns(&name, || Ok(guard::ensure(None, &BTreeSet::new(), None)?))?;
+    let text = ruleset(&name)?;
+    assert!(text.contains("table ip flannel-guard"), "{text}");
+    assert!(!text.contains("udp dport"), "{text}");
     flannel_tests::netns::in_netns(&name, || Ok(guard::remove()?))?;
     assert!(!ruleset(&name)?.contains("flannel-guard"));
     flannel_tests::netns::in_netns(&name, || Ok(guard::remove()?))?;
@@ -92,7 +99,9 @@ fn a_large_cluster_fits() -> Result<()> {
         })
         .collect();
     let started = std::time::Instant::now();
-    flannel_tests::netns::in_netns(&name, move || Ok(guard::ensure(4789, &vteps, Some(&pods))?))?;
+    flannel_tests::netns::in_netns(&name, move || {
+        Ok(guard::ensure(Some(4789), &vteps, Some(&pods))?)
+    })?;
     let took = started.elapsed();
     let text = ruleset(&name)?;
     for want in [

@@ -7,7 +7,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use flannel_common::{
-    decap, programs, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE, CONFIG_F_TC_DECAP, XDP_META_DECAPPED,
+    decap, programs, RemoteNode, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE, CONFIG_F_TC_DECAP,
+    REMOTE_F_DIRECT, XDP_META_DECAPPED,
 };
 use flannel_tests::progtest::*;
 
@@ -325,6 +326,75 @@ fn tc_from_pod_encapsulates_like_flannel() -> Result<()> {
             "{} source ports for 64 flows",
             sports.len()
         );
+        Ok(())
+    })
+}
+
+/// A direct remote (DirectRouting, host-gw): the packet leaves as it came,
+/// routed once (TTL − 1, checksum kept valid) with the next hop's MACs,
+/// up to the uplink's MTU rather than the VXLAN inner MTU.
+#[test]
+fn tc_from_pod_routes_direct_remotes_without_encapsulation() -> Result<()> {
+    in_lab_netns(|ns| {
+        let mut h = Harness::new(ns.uplink_index()?)?;
+        h.set_remote(RemoteNode {
+            node_ip: u32::from_ne_bytes(REMOTE_IP.octets()),
+            flags: REMOTE_F_DIRECT,
+            ..Default::default()
+        })?;
+        let tc = programs::TC_FROM_POD;
+        let pkt = pod_frame(REMOTE_POD, 64);
+        // No neighbour yet: the kernel resolves it (and nothing is cached).
+        ns.set_neigh(false)?;
+        h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_direct_neigh", "unresolved")?;
+        ns.set_neigh(true)?;
+        let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_direct_redirect", "direct")?;
+        assert_eq!(out.len(), pkt.len(), "no headers added");
+        assert_eq!(&out[0..6], &NEIGH_MAC);
+        assert_eq!(&out[6..12], &UPLINK_MAC);
+        assert_eq!(&out[12..14], &[0x08, 0x00]);
+        assert_eq!(out[14 + 8], 63, "TTL decremented once");
+        assert_eq!(checksum(&out[14..34]), 0, "IPv4 checksum");
+        let mut rest = pkt[14..34].to_vec();
+        rest[8] = 63;
+        rest[10..12].copy_from_slice(&out[24..26]);
+        assert_eq!(&out[14..34], &rest[..], "only TTL and checksum change");
+        assert_eq!(&out[34..], &pkt[34..]);
+        // The uplink's MTU (inner MTU 1450 + 50) is the limit, not 1450.
+        let sized = |len: usize| {
+            eth(
+                GATEWAY_MAC,
+                POD_MAC,
+                0x0800,
+                &ipv4(SOURCE_POD, REMOTE_POD, 17, 64, &vec![0u8; len - 20]),
+            )
+        };
+        h.expect(
+            tc,
+            &sized(1500),
+            TC_ACT_REDIRECT,
+            "pod_direct_redirect",
+            "1500",
+        )?;
+        h.expect(tc, &sized(1501), TC_ACT_OK, "pod_pass_too_big", "1501")?;
+        h.expect(
+            tc,
+            &pod_frame(REMOTE_POD, 1),
+            TC_ACT_OK,
+            "pod_pass_ttl",
+            "TTL 1",
+        )?;
+        // The same remote without the flag is encapsulated again.
+        h.set_remote_vtep(REMOTE_VTEP_MAC)?;
+        let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_encap_redirect", "VXLAN")?;
+        assert_eq!(out.len(), pkt.len() + 50);
+        h.expect(
+            tc,
+            &sized(1451),
+            TC_ACT_OK,
+            "pod_pass_too_big",
+            "VXLAN 1451",
+        )?;
         Ok(())
     })
 }

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     api::{Inspect, Request, Response, Status},
-    config::NetConfig,
+    config::{BackendType, NetConfig},
     datapath::{self, Active},
     mac::MacAddr,
     metrics::Metrics,
@@ -105,8 +105,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let (uplink, ip) = uplink::choose(&nl, &opts.iface, &opts.iface_regex, public_ip).await?;
     // Pod routes must not shadow the node network.
-    for addr in nl.ipv4_addrs(uplink.index).await? {
-        crate::config::check_uplink_overlap(cfg.network, addr)?;
+    let uplink_nets = nl.ipv4_addrs(uplink.index).await?;
+    for addr in &uplink_nets {
+        crate::config::check_uplink_overlap(cfg.network, *addr)?;
+    }
+    // Flannel's host-gw check: other nodes route to the public IP as a
+    // gateway, so it must be the uplink's own.
+    if cfg.backend.kind == BackendType::HostGw && !uplink_nets.iter().any(|n| n.addr() == ip) {
+        bail!(
+            "your PublicIP {ip} differs from interface IP (uplink {}: {:?}), meaning that probably you're on a NAT, which is not supported by host-gw backend",
+            uplink.name,
+            uplink_nets.iter().map(|n| n.addr().to_string()).collect::<Vec<_>>()
+        );
     }
     let vtep_name = format!("flannel.{}", cfg.backend.vni);
     // Flannel keeps the VTEP's MAC across restarts; so do we.
@@ -114,7 +124,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Some(mac) if mac.is_unicast() => mac,
         _ => MacAddr::for_vtep(ip, cfg.backend.vni),
     };
-    let attrs = LeaseAttrs::vxlan(ip, cfg.backend.vni, vtep_mac);
+    let attrs = match cfg.backend.kind {
+        BackendType::Vxlan => LeaseAttrs::vxlan(ip, cfg.backend.vni, vtep_mac),
+        BackendType::HostGw => LeaseAttrs::host_gw(ip),
+    };
     let previous = store::previous_subnet(&opts.subnet_file);
     let lease = store::retry("acquiring a subnet lease", || async {
         let acquire = store.acquire(&cfg, &attrs, previous);
@@ -130,7 +143,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         vtep_mac = %vtep_mac,
         "lease acquired"
     );
-    if let Some(mtu) = cfg.backend.mtu {
+    if let (Some(mtu), BackendType::Vxlan) = (cfg.backend.mtu, cfg.backend.kind) {
         if mtu + VXLAN_ENCAP_LEN > uplink.mtu {
             bail!(
                 "Backend.MTU: {mtu} is invalid: the uplink {} has MTU {}, so at most {}",
@@ -173,6 +186,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         nl,
         node: Node {
             uplink,
+            uplink_nets,
             ip,
             lease,
             vtep_mac,
@@ -441,6 +455,7 @@ impl Agent {
                 tracing::warn!(uplink = %up.name, "uplink is down");
             }
             self.node.uplink = up.clone();
+            self.node.uplink_nets = observed.uplink_addrs.clone();
         }
         self.decide_netfilter();
         if let Err(err) = self.pods.adopt(
@@ -465,7 +480,11 @@ impl Agent {
             reconcile::Target {
                 nl: &self.nl,
                 dp: self.datapath.ebpf(),
-                vtep: observed.links.get(&want.vtep.link.name).map(|l| l.index),
+                vtep: want
+                    .vtep
+                    .as_ref()
+                    .and_then(|v| observed.links.get(&v.link.name))
+                    .map(|l| l.index),
                 masq_written: &mut self.masq_written,
                 guard_written: &mut self.guard_written,
             },
@@ -482,6 +501,7 @@ impl Agent {
         let devices = Devices {
             bridge: &self.opts.bridge,
             vtep: &vtep,
+            uplink: &self.node.uplink.name,
         };
         reconcile::observe(
             &self.nl,

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::{
     desired::{GuardSpec, MasqSpec},
-    diff::{DeviceOp, MapOp, MasqOp, Op, VtepOp},
+    diff::{DeviceOp, DirectOp, MapOp, MasqOp, Op, VtepOp},
 };
 use crate::{
     datapath::ebpf::{Datapath, EbpfError},
@@ -72,6 +72,9 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
     // delete, then routes, neighbours and FDB entries.
     let mut stages: [Vec<VtepOp>; 4] = Default::default();
     let (mut masq_ops, mut map_ops, mut guard_ops) = (Vec::new(), Vec::new(), Vec::new());
+    // Direct routes: deletes before the VTEP's entries, adds after (the
+    // diff's order; see `diff`).
+    let (mut direct_deletes, mut direct_adds) = (Vec::new(), Vec::new());
     for op in ops {
         match op {
             Op::Device(d) => {
@@ -101,6 +104,8 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
                 VtepOp::DeleteFdb { .. } => 3,
             }]
             .push(v),
+            Op::Direct(d @ DirectOp::Delete { .. }) => direct_deletes.push(d),
+            Op::Direct(d @ DirectOp::Route(_)) => direct_adds.push(d),
             Op::Masq(m) => masq_ops.push(m),
             Op::Guard(g) => guard_ops.push(g),
             Op::Map(m) => map_ops.push(m),
@@ -110,6 +115,7 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
             }
         }
     }
+    direct(nl, direct_deletes, &mut report).await;
     let programmed = stages[0].len();
     let removed: usize = stages[1..].iter().map(Vec::len).sum();
     for stage in stages {
@@ -129,6 +135,7 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
             "kernel routes, neighbours and FDB updated"
         );
     }
+    direct(nl, direct_adds, &mut report).await;
     for m in masq_ops {
         let r = match m {
             MasqOp::Install(spec) => masq::ensure(spec.network, spec.lease).map(|()| {
@@ -207,5 +214,26 @@ fn on_maps(dp: &mut Datapath, op: &MapOp) -> Result<(), EbpfError> {
             dp.detach_pod(*index);
             Ok(())
         }
+    }
+}
+
+/// Direct routes, each request in flight with the others.
+async fn direct(nl: &Netlink, ops: Vec<DirectOp>, report: &mut Report) {
+    use futures::StreamExt;
+    let n = ops.len();
+    let mut results = futures::stream::iter(ops)
+        .map(|d| async move {
+            let r = match d {
+                DirectOp::Route(r) => nl.add_route(r.uplink, r.subnet, Some(r.via)).await,
+                DirectOp::Delete { subnet, uplink } => nl.delete_route(uplink, subnet).await,
+            };
+            (d, r)
+        })
+        .buffer_unordered(NETLINK_IN_FLIGHT);
+    while let Some((d, r)) = results.next().await {
+        report.record(Op::Direct(d), r);
+    }
+    if n > 0 {
+        tracing::info!(routes = n, "direct routes updated");
     }
 }

@@ -10,13 +10,13 @@ use std::{
 
 use flannel_common::{
     Config, RemoteNode, CONFIG_F_NETFILTER, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE,
-    CONFIG_F_TC_DECAP, VXLAN_ENCAP_LEN,
+    CONFIG_F_TC_DECAP, REMOTE_F_DIRECT, VXLAN_ENCAP_LEN,
 };
 use ipnet::Ipv4Net;
 
 use crate::{
     api::EndpointRecord,
-    config::NetConfig,
+    config::{BackendType, NetConfig},
     datapath::ebpf::ip_key,
     mac::MacAddr,
     netlink::{Link, RemoteEntry, VxlanSpec},
@@ -28,6 +28,9 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Node {
     pub uplink: Link,
+    /// The uplink's IPv4 addresses with their prefixes: the L2 network a
+    /// remote must be on to be routed to directly.
+    pub uplink_nets: Vec<Ipv4Net>,
     /// The public IP other nodes send VXLAN to.
     pub ip: Ipv4Addr,
     pub lease: Lease,
@@ -46,11 +49,23 @@ impl Node {
         .expect("prefix length comes from a valid subnet")
     }
 
-    /// Pod MTU: `Backend.MTU`, or the uplink's less the VXLAN headers.
+    /// Pod MTU: `Backend.MTU`, or the uplink's less the VXLAN headers;
+    /// with host-gw the uplink's (Flannel's host-gw ignores `MTU`).
     pub fn pod_mtu(&self, cfg: &NetConfig) -> u32 {
-        cfg.backend
-            .mtu
-            .unwrap_or(self.uplink.mtu.saturating_sub(VXLAN_ENCAP_LEN))
+        match cfg.backend.kind {
+            BackendType::HostGw => self.uplink.mtu,
+            BackendType::Vxlan => cfg
+                .backend
+                .mtu
+                .unwrap_or(self.uplink.mtu.saturating_sub(VXLAN_ENCAP_LEN)),
+        }
+    }
+
+    /// Whether `ip` is on this node's L2 network: inside the prefix of one
+    /// of the uplink's addresses, so that the kernel reaches it without a
+    /// gateway (Flannel asks `ip route get` for a route without one).
+    pub fn on_link(&self, ip: Ipv4Addr) -> bool {
+        self.uplink_nets.iter().any(|n| n.trunc().contains(&ip))
     }
 }
 
@@ -100,6 +115,15 @@ pub struct VtepSpec {
     pub addr: Ipv4Net,
 }
 
+/// A remote lease routed without encapsulation: `<subnet> via <node IP>
+/// dev <uplink>` (Flannel's DirectRouting and host-gw).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectRoute {
+    pub subnet: Ipv4Net,
+    pub via: Ipv4Addr,
+    pub uplink: u32,
+}
+
 /// Flannel's masquerade rules for this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MasqSpec {
@@ -111,8 +135,9 @@ pub struct MasqSpec {
 /// and on the kernel data path the pods' source check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuardSpec {
-    pub port: u16,
-    /// Every remote lease's public IP.
+    /// The VXLAN port; `None` with host-gw (no VXLAN, no rule).
+    pub port: Option<u16>,
+    /// Every remote lease's public IP (VXLAN only).
     pub vteps: BTreeSet<Ipv4Addr>,
     /// Kernel data path: each registered pod's host-side port and address.
     /// `None` on the eBPF path, whose programs check pods themselves.
@@ -139,9 +164,17 @@ pub struct Ignored {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
     pub bridge: BridgeSpec,
-    pub vtep: VtepSpec,
-    /// Every usable remote lease (not ours), by subnet.
+    /// `None` with host-gw, which has no VXLAN device.
+    pub vtep: Option<VtepSpec>,
+    /// Every usable remote lease (not ours) reached over VXLAN, by subnet.
     pub remotes: BTreeMap<Ipv4Net, RemoteEntry>,
+    /// Every usable remote lease routed directly, by subnet.
+    pub direct: BTreeMap<Ipv4Net, DirectRoute>,
+    /// The cluster's `Network`: a route through the uplink (with a
+    /// gateway) to a subnet inside it is a direct route of ours.
+    pub network: Ipv4Net,
+    /// The uplink's interface index.
+    pub uplink: u32,
     pub ignored: BTreeMap<Ipv4Net, Ignored>,
     /// `Some` with `--ip-masq`.
     pub masq: Option<MasqSpec>,
@@ -163,7 +196,8 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         mtu,
         mac: MacAddr::for_bridge(gateway.addr()),
     };
-    let vtep = VtepSpec {
+    let vxlan = i.cfg.backend.kind == BackendType::Vxlan;
+    let vtep = vxlan.then(|| VtepSpec {
         link: VxlanSpec {
             name: format!("flannel.{}", i.cfg.backend.vni),
             vni: i.cfg.backend.vni,
@@ -174,15 +208,37 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             mac: node.vtep_mac,
         },
         addr: Ipv4Net::new(node.lease.subnet.network(), 32).expect("/32 is a valid prefix"),
+    });
+    let Remotes {
+        vxlan: remotes,
+        direct,
+        ignored,
+    } = remotes(node, i.cfg, i.leases);
+    // The largest packet a pod may send to a VXLAN remote; a direct one
+    // takes VXLAN_ENCAP_LEN more, the uplink's MTU.
+    // Who may send us VXLAN: with VXLAN every lease holder, the direct ones
+    // too (a node that does not see us as on-link encapsulates); with
+    // host-gw nobody.
+    let vteps: BTreeSet<Ipv4Addr> = if vxlan {
+        remotes
+            .values()
+            .map(|r| r.public_ip)
+            .chain(direct.values().map(|d| d.via))
+            .collect()
+    } else {
+        BTreeSet::new()
     };
-    let (remotes, ignored) = remotes(node, i.leases);
+    let inner_mtu = match i.cfg.backend.kind {
+        BackendType::Vxlan => mtu,
+        BackendType::HostGw => node.uplink.mtu.saturating_sub(VXLAN_ENCAP_LEN),
+    };
     let maps = i.ebpf.map(|mode| MapsSpec {
         config: Config {
             vni: i.cfg.backend.vni,
             udp_port: i.cfg.backend.port,
             node_ip: ip_key(node.ip),
             uplink_ifindex: node.uplink.index,
-            inner_mtu: mtu,
+            inner_mtu,
             flags: CONFIG_F_READY
                 | if mode.tc_decap { CONFIG_F_TC_DECAP } else { 0 }
                 | if mode.strict_source {
@@ -208,16 +264,28 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
                     RemoteNode {
                         node_ip: ip_key(r.public_ip),
                         vtep_mac: r.vtep_mac.0,
-                        _pad: [0; 2],
+                        flags: 0,
+                        _pad: 0,
                     },
                 )
             })
+            .chain(direct.values().map(|d| {
+                (
+                    d.subnet,
+                    RemoteNode {
+                        node_ip: ip_key(d.via),
+                        vtep_mac: [0; 6],
+                        flags: REMOTE_F_DIRECT,
+                        _pad: 0,
+                    },
+                )
+            }))
             .collect(),
-        vteps: remotes.values().map(|r| r.public_ip).collect(),
+        vteps: vteps.clone(),
     });
     let guard = GuardSpec {
-        port: i.cfg.backend.port,
-        vteps: remotes.values().map(|r| r.public_ip).collect(),
+        port: vxlan.then_some(i.cfg.backend.port),
+        vteps,
         pods: i.ebpf.is_none().then(|| {
             i.pods
                 .values()
@@ -230,6 +298,9 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         bridge,
         vtep,
         remotes,
+        direct,
+        network: i.cfg.network,
+        uplink: node.uplink.index,
         ignored,
         masq: i.ip_masq.then_some(MasqSpec {
             network: i.cfg.network,
@@ -241,42 +312,87 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     }
 }
 
-type Remotes = BTreeMap<Ipv4Net, RemoteEntry>;
+/// The remote leases, sorted by how they are reached.
+struct Remotes {
+    vxlan: BTreeMap<Ipv4Net, RemoteEntry>,
+    direct: BTreeMap<Ipv4Net, DirectRoute>,
+    ignored: BTreeMap<Ipv4Net, Ignored>,
+}
 
-/// Every other node's lease as data path state; leases that cannot be
-/// used (wrong backend, bad VtepMAC, overlapping ours) are set aside with
-/// the reason.
-fn remotes(node: &Node, leases: &LeaseSet) -> (Remotes, BTreeMap<Ipv4Net, Ignored>) {
+/// Every other node's lease as data path state, as Flannel decides it:
+/// a lease of another backend type is ignored; with VXLAN a remote on this
+/// node's L2 network is routed directly when `DirectRouting` is on, and
+/// encapsulated otherwise; with host-gw every remote is routed directly,
+/// and one off this node's L2 network cannot be (Flannel's route add fails
+/// with "network is unreachable"). Leases that cannot be used (bad
+/// VtepMAC, overlapping ours, unreachable) are set aside with the reason.
+fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
     let own = node.lease.subnet;
-    let mut usable = BTreeMap::new();
-    let mut ignored = BTreeMap::new();
+    let kind = cfg.backend.kind;
+    let mut out = Remotes {
+        vxlan: BTreeMap::new(),
+        direct: BTreeMap::new(),
+        ignored: BTreeMap::new(),
+    };
     for l in leases.values() {
         if l.attrs.public_ip == node.ip || l.subnet == own {
             continue;
         }
-        let entry = if own.contains(&l.subnet.network()) || l.subnet.contains(&own.network()) {
-            Err(format!("overlaps this node's lease {own}"))
-        } else {
-            l.attrs.vxlan_data().map(|data| RemoteEntry {
-                subnet: l.subnet,
-                public_ip: l.attrs.public_ip,
-                vtep_mac: data.vtep_mac,
-            })
+        let ip = l.attrs.public_ip;
+        let direct = DirectRoute {
+            subnet: l.subnet,
+            via: ip,
+            uplink: node.uplink.index,
         };
-        match entry {
-            Ok(r) => {
-                usable.insert(l.subnet, r);
+        let why = if own.contains(&l.subnet.network()) || l.subnet.contains(&own.network()) {
+            format!("overlaps this node's lease {own}")
+        } else if l.attrs.backend_type != kind.lease_name() {
+            format!(
+                "backend type {:?} is not {} (Flannel ignores it too)",
+                l.attrs.backend_type,
+                kind.lease_name()
+            )
+        } else {
+            match kind {
+                BackendType::HostGw if node.on_link(ip) => {
+                    out.direct.insert(l.subnet, direct);
+                    continue;
+                }
+                BackendType::HostGw => format!(
+                    "node {ip} is not on this node's network ({}): host-gw routes only to nodes on one L2 network (Flannel's route add fails: network is unreachable)",
+                    nets(&node.uplink_nets)
+                ),
+                BackendType::Vxlan => match l.attrs.vxlan_data() {
+                    Ok(_) if cfg.backend.direct_routing && node.on_link(ip) => {
+                        out.direct.insert(l.subnet, direct);
+                        continue;
+                    }
+                    Ok(data) => {
+                        out.vxlan.insert(
+                            l.subnet,
+                            RemoteEntry {
+                                subnet: l.subnet,
+                                public_ip: ip,
+                                vtep_mac: data.vtep_mac,
+                            },
+                        );
+                        continue;
+                    }
+                    Err(why) => why,
+                },
             }
-            Err(why) => {
-                ignored.insert(
-                    l.subnet,
-                    Ignored {
-                        node: l.attrs.public_ip,
-                        why,
-                    },
-                );
-            }
-        }
+        };
+        out.ignored.insert(l.subnet, Ignored { node: ip, why });
     }
-    (usable, ignored)
+    out
+}
+
+fn nets(nets: &[Ipv4Net]) -> String {
+    if nets.is_empty() {
+        return "no IPv4 address on the uplink".into();
+    }
+    nets.iter()
+        .map(|n| n.trunc().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

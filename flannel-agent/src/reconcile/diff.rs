@@ -19,7 +19,7 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::link::InfoKind;
 
 use super::{
-    desired::{BridgeSpec, Desired, GuardSpec, MapsSpec, MasqSpec, VtepSpec},
+    desired::{BridgeSpec, Desired, DirectRoute, GuardSpec, MapsSpec, MasqSpec, VtepSpec},
     observe::{GuardTables, Maps, MasqTable, Observed, VtepEntries},
 };
 use crate::{mac::MacAddr, netlink::RemoteEntry};
@@ -30,6 +30,7 @@ use crate::{mac::MacAddr, netlink::RemoteEntry};
 pub enum Op {
     Device(DeviceOp),
     Vtep(VtepOp),
+    Direct(DirectOp),
     Masq(MasqOp),
     /// Write the guard tables (atomically replacing them).
     Guard(GuardSpec),
@@ -59,6 +60,16 @@ pub enum VtepOp {
         mac: MacAddr,
         dst: Option<IpAddr>,
     },
+}
+
+/// Direct routes through the uplink (DirectRouting, host-gw).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirectOp {
+    /// `<subnet> via <node IP> dev <uplink>` (created or replaced).
+    Route(DirectRoute),
+    /// A route through the uplink to a subnet of the cluster network that
+    /// no direct remote wants.
+    Delete { subnet: Ipv4Net, uplink: u32 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,9 +102,10 @@ pub enum MapOp {
 
 impl Op {
     /// Every value [`Op::kind`] takes.
-    pub const KINDS: [&'static str; 10] = [
+    pub const KINDS: [&'static str; 11] = [
         "device",
         "remote",
+        "direct_route",
         "route",
         "neighbour",
         "fdb",
@@ -112,6 +124,7 @@ impl Op {
             Op::Vtep(VtepOp::DeleteRoute(_)) => "route",
             Op::Vtep(VtepOp::DeleteNeighbour(_)) => "neighbour",
             Op::Vtep(VtepOp::DeleteFdb { .. }) => "fdb",
+            Op::Direct(_) => "direct_route",
             Op::Masq(_) => "masquerade",
             Op::Guard(_) => "guard",
             Op::Map(MapOp::AttachPod { .. } | MapOp::DetachPod(_)) => "pod_link",
@@ -129,6 +142,12 @@ impl fmt::Display for Op {
                 write!(f, "ensure bridge {} ({})", b.name, b.gateway)
             }
             Op::Device(DeviceOp::Vtep(v)) => write!(f, "ensure VXLAN device {}", v.link.name),
+            Op::Direct(DirectOp::Route(d)) => {
+                write!(f, "route {} via {} (direct)", d.subnet, d.via)
+            }
+            Op::Direct(DirectOp::Delete { subnet, .. }) => {
+                write!(f, "delete direct route {subnet}")
+            }
             Op::Vtep(VtepOp::Program(r)) => write!(
                 f,
                 "program remote {} (node {}, VtepMAC {})",
@@ -180,26 +199,32 @@ pub fn diff(want: &Desired, have: &Observed) -> Vec<Op> {
     if !bridge_in_order(&want.bridge, have) {
         ops.push(Op::Device(DeviceOp::Bridge(want.bridge.clone())));
     }
-    let vtep = have.links.get(&want.vtep.link.name);
-    let recreate = !vtep.is_some_and(|l| want.vtep.link.compatible(l));
-    let vtep_ok = !recreate
-        && vtep.is_some_and(|l| {
-            l.up && l.mtu == want.vtep.link.mtu && l.mac == Some(want.vtep.link.mac)
-        })
-        && have.vtep_addrs == [want.vtep.addr];
-    if !vtep_ok {
-        ops.push(Op::Device(DeviceOp::Vtep(want.vtep.clone())));
+    // Unwanted direct routes go before the VTEP's routes are put in (a
+    // remote moving back to VXLAN), wanted ones after the VTEP's stale
+    // ones went (a remote moving to a direct route).
+    let (direct_adds, direct_deletes) = direct_routes(want, have);
+    ops.extend(direct_deletes);
+    if let Some(spec) = &want.vtep {
+        let vtep = have.links.get(&spec.link.name);
+        let recreate = !vtep.is_some_and(|l| spec.link.compatible(l));
+        let vtep_ok = !recreate
+            && vtep.is_some_and(|l| l.up && l.mtu == spec.link.mtu && l.mac == Some(spec.link.mac))
+            && have.vtep_addrs == [spec.addr];
+        if !vtep_ok {
+            ops.push(Op::Device(DeviceOp::Vtep(spec.clone())));
+        }
+        // A new or recreated device starts with nothing on it.
+        let empty = VtepEntries::default();
+        let entries = if recreate {
+            Some(&empty)
+        } else {
+            have.vtep.as_ref()
+        };
+        if let Some(entries) = entries {
+            vtep_entries(&want.remotes, entries, &mut ops);
+        }
     }
-    // A new or recreated device starts with nothing on it.
-    let empty = VtepEntries::default();
-    let entries = if recreate {
-        Some(&empty)
-    } else {
-        have.vtep.as_ref()
-    };
-    if let Some(entries) = entries {
-        vtep_entries(&want.remotes, entries, &mut ops);
-    }
+    ops.extend(direct_adds);
     masquerade(want.masq, have, &mut ops);
     guard(&want.guard, have, &mut ops);
 
@@ -281,6 +306,42 @@ fn vtep_entries(want: &BTreeMap<Ipv4Net, RemoteEntry>, have: &VtepEntries, ops: 
             .filter(|e| !fdb.contains(e))
             .map(|&(mac, dst)| Op::Vtep(VtepOp::DeleteFdb { mac, dst })),
     );
+}
+
+/// Direct routes to add or replace (missing, or via another gateway), and
+/// routes through the uplink into the cluster network that no direct
+/// remote wants. Nothing when the uplink's routes could not be read.
+fn direct_routes(want: &Desired, have: &Observed) -> (Vec<Op>, Vec<Op>) {
+    let Some(routes) = &have.uplink_routes else {
+        return (Vec::new(), Vec::new());
+    };
+    let adds = want
+        .direct
+        .values()
+        .filter(|d| !routes.contains(&(d.subnet, d.via)))
+        .map(|d| Op::Direct(DirectOp::Route(*d)))
+        .collect();
+    let mut stale: Vec<Ipv4Net> = routes
+        .iter()
+        .map(|(dst, _)| *dst)
+        .filter(|dst| {
+            want.network.contains(dst)
+                && dst.prefix_len() > want.network.prefix_len()
+                && !want.direct.contains_key(dst)
+        })
+        .collect();
+    stale.sort();
+    stale.dedup();
+    let deletes = stale
+        .into_iter()
+        .map(|subnet| {
+            Op::Direct(DirectOp::Delete {
+                subnet,
+                uplink: want.uplink,
+            })
+        })
+        .collect();
+    (adds, deletes)
 }
 
 /// A table whose contents this process did not write is written again:

@@ -5,6 +5,8 @@
 
 use std::net::IpAddr;
 
+use flannel_common::REMOTE_F_DIRECT;
+
 use super::{
     desired::Desired,
     diff::{diff, DeviceOp, Op},
@@ -32,18 +34,18 @@ pub fn inspect(
             Vec::new()
         },
     };
-    let devices = vec![
-        device(
-            &want.bridge.name,
-            ops.iter()
-                .any(|o| matches!(o, Op::Device(DeviceOp::Bridge(_)))),
-        ),
-        device(
-            &want.vtep.link.name,
+    let mut devices = vec![device(
+        &want.bridge.name,
+        ops.iter()
+            .any(|o| matches!(o, Op::Device(DeviceOp::Bridge(_)))),
+    )];
+    if let Some(vtep) = &want.vtep {
+        devices.push(device(
+            &vtep.link.name,
             ops.iter()
                 .any(|o| matches!(o, Op::Device(DeviceOp::Vtep(_)))),
-        ),
-    ];
+        ));
+    }
     let remotes = want
         .remotes
         .values()
@@ -109,6 +111,43 @@ pub fn inspect(
             }
             c
         })
+        .chain(want.direct.values().map(|d| {
+            let mut c = RemoteCheck {
+                subnet: d.subnet.to_string(),
+                public_ip: d.via.to_string(),
+                direct: true,
+                ..Default::default()
+            };
+            match &have.uplink_routes {
+                None => c.problems.push("kernel routes could not be read".into()),
+                Some(routes) => {
+                    c.route = routes.contains(&(d.subnet, d.via));
+                    if !c.route {
+                        c.problems
+                            .push(format!("kernel: no route via {} on the uplink", d.via));
+                    }
+                }
+            }
+            if let (Some(maps), Some(seen)) = (&want.maps, &have.maps) {
+                let entry = seen.remotes.get(&d.subnet);
+                c.map = entry.map(|e| {
+                    let how = if e.flags & REMOTE_F_DIRECT != 0 {
+                        "direct".to_string()
+                    } else {
+                        MacAddr(e.vtep_mac).to_string()
+                    };
+                    format!("{} {how}", key_ip(e.node_ip))
+                });
+                if entry != maps.remotes.get(&d.subnet) {
+                    c.problems.push(format!(
+                        "map: entry is {}, the lease says {} direct",
+                        c.map.as_deref().unwrap_or("missing"),
+                        c.public_ip
+                    ));
+                }
+            }
+            c
+        }))
         .collect();
     let pods = want
         .pods

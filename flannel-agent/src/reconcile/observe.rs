@@ -25,6 +25,11 @@ pub struct Observed {
     /// IPv4 addresses on the bridge and on the VTEP device.
     pub bridge_addrs: Vec<Ipv4Net>,
     pub vtep_addrs: Vec<Ipv4Net>,
+    /// IPv4 addresses on the uplink (with their prefixes).
+    pub uplink_addrs: Vec<Ipv4Net>,
+    /// Main-table routes through the uplink that have a gateway:
+    /// (destination, gateway). `None` when they could not be read.
+    pub uplink_routes: Option<Vec<(Ipv4Net, Ipv4Addr)>>,
     /// What hangs on the VTEP device (empty when it does not exist);
     /// `None` when it could not be read.
     pub vtep: Option<VtepEntries>,
@@ -89,6 +94,7 @@ pub struct Maps {
 pub struct Devices<'a> {
     pub bridge: &'a str,
     pub vtep: &'a str,
+    pub uplink: &'a str,
 }
 
 /// Reads everything a pass needs. Failing to list links or addresses
@@ -119,6 +125,22 @@ pub async fn observe(
     };
     let bridge_addrs = addrs(devices.bridge).await?;
     let vtep_addrs = addrs(devices.vtep).await?;
+    let uplink_addrs = addrs(devices.uplink).await?;
+    let uplink_routes = match links.get(devices.uplink) {
+        None => Some(Vec::new()),
+        Some(l) => match nl.routes_via(l.index).await {
+            Ok(routes) => Some(
+                routes
+                    .into_iter()
+                    .filter_map(|(dst, gw)| Some((dst, gw?)))
+                    .collect(),
+            ),
+            Err(err) => {
+                tracing::warn!(device = devices.uplink, %err, "reading the uplink's routes");
+                None
+            }
+        },
+    };
     let vtep = match links.get(devices.vtep) {
         None => Some(VtepEntries::default()),
         Some(l) => match vtep_entries(nl, l.index).await {
@@ -165,6 +187,8 @@ pub async fn observe(
         links,
         bridge_addrs,
         vtep_addrs,
+        uplink_addrs,
+        uplink_routes,
         vtep,
         masq,
         cni_masq,

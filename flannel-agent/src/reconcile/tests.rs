@@ -10,13 +10,15 @@ use std::{
     sync::Arc,
 };
 
-use flannel_common::{Config, Endpoint, RemoteNode, CONFIG_F_READY, CONFIG_F_TC_DECAP};
+use flannel_common::{
+    Config, Endpoint, RemoteNode, CONFIG_F_READY, CONFIG_F_TC_DECAP, REMOTE_F_DIRECT,
+};
 use ipnet::Ipv4Net;
 use netlink_packet_route::link::{InfoKind, InfoVxlan};
 
 use super::{
-    desired::{desired, EbpfMode, Inputs, MasqSpec, Node},
-    diff::{diff, DeviceOp, MapOp, MasqOp, Op, VtepOp},
+    desired::{desired, DirectRoute, EbpfMode, Inputs, MasqSpec, Node},
+    diff::{diff, DeviceOp, DirectOp, MapOp, MasqOp, Op, VtepOp},
     observe::{GuardTables, Maps, MasqTable, Observed, VtepEntries},
     Desired,
 };
@@ -102,6 +104,7 @@ impl World {
         let mut w = World {
             node: Node {
                 uplink: link(UPLINK, "eth0", Some(InfoKind::Veth)),
+                uplink_nets: vec![net("10.0.0.1/24")],
                 ip: ip("10.0.0.1"),
                 lease: lease("10.244.1.0/24", "10.0.0.1", mac(0x11)),
                 vtep_mac: mac(0x11),
@@ -173,18 +176,20 @@ fn converged(w: &World) -> Observed {
     bridge.mtu = want.bridge.mtu;
     bridge.mac = Some(want.bridge.mac);
     links.insert(bridge.name.clone(), bridge);
-    let spec = &want.vtep.link;
-    let mut vtep = link(VTEP, &spec.name, Some(InfoKind::Vxlan));
-    vtep.mtu = spec.mtu;
-    vtep.mac = Some(spec.mac);
-    vtep.vxlan = vec![
-        InfoVxlan::Id(spec.vni),
-        InfoVxlan::Link(spec.uplink),
-        InfoVxlan::Local(spec.local),
-        InfoVxlan::Learning(false),
-        InfoVxlan::Port(spec.port),
-    ];
-    links.insert(vtep.name.clone(), vtep);
+    if let Some(v) = &want.vtep {
+        let spec = &v.link;
+        let mut vtep = link(VTEP, &spec.name, Some(InfoKind::Vxlan));
+        vtep.mtu = spec.mtu;
+        vtep.mac = Some(spec.mac);
+        vtep.vxlan = vec![
+            InfoVxlan::Id(spec.vni),
+            InfoVxlan::Link(spec.uplink),
+            InfoVxlan::Local(spec.local),
+            InfoVxlan::Learning(false),
+            InfoVxlan::Port(spec.port),
+        ];
+        links.insert(vtep.name.clone(), vtep);
+    }
     for (i, p) in w.pods.values().enumerate() {
         let mut l = link(POD_A + i as u32, &p.host_ifname, Some(InfoKind::Veth));
         l.controller = Some(BRIDGE);
@@ -230,7 +235,9 @@ fn converged(w: &World) -> Observed {
     Observed {
         links,
         bridge_addrs: vec![want.bridge.gateway],
-        vtep_addrs: vec![want.vtep.addr],
+        vtep_addrs: want.vtep.iter().map(|v| v.addr).collect(),
+        uplink_addrs: w.node.uplink_nets.clone(),
+        uplink_routes: Some(want.direct.values().map(|d| (d.subnet, d.via)).collect()),
         vtep: Some(entries),
         masq: match want.masq {
             Some(s) => MasqTable::Present(Some(s)),
@@ -266,7 +273,8 @@ fn node_of(r: RemoteEntry) -> RemoteNode {
     RemoteNode {
         node_ip: ip_key(r.public_ip),
         vtep_mac: r.vtep_mac.0,
-        _pad: [0; 2],
+        flags: 0,
+        _pad: 0,
     }
 }
 fn put_remote(r: RemoteEntry) -> Op {
@@ -307,7 +315,7 @@ fn ensure_bridge(w: &World) -> Op {
     Op::Device(DeviceOp::Bridge(w.want().bridge))
 }
 fn ensure_vtep(w: &World) -> Op {
-    Op::Device(DeviceOp::Vtep(w.want().vtep))
+    Op::Device(DeviceOp::Vtep(w.want().vtep.unwrap()))
 }
 fn masq_spec() -> MasqSpec {
     MasqSpec {
@@ -651,7 +659,119 @@ const ROWS: &[Row] = &[
         },
         |_| vec![],
     ),
+    (
+        "DirectRouting on: on-link remotes move from VXLAN to direct routes, the far one stays",
+        |w| {
+            w.cfg.backend.direct_routing = true;
+            w.add_lease(lease("10.244.4.0/24", "10.0.1.4", mac(0x44)));
+        },
+        |w| {
+            let r4 = remote("10.244.4.0/24", "10.0.1.4", mac(0x44));
+            vec![
+                program(r4),
+                del_route("10.244.2.0/24"),
+                del_route("10.244.3.0/24"),
+                del_neigh("10.244.2.0"),
+                del_neigh("10.244.3.0"),
+                del_fdb(mac(0x22), "10.0.0.2"),
+                del_fdb(mac(0x33), "10.0.0.3"),
+                direct("10.244.2.0/24", "10.0.0.2"),
+                direct("10.244.3.0/24", "10.0.0.3"),
+                // The config's MTU is unchanged; only the maps' entries move.
+                Op::Map(MapOp::PutRemote(
+                    net("10.244.2.0/24"),
+                    direct_node("10.0.0.2"),
+                )),
+                Op::Map(MapOp::PutRemote(
+                    net("10.244.3.0/24"),
+                    direct_node("10.0.0.3"),
+                )),
+                put_remote(r4),
+                put_vtep("10.0.1.4"),
+            ]
+            .into_iter()
+            .filter(|o| !matches!(o, Op::Map(MapOp::SetConfig(_))) || w.ebpf.is_some())
+            .collect()
+        },
+    ),
+    (
+        "a stale direct route in the cluster network goes; other routes on the uplink stay",
+        |w| {
+            let up = w.have.uplink_routes.as_mut().unwrap();
+            up.push((net("10.244.9.0/24"), ip("10.0.0.9")));
+            up.push((net("192.168.0.0/16"), ip("10.0.0.254")));
+            up.push((net("0.0.0.0/0"), ip("10.0.0.254")));
+        },
+        |_| {
+            vec![Op::Direct(DirectOp::Delete {
+                subnet: net("10.244.9.0/24"),
+                uplink: UPLINK,
+            })]
+        },
+    ),
+    (
+        "a direct route via the wrong gateway is replaced",
+        |w| {
+            w.cfg.backend.direct_routing = true;
+            w.have = converged(w);
+            let up = w.have.uplink_routes.as_mut().unwrap();
+            up.retain(|(d, _)| *d != net("10.244.2.0/24"));
+            up.push((net("10.244.2.0/24"), ip("10.0.0.99")));
+        },
+        |_| vec![direct("10.244.2.0/24", "10.0.0.2")],
+    ),
+    (
+        "DirectRouting off again: direct routes go before the VTEP's entries come back",
+        |w| {
+            w.cfg.backend.direct_routing = true;
+            w.have = converged(w);
+            w.cfg.backend.direct_routing = false;
+        },
+        |_| {
+            vec![
+                Op::Direct(DirectOp::Delete {
+                    subnet: net("10.244.2.0/24"),
+                    uplink: UPLINK,
+                }),
+                Op::Direct(DirectOp::Delete {
+                    subnet: net("10.244.3.0/24"),
+                    uplink: UPLINK,
+                }),
+                program(r2()),
+                program(r3()),
+                put_remote(r2()),
+                put_remote(r3()),
+            ]
+        },
+    ),
+    (
+        "uplink routes unreadable: direct routes are left for the next pass",
+        |w| {
+            w.cfg.backend.direct_routing = true;
+            w.have = converged(w);
+            w.have.uplink_routes = None;
+            w.leases.remove(&net("10.244.3.0/24"));
+        },
+        |_| vec![del_remote("10.244.3.0/24"), del_vtep("10.0.0.3")],
+    ),
 ];
+
+fn direct(subnet: &str, via: &str) -> Op {
+    Op::Direct(DirectOp::Route(DirectRoute {
+        subnet: net(subnet),
+        via: ip(via),
+        uplink: UPLINK,
+    }))
+}
+
+fn direct_node(via: &str) -> RemoteNode {
+    RemoteNode {
+        node_ip: ip_key(ip(via)),
+        vtep_mac: [0; 6],
+        flags: REMOTE_F_DIRECT,
+        _pad: 0,
+    }
+}
 
 #[test]
 fn diff_table() {
@@ -733,6 +853,11 @@ fn simulate(ops: &[Op], w: &mut World) {
                         e.fdb.insert((r.vtep_mac, Some(IpAddr::V4(r.public_ip))));
                         e.routes.retain(|(d, _)| *d != r.subnet);
                         e.routes.push((r.subnet, true));
+                        // One main table: a replace takes the destination
+                        // from whichever device had it.
+                        if let Some(up) = have.uplink_routes.as_mut() {
+                            up.retain(|(d, _)| *d != r.subnet);
+                        }
                     }
                     VtepOp::DeleteRoute(d) => e.routes.retain(|(x, _)| *x != d),
                     VtepOp::DeleteNeighbour(a) => {
@@ -742,6 +867,24 @@ fn simulate(ops: &[Op], w: &mut World) {
                         e.fdb.remove(&(mac, dst));
                     }
                 }
+            }
+            Op::Direct(DirectOp::Route(d)) => {
+                let up = have
+                    .uplink_routes
+                    .as_mut()
+                    .expect("no route op on unread routes");
+                up.retain(|(x, _)| *x != d.subnet);
+                up.push((d.subnet, d.via));
+                if let Some(e) = have.vtep.as_mut() {
+                    e.routes.retain(|(x, _)| *x != d.subnet);
+                }
+            }
+            Op::Direct(DirectOp::Delete { subnet, .. }) => {
+                let up = have
+                    .uplink_routes
+                    .as_mut()
+                    .expect("no route op on unread routes");
+                up.retain(|(x, _)| x != subnet);
             }
             Op::Masq(MasqOp::Install(spec)) => have.masq = MasqTable::Present(Some(*spec)),
             Op::Masq(MasqOp::Remove) => have.masq = MasqTable::Absent,
@@ -814,10 +957,10 @@ fn desired_state_from_node_config_and_leases() {
     // flannel.1, MTU = uplink − 50, the port from the config.
     assert_eq!(want.bridge.gateway, net("10.244.1.1/24"));
     assert_eq!(want.bridge.mtu, 1450);
-    assert_eq!(want.vtep.addr, net("10.244.1.0/32"));
-    assert_eq!(want.vtep.link.name, "flannel.1");
-    assert_eq!(want.vtep.link.port, 4789);
-    assert_eq!(want.vtep.link.uplink, UPLINK);
+    assert_eq!(want.vtep.as_ref().unwrap().addr, net("10.244.1.0/32"));
+    assert_eq!(want.vtep.as_ref().unwrap().link.name, "flannel.1");
+    assert_eq!(want.vtep.as_ref().unwrap().link.port, 4789);
+    assert_eq!(want.vtep.as_ref().unwrap().link.uplink, UPLINK);
     let maps = want.maps.unwrap();
     assert_eq!(
         maps.config,
@@ -853,11 +996,108 @@ fn desired_state_from_node_config_and_leases() {
     w.ip_masq = true;
     let want = w.want();
     assert_eq!(want.bridge.mtu, 1400);
-    assert_eq!(want.vtep.link.port, 8472);
+    assert_eq!(want.vtep.as_ref().unwrap().link.port, 8472);
     assert_eq!(want.maps.unwrap().config.flags, CONFIG_F_READY);
     assert_eq!(want.masq, Some(masq_spec()));
     w.ebpf = None;
     assert_eq!(w.want().maps, None);
+}
+
+/// Flannel's host-gw: no VXLAN device, every on-link remote routed via its
+/// node, a remote off the L2 network and a VXLAN lease ignored with the
+/// reason, pods at the uplink's MTU, no VXLAN guard rule.
+#[test]
+fn host_gw_routes_every_on_link_remote_directly() {
+    let mut w = World::new();
+    w.cfg =
+        NetConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+    w.leases.clear();
+    let host_gw = |subnet: &str, node: &str| Lease {
+        subnet: net(subnet),
+        attrs: LeaseAttrs::host_gw(ip(node)),
+        expiration: None,
+    };
+    for l in [
+        host_gw("10.244.1.0/24", "10.0.0.1"),
+        host_gw("10.244.2.0/24", "10.0.0.2"),
+        host_gw("10.244.3.0/24", "10.0.0.3"),
+        host_gw("10.244.4.0/24", "10.0.1.4"),
+        lease("10.244.5.0/24", "10.0.0.5", mac(0x55)),
+    ] {
+        w.add_lease(l);
+    }
+    let want = w.want();
+    assert_eq!(want.vtep, None);
+    assert!(want.remotes.is_empty());
+    assert_eq!(
+        want.direct
+            .values()
+            .map(|d| (d.subnet, d.via))
+            .collect::<Vec<_>>(),
+        [
+            (net("10.244.2.0/24"), ip("10.0.0.2")),
+            (net("10.244.3.0/24"), ip("10.0.0.3"))
+        ]
+    );
+    let why: BTreeMap<Ipv4Net, &str> = want
+        .ignored
+        .iter()
+        .map(|(n, i)| (*n, i.why.as_str()))
+        .collect();
+    assert!(
+        why[&net("10.244.4.0/24")]
+            .contains("node 10.0.1.4 is not on this node's network (10.0.0.0/24)")
+            && why[&net("10.244.4.0/24")].contains("network is unreachable"),
+        "{why:?}"
+    );
+    assert!(
+        why[&net("10.244.5.0/24")].contains("\"vxlan\" is not host-gw"),
+        "{why:?}"
+    );
+    assert_eq!(want.bridge.mtu, 1500);
+    let maps = want.maps.as_ref().unwrap();
+    assert_eq!(maps.config.inner_mtu, 1450);
+    assert!(maps.vteps.is_empty());
+    assert!(maps.remotes.values().all(|r| r.flags == REMOTE_F_DIRECT));
+    assert_eq!(maps.remotes.len(), 2);
+    assert_eq!(want.guard.port, None);
+    assert!(want.guard.vteps.is_empty());
+
+    // From a node with nothing: bridge, routes, maps; never a VXLAN device.
+    let uplink = w.have.links["eth0"].clone();
+    w.have = Observed {
+        links: [("eth0".to_string(), uplink)].into(),
+        vtep: Some(VtepEntries::default()),
+        uplink_routes: Some(Vec::new()),
+        masq: MasqTable::Absent,
+        cni_masq: Some(false),
+        maps: Some(Maps::default()),
+        ..Default::default()
+    };
+    w.pods.clear();
+    let ops = diff(&want, &w.have);
+    assert!(
+        !ops.iter()
+            .any(|o| matches!(o, Op::Device(DeviceOp::Vtep(_)) | Op::Vtep(_))),
+        "{ops:?}"
+    );
+    assert!(ops.contains(&direct("10.244.2.0/24", "10.0.0.2")));
+    assert!(ops.contains(&direct("10.244.3.0/24", "10.0.0.3")));
+    simulate(&ops, &mut w);
+    assert_eq!(diff(&w.want(), &w.have), vec![]);
+
+    // The uplink's address moves to another network: the remotes become
+    // unreachable and their routes and map entries go.
+    w.node.uplink_nets = vec![net("10.0.1.1/24")];
+    let ops = diff(&w.want(), &w.have);
+    for subnet in ["10.244.2.0/24", "10.244.3.0/24"] {
+        assert!(ops.contains(&Op::Direct(DirectOp::Delete {
+            subnet: net(subnet),
+            uplink: UPLINK
+        })));
+        assert!(ops.contains(&del_remote(subnet)));
+    }
+    assert!(ops.contains(&direct("10.244.4.0/24", "10.0.1.4")));
 }
 
 #[test]
@@ -971,7 +1211,7 @@ fn guard_tables_follow_leases_pods_and_drift() {
         [ip("10.0.0.2"), ip("10.0.0.3"), ip("10.0.0.4")].into()
     );
     assert_eq!(g[0].pods, None);
-    assert_eq!(g[0].port, w.want().vtep.link.port);
+    assert_eq!(g[0].port, Some(w.want().vtep.unwrap().link.port));
     // Kernel mode: the live pods' ports and addresses; a pod whose
     // interface is gone is left out.
     let mut w = World::new();

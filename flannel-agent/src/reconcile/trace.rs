@@ -8,7 +8,10 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use super::{desired::Desired, observe::Observed};
+use super::{
+    desired::{Desired, DirectRoute},
+    observe::Observed,
+};
 use crate::{
     api::{Step, Trace},
     datapath::ebpf::key_ip,
@@ -37,6 +40,8 @@ enum Source<'a> {
     LocalPod(&'a str),
     /// A pod on another node, behind this lease.
     RemotePod(Ipv4Net, Ipv4Addr),
+    /// A pod on another node routed to directly (DirectRouting, host-gw).
+    DirectPod(Ipv4Net, Ipv4Addr),
     /// This node itself.
     Node,
     Other,
@@ -49,6 +54,8 @@ pub fn trace(want: &Desired, have: &Observed, node_ip: Ipv4Addr, q: &Query) -> T
         Source::LocalPod(&p.host_ifname)
     } else if let Some(r) = remote_of(q.src) {
         Source::RemotePod(r.subnet, r.public_ip)
+    } else if let Some(d) = direct_lease(want, q.src) {
+        Source::DirectPod(d.subnet, d.via)
     } else if q.src == node_ip || q.src == want.bridge.gateway.addr() {
         Source::Node
     } else {
@@ -101,8 +108,26 @@ pub fn trace(want: &Desired, have: &Observed, node_ip: Ipv4Addr, q: &Query) -> T
                 from_pod(want, have, q, &mut steps, &mut expect);
             }
         }
+        Source::DirectPod(subnet, from) => {
+            steps.push(step(
+                "remote node",
+                format!(
+                    "node {from} (lease {subnet}) routes it directly, unencapsulated, to {node_ip}"
+                ),
+            ));
+            steps.push(step(
+                "uplink",
+                "a plain packet for a pod address: no program acts on it (uplink_pass); the kernel routes it to cni0 and the bridge hands it to the pod".into(),
+            ));
+            if ebpf {
+                expect.push("uplink_pass".into());
+            }
+        }
         Source::RemotePod(subnet, from) => {
-            let (port, vni) = (want.vtep.link.port, want.vtep.link.vni);
+            let (port, vni) = want
+                .vtep
+                .as_ref()
+                .map_or((0, 0), |v| (v.link.port, v.link.vni));
             steps.push(step(
                 "remote node",
                 format!(
@@ -130,10 +155,16 @@ pub fn trace(want: &Desired, have: &Observed, node_ip: Ipv4Addr, q: &Query) -> T
                     "kernel",
                     format!(
                         "to {}: route {} via {} dev {} onlink, neighbour {}, FDB to {}: encapsulated by the kernel's VXLAN device",
-                        q.dst, r.subnet, r.subnet.network(), want.vtep.link.name, r.vtep_mac, r.public_ip
+                        q.dst, r.subnet, r.subnet.network(), vtep_name(want), r.vtep_mac, r.public_ip
                     ),
                 )),
-                (None, None) => steps.push(step("kernel", format!("to {}: the node's own routing table", q.dst))),
+                (None, None) => match direct_lease(want, q.dst) {
+                    Some(d) => steps.push(step(
+                        "kernel",
+                        format!("to {}: route {} via {} on the uplink: sent unencapsulated", q.dst, d.subnet, d.via),
+                    )),
+                    None => steps.push(step("kernel", format!("to {}: the node's own routing table", q.dst))),
+                },
             }
         }
     }
@@ -210,6 +241,38 @@ fn from_pod(
         return;
     };
     let (node_ip, vtep_mac) = (key_ip(remote.node_ip), MacAddr(remote.vtep_mac));
+    let uplink = have
+        .links
+        .values()
+        .find(|l| l.index == cfg.uplink_ifindex)
+        .map_or("?".to_string(), |l| l.name.clone());
+    if remote.flags & flannel_common::REMOTE_F_DIRECT != 0 {
+        steps.push(step(
+            "tc_from_pod",
+            format!(
+                "remote-subnet map: {} is in {subnet}, on node {node_ip}, routed directly (no VXLAN)",
+                q.dst
+            ),
+        ));
+        steps.push(step(
+            "tc_from_pod",
+            format!(
+                "checks: TTL > 1 (else pod_pass_ttl), size within the uplink MTU {} (else pod_pass_too_big)",
+                cfg.inner_mtu + flannel_common::VXLAN_ENCAP_LEN
+            ),
+        ));
+        steps.push(step(
+            "tc_from_pod",
+            format!("FIB lookup for {node_ip} on {uplink}: TTL - 1, MACs of the next hop, redirected out of {uplink} (pod_direct_redirect), or with the next hop's neighbour still unresolved, through bpf_redirect_neigh (pod_direct_neigh)"),
+        ));
+        steps.push(step(
+            &format!("node {node_ip}"),
+            format!("the kernel routes it to cni0 and into the pod {}", q.dst),
+        ));
+        expect.push("pod_direct_redirect".into());
+        expect.push("pod_direct_neigh".into());
+        return;
+    }
     steps.push(step(
         "tc_from_pod",
         format!(
@@ -235,11 +298,6 @@ fn from_pod(
             MacAddr(cfg.vtep_mac)
         ),
     ));
-    let uplink = have
-        .links
-        .values()
-        .find(|l| l.index == cfg.uplink_ifindex)
-        .map_or("?".to_string(), |l| l.name.clone());
     steps.push(step(
         "tc_from_pod",
         format!("FIB lookup for {node_ip} on {uplink}: redirected out of {uplink} (pod_encap_redirect), or with the next hop's neighbour still unresolved, through bpf_redirect_neigh (pod_encap_neigh)"),
@@ -270,7 +328,7 @@ fn to_local_pod_from_vxlan(
             "kernel",
             format!(
                 "{} decapsulates it, routes it to cni0 and the bridge hands it to {}",
-                want.vtep.link.name,
+                vtep_name(want),
                 ifname.unwrap_or("no pod of this node")
             ),
         ));
@@ -319,7 +377,7 @@ fn to_local_pod_from_vxlan(
             by,
             format!(
                 "VXLAN for a local pod from a known node, every check passed; netfilter compatibility is on: left to {} ({}), which decapsulates it and routes it to {ifname} through the forward hook and rp_filter",
-                want.vtep.link.name, counter
+                vtep_name(want), counter
             ),
         ));
         expect.push(counter.into());
@@ -355,6 +413,21 @@ fn remote_lease(want: &Desired, ip: Ipv4Addr) -> Option<&RemoteEntry> {
         .max_by_key(|r| r.subnet.prefix_len())
 }
 
+/// The direct remote lease holding `ip`, longest prefix first.
+fn direct_lease(want: &Desired, ip: Ipv4Addr) -> Option<&DirectRoute> {
+    want.direct
+        .values()
+        .filter(|d| d.subnet.contains(&ip))
+        .max_by_key(|d| d.subnet.prefix_len())
+}
+
+/// The VXLAN device's name, for remotes that only exist with one.
+fn vtep_name(want: &Desired) -> &str {
+    want.vtep
+        .as_ref()
+        .map_or("(no VXLAN device)", |v| v.link.name.as_str())
+}
+
 /// The kernel path from a pod (no programs).
 fn kernel_from_pod(want: &Desired, have: &Observed, q: &Query, local: bool, steps: &mut Vec<Step>) {
     if local {
@@ -376,15 +449,32 @@ fn kernel_from_pod(want: &Desired, have: &Observed, q: &Query, local: bool, step
                     "routed by the node: {} via {} dev {} onlink ({}), neighbour {}, FDB to {}; {} encapsulates it",
                     r.subnet,
                     r.subnet.network(),
-                    want.vtep.link.name,
+                    vtep_name(want),
                     if route { "in place" } else { "MISSING" },
                     r.vtep_mac,
                     r.public_ip,
-                    want.vtep.link.name
+                    vtep_name(want)
                 ),
             ));
         }
-        None => kernel_beyond(want, q, steps),
+        None => match direct_lease(want, q.dst) {
+            Some(d) => {
+                let route = have
+                    .uplink_routes
+                    .as_ref()
+                    .is_some_and(|r| r.contains(&(d.subnet, d.via)));
+                steps.push(step(
+                    "kernel",
+                    format!(
+                        "routed by the node: {} via {} on the uplink ({}), unencapsulated",
+                        d.subnet,
+                        d.via,
+                        if route { "in place" } else { "MISSING" }
+                    ),
+                ));
+            }
+            None => kernel_beyond(want, q, steps),
+        },
     }
 }
 

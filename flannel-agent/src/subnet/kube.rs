@@ -88,9 +88,21 @@ pub fn node_lease(node: &Node) -> std::result::Result<Lease, String> {
         backend_data,
         backend_v6_data: serde_json::Value::Null,
     };
-    attrs
-        .vxlan_data()
-        .map_err(|e| format!("node {name}: {e}"))?;
+    // A VXLAN lease must carry usable data; a host-gw one carries none
+    // (Flannel writes "null").
+    match attrs.backend_type.as_str() {
+        "vxlan" => drop(
+            attrs
+                .vxlan_data()
+                .map_err(|e| format!("node {name}: {e}"))?,
+        ),
+        "host-gw" => {}
+        other => {
+            return Err(format!(
+                "node {name}: backend type {other:?} is not vxlan or host-gw"
+            ))
+        }
+    }
     Ok(Lease {
         subnet,
         attrs,
@@ -325,7 +337,14 @@ mod tests {
             "10.244.9.0/24"
         );
 
-        let cases: [(&str, serde_json::Value, &str); 5] = [
+        // Flannel's host-gw node: no backend data ("null").
+        let mut hostgw = good.clone();
+        hostgw["metadata"]["annotations"][BACKEND_TYPE] = "host-gw".into();
+        hostgw["metadata"]["annotations"][BACKEND_DATA] = "null".into();
+        let l = node_lease(&node(hostgw)).unwrap();
+        assert_eq!(l.attrs, LeaseAttrs::host_gw(Ipv4Addr::new(172, 30, 0, 2)));
+
+        let cases: [(&str, serde_json::Value, &str); 6] = [
             ("spec", serde_json::json!({}), "no IPv4 podCIDR"),
             (
                 "metadata",
@@ -334,7 +353,12 @@ mod tests {
             ),
             ("public", serde_json::json!("not-an-ip"), "is not IPv4"),
             ("data", serde_json::json!("{bad"), "is not JSON"),
-            ("type", serde_json::json!("host-gw"), "not vxlan"),
+            (
+                "type",
+                serde_json::json!("wireguard"),
+                "not vxlan or host-gw",
+            ),
+            ("type", serde_json::json!("vxlan"), "is not unicast"),
         ];
         for (what, value, want) in cases {
             let mut n = good.clone();
@@ -343,6 +367,10 @@ mod tests {
                 "metadata" => n["metadata"] = value,
                 "public" => n["metadata"]["annotations"][PUBLIC_IP] = value,
                 "data" => n["metadata"]["annotations"][BACKEND_DATA] = value,
+                _ if value == "vxlan" => {
+                    n["metadata"]["annotations"][BACKEND_DATA] =
+                        "{\"VNI\":1,\"VtepMAC\":\"ff:ff:ff:ff:ff:ff\"}".into()
+                }
                 _ => n["metadata"]["annotations"][BACKEND_TYPE] = value,
             }
             let e = node_lease(&node(n)).unwrap_err();

@@ -75,6 +75,17 @@ impl LeaseAttrs {
         }
     }
 
+    /// Flannel's host-gw lease: a type and the public IP, no data.
+    pub fn host_gw(public_ip: Ipv4Addr) -> Self {
+        LeaseAttrs {
+            public_ip,
+            public_ipv6: None,
+            backend_type: "host-gw".into(),
+            backend_data: serde_json::Value::Null,
+            backend_v6_data: serde_json::Value::Null,
+        }
+    }
+
     /// The VXLAN data of a lease, or why it cannot be used.
     pub fn vxlan_data(&self) -> std::result::Result<VxlanData, String> {
         if self.backend_type != "vxlan" {
