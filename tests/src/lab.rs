@@ -10,6 +10,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use flannel_agent::{
     api::{self, Request},
+    config::{BackendType, NetConfig},
     datapath::ebpf,
     mac::MacAddr,
     subnet::{env::SubnetEnv, local::LocalStore, LeaseAttrs, LeaseTiming},
@@ -36,6 +37,9 @@ pub struct NodeSpec {
     pub pods: usize,
     /// Arguments for this node's agent only, after the lab's.
     pub args: &'static [&'static str],
+    /// On the far node network ([`FAR_NET`]), reached through the fabric's
+    /// router: not on the other nodes' L2 network.
+    pub far: bool,
 }
 
 impl NodeSpec {
@@ -44,11 +48,17 @@ impl NodeSpec {
             kind,
             pods,
             args: &[],
+            far: false,
         }
     }
 
     pub const fn with_args(self, args: &'static [&'static str]) -> Self {
         Self { args, ..self }
+    }
+
+    /// The node sits on [`FAR_NET`], one routed hop away.
+    pub const fn far(self) -> Self {
+        Self { far: true, ..self }
     }
 }
 
@@ -58,6 +68,12 @@ pub const POD_MTU: u32 = 1450;
 /// The fabric bridge's own address: where lab-wide services (etcd, the
 /// fake API server) listen, and the nodes' default gateway.
 pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
+/// A second node network on the same fabric bridge: its nodes reach the
+/// others only through the fabric namespace, which routes between the two
+/// (a node there is not on-link for DirectRouting or host-gw).
+pub const FAR_NET: [u8; 3] = [172, 30, 1];
+/// The fabric's address on [`FAR_NET`], the far nodes' default gateway.
+pub const FAR_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 30, 1, 254);
 /// The CNI network name (Flannel's conflist calls it `cbr0`).
 pub const CNI_NETWORK: &str = "cbr0";
 /// The lab's net-conf.json.
@@ -179,6 +195,10 @@ pub struct Pod {
 pub struct Node {
     pub ns: String,
     pub kind: NodeKind,
+    /// On [`FAR_NET`] (see [`NodeSpec::far`]).
+    pub far: bool,
+    /// The lab's backend, as this node advertises it.
+    pub backend: BackendType,
     pub ip: Ipv4Addr,
     pub subnet: Ipv4Net,
     pub vtep_mac: MacAddr,
@@ -203,7 +223,10 @@ impl Node {
 
     /// The lease attrs this node advertises (as Flannel writes them).
     pub fn attrs(&self) -> LeaseAttrs {
-        LeaseAttrs::vxlan(self.ip, VNI, self.vtep_mac)
+        match self.backend {
+            BackendType::Vxlan => LeaseAttrs::vxlan(self.ip, VNI, self.vtep_mac),
+            BackendType::HostGw => LeaseAttrs::host_gw(self.ip),
+        }
     }
 
     pub fn subnet_file(&self) -> PathBuf {
@@ -498,9 +521,31 @@ impl Lab {
     }
 
     /// The pods' MTU: the node network's less the VXLAN overhead
-    /// ([`POD_MTU`] on the default node network).
+    /// ([`POD_MTU`] on the default node network); host-gw's pods get the
+    /// node network's.
     pub fn pod_mtu(&self) -> u32 {
-        self.uplink_mtu() - (1500 - POD_MTU)
+        match self.backend() {
+            BackendType::HostGw => self.uplink_mtu(),
+            BackendType::Vxlan => self.uplink_mtu() - (1500 - POD_MTU),
+        }
+    }
+
+    /// The lab's net-conf.json, parsed.
+    pub fn net_config(&self) -> NetConfig {
+        NetConfig::parse(&self.net_conf_text()).expect("the lab's net-conf.json is valid")
+    }
+
+    pub fn backend(&self) -> BackendType {
+        self.net_config().backend.kind
+    }
+
+    /// Whether nodes `i` and `j` route pod traffic to each other directly
+    /// (unencapsulated), as Flannel decides it: host-gw, or DirectRouting
+    /// between nodes on one L2 network.
+    pub fn direct_between(&self, i: usize, j: usize) -> bool {
+        let cfg = self.net_config();
+        let same_link = self.nodes[i].far == self.nodes[j].far;
+        same_link && (cfg.backend.kind == BackendType::HostGw || cfg.backend.direct_routing)
     }
 
     /// A fresh namespace `<lab id>-<suffix>`, removed with the lab.
@@ -594,8 +639,23 @@ impl Lab {
             "dev",
             "br0",
         ])?;
+        // The fabric routes between the node network and the far one.
+        ip(&[
+            "-n",
+            &fab,
+            "addr",
+            "add",
+            &format!("{FAR_GATEWAY}/24"),
+            "dev",
+            "br0",
+        ])?;
+        sysctl(&fab, "net.ipv4.ip_forward", "1")?;
+        // A bridge port's packets routed back out of the same bridge would
+        // otherwise draw ICMP redirects, which nodes would then follow.
+        sysctl(&fab, "net.ipv4.conf.all.send_redirects", "0")?;
+        sysctl(&fab, "net.ipv4.conf.br0.send_redirects", "0")?;
         for spec in specs {
-            let i = self.create_node(spec.kind)?;
+            let i = self.create_node(spec.kind, spec.far)?;
             self.nodes[i].agent_args = spec.args;
         }
         std::fs::write(self.net_conf(), self.net_conf_text())?;
@@ -642,8 +702,9 @@ impl Lab {
         Ok(())
     }
 
-    /// Adds node namespace number `len+1` to the fabric (no agent yet).
-    fn create_node(&mut self, kind: NodeKind) -> Result<usize> {
+    /// Adds node namespace number `len+1` to the fabric (no agent yet),
+    /// on [`FAR_NET`] when `far`.
+    fn create_node(&mut self, kind: NodeKind, far: bool) -> Result<usize> {
         let n = self.nodes.len() + 1;
         let fab = self.fabric.clone();
         let ns = format!("{}-n{n}", self.id);
@@ -655,7 +716,12 @@ impl Lab {
             "mtu", &mtu, "netns", &ns,
         ])?;
         ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
-        let node_ip = Ipv4Addr::new(172, 30, 0, n as u8);
+        let (node_ip, gateway) = if far {
+            let [a, b, c] = FAR_NET;
+            (Ipv4Addr::new(a, b, c, n as u8), FAR_GATEWAY)
+        } else {
+            (Ipv4Addr::new(172, 30, 0, n as u8), FABRIC_IP)
+        };
         ip(&[
             "-n",
             &ns,
@@ -674,7 +740,7 @@ impl Lab {
             "add",
             "default",
             "via",
-            "172.30.0.254",
+            &gateway.to_string(),
             "dev",
             "eth0",
             "onlink",
@@ -692,6 +758,8 @@ impl Lab {
             run_dir: self.dir.join(format!("n{n}")),
             ns,
             kind,
+            far,
+            backend: self.backend(),
             ip: node_ip,
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, n as u8, 0), 24)?,
             vtep_mac: match kind {
@@ -710,7 +778,12 @@ impl Lab {
     /// A node joining the running lab: its namespace, then its agent, which
     /// takes a lease like any other node would.
     pub fn join_node(&mut self, kind: NodeKind) -> Result<usize> {
-        let i = self.create_node(kind)?;
+        self.join_node_on(kind, false)
+    }
+
+    /// [`Lab::join_node`], on [`FAR_NET`] when `far`.
+    pub fn join_node_on(&mut self, kind: NodeKind, far: bool) -> Result<usize> {
+        let i = self.create_node(kind, far)?;
         std::fs::create_dir_all(&self.nodes[i].run_dir)?;
         self.start_agent(i)?;
         Ok(i)
@@ -719,7 +792,7 @@ impl Lab {
     /// Like [`Lab::join_node`] but returns once the agent runs, ready or
     /// not, with `prefer` written to its subnet.env first.
     pub fn join_node_nowait(&mut self, kind: NodeKind, prefer: Option<Ipv4Net>) -> Result<usize> {
-        let i = self.create_node(kind)?;
+        let i = self.create_node(kind, false)?;
         std::fs::create_dir_all(&self.nodes[i].run_dir)?;
         if let Some(p) = prefer {
             SubnetEnv::new("10.244.0.0/16".parse()?, p, self.pod_mtu(), false)
@@ -1180,6 +1253,10 @@ impl Lab {
         ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
         ip(&["-n", ns, "addr", "add", &gw, "dev", "cni0"])?;
         ip(&["-n", ns, "link", "set", "cni0", "mtu", &pod_mtu, "up"])?;
+        // host-gw has no VXLAN device at all.
+        if self.backend() == BackendType::HostGw {
+            return self.program_stock_remotes(i);
+        }
         let local = node.ip.to_string();
         ip(&[
             "-n",
@@ -1223,13 +1300,34 @@ impl Lab {
         self.program_stock_remotes(i)
     }
 
-    /// Stock-Flannel node `i`'s neighbour, FDB entry and route for every
-    /// other node, in Flannel's order (replace: run again once the
-    /// agents' leases are known, as flanneld follows its watch).
+    /// Stock-Flannel node `i`'s entries for every other node (replace: run
+    /// again once the agents' leases are known, as flanneld follows its
+    /// watch): a direct route `<subnet> via <node IP>` to a node it routes
+    /// to directly (host-gw, DirectRouting on one L2 network); with VXLAN
+    /// otherwise the neighbour, FDB entry and route, in Flannel's order;
+    /// with host-gw nothing for a node off its network (Flannel's route
+    /// add fails there).
     fn program_stock_remotes(&self, i: usize) -> Result<()> {
         let node = &self.nodes[i];
         let ns = node.ns.as_str();
-        for other in self.nodes.iter().filter(|o| o.ns != node.ns) {
+        for (j, other) in self.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+            if self.direct_between(i, j) {
+                ip(&[
+                    "-n",
+                    ns,
+                    "route",
+                    "replace",
+                    &other.subnet.to_string(),
+                    "via",
+                    &other.ip.to_string(),
+                    "dev",
+                    "eth0",
+                ])?;
+                continue;
+            }
+            if self.backend() == BackendType::HostGw {
+                continue;
+            }
             let gw = other.subnet.network().to_string();
             let mac = other.vtep_mac.to_string();
             ip(&[
@@ -1438,11 +1536,39 @@ impl Lab {
     /// carried it: a local redirect on the same node; encap, TC decap and
     /// delivery both ways across nodes, with `flannel.1` idle.
     pub fn every_pair_over_ebpf(&self, first_port: u16) -> Result<()> {
-        let snapshot = || -> Result<Vec<_>> { self.nodes.iter().map(|n| n.counters()).collect() };
-        let vtep = || -> Result<Vec<(u64, u64)>> {
+        if let Some(n) = self.nodes.iter().find(|n| n.kind != NodeKind::Ebpf) {
+            bail!("{} is not an eBPF node", n.ns);
+        }
+        self.every_pair(first_port)
+    }
+
+    /// Every ordered pair of pods exchanges ICMP (3 pings), TCP and UDP
+    /// (ports from `first_port` up), and what each node counts proves the
+    /// path it took, as the lab's mode decides it ([`Lab::direct_between`]):
+    /// - on an eBPF node: a local redirect on the same node; across nodes
+    ///   the sender's encapsulation (`pod_encap_*`) or direct route
+    ///   (`pod_direct_*`, nothing encapsulated), and the receiver's decap
+    ///   (`uplink_decap`, `xdp_decap`) or, for a direct packet, a plain
+    ///   packet left to the kernel (`uplink_pass_other_host` in TC decap
+    ///   mode, `uplink_pass` after XDP; nothing decapsulated);
+    /// - on a kernel or stock-Flannel node: `flannel.1` carried the
+    ///   VXLAN pairs both ways and nothing of the direct ones;
+    /// - an eBPF node's `flannel.1` never carries pod traffic.
+    pub fn every_pair(&self, first_port: u16) -> Result<()> {
+        let ebpf = |i: usize| self.nodes[i].kind == NodeKind::Ebpf;
+        let snapshot = || -> Result<Vec<std::collections::HashMap<&'static str, u64>>> {
+            (0..self.nodes.len())
+                .map(|i| match ebpf(i) {
+                    true => self.nodes[i].counters(),
+                    false => Ok(Default::default()),
+                })
+                .collect()
+        };
+        // (tx, rx) packets of each node's flannel.1; `None` without one.
+        let vtep = || -> Vec<Option<(u64, u64)>> {
             self.nodes
                 .iter()
-                .map(|n| crate::netns::link_packets(&n.ns, "flannel.1"))
+                .map(|n| crate::netns::link_packets(&n.ns, "flannel.1").ok())
                 .collect()
         };
         let pods = self.all_pods();
@@ -1452,7 +1578,7 @@ impl Lab {
                 if a == b {
                     continue;
                 }
-                let (before, vtep_before) = (snapshot()?, vtep()?);
+                let (before, vtep_before) = (snapshot()?, vtep());
                 let (pa, pb) = (self.pod(a), self.pod(b));
                 if !self.ping(a, pb.ip, 3, 56)? {
                     bail!("ping {} -> {} failed", pa.ip, pb.ip);
@@ -1460,36 +1586,77 @@ impl Lab {
                 port += 1;
                 crate::traffic::tcp_exchange(&pa.ns, &pb.ns, pb.ip, port)?;
                 crate::traffic::udp_exchange(&pa.ns, &pb.ns, pb.ip, port)?;
-                let after = snapshot()?;
-                let d = |node: usize, name: &str| after[node][name] - before[node][name];
-                let counted: Vec<(&str, u64)> = if a.0 == b.0 {
-                    // ping 3 + TCP (handshake, data, fin) + UDP 1, both ways.
-                    if d(a.0, "pod_encap_redirect") != 0 {
-                        bail!("{} -> {}: same-node traffic encapsulated", pa.ip, pb.ip);
-                    }
-                    vec![("local redirect", d(a.0, "pod_local_redirect") / 2)]
-                } else {
-                    // The lab's veth uplinks decapsulate in TC (decap and
-                    // delivery are one verdict there).
-                    let encap = |n| d(n, "pod_encap_redirect") + d(n, "pod_encap_neigh");
-                    vec![
-                        ("encap", encap(a.0)),
-                        ("decap", d(b.0, "uplink_decap")),
-                        (
-                            "delivery",
-                            d(b.0, "uplink_redirect") + d(b.0, "uplink_decap"),
-                        ),
-                        ("reply encap", encap(b.0)),
-                        ("reply decap", d(a.0, "uplink_decap")),
-                    ]
+                let (after, vtep_after) = (snapshot()?, vtep());
+                let d = |node: usize, name: &str| {
+                    after[node].get(name).copied().unwrap_or(0)
+                        - before[node].get(name).copied().unwrap_or(0)
                 };
-                for (what, n) in counted {
-                    if n < 5 {
-                        bail!("{} -> {}: {what} counted {n}", pa.ip, pb.ip);
+                let pair = format!("{} -> {}", pa.ip, pb.ip);
+                // ping 3 + TCP (handshake, data, fin) + UDP 1: each way
+                // carries at least 5 packets.
+                let mut counted: Vec<(String, u64)> = Vec::new();
+                let mut none: Vec<(String, u64)> = Vec::new();
+                let encap = |n| d(n, "pod_encap_redirect") + d(n, "pod_encap_neigh");
+                let direct_out = |n| d(n, "pod_direct_redirect") + d(n, "pod_direct_neigh");
+                let decap = |n| d(n, "uplink_decap") + d(n, "xdp_decap");
+                if a.0 == b.0 {
+                    if ebpf(a.0) {
+                        none.push(("same-node encap".into(), encap(a.0)));
+                        counted.push(("local redirect".into(), d(a.0, "pod_local_redirect") / 2));
+                    }
+                } else {
+                    let direct = self.direct_between(a.0, b.0);
+                    for (from, to, way) in [(a.0, b.0, ""), (b.0, a.0, "reply ")] {
+                        if ebpf(from) {
+                            if direct {
+                                counted.push((format!("{way}direct route"), direct_out(from)));
+                                none.push((format!("{way}encap"), encap(from)));
+                            } else {
+                                counted.push((format!("{way}encap"), encap(from)));
+                            }
+                        }
+                        if ebpf(to) {
+                            if direct {
+                                // Not for this node's address: no VXLAN
+                                // to judge (TC decap), or passed by XDP.
+                                counted.push((
+                                    format!("{way}plain arrival"),
+                                    d(to, "uplink_pass") + d(to, "uplink_pass_other_host"),
+                                ));
+                                none.push((format!("{way}decap"), decap(to)));
+                            } else {
+                                counted.push((format!("{way}decap"), decap(to)));
+                                counted.push((
+                                    format!("{way}delivery"),
+                                    d(to, "uplink_redirect") + d(to, "uplink_decap"),
+                                ));
+                            }
+                        }
+                    }
+                    for n in [a.0, b.0] {
+                        let moved = match (vtep_before[n], vtep_after[n]) {
+                            (Some((rx0, tx0)), Some((rx1, tx1))) => (rx1 - rx0, tx1 - tx0),
+                            _ => (0, 0),
+                        };
+                        let ns = &self.nodes[n].ns;
+                        if direct || ebpf(n) {
+                            if moved != (0, 0) {
+                                bail!("{pair}: flannel.1 of {ns} carried {moved:?} packets");
+                            }
+                        } else if moved.0 < 5 || moved.1 < 5 {
+                            bail!("{pair}: flannel.1 of {ns} carried only {moved:?} packets");
+                        }
                     }
                 }
-                if vtep()? != vtep_before {
-                    bail!("flannel.1 carried pod traffic ({} -> {})", pa.ip, pb.ip);
+                for (what, n) in counted {
+                    if n < 5 {
+                        bail!("{pair}: {what} counted {n}");
+                    }
+                }
+                for (what, n) in none {
+                    if n != 0 {
+                        bail!("{pair}: {what} counted {n}, expected none");
+                    }
                 }
             }
         }

@@ -472,7 +472,7 @@ impl Agent {
                 tracing::warn!(%subnet, node = %i.node, why = %i.why, "ignoring a lease");
             }
         }
-        self.remotes = want.remotes.len();
+        self.remotes = want.remotes.len() + want.direct.len();
         self.ignored = want.ignored.clone();
         let ops = reconcile::diff(&want, &observed);
         let report = reconcile::apply(

@@ -716,12 +716,12 @@ pub fn counters_by_name(
 /// `flannel-agent` tools and tests that check what the data path holds.
 pub fn read_remotes(
     dir: &Path,
-) -> std::result::Result<Vec<(Ipv4Net, Ipv4Addr, [u8; 6])>, aya::maps::MapError> {
+) -> std::result::Result<Vec<(Ipv4Net, Ipv4Addr, RemoteNode)>, aya::maps::MapError> {
     let data = pinned_map(dir, maps::REMOTE_SUBNETS)?;
     let trie: LpmTrie<_, u32, RemoteNode> = LpmTrie::try_from(Map::LpmTrie(data))?;
     Ok(remotes_in(&trie)?
         .into_iter()
-        .map(|(net, v)| (net, key_ip(v.node_ip), v.vtep_mac))
+        .map(|(net, v)| (net, key_ip(v.node_ip), v))
         .collect())
 }
 

@@ -115,12 +115,30 @@ pub fn trace(want: &Desired, have: &Observed, node_ip: Ipv4Addr, q: &Query) -> T
                     "node {from} (lease {subnet}) routes it directly, unencapsulated, to {node_ip}"
                 ),
             ));
-            steps.push(step(
-                "uplink",
-                "a plain packet for a pod address: no program acts on it (uplink_pass); the kernel routes it to cni0 and the bridge hands it to the pod".into(),
-            ));
-            if ebpf {
-                expect.push("uplink_pass".into());
+            match want.maps.as_ref().map(|m| m.config.flags) {
+                Some(flags) if flags & flannel_common::CONFIG_F_TC_DECAP != 0 => {
+                    steps.push(step(
+                        "tc_uplink_ingress",
+                        "a plain packet to a pod address, not to this node: nothing to decapsulate (uplink_pass_other_host); the kernel routes it to cni0 and the bridge hands it to the pod".into(),
+                    ));
+                    expect.push("uplink_pass_other_host".into());
+                }
+                Some(_) => {
+                    steps.push(step(
+                        "xdp_uplink",
+                        "a plain packet to a pod address, not to this node: passed (xdp_pass_other_host)".into(),
+                    ));
+                    steps.push(step(
+                        "tc_uplink_ingress",
+                        "not marked as decapsulated: left to the kernel (uplink_pass), which routes it to cni0 and the bridge hands it to the pod".into(),
+                    ));
+                    expect.push("xdp_pass_other_host".into());
+                    expect.push("uplink_pass".into());
+                }
+                None => steps.push(step(
+                    "kernel",
+                    "routes it to cni0 and the bridge hands it to the pod".into(),
+                )),
             }
         }
         Source::RemotePod(subnet, from) => {

@@ -343,6 +343,12 @@ mod tests {
         let hostgw: LeaseAttrs =
             serde_json::from_str(r#"{"PublicIP":"10.0.0.1","BackendType":"host-gw"}"#).unwrap();
         assert!(hostgw.vxlan_data().unwrap_err().contains("not vxlan"));
+        // Ours is Flannel's host-gw lease, field for field, no data.
+        assert_eq!(hostgw, LeaseAttrs::host_gw(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(
+            serde_json::to_string(&hostgw).unwrap(),
+            r#"{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"host-gw"}"#
+        );
         let broken: LeaseAttrs = serde_json::from_str(
             r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#,
         )

@@ -1,0 +1,242 @@
+//! Flannel's other IPv4 modes end to end (root; real packets):
+//! `DirectRouting` (direct routes between nodes on one L2 network, VXLAN
+//! to the rest) and the `host-gw` backend, on eBPF nodes, `--datapath
+//! kernel` nodes and a node wired the way stock Flannel wires it. The lab
+//! puts "far" nodes on a second node network one routed hop away.
+
+use anyhow::{Context, Result};
+use flannel_common::REMOTE_F_DIRECT;
+use flannel_tests::{
+    lab::{LabOptions, NodeKind, NodeSpec},
+    netns::{exec, ip},
+    Lab,
+};
+
+const DIRECT_ROUTING: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1,"Port":4789,"DirectRouting":true}}"#;
+const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+
+fn with_conf(conf: &str) -> LabOptions {
+    LabOptions {
+        net_conf: Some(conf.into()),
+        ..Default::default()
+    }
+}
+
+/// `ip route show <dst>` in node `i`'s namespace, one line.
+fn route(lab: &Lab, i: usize, dst: &str) -> Result<String> {
+    Ok(ip(&["-n", &lab.nodes[i].ns, "route", "show", dst])?
+        .trim()
+        .to_string())
+}
+
+/// The largest ping payload that fits the lab's pod MTU passes both ways
+/// between the first pods of nodes `i` and `j`; one byte more does not
+/// (DF set, as `ping -M do` sends).
+fn mtu_edge(lab: &Lab, i: usize, j: usize) -> Result<()> {
+    let fits = (lab.pod_mtu() - 28) as usize;
+    for (a, b) in [((i, 0), (j, 0)), ((j, 0), (i, 0))] {
+        let to = lab.pod(b).ip.to_string();
+        let ping = |size: usize| {
+            exec(
+                &lab.pod(a).ns,
+                &[
+                    "ping",
+                    "-q",
+                    "-n",
+                    "-c",
+                    "2",
+                    "-i",
+                    "0.05",
+                    "-W",
+                    "2",
+                    "-M",
+                    "do",
+                    "-s",
+                    &size.to_string(),
+                    &to,
+                ],
+            )
+        };
+        assert!(ping(fits)?.status.success(), "ping -s {fits} -> {to}");
+        assert!(
+            !ping(fits + 1)?.status.success(),
+            "ping -s {} -> {to} must not fit the pod MTU {}",
+            fits + 1,
+            lab.pod_mtu()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn direct_routing_routes_on_link_nodes_and_encapsulates_the_far_one() -> Result<()> {
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 2),
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Ebpf, 1).far(),
+        ],
+        with_conf(DIRECT_ROUTING),
+    )?;
+    // Flannel's kernel state: a plain route to the on-link node, the VXLAN
+    // entries for the far one.
+    let (n2, n3) = (&lab.nodes[1], &lab.nodes[2]);
+    let direct = route(&lab, 0, &n2.subnet.to_string())?;
+    assert!(
+        direct.contains(&format!("via {} dev eth0", n2.ip)),
+        "{direct}"
+    );
+    let far = route(&lab, 0, &n3.subnet.to_string())?;
+    assert!(
+        far.contains(&format!("via {} dev flannel.1", n3.subnet.network()))
+            && far.contains("onlink"),
+        "{far}"
+    );
+    // The far node reaches both the other way round over VXLAN.
+    let back = route(&lab, 2, &lab.nodes[0].subnet.to_string())?;
+    assert!(
+        back.contains("dev flannel.1") && back.contains("onlink"),
+        "{back}"
+    );
+    // The maps say the same.
+    let remotes = flannel_agent::datapath::ebpf::read_remotes(&lab.nodes[0].bpf_dir)?;
+    let entry = |subnet| {
+        remotes
+            .iter()
+            .find(|(n, _, _)| *n == subnet)
+            .map(|(_, ip, r)| (*ip, r.flags, r.vtep_mac))
+    };
+    assert_eq!(entry(n2.subnet), Some((n2.ip, REMOTE_F_DIRECT, [0; 6])));
+    assert_eq!(entry(n3.subnet), Some((n3.ip, 0, n3.vtep_mac.0)));
+    lab.every_pair(25000)?;
+    mtu_edge(&lab, 0, 1)?;
+    mtu_edge(&lab, 0, 2)?;
+
+    // `trace` explains both kinds of remote from the live state.
+    let trace = |src, dst| -> Result<flannel_agent::api::Trace> {
+        flannel_agent::api::call(
+            &lab.nodes[0].socket(),
+            &flannel_agent::api::Request::Trace {
+                src,
+                dst,
+                proto: None,
+                dport: None,
+            },
+        )?
+        .trace
+        .context("no trace")
+    };
+    let (a, near, far) = (lab.pod((0, 0)).ip, lab.pod((1, 0)).ip, lab.pod((2, 0)).ip);
+    let t = trace(a, near)?;
+    assert_eq!(
+        t.expect,
+        ["pod_direct_redirect", "pod_direct_neigh"],
+        "{t:?}"
+    );
+    assert!(
+        t.steps.iter().any(|s| s.what.contains("routed directly")),
+        "{t:?}"
+    );
+    let t = trace(a, far)?;
+    assert_eq!(t.expect, ["pod_encap_redirect", "pod_encap_neigh"], "{t:?}");
+    let t = trace(near, a)?;
+    assert_eq!(t.expect, ["uplink_pass_other_host"], "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn direct_routing_between_ebpf_kernel_and_stock_flannel_nodes() -> Result<()> {
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+            NodeSpec::new(NodeKind::StockFlannel, 1),
+            NodeSpec::new(NodeKind::Ebpf, 1).far(),
+        ],
+        with_conf(DIRECT_ROUTING),
+    )?;
+    // The kernel data path programs the same direct route.
+    let r = route(&lab, 1, &lab.nodes[2].subnet.to_string())?;
+    assert!(
+        r.contains(&format!("via {} dev eth0", lab.nodes[2].ip)),
+        "{r}"
+    );
+    lab.every_pair(25100)?;
+    Ok(())
+}
+
+#[test]
+fn host_gw_routes_every_pair_directly_and_refuses_a_node_off_the_network() -> Result<()> {
+    let mut lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 2),
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+            NodeSpec::new(NodeKind::StockFlannel, 1),
+        ],
+        with_conf(HOST_GW),
+    )?;
+    assert_eq!(lab.pod_mtu(), 1500);
+    for n in &lab.nodes {
+        // No VXLAN device on any node: host-gw has none.
+        assert!(
+            ip(&["-n", &n.ns, "link", "show", "flannel.1"]).is_err(),
+            "{} has flannel.1",
+            n.ns
+        );
+        let mtu = ip(&["-n", &n.ns, "-j", "link", "show", "cni0"])?;
+        let v: serde_json::Value = serde_json::from_str(&mtu)?;
+        assert_eq!(v[0]["mtu"], 1500, "{}: cni0", n.ns);
+        // subnet.env carries the uplink's MTU for the CNI plugin.
+        if n.kind != NodeKind::StockFlannel {
+            let env = std::fs::read_to_string(n.subnet_file())?;
+            assert!(env.contains("FLANNEL_MTU=1500"), "{env}");
+        }
+    }
+    for i in [0, 2] {
+        for j in (0..lab.nodes.len()).filter(|j| *j != i) {
+            let r = route(&lab, i, &lab.nodes[j].subnet.to_string())?;
+            let want = format!("via {} dev eth0", lab.nodes[j].ip);
+            assert!(r.contains(&want), "node {i} to node {j}: {r}");
+        }
+    }
+    lab.every_pair(25200)?;
+    mtu_edge(&lab, 0, 1)?;
+    mtu_edge(&lab, 0, 3)?;
+
+    // A node off the L2 network cannot be routed to: every node leaves
+    // its lease out with Flannel's reason, and the far node all of theirs.
+    let far = lab.join_node_on(NodeKind::Ebpf, true)?;
+    let far_subnet = lab.nodes[far].subnet;
+    lab.wait_for(
+        std::time::Duration::from_secs(10),
+        "every node to set the far lease aside",
+        |lab| {
+            (0..3).all(|i| lab.nodes[i].status().is_ok_and(|s| s.ignored_leases == 1))
+                && lab.nodes[far]
+                    .status()
+                    .is_ok_and(|s| s.ignored_leases == 4 && s.remote_leases == 0)
+        },
+    )?;
+    let inspect = flannel_agent::api::call(
+        &lab.nodes[0].socket(),
+        &flannel_agent::api::Request::Inspect {},
+    )?
+    .inspect
+    .context("no inspect answer")?;
+    let why = inspect
+        .ignored
+        .iter()
+        .find(|c| c.name.starts_with(&far_subnet.to_string()))
+        .with_context(|| format!("{:?}", inspect.ignored))?;
+    assert!(
+        why.problems[0].contains("network is unreachable"),
+        "{:?}",
+        why.problems
+    );
+    assert!(
+        route(&lab, 0, &far_subnet.to_string())?.is_empty(),
+        "no route to a lease set aside"
+    );
+    Ok(())
+}
