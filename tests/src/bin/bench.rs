@@ -47,10 +47,12 @@ impl Opts {
                 "--quick" => quick = true,
                 "--out" => out = args.next().context("--out needs a directory")?.into(),
                 "--only" => match args.next().as_deref() {
-                    Some(part @ ("data" | "jumbo" | "programs" | "control")) => {
+                    Some(part @ ("data" | "jumbo" | "direct" | "programs" | "control")) => {
                         only = Some(part.to_string())
                     }
-                    other => bail!("--only takes data, jumbo, programs or control, not {other:?}"),
+                    other => bail!(
+                        "--only takes data, jumbo, direct, programs or control, not {other:?}"
+                    ),
                 },
                 other => bail!("unknown argument {other:?} (use --quick, --out DIR, --only PART)"),
             }
@@ -754,11 +756,72 @@ fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
 /// What each round measures on an uplink MTU of 9000.
 const JUMBO_METRICS: [&str; 5] = ["tcp1", "tcp4", "cpu_per_gbit", "rr1k_p50", "flows_gbit"];
 
-/// The cross-node paths again on a node network whose MTU is 9000 (pods
-/// 8950), for the workloads the MTU changes: bulk TCP, its CPU cost, 1 KB
-/// request/response and many flows.
+/// What each round measures on the DirectRouting lab.
+const DIRECT_METRICS: [&str; 8] = [
+    "tcp1",
+    "tcp4",
+    "cpu_per_gbit",
+    "udp64_kpps",
+    "rr1_p50",
+    "rr1_p99",
+    "rr1k_p50",
+    "crr_cps",
+];
+
+/// A lab beside the main one, for the paths of another setting: its
+/// eBPF pod pair, kernel-path pod pair and node-to-node, each round the
+/// same `metrics` (names as in [`METRICS`]) back to back.
+struct SideLab {
+    title: &'static str,
+    opts: flannel_tests::lab::LabOptions,
+    metrics: &'static [&'static str],
+    /// First of the ports the round's servers listen on.
+    port: u16,
+}
+
+/// The MTU 9000 lab: the workloads the MTU changes (bulk TCP, its CPU
+/// cost, 1 KB request/response and many flows), pods at 8950.
 fn jumbo(o: &Opts) -> Result<Value> {
-    println!("building the MTU 9000 lab: 2 eBPF nodes, 2 kernel-path nodes ...");
+    side_lab(
+        o,
+        SideLab {
+            title: "MTU 9000",
+            opts: flannel_tests::lab::LabOptions {
+                uplink_mtu: Some(9000),
+                ..Default::default()
+            },
+            metrics: &JUMBO_METRICS,
+            port: 5350,
+        },
+    )
+}
+
+/// The DirectRouting lab: every node on one L2 network, so pods are
+/// routed to directly (`pod_direct_redirect`), no VXLAN, on the eBPF and
+/// the kernel path alike; pods keep the VXLAN MTU (1450), as Flannel's.
+fn direct(o: &Opts) -> Result<Value> {
+    side_lab(
+        o,
+        SideLab {
+            title: "DirectRouting",
+            opts: flannel_tests::lab::LabOptions {
+                net_conf: Some(
+                    r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1,"Port":4789,"DirectRouting":true}}"#
+                        .into(),
+                ),
+                ..Default::default()
+            },
+            metrics: &DIRECT_METRICS,
+            port: 5370,
+        },
+    )
+}
+
+fn side_lab(o: &Opts, side: SideLab) -> Result<Value> {
+    println!(
+        "building the {} lab: 2 eBPF nodes, 2 kernel-path nodes ...",
+        side.title
+    );
     let lab = Lab::with(
         &[
             NodeSpec::new(NodeKind::Ebpf, 1),
@@ -766,10 +829,7 @@ fn jumbo(o: &Opts) -> Result<Value> {
             NodeSpec::new(NodeKind::Kernel, 1),
             NodeSpec::new(NodeKind::Kernel, 1),
         ],
-        flannel_tests::lab::LabOptions {
-            uplink_mtu: Some(9000),
-            ..Default::default()
-        },
+        side.opts,
     )?;
     let pods = |name, i: usize, k: usize| Path {
         name,
@@ -788,43 +848,78 @@ fn jumbo(o: &Opts) -> Result<Value> {
         },
     ];
     let iperf = Iperf::default();
-    let mut m: std::collections::BTreeMap<&str, Vec<Vec<f64>>> = JUMBO_METRICS
+    let mut m: std::collections::BTreeMap<&str, Vec<Vec<f64>>> = side
+        .metrics
         .iter()
         .map(|k| (*k, vec![Vec::new(); paths.len()]))
         .collect();
+    let port = |n: usize, k: usize| side.port + (n * paths.len() + k) as u16;
     let sessions = paths
         .iter()
         .enumerate()
-        .map(|(k, p)| RrSession::open(p, 5350 + k as u16, 1024))
+        .map(|(k, p)| {
+            Ok((
+                RrSession::open(p, port(0, k), 1)?,
+                RrSession::open(p, port(1, k), 1024)?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
     let share = (o.rr_count / o.runs).max(100);
     for run in 0..o.runs {
-        println!("MTU 9000 round {}/{} ...", run + 1, o.runs);
+        println!("{} round {}/{} ...", side.title, run + 1, o.runs);
         for (k, p) in paths.iter().enumerate() {
-            let mut put =
-                |key: &str, v: f64| m.get_mut(key).expect("a JUMBO_METRICS key")[k].push(v);
-            put("tcp1", tcp(&iperf, p, o.secs, 1, None)?.0);
-            put("tcp4", tcp(&iperf, p, o.secs, 4, None)?.0);
-            put(
-                "cpu_per_gbit",
-                tcp(&iperf, p, o.secs, 1, Some(PACED_GBIT))?.1,
-            );
-            put("rr1k_p50", sessions[k].run(share)?.0);
-            put(
-                "flows_gbit",
-                many_flows(p, 5360 + k as u16, o.secs, true)?.0,
-            );
+            let mut got: Vec<(String, f64)> = Vec::new();
+            for key in side.metrics {
+                match *key {
+                    "tcp1" => got.push((key.to_string(), tcp(&iperf, p, o.secs, 1, None)?.0)),
+                    "tcp4" => got.push((key.to_string(), tcp(&iperf, p, o.secs, 4, None)?.0)),
+                    "cpu_per_gbit" => got.push((
+                        key.to_string(),
+                        tcp(&iperf, p, o.secs, 1, Some(PACED_GBIT))?.1,
+                    )),
+                    "udp64_kpps" => got.push((key.to_string(), udp64(&iperf, p, o.secs)?)),
+                    "crr_cps" => got.push((key.to_string(), crr(p, port(2, k), o.secs)?)),
+                    "flows_gbit" => {
+                        got.push((key.to_string(), many_flows(p, port(3, k), o.secs, true)?.0))
+                    }
+                    "rr1_p50" | "rr1k_p50" => {
+                        let s = if *key == "rr1_p50" {
+                            &sessions[k].0
+                        } else {
+                            &sessions[k].1
+                        };
+                        let (p50, p99, _) = s.run(share)?;
+                        got.push((key.to_string(), p50));
+                        got.push((key.replace("p50", "p99"), p99));
+                    }
+                    // Measured with its p50.
+                    "rr1_p99" | "rr1k_p99" => {}
+                    other => bail!("no metric {other} in a side lab"),
+                }
+            }
+            for (key, v) in got {
+                if let Some(runs) = m.get_mut(key.as_str()) {
+                    runs[k].push(v);
+                }
+            }
         }
     }
-    for s in sessions {
-        s.close()?;
+    for (one, kb) in sessions {
+        one.close()?;
+        kb.close()?;
     }
+    let c0 = lab.nodes[0].counters()?;
     let c = lab.nodes[1].counters()?;
     let mut out = per_path(&paths, &m);
     out.insert("pod_mtu".into(), json!(lab.pod_mtu()));
     out.insert(
         "ebpf_counters".into(),
-        json!({"node2_uplink_decap": c["uplink_decap"], "node2_xdp_decap": c["xdp_decap"]}),
+        json!({
+            "node1_pod_encap_redirect": c0["pod_encap_redirect"],
+            "node1_pod_direct_redirect": c0["pod_direct_redirect"],
+            "node2_uplink_decap": c["uplink_decap"],
+            "node2_xdp_decap": c["xdp_decap"],
+        }),
     );
     Ok(Value::Object(out))
 }
@@ -1205,6 +1300,30 @@ fn markdown(r: &Value) -> String {
             pr(format!("jumbo_{k}_ebpf_over_kernel")),
         );
     }
+    let d = &r["direct"];
+    s += &format!(
+        "\n| cross-node, DirectRouting (no VXLAN; pods {}), median of rounds | eBPF | kernel path | node-to-node | eBPF / node-to-node | eBPF / kernel |\n|---|---|---|---|---|---|\n",
+        d["pod_mtu"]
+    );
+    for (label, k) in [
+        ("TCP 1 stream (Gbit/s)", "tcp1"),
+        ("TCP 4 streams (Gbit/s)", "tcp4"),
+        (paced.as_str(), "cpu_per_gbit"),
+        ("UDP 64 B (kpps received)", "udp64_kpps"),
+        ("TCP RR 1 B p50 (µs)", "rr1_p50"),
+        ("TCP RR 1 B p99 (µs)", "rr1_p99"),
+        ("TCP RR 1 KB p50 (µs)", "rr1k_p50"),
+        ("TCP connect/1 B RR/close (conn/s)", "crr_cps"),
+    ] {
+        s += &format!(
+            "| {label} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+            median(&d["ebpf"][k]),
+            median(&d["kernel"][k]),
+            median(&d["limit"][k]),
+            pr(format!("direct_{k}_ebpf_over_limit")),
+            pr(format!("direct_{k}_ebpf_over_kernel")),
+        );
+    }
     let sm = &r["same_node"];
     s += &format!(
         "\n| same node, median of rounds | eBPF (redirect) | kernel (bridge) | eBPF / kernel |\n|---|---|---|---|\n| TCP 1 stream (Gbit/s) | {:.2} | {:.2} | {} |\n| TCP RR 1 B p50 (µs) | {:.1} | {:.1} | {} |\n| TCP connect/1 B RR/close (conn/s) | {:.0} | {:.0} | {} |\n",
@@ -1354,6 +1473,7 @@ fn main() -> Result<()> {
                 json!({"cross_node": cross, "same_node": same, "monitor": monitor})
             }
             "jumbo" => jumbo(&o)?,
+            "direct" => direct(&o)?,
             "programs" => program_costs(&o)?,
             _ => control_plane(&o)?,
         };
@@ -1368,6 +1488,7 @@ fn main() -> Result<()> {
     }
     let (cross, same, monitor) = data_path(&o)?;
     let jumbo = jumbo(&o)?;
+    let direct = direct(&o)?;
     println!("program costs ({} runs per case) ...", o.test_runs);
     let progs = program_costs(&o)?;
     println!("control plane ({:?} leases) ...", o.leases);
@@ -1396,6 +1517,14 @@ fn main() -> Result<()> {
             paired_ratios.insert(
                 format!("jumbo_{metric}_ebpf_over_{vs}"),
                 paired(&jumbo, metric, "ebpf", vs),
+            );
+        }
+    }
+    for metric in DIRECT_METRICS {
+        for vs in ["limit", "kernel"] {
+            paired_ratios.insert(
+                format!("direct_{metric}_ebpf_over_{vs}"),
+                paired(&direct, metric, "ebpf", vs),
             );
         }
     }
@@ -1444,9 +1573,12 @@ fn main() -> Result<()> {
         "encap_5000_over_10_remotes": prog_ratio(&progs, "encap_64_5000_remotes_250_pods", "encap_64_10_remotes"),
         "monitor_on_over_off_udp64": r("monitor_on_over_off_udp64_kpps"),
     });
-    // The many-flows and MTU 9000 ratios, under their paired names.
+    // The many-flows, MTU 9000 and DirectRouting ratios, under their
+    // paired names.
     for key in paired_ratios.keys().filter(|k| {
-        k.starts_with("jumbo_") || (k.starts_with("flows_") && k.contains("_ebpf_over_"))
+        k.starts_with("jumbo_")
+            || k.starts_with("direct_")
+            || (k.starts_with("flows_") && k.contains("_ebpf_over_"))
     }) {
         ratios[key] = r(key);
     }
@@ -1460,6 +1592,7 @@ fn main() -> Result<()> {
         },
         "cross_node": cross,
         "jumbo": jumbo,
+        "direct": direct,
         "same_node": same,
         "monitor": monitor,
         "programs": progs,
