@@ -29,6 +29,10 @@ pub struct NetConfig {
     pub subnet_max: Ipv4Addr,
     pub ipv6_network: Option<Ipv6Net>,
     pub ipv6_subnet_len: u8,
+    /// First and last IPv6 subnet the allocator may hand out (with
+    /// `EnableIPv6`; unspecified otherwise).
+    pub ipv6_subnet_min: Ipv6Addr,
+    pub ipv6_subnet_max: Ipv6Addr,
     pub backend: Backend,
     /// Fields nobody knows, reported so a typo does not go unnoticed.
     pub unknown_fields: Vec<String>,
@@ -270,41 +274,45 @@ impl NetConfig {
 
         let cidr6 = "expected an IPv6 CIDR such as \"fd00:10:244::/56\"";
         let ipv6_network = match get_str(&top, "IPv6Network", cidr6)? {
-            Some(s) => Some(
-                s.parse::<Ipv6Net>()
-                    .map_err(|_| invalid("IPv6Network", s, cidr6))?,
-            ),
+            Some(s) => {
+                let net: Ipv6Net = s.parse().map_err(|_| invalid("IPv6Network", s, cidr6))?;
+                if net.trunc() != net {
+                    return Err(invalid(
+                        "IPv6Network",
+                        s,
+                        format!("host bits are set; did you mean {}?", net.trunc()),
+                    ));
+                }
+                Some(net)
+            }
             None => None,
         };
-        let ipv6_subnet_len = get_uint(&top, "IPv6SubnetLen", 128)?.unwrap_or(64) as u8;
-        for name in ["IPv6SubnetMin", "IPv6SubnetMax"] {
+        let ipv6_len_given = get_uint(&top, "IPv6SubnetLen", 128)?;
+        let mut ipv6_bounds = [None, None];
+        for (slot, name) in ipv6_bounds
+            .iter_mut()
+            .zip(["IPv6SubnetMin", "IPv6SubnetMax"])
+        {
             if let Some(s) = get_str(&top, name, "expected an IPv6 address")? {
-                s.parse::<Ipv6Addr>()
-                    .map_err(|_| invalid(name, s, "expected an IPv6 address"))?;
+                *slot = Some(
+                    s.parse::<Ipv6Addr>()
+                        .map_err(|_| invalid(name, s, "expected an IPv6 address"))?,
+                );
             }
         }
-        if enable_ipv6 {
+        let (ipv6_subnet_len, ipv6_subnet_min, ipv6_subnet_max) = if enable_ipv6 {
             let net = ipv6_network.ok_or(ConfigError::Missing {
                 field: "IPv6Network",
                 expected: "an IPv6 CIDR (required while EnableIPv6 is true)",
             })?;
-            if ipv6_subnet_len > 126 || ipv6_subnet_len < net.prefix_len() + 2 {
-                return Err(invalid(
-                    "IPv6SubnetLen",
-                    ipv6_subnet_len,
-                    format!(
-                        "expected {} to 126 for IPv6Network {net}",
-                        net.prefix_len() + 2
-                    ),
-                ));
-            }
-            // The eBPF data path and its maps are IPv4-only today.
-            return Err(invalid(
-                "EnableIPv6",
-                true,
-                "this version of flannel-ebpf carries IPv4 only; set EnableIPv6 to false",
-            ));
-        }
+            subnet_range6(net, ipv6_len_given, ipv6_bounds[0], ipv6_bounds[1])?
+        } else {
+            (
+                ipv6_len_given.unwrap_or(64) as u8,
+                Ipv6Addr::UNSPECIFIED,
+                Ipv6Addr::UNSPECIFIED,
+            )
+        };
 
         let backend = parse_backend(get(&top, "Backend"), &mut unknown)?;
         Ok(NetConfig {
@@ -316,9 +324,26 @@ impl NetConfig {
             subnet_max,
             ipv6_network,
             ipv6_subnet_len,
+            ipv6_subnet_min,
+            ipv6_subnet_max,
             backend,
             unknown_fields: unknown,
         })
+    }
+
+    /// Refuses what is valid for Flannel but not carried by this version:
+    /// IPv6, dual-stack and IPv6-only. Parsing accepts them (the stores
+    /// and the CNI plugin read IPv6 leases and ranges), the agent does not
+    /// run them yet.
+    pub fn check_carried(&self) -> Result<(), ConfigError> {
+        if self.enable_ipv6 {
+            return Err(invalid(
+                "EnableIPv6",
+                true,
+                "this version of flannel-ebpf carries IPv4 only (dual-stack and IPv6-only are not carried yet); set EnableIPv6 to false",
+            ));
+        }
+        Ok(())
     }
 
     /// Size of one node subnet, in addresses.
@@ -340,6 +365,32 @@ impl NetConfig {
                 Ipv4Net::new(Ipv4Addr::from(a as u32), self.subnet_len)
                     .expect("subnet_len was validated")
             })
+    }
+
+    /// Every IPv6 subnet from IPv6SubnetMin up to IPv6SubnetMax, in order
+    /// (lazily: an IPv6 network may hold 2^64 of them).
+    pub fn subnets6(&self) -> impl Iterator<Item = Ipv6Net> + '_ {
+        let size = 1u128 << (128 - self.ipv6_subnet_len);
+        let (min, max) = (
+            u128::from(self.ipv6_subnet_min),
+            u128::from(self.ipv6_subnet_max),
+        );
+        (0u128..)
+            .map_while(move |i| min.checked_add(i.checked_mul(size)?))
+            .take_while(move |a| *a <= max && self.enable_ipv6)
+            .map(move |a| {
+                Ipv6Net::new(Ipv6Addr::from(a), self.ipv6_subnet_len)
+                    .expect("ipv6_subnet_len was validated")
+            })
+    }
+
+    /// Whether `subnet` is an IPv6 subnet the allocator could hand out.
+    pub fn in_range6(&self, subnet: Ipv6Net) -> bool {
+        self.enable_ipv6
+            && subnet.prefix_len() == self.ipv6_subnet_len
+            && subnet.trunc() == subnet
+            && subnet.network() >= self.ipv6_subnet_min
+            && subnet.network() <= self.ipv6_subnet_max
     }
 
     /// Whether `subnet` is one the allocator could hand out.
@@ -422,6 +473,81 @@ pub fn check_uplink_overlap(network: Ipv4Net, uplink: Ipv4Net) -> Result<(), Con
         ));
     }
     Ok(())
+}
+
+/// Flannel's rules for IPv6SubnetLen, IPv6SubnetMin and IPv6SubnetMax:
+/// a /64 per node when the network is a /62 or larger (else prefix + 2),
+/// at least four subnets, the first one never handed out, bounds inside
+/// the network and on a subnet boundary.
+fn subnet_range6(
+    network: Ipv6Net,
+    len: Option<u64>,
+    min: Option<Ipv6Addr>,
+    max: Option<Ipv6Addr>,
+) -> Result<(u8, Ipv6Addr, Ipv6Addr), ConfigError> {
+    let plen = network.prefix_len();
+    let len = match len.filter(|l| *l > 0) {
+        Some(l) if l > 126 => return Err(invalid("IPv6SubnetLen", l, "expected at most 126")),
+        Some(l) if l < u64::from(plen) + 2 => {
+            return Err(invalid(
+                "IPv6SubnetLen",
+                l,
+                format!(
+                    "IPv6Network {network} must hold at least four subnets: expected {} to 126",
+                    plen + 2
+                ),
+            ))
+        }
+        Some(l) => l as u8,
+        None if plen > 124 => {
+            return Err(invalid(
+                "IPv6Network",
+                network,
+                "too small: the smallest useful IPv6 network is a /124",
+            ))
+        }
+        None if plen <= 62 => 64,
+        None => plen + 2,
+    };
+    let size = 1u128 << (128 - len);
+    let mask = !(size - 1);
+    let check = |name: &'static str, ip: Ipv6Addr| -> Result<Ipv6Addr, ConfigError> {
+        if !network.contains(&ip) {
+            return Err(invalid(
+                name,
+                ip,
+                format!("expected an address inside IPv6Network {network}"),
+            ));
+        }
+        if u128::from(ip) & mask != u128::from(ip) {
+            return Err(invalid(
+                name,
+                ip,
+                format!(
+                    "not on a /{len} boundary; did you mean {}?",
+                    Ipv6Addr::from(u128::from(ip) & mask)
+                ),
+            ));
+        }
+        Ok(ip)
+    };
+    let base = u128::from(network.network());
+    let min = match min.filter(|m| !m.is_unspecified()) {
+        Some(m) => check("IPv6SubnetMin", m)?,
+        None => Ipv6Addr::from(base + size),
+    };
+    let max = match max.filter(|m| !m.is_unspecified()) {
+        Some(m) => check("IPv6SubnetMax", m)?,
+        None => Ipv6Addr::from(u128::from(network.broadcast()) & mask),
+    };
+    if min > max {
+        return Err(invalid(
+            "IPv6SubnetMin",
+            min,
+            format!("expected an address not above IPv6SubnetMax {max}"),
+        ));
+    }
+    Ok((len, min, max))
 }
 
 fn subnet_range4(
@@ -773,8 +899,17 @@ mod tests {
             // IP families.
             (r#"{"Network":"10.244.0.0/16","EnableIPv4":false,"Backend":{"Type":"vxlan"}}"#, Err("at least one of EnableIPv4 and EnableIPv6")),
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"Backend":{"Type":"vxlan"}}"#, Err("IPv6Network is missing")),
-            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, Err("EnableIPv6: true is invalid: this version of flannel-ebpf carries IPv4 only")),
-            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/64","Backend":{"Type":"vxlan"}}"#, Err("IPv6SubnetLen: 64 is invalid: expected 66 to 126")),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#,
+                ok(|c| c.enable_ipv6 && c.ipv6_subnet_len == 64 && c.ipv6_subnet_min == "fd00:0:0:1::".parse::<Ipv6Addr>().unwrap() && c.ipv6_subnet_max == "fd00:0:0:ff::".parse::<Ipv6Addr>().unwrap() && c.subnets6().count() == 255)),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/64","Backend":{"Type":"vxlan"}}"#, ok(|c| c.ipv6_subnet_len == 66 && c.subnets6().count() == 3)),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/125","Backend":{"Type":"vxlan"}}"#, Err("IPv6Network: fd00::/125 is invalid: too small")),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetLen":57,"Backend":{"Type":"vxlan"}}"#, Err("IPv6SubnetLen: 57 is invalid: IPv6Network fd00::/56 must hold at least four subnets: expected 58 to 126")),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetLen":127,"Backend":{"Type":"vxlan"}}"#, Err("IPv6SubnetLen: 127 is invalid: expected at most 126")),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:1::1","Backend":{"Type":"vxlan"}}"#, Err("IPv6SubnetMin: fd00:0:0:1::1 is invalid: not on a /64 boundary; did you mean fd00:0:0:1::?")),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMax":"fd01::","Backend":{"Type":"vxlan"}}"#, Err("IPv6SubnetMax: fd01:: is invalid: expected an address inside IPv6Network fd00::/56")),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:10::","IPv6SubnetMax":"fd00:0:0:12::","Backend":{"Type":"vxlan"}}"#, ok(|c| c.subnets6().count() == 3 && c.in_range6("fd00:0:0:11::/64".parse().unwrap()) && !c.in_range6("fd00:0:0:13::/64".parse().unwrap()))),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::1/56","Backend":{"Type":"vxlan"}}"#, Err("IPv6Network: fd00::1/56 is invalid: host bits are set; did you mean fd00::/56?")),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, ok(|c| !c.enable_ipv4 && c.enable_ipv6 && c.check_carried().unwrap_err().to_string().contains("carries IPv4 only"))),
             (r#"{"Network":"10.244.0.0/16","IPv6Network":"nope","Backend":{"Type":"vxlan"}}"#, Err("IPv6Network: nope is invalid")),
             (r#"{"Network":"10.244.0.0/16","EnableIPv4":"true","Backend":{"Type":"vxlan"}}"#, Err("EnableIPv4: \"true\" is invalid: expected true or false")),
             // Not JSON objects.

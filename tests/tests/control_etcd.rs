@@ -6,14 +6,14 @@
 
 use std::time::{Duration, Instant};
 
-use flannel_agent::{mac::MacAddr, subnet::LeaseAttrs};
+use flannel_agent::{config::NetConfig, mac::MacAddr, subnet::LeaseAttrs};
 use flannel_tests::{
     etcd,
     lab::{LabOptions, LabStore},
     netns::exec,
     Lab, NodeKind, NodeSpec,
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 const CONF: &str = r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.7.0","Backend":{"Type":"vxlan","VNI":1,"Port":4789}}"#;
 
@@ -231,4 +231,76 @@ fn etcd_store_end_to_end() {
     lab.add_pod(n7).unwrap();
     assert!(lab.ping((0, 0), lab.pod((n7, 0)).ip, 3, 56).unwrap());
     assert!(lab.ping((n7, 0), lab.pod((1, 0)).ip, 3, 56).unwrap());
+}
+
+/// Dual-stack leases in etcd as Flannel keeps them: the key names both
+/// subnets (`10.244.1.0-24&fd00:10:244:1::-64`), a stock-Flannel node's key
+/// reads back with both, renewal keeps the key, and turning IPv6 on moves
+/// a node's lease to a key with an IPv6 subnet.
+#[test]
+fn dual_stack_leases_use_flannels_etcd_keys() {
+    const DUAL: &str = r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.7.0","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetMin":"fd00:10:244:1::","IPv6SubnetMax":"fd00:10:244:7::","Backend":{"Type":"vxlan","VNI":1,"Port":4789}}"#;
+    let lab = Lab::with(
+        &[NodeSpec::new(NodeKind::Ebpf, 0)],
+        LabOptions {
+            store: LabStore::Etcd(etcd::endpoint()),
+            before_agents: Some(etcd::start),
+            net_conf: Some(CONF.into()),
+            ..Default::default()
+        },
+    )
+    .expect("lab");
+    etcd::with_store(&lab, |s| async move {
+        let dual = NetConfig::parse(DUAL)?;
+        let v4 = NetConfig::parse(CONF)?;
+        let attrs = |last: u8| {
+            LeaseAttrs::vxlan(
+                std::net::Ipv4Addr::new(172, 30, 0, last),
+                1,
+                MacAddr([0x0e, 0, 0, 0, 0, last]),
+            )
+        };
+        // A stock-Flannel dual-stack node's lease, under Flannel's key.
+        let (stock, stock6): (Ipv4Net, Ipv6Net) =
+            (net("10.244.6.0/24"), "fd00:10:244:6::/64".parse()?);
+        s.put_dual(stock, Some(stock6), &attrs(0x60), None).await?;
+        let listed = s.list_subnets().await?;
+        let l = &listed.iter().find(|(n, _)| *n == stock).unwrap().1;
+        assert_eq!(l.ipv6_subnet, Some(stock6));
+        assert_eq!(l.key(), "10.244.6.0-24&fd00:10:244:6::-64");
+
+        // A new node gets both families, neither one the stock node's.
+        let prev6: Ipv6Net = "fd00:10:244:3::/64".parse()?;
+        let a = s.acquire(&dual, &attrs(0x51), None, Some(prev6)).await?;
+        assert_eq!(a.ipv6_subnet, Some(prev6));
+        assert_ne!(a.subnet, stock);
+        let b = s.acquire(&dual, &attrs(0x52), None, Some(stock6)).await?;
+        let b6 = b.ipv6_subnet.expect("an IPv6 subnet");
+        assert!(b6 != stock6 && b6 != prev6 && dual.in_range6(b6), "{b6}");
+        // Renewal and the node's restart keep the key.
+        assert_eq!(s.renew(&a).await?.ipv6_subnet, Some(prev6));
+        let again = s.acquire(&dual, &attrs(0x51), None, None).await?;
+        assert_eq!((again.subnet, again.ipv6_subnet), (a.subnet, Some(prev6)));
+
+        // A lease taken without IPv6 moves to a key with an IPv6 subnet
+        // once the config asks for one; the old key is gone.
+        let c = s.acquire(&v4, &attrs(0x53), None, None).await?;
+        assert_eq!(c.ipv6_subnet, None);
+        let c2 = s.acquire(&dual, &attrs(0x53), Some(c.subnet), None).await?;
+        assert_eq!(c2.subnet, c.subnet);
+        assert!(c2.ipv6_subnet.is_some());
+        let keys: Vec<String> = s
+            .list_subnets()
+            .await?
+            .into_iter()
+            .map(|(_, l)| l.key())
+            .collect();
+        assert!(keys.contains(&c2.key()), "{keys:?}");
+        assert!(!keys.contains(&c.key()), "{keys:?}");
+        // Deleting by the IPv4 subnet removes the dual key.
+        s.delete(stock).await?;
+        assert!(!s.list_subnets().await?.iter().any(|(n, _)| *n == stock));
+        Ok(())
+    })
+    .unwrap();
 }

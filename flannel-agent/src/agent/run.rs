@@ -129,8 +129,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         BackendType::HostGw => LeaseAttrs::host_gw(ip),
     };
     let previous = store::previous_subnet(&opts.subnet_file);
+    let previous6 = store::previous_subnet6(&opts.subnet_file);
     let lease = store::retry("acquiring a subnet lease", || async {
-        let acquire = store.acquire(&cfg, &attrs, previous);
+        let acquire = store.acquire(&cfg, &attrs, previous, previous6);
         Ok(store::counted(&metrics, store.name(), "acquire", acquire).await?)
     })
     .await;
@@ -216,12 +217,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         bail!("{op}: {err}");
     }
     // subnet.env last: the CNI plugin may create pods once it exists.
-    let env = SubnetEnv::new(
+    let mut env = SubnetEnv::new(
         agent.cfg.network,
         agent.node.lease.subnet,
         agent.node.pod_mtu(&agent.cfg),
         agent.opts.ip_masq,
     );
+    if let (Some(net6), Some(lease6)) = (agent.cfg.ipv6_network, agent.node.lease.ipv6_subnet) {
+        env = env.with_ipv6(net6, lease6);
+    }
     env.write(&agent.opts.subnet_file)
         .with_context(|| format!("writing {}", agent.opts.subnet_file.display()))?;
     // The conflist goes in last: a runtime that sees it may ADD at once.

@@ -93,6 +93,8 @@ pub async fn network_config(
         ),
     };
     let cfg = NetConfig::parse(&text).with_context(|| format!("network config from {source}"))?;
+    cfg.check_carried()
+        .with_context(|| format!("network config from {source}"))?;
     for field in &cfg.unknown_fields {
         tracing::warn!(
             field,
@@ -208,4 +210,9 @@ pub fn spawn_renew(
 /// The lease subnet in an existing subnet.env (Flannel reuses it if free).
 pub fn previous_subnet(path: &std::path::Path) -> Option<Ipv4Net> {
     crate::subnet::env::SubnetEnv::read(path).map(|e| e.lease())
+}
+
+/// The IPv6 subnet of the last subnet.env, to keep it across restarts.
+pub fn previous_subnet6(path: &std::path::Path) -> Option<ipnet::Ipv6Net> {
+    crate::subnet::env::SubnetEnv::read(path).and_then(|e| e.lease6())
 }

@@ -65,6 +65,7 @@ fn link(index: u32, name: &str, kind: Option<InfoKind>) -> Link {
 fn lease(subnet: &str, node: &str, vtep_mac: MacAddr) -> Lease {
     Lease {
         subnet: net(subnet),
+        ipv6_subnet: None,
         attrs: LeaseAttrs::vxlan(ip(node), 1, vtep_mac),
         expiration: None,
     }
@@ -1014,6 +1015,7 @@ fn host_gw_routes_every_on_link_remote_directly() {
     w.leases.clear();
     let host_gw = |subnet: &str, node: &str| Lease {
         subnet: net(subnet),
+        ipv6_subnet: None,
         attrs: LeaseAttrs::host_gw(ip(node)),
         expiration: None,
     };

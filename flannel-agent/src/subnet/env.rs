@@ -1,14 +1,21 @@
 //! `/run/flannel/subnet.env`: what the CNI plugin reads, in Flannel's keys.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetEnv {
     pub network: Ipv4Net,
     /// The lease with the gateway address: `10.244.1.1/24`.
     pub subnet: Ipv4Net,
+    /// With IPv6: `FLANNEL_IPV6_NETWORK` and `FLANNEL_IPV6_SUBNET` (the
+    /// IPv6 lease with its gateway address, `fd00:10:244:1::1/64`).
+    pub ipv6_network: Option<Ipv6Net>,
+    pub ipv6_subnet: Option<Ipv6Net>,
     pub mtu: u32,
     pub ipmasq: bool,
 }
@@ -19,22 +26,48 @@ impl SubnetEnv {
         SubnetEnv {
             network,
             subnet: Ipv4Net::new(gw, lease.prefix_len()).expect("prefix from a valid net"),
+            ipv6_network: None,
+            ipv6_subnet: None,
             mtu,
             ipmasq,
         }
     }
 
-    pub fn render(&self) -> String {
-        format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
-            self.network, self.subnet, self.mtu, self.ipmasq
-        )
+    /// The IPv6 pair beside the IPv4 one: the network and the node's IPv6
+    /// lease, written with its first address as Flannel writes it.
+    pub fn with_ipv6(mut self, network: Ipv6Net, lease: Ipv6Net) -> Self {
+        let gw = Ipv6Addr::from(u128::from(lease.network()) + 1);
+        self.ipv6_network = Some(network);
+        self.ipv6_subnet =
+            Some(Ipv6Net::new(gw, lease.prefix_len()).expect("prefix from a valid net"));
+        self
     }
 
-    /// Parses the file; unknown keys (the IPv6 pair) are skipped.
+    /// Flannel's file, in its order: the IPv4 pair, the IPv6 pair, MTU,
+    /// masquerading.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}\n",
+            self.network, self.subnet
+        );
+        if let (Some(n), Some(s)) = (self.ipv6_network, self.ipv6_subnet) {
+            out += &format!("FLANNEL_IPV6_NETWORK={n}\nFLANNEL_IPV6_SUBNET={s}\n");
+        }
+        out += &format!("FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n", self.mtu, self.ipmasq);
+        out
+    }
+
+    /// The IPv6 lease this file names (`fd00:10:244:1::/64`).
+    pub fn lease6(&self) -> Option<Ipv6Net> {
+        self.ipv6_subnet.map(|s| s.trunc())
+    }
+
+    /// Parses the file; unknown keys are skipped.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut network = None;
         let mut subnet = None;
+        let mut ipv6_network = None;
+        let mut ipv6_subnet = None;
         let mut mtu = None;
         let mut ipmasq = None;
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -45,6 +78,12 @@ impl SubnetEnv {
             match k {
                 "FLANNEL_NETWORK" => network = Some(v.parse().map_err(|_| bad("a CIDR"))?),
                 "FLANNEL_SUBNET" => subnet = Some(v.parse().map_err(|_| bad("a CIDR"))?),
+                "FLANNEL_IPV6_NETWORK" => {
+                    ipv6_network = Some(v.parse().map_err(|_| bad("an IPv6 CIDR"))?)
+                }
+                "FLANNEL_IPV6_SUBNET" => {
+                    ipv6_subnet = Some(v.parse().map_err(|_| bad("an IPv6 CIDR"))?)
+                }
                 "FLANNEL_MTU" => mtu = Some(v.parse().map_err(|_| bad("a number"))?),
                 "FLANNEL_IPMASQ" => ipmasq = Some(v.parse().map_err(|_| bad("true or false"))?),
                 _ => {}
@@ -53,6 +92,8 @@ impl SubnetEnv {
         Ok(SubnetEnv {
             network: network.ok_or("FLANNEL_NETWORK is missing")?,
             subnet: subnet.ok_or("FLANNEL_SUBNET is missing")?,
+            ipv6_network,
+            ipv6_subnet,
             mtu: mtu.ok_or("FLANNEL_MTU is missing")?,
             ipmasq: ipmasq.unwrap_or(false),
         })
@@ -97,9 +138,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("subnet-env-{}", std::process::id()));
         let path = dir.join("subnet.env");
         env.write(&path).unwrap();
-        assert_eq!(SubnetEnv::read(&path), Some(env));
+        assert_eq!(SubnetEnv::read(&path), Some(env.clone()));
         std::fs::remove_dir_all(dir).unwrap();
+        // Dual-stack: Flannel's file, key for key, in its order.
+        let dual = env.clone().with_ipv6(
+            "fd00:10:244::/56".parse().unwrap(),
+            "fd00:10:244:7::/64".parse().unwrap(),
+        );
+        assert_eq!(
+            dual.render(),
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
+        assert_eq!(SubnetEnv::parse(&dual.render()).unwrap(), dual);
+        assert_eq!(dual.lease6(), Some("fd00:10:244:7::/64".parse().unwrap()));
+        assert_eq!(env.lease6(), None);
         for (bad, want) in [
+            (
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPV6_SUBNET=10.0.0.1/24\nFLANNEL_MTU=1",
+                "FLANNEL_IPV6_SUBNET=10.0.0.1/24 is not an IPv6 CIDR",
+            ),
             (
                 "FLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450",
                 "FLANNEL_NETWORK is missing",

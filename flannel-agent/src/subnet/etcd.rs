@@ -20,12 +20,12 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     KeyValue, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::Mutex;
 
 use super::{
-    choose_subnet, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs, LeaseTiming, LeaseTx,
-    Result, SubnetError,
+    choose_subnet, choose_subnet6, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs,
+    LeaseTiming, LeaseTx, Result, SubnetError,
 };
 use crate::config::NetConfig;
 
@@ -114,8 +114,8 @@ impl EtcdStore {
         format!("{}/subnets/", self.prefix)
     }
 
-    fn key(&self, subnet: Ipv4Net) -> String {
-        format!("{}{}", self.subnets_prefix(), subnet_key(subnet))
+    fn key(&self, subnet: Ipv4Net, v6: Option<Ipv6Net>) -> String {
+        format!("{}{}", self.subnets_prefix(), subnet_key(subnet, v6))
     }
 
     pub async fn network_config(&self) -> Result<String> {
@@ -148,7 +148,7 @@ impl EtcdStore {
 
     fn decode(&self, kv: &KeyValue) -> Option<Lease> {
         let key = kv.key_str().ok()?;
-        let (subnet, attrs) =
+        let (subnet, ipv6_subnet, attrs) =
             match super::decode_lease(key.strip_prefix(&self.subnets_prefix())?, kv.value()) {
                 Ok(Some(lease)) => lease,
                 Ok(None) => return None,
@@ -159,6 +159,7 @@ impl EtcdStore {
             };
         Some(Lease {
             subnet,
+            ipv6_subnet,
             attrs,
             // etcd holds the TTL on the lease, not the key: the bound is
             // enough here, since only reservations are told apart.
@@ -213,8 +214,14 @@ impl EtcdStore {
 
     /// Writes `attrs` at `subnet` on a fresh etcd lease if the key still has
     /// `mod_revision` (0: does not exist). False when someone else won.
-    async fn put_if(&self, subnet: Ipv4Net, attrs: &LeaseAttrs, mod_revision: i64) -> Result<bool> {
-        let key = self.key(subnet);
+    async fn put_if(
+        &self,
+        subnet: Ipv4Net,
+        v6: Option<Ipv6Net>,
+        attrs: &LeaseAttrs,
+        mod_revision: i64,
+    ) -> Result<bool> {
+        let key = self.key(subnet, v6);
         let lease = self.grant().await?;
         let value = serde_json::to_vec(attrs).map_err(|e| err("encoding", e))?;
         let cmp = if mod_revision == 0 {
@@ -236,9 +243,10 @@ impl EtcdStore {
         Ok(ok)
     }
 
-    fn leased(&self, subnet: Ipv4Net, attrs: &LeaseAttrs) -> Lease {
+    fn leased(&self, subnet: Ipv4Net, v6: Option<Ipv6Net>, attrs: &LeaseAttrs) -> Lease {
         Lease {
             subnet,
+            ipv6_subnet: v6,
             attrs: attrs.clone(),
             expiration: Some(SystemTime::now() + self.timing.ttl),
         }
@@ -249,7 +257,13 @@ impl EtcdStore {
         cfg: &NetConfig,
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
+        previous6: Option<Ipv6Net>,
     ) -> Result<Lease> {
+        // The IPv6 subnet a lease should have under this config.
+        let v6_fits = |l: &Lease| match l.ipv6_subnet {
+            Some(n) => cfg.in_range6(n),
+            None => !cfg.enable_ipv6,
+        };
         for _ in 0..10 {
             let (_, set, kvs) = self.list().await?;
             if let Some(own) = set
@@ -258,28 +272,79 @@ impl EtcdStore {
             {
                 let kv = kvs
                     .iter()
-                    .find(|kv| kv.key_str().ok() == Some(self.key(own.subnet).as_str()))
+                    .find(|kv| {
+                        kv.key_str().ok() == Some(self.key(own.subnet, own.ipv6_subnet).as_str())
+                    })
                     .expect("listed");
                 if kv.lease() == 0 {
                     // A reservation for this node: used as it is.
                     return Ok(own.clone());
                 }
-                return self.renew(own).await;
+                if v6_fits(own) {
+                    return self.renew(own).await;
+                }
+                // IPv6 turned on (or off) since the lease was taken: the
+                // key names the subnets, so the lease moves to a new one.
+                self.delete_key(&self.key(own.subnet, own.ipv6_subnet))
+                    .await?;
+                continue;
             }
             let taken = |n: Ipv4Net| set.contains_key(&n);
+            let taken6 = |n: Ipv6Net| {
+                set.values()
+                    .filter_map(|l| l.ipv6_subnet)
+                    .any(|t| t.contains(&n.network()) || n.contains(&t.network()))
+            };
             let subnet = choose_subnet(cfg, &taken, previous)?;
-            if self.put_if(subnet, attrs, 0).await? {
-                return Ok(self.leased(subnet, attrs));
+            let v6 = choose_subnet6(cfg, &taken6, previous6)?;
+            if self.put_if(subnet, v6, attrs, 0).await? {
+                // A key that names an IPv6 subnet too can be created beside
+                // another node's for the same IPv4 (or IPv6) subnet: the
+                // transaction only sees its own key. The older key wins;
+                // the younger one goes and chooses again.
+                if v6.is_some() && !self.first_for(subnet, v6).await? {
+                    self.delete_key(&self.key(subnet, v6)).await?;
+                    tracing::info!(%subnet, "another node took the subnet first; choosing again");
+                    continue;
+                }
+                return Ok(self.leased(subnet, v6, attrs));
             }
             tracing::info!(%subnet, "another node took the subnet first; choosing again");
         }
         Err(err("acquiring a lease", "lost the race ten times in a row"))
     }
 
+    /// Whether the key for `subnet`/`v6` is the oldest of the keys that
+    /// name either subnet.
+    async fn first_for(&self, subnet: Ipv4Net, v6: Option<Ipv6Net>) -> Result<bool> {
+        let (_, _, kvs) = self.list().await?;
+        let ours = self.key(subnet, v6);
+        let oldest = kvs
+            .iter()
+            .filter(|kv| {
+                kv.key_str()
+                    .ok()
+                    .and_then(|k| k.strip_prefix(&self.subnets_prefix()))
+                    .and_then(parse_subnet_key)
+                    .is_some_and(|(n, n6)| n == subnet || (n6.is_some() && n6 == v6))
+            })
+            .min_by_key(|kv| kv.create_revision());
+        Ok(oldest.is_none_or(|kv| kv.key_str().ok() == Some(ours.as_str())))
+    }
+
+    async fn delete_key(&self, key: &str) -> Result<()> {
+        timed(
+            "deleting a lease",
+            self.client.clone().delete(key.to_string(), None),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Moves the key to a fresh etcd lease (Flannel renews the same way:
     /// a new TTL, the same attrs), recreating it if it was deleted.
     pub async fn renew(&self, lease: &Lease) -> Result<Lease> {
-        let key = self.key(lease.subnet);
+        let key = self.key(lease.subnet, lease.ipv6_subnet);
         let resp = timed(
             "reading the lease",
             self.client.clone().get(key.clone(), None),
@@ -301,7 +366,10 @@ impl EtcdStore {
         let (mod_rev, old) = cur
             .map(|kv| (kv.mod_revision(), kv.lease()))
             .unwrap_or((0, 0));
-        if !self.put_if(lease.subnet, &lease.attrs, mod_rev).await? {
+        if !self
+            .put_if(lease.subnet, lease.ipv6_subnet, &lease.attrs, mod_rev)
+            .await?
+        {
             return Err(err(
                 "renewing",
                 format!("{key} changed while renewing; retrying"),
@@ -311,7 +379,7 @@ impl EtcdStore {
             // The key now hangs on the new lease; the old one can go.
             let _ = self.client.clone().lease_revoke(old).await;
         }
-        Ok(self.leased(lease.subnet, &lease.attrs))
+        Ok(self.leased(lease.subnet, lease.ipv6_subnet, &lease.attrs))
     }
 
     /// Writes a lease as another node or an operator would (tests, tools):
@@ -319,6 +387,17 @@ impl EtcdStore {
     pub async fn put(
         &self,
         subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        self.put_dual(subnet, None, attrs, ttl).await
+    }
+
+    /// [`EtcdStore::put`] with an IPv6 subnet in the key beside the IPv4 one.
+    pub async fn put_dual(
+        &self,
+        subnet: Ipv4Net,
+        v6: Option<Ipv6Net>,
         attrs: &LeaseAttrs,
         ttl: Option<Duration>,
     ) -> Result<()> {
@@ -337,19 +416,18 @@ impl EtcdStore {
         let value = serde_json::to_vec(attrs).map_err(|e| err("encoding", e))?;
         timed(
             "writing a lease",
-            self.client.clone().put(self.key(subnet), value, opts),
+            self.client.clone().put(self.key(subnet, v6), value, opts),
         )
         .await?;
         Ok(())
     }
 
+    /// Deletes the lease of IPv4 subnet `subnet`, whatever IPv6 subnet its
+    /// key names.
     pub async fn delete(&self, subnet: Ipv4Net) -> Result<()> {
-        timed(
-            "deleting a lease",
-            self.client.clone().delete(self.key(subnet), None),
-        )
-        .await?;
-        Ok(())
+        let (_, set, _) = self.list().await?;
+        let v6 = set.get(&subnet).and_then(|l| l.ipv6_subnet);
+        self.delete_key(&self.key(subnet, v6)).await
     }
 
     pub async fn watch(&self, tx: &LeaseTx) -> Result<()> {
@@ -397,19 +475,22 @@ impl EtcdStore {
                         .ok()
                         .and_then(|k| k.strip_prefix(&self.subnets_prefix()))
                         .and_then(parse_subnet_key);
-                    let Some(subnet) = subnet else { continue };
+                    let Some((subnet, v6)) = subnet else { continue };
+                    // A key gone takes its lease with it, not a newer key's
+                    // for the same IPv4 subnet.
+                    let remove = |set: &mut BTreeMap<Ipv4Net, Lease>| {
+                        if set.get(&subnet).is_some_and(|l| l.ipv6_subnet == v6) {
+                            set.remove(&subnet);
+                        }
+                    };
                     match ev.event_type() {
                         EventType::Put => match self.decode(kv) {
                             Some(l) => {
                                 set.insert(subnet, l);
                             }
-                            None => {
-                                set.remove(&subnet);
-                            }
+                            None => remove(&mut set),
                         },
-                        EventType::Delete => {
-                            set.remove(&subnet);
-                        }
+                        EventType::Delete => remove(&mut set),
                     }
                 }
                 publish(tx, set.clone());

@@ -10,7 +10,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use futures::StreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::watcher;
 use kube::{
@@ -27,6 +27,9 @@ pub const SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
 pub const PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 pub const PUBLIC_IP_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ip-overwrite";
 pub const NODE_PUBLIC_IP: &str = "flannel.alpha.coreos.com/node-public-ip";
+pub const BACKEND_V6_DATA: &str = "flannel.alpha.coreos.com/backend-v6-data";
+pub const PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
+pub const PUBLIC_IPV6_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ipv6-overwrite";
 
 /// How to reach the API server (Flannel's `--kube-api-url`,
 /// `--kubeconfig-file`; in-cluster config otherwise).
@@ -53,6 +56,16 @@ fn annotations(node: &Node) -> BTreeMap<String, String> {
 
 /// The node's IPv4 pod CIDR: `spec.podCIDR`, else the first IPv4 entry of
 /// `spec.podCIDRs`.
+/// The node's IPv6 pod CIDR, from `spec.podCIDRs` (dual-stack clusters).
+pub fn pod_cidr6(node: &Node) -> Option<Ipv6Net> {
+    let spec = node.spec.as_ref()?;
+    spec.pod_cidr
+        .iter()
+        .chain(spec.pod_cidrs.iter().flatten())
+        .find_map(|c| c.parse::<Ipv6Net>().ok())
+        .map(|n| n.trunc())
+}
+
 pub fn pod_cidr(node: &Node) -> Option<Ipv4Net> {
     let spec = node.spec.as_ref()?;
     spec.pod_cidr
@@ -81,12 +94,30 @@ pub fn node_lease(node: &Node) -> std::result::Result<Lease, String> {
         .map_err(|_| format!("node {name}: public IP {ip_text:?} is not IPv4"))?;
     let backend_data: serde_json::Value = serde_json::from_str(get(BACKEND_DATA)?)
         .map_err(|e| format!("node {name}: {BACKEND_DATA} is not JSON: {e}"))?;
+    // IPv6: the address (overwritten as the IPv4 one is) and the VXLAN
+    // data of `flannel-v6.<VNI>`, when the node has them.
+    let public_ipv6 = match ann
+        .get(PUBLIC_IPV6_OVERWRITE)
+        .filter(|v| !v.is_empty())
+        .or_else(|| ann.get(PUBLIC_IPV6))
+    {
+        None => None,
+        Some(text) => Some(
+            text.parse()
+                .map_err(|_| format!("node {name}: public IPv6 {text:?} is not IPv6"))?,
+        ),
+    };
+    let backend_v6_data = match ann.get(BACKEND_V6_DATA) {
+        None => serde_json::Value::Null,
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| format!("node {name}: {BACKEND_V6_DATA} is not JSON: {e}"))?,
+    };
     let attrs = LeaseAttrs {
         public_ip,
-        public_ipv6: None,
+        public_ipv6,
         backend_type: get(BACKEND_TYPE)?.clone(),
         backend_data,
-        backend_v6_data: serde_json::Value::Null,
+        backend_v6_data,
     };
     // A VXLAN lease must carry usable data; a host-gw one carries none
     // (Flannel writes "null").
@@ -105,6 +136,7 @@ pub fn node_lease(node: &Node) -> std::result::Result<Lease, String> {
     }
     Ok(Lease {
         subnet,
+        ipv6_subnet: pod_cidr6(node),
         attrs,
         expiration: None,
     })
@@ -178,28 +210,53 @@ impl KubeStore {
                 self.node_name, cfg.network
             )));
         }
+        let ipv6_subnet = if cfg.enable_ipv6 {
+            let net6 = cfg.ipv6_network.unwrap_or_default();
+            let v6 = pod_cidr6(&node).ok_or_else(|| {
+                SubnetError::Config(format!(
+                    "node {} has no IPv6 podCIDR: with EnableIPv6, kube-controller-manager must assign both families (--cluster-cidr={},{net6})",
+                    self.node_name, cfg.network
+                ))
+            })?;
+            if !net6.contains(&v6) {
+                return Err(SubnetError::Config(format!(
+                    "node {}'s IPv6 podCIDR {v6} is outside IPv6Network {net6}: make --cluster-cidr and net-conf.json agree",
+                    self.node_name
+                )));
+            }
+            Some(v6)
+        } else {
+            None
+        };
         let mut attrs = attrs.clone();
-        if let Some(ip) = annotations(&node)
-            .get(PUBLIC_IP_OVERWRITE)
-            .and_then(|v| v.parse().ok())
-        {
+        let ann = annotations(&node);
+        if let Some(ip) = ann.get(PUBLIC_IP_OVERWRITE).and_then(|v| v.parse().ok()) {
             attrs.public_ip = ip;
+        }
+        if let Some(ip) = ann.get(PUBLIC_IPV6_OVERWRITE).and_then(|v| v.parse().ok()) {
+            attrs.public_ipv6 = Some(ip);
         }
         self.write_annotations(&node, &attrs).await?;
         Ok(Lease {
             subnet,
+            ipv6_subnet,
             attrs,
             expiration: None,
         })
     }
 
     async fn write_annotations(&self, node: &Node, attrs: &LeaseAttrs) -> Result<()> {
-        let want = [
+        let mut want = vec![
             (BACKEND_DATA, attrs.backend_data.to_string()),
             (BACKEND_TYPE, attrs.backend_type.clone()),
             (SUBNET_MANAGER, "true".to_string()),
             (PUBLIC_IP, attrs.public_ip.to_string()),
         ];
+        // Flannel writes the IPv6 pair only when the node has IPv6.
+        if let Some(ip) = attrs.public_ipv6 {
+            want.push((BACKEND_V6_DATA, attrs.backend_v6_data.to_string()));
+            want.push((PUBLIC_IPV6, ip.to_string()));
+        }
         let have = annotations(node);
         if want.iter().all(|(k, v)| have.get(*k) == Some(v)) {
             return Ok(());
@@ -322,6 +379,23 @@ mod tests {
         assert_eq!(l.subnet, "10.244.2.0/24".parse::<Ipv4Net>().unwrap());
         assert_eq!(l.attrs.public_ip, Ipv4Addr::new(172, 30, 0, 2));
         assert_eq!(l.attrs.vxlan_data().unwrap().vni, 1);
+        // Dual-stack: the IPv6 podCIDR, and the IPv6 annotations when there.
+        assert_eq!(l.ipv6_subnet, Some("fd00::/64".parse().unwrap()));
+        assert_eq!(l.attrs.public_ipv6, None);
+        let mut v6 = good.clone();
+        v6["metadata"]["annotations"][PUBLIC_IPV6] = "fd00:30::2".into();
+        v6["metadata"]["annotations"][BACKEND_V6_DATA] =
+            "{\"VNI\":1,\"VtepMAC\":\"0e:00:00:00:06:02\"}".into();
+        let l6 = node_lease(&node(v6.clone())).unwrap();
+        assert_eq!(l6.attrs.public_ipv6, Some("fd00:30::2".parse().unwrap()));
+        assert_eq!(l6.attrs.backend_v6_data["VtepMAC"], "0e:00:00:00:06:02");
+        v6["metadata"]["annotations"][PUBLIC_IPV6_OVERWRITE] = "fd00:30::99".into();
+        assert_eq!(
+            node_lease(&node(v6.clone())).unwrap().attrs.public_ipv6,
+            Some("fd00:30::99".parse().unwrap())
+        );
+        v6["metadata"]["annotations"][PUBLIC_IPV6_OVERWRITE] = "10.0.0.1".into();
+        assert!(node_lease(&node(v6)).unwrap_err().contains("is not IPv6"));
 
         let mut over = good.clone();
         over["metadata"]["annotations"][PUBLIC_IP_OVERWRITE] = "192.0.2.9".into();

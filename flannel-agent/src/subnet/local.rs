@@ -18,12 +18,12 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    choose_subnet, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs, LeaseTiming, LeaseTx,
-    Result, SubnetError,
+    choose_subnet, choose_subnet6, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs,
+    LeaseTiming, LeaseTx, Result, SubnetError,
 };
 use crate::config::NetConfig;
 
@@ -36,7 +36,8 @@ pub struct LocalStore {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StoreFile {
     revision: u64,
-    /// Flannel's subnet keys (`10.244.1.0-24`) to lease records.
+    /// Flannel's subnet keys (`10.244.1.0-24`, with IPv6
+    /// `10.244.1.0-24&fd00:10:244:1::-64`) to lease records.
     subnets: BTreeMap<String, Record>,
 }
 
@@ -65,19 +66,19 @@ impl StoreFile {
             .iter()
             .filter(|(_, r)| r.expires_ms.is_none_or(|e| e > now))
             .filter_map(|(k, r)| {
-                let subnet = parse_subnet_key(k)?;
-                Some((
-                    subnet,
-                    Lease {
-                        subnet,
-                        attrs: r.attrs.clone(),
-                        expiration: r
-                            .expires_ms
-                            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
-                    },
-                ))
+                let (subnet, v6) = parse_subnet_key(k)?;
+                Some((subnet, lease_of(subnet, v6, r)))
             })
             .collect()
+    }
+
+    /// The key holding the lease of IPv4 subnet `subnet`, whatever its
+    /// IPv6 part.
+    fn key_of(&self, subnet: Ipv4Net) -> Option<String> {
+        self.subnets
+            .keys()
+            .find(|k| parse_subnet_key(k).is_some_and(|(n, _)| n == subnet))
+            .cloned()
     }
 
     fn expire(&mut self, now: u64) -> bool {
@@ -164,36 +165,59 @@ impl LocalStore {
         cfg: &NetConfig,
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
+        previous6: Option<Ipv6Net>,
     ) -> Result<Lease> {
         let expires = self.expiry();
         self.update(|s| {
-            // Reuse this node's lease: same public IP.
+            let keys: Vec<(Ipv4Net, Option<Ipv6Net>)> = s
+                .subnets
+                .keys()
+                .filter_map(|k| parse_subnet_key(k))
+                .collect();
+            let taken6 = |n: Ipv6Net, except: &str| {
+                s.subnets
+                    .keys()
+                    .filter(|k| *k != except)
+                    .filter_map(|k| parse_subnet_key(k)?.1)
+                    .any(|t| t.contains(&n.network()) || n.contains(&t.network()))
+            };
+            // Reuse this node's lease: same public IP. It gains an IPv6
+            // subnet when the config asks for one and it has none (or one
+            // out of range), and loses it when the config has no IPv6.
             let own = s
                 .subnets
-                .iter_mut()
-                .find(|(_, r)| r.attrs.public_ip == attrs.public_ip);
-            if let Some((key, rec)) = own {
-                if let Some(subnet) = parse_subnet_key(key).filter(|s| cfg.in_range(*s)) {
+                .iter()
+                .find(|(_, r)| r.attrs.public_ip == attrs.public_ip)
+                .map(|(k, _)| k.clone());
+            if let Some(key) = own {
+                if let Some((subnet, v6)) = parse_subnet_key(&key).filter(|(s, _)| cfg.in_range(*s))
+                {
+                    let v6 = match v6.filter(|n| cfg.in_range6(*n)) {
+                        Some(n) => Some(n),
+                        None => choose_subnet6(cfg, &|n| taken6(n, &key), previous6)?,
+                    };
+                    let mut rec = s.subnets.remove(&key).expect("the key was found");
                     rec.attrs = attrs.clone();
                     if rec.expires_ms.is_some() {
                         rec.expires_ms = Some(expires);
                     }
-                    return Ok((lease_of(subnet, rec), true));
+                    let lease = lease_of(subnet, v6, &rec);
+                    s.subnets.insert(subnet_key(subnet, v6), rec);
+                    return Ok((lease, true));
                 }
             }
             let taken = |n: Ipv4Net| {
-                s.subnets
-                    .keys()
-                    .filter_map(|k| parse_subnet_key(k))
-                    .any(|t| t.contains(&n.network()) || n.contains(&t.network()))
+                keys.iter()
+                    .any(|(t, _)| t.contains(&n.network()) || n.contains(&t.network()))
             };
             let subnet = choose_subnet(cfg, &taken, previous)?;
+            let v6 = choose_subnet6(cfg, &|n| taken6(n, ""), previous6)?;
             let rec = Record {
                 attrs: attrs.clone(),
                 expires_ms: Some(expires),
             };
-            let lease = lease_of(subnet, &rec);
-            s.subnets.insert(subnet_key(subnet), rec);
+            let lease = lease_of(subnet, v6, &rec);
+            s.subnets.insert(subnet_key(subnet, v6), rec);
             Ok((lease, true))
         })
     }
@@ -201,7 +225,7 @@ impl LocalStore {
     pub fn renew(&self, lease: &Lease) -> Result<Lease> {
         let expires = self.expiry();
         self.update(|s| {
-            let key = subnet_key(lease.subnet);
+            let key = s.key_of(lease.subnet).unwrap_or_else(|| lease.key());
             match s.subnets.get_mut(&key) {
                 Some(rec) if rec.attrs.public_ip != lease.attrs.public_ip => {
                     Err(SubnetError::LeaseLost {
@@ -214,14 +238,15 @@ impl LocalStore {
                     if rec.expires_ms.is_some() {
                         rec.expires_ms = Some(expires);
                     }
-                    Ok((lease_of(lease.subnet, rec), true))
+                    let v6 = parse_subnet_key(&key).and_then(|(_, v6)| v6);
+                    Ok((lease_of(lease.subnet, v6, rec), true))
                 }
                 None => {
                     let rec = Record {
                         attrs: lease.attrs.clone(),
                         expires_ms: Some(expires),
                     };
-                    let out = lease_of(lease.subnet, &rec);
+                    let out = lease_of(lease.subnet, lease.ipv6_subnet, &rec);
                     s.subnets.insert(key, rec);
                     Ok((out, true))
                 }
@@ -232,12 +257,26 @@ impl LocalStore {
     /// Writes a lease as another node (or an operator) would: with a TTL,
     /// or as a reservation when `ttl` is `None`.
     pub fn put(&self, subnet: Ipv4Net, attrs: &LeaseAttrs, ttl: Option<Duration>) -> Result<()> {
+        self.put_dual(subnet, None, attrs, ttl)
+    }
+
+    /// [`LocalStore::put`] with an IPv6 subnet beside the IPv4 one.
+    pub fn put_dual(
+        &self,
+        subnet: Ipv4Net,
+        v6: Option<Ipv6Net>,
+        attrs: &LeaseAttrs,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
         self.update(|s| {
             let rec = Record {
                 attrs: attrs.clone(),
                 expires_ms: ttl.map(|t| now_ms() + t.as_millis() as u64),
             };
-            s.subnets.insert(subnet_key(subnet), rec);
+            if let Some(old) = s.key_of(subnet) {
+                s.subnets.remove(&old);
+            }
+            s.subnets.insert(subnet_key(subnet, v6), rec);
             Ok(((), true))
         })
     }
@@ -251,7 +290,10 @@ impl LocalStore {
                     attrs: attrs.clone(),
                     expires_ms,
                 };
-                s.subnets.insert(subnet_key(*subnet), rec);
+                if let Some(old) = s.key_of(*subnet) {
+                    s.subnets.remove(&old);
+                }
+                s.subnets.insert(subnet_key(*subnet, None), rec);
             }
             Ok(((), !leases.is_empty()))
         })
@@ -262,7 +304,9 @@ impl LocalStore {
         self.update(|s| {
             let before = s.subnets.len();
             for subnet in subnets {
-                s.subnets.remove(&subnet_key(*subnet));
+                if let Some(key) = s.key_of(*subnet) {
+                    s.subnets.remove(&key);
+                }
             }
             Ok(((), s.subnets.len() != before))
         })
@@ -271,7 +315,9 @@ impl LocalStore {
     /// Deletes a lease; true when it existed.
     pub fn delete(&self, subnet: Ipv4Net) -> Result<bool> {
         self.update(|s| {
-            let gone = s.subnets.remove(&subnet_key(subnet)).is_some();
+            let gone = s
+                .key_of(subnet)
+                .is_some_and(|key| s.subnets.remove(&key).is_some());
             Ok((gone, gone))
         })
     }
@@ -301,9 +347,10 @@ impl LocalStore {
     }
 }
 
-fn lease_of(subnet: Ipv4Net, rec: &Record) -> Lease {
+fn lease_of(subnet: Ipv4Net, ipv6_subnet: Option<Ipv6Net>, rec: &Record) -> Lease {
     Lease {
         subnet,
+        ipv6_subnet,
         attrs: rec.attrs.clone(),
         expiration: rec
             .expires_ms
@@ -349,21 +396,27 @@ mod tests {
         );
         let reserved: Ipv4Net = "10.7.2.0/24".parse().unwrap();
         s.put(reserved, &attrs(99), None).unwrap();
-        let a = s.acquire(&c, &attrs(1), None).unwrap();
-        let b = s.acquire(&c, &attrs(2), None).unwrap();
+        let a = s.acquire(&c, &attrs(1), None, None).unwrap();
+        let b = s.acquire(&c, &attrs(2), None, None).unwrap();
         assert_ne!(a.subnet, b.subnet);
         assert!(a.subnet != reserved && b.subnet != reserved);
         // Same public IP: the same lease again.
-        assert_eq!(s.acquire(&c, &attrs(1), None).unwrap().subnet, a.subnet);
+        assert_eq!(
+            s.acquire(&c, &attrs(1), None, None).unwrap().subnet,
+            a.subnet
+        );
         // The reservation's holder gets it, and it stays without TTL.
-        let r = s.acquire(&c, &attrs(99), None).unwrap();
+        let r = s.acquire(&c, &attrs(99), None, None).unwrap();
         assert_eq!((r.subnet, r.expiration), (reserved, None));
-        s.acquire(&c, &attrs(3), None).unwrap();
-        let err = s.acquire(&c, &attrs(4), None).unwrap_err().to_string();
+        s.acquire(&c, &attrs(3), None, None).unwrap();
+        let err = s
+            .acquire(&c, &attrs(4), None, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("out of subnets"), "{err}");
         // A deleted lease frees its subnet; renew of a lost lease says so.
         assert!(s.delete(a.subnet).unwrap());
-        let d = s.acquire(&c, &attrs(4), None).unwrap();
+        let d = s.acquire(&c, &attrs(4), None, None).unwrap();
         assert_eq!(d.subnet, a.subnet);
         let err = s.renew(&a).unwrap_err().to_string();
         assert!(err.contains("taken by 10.0.0.4"), "{err}");
@@ -374,8 +427,8 @@ mod tests {
     fn leases_expire_unless_renewed() {
         let (s, dir) = store("ttl", Duration::from_millis(300));
         let c = cfg(r#"{"Network":"10.8.0.0/16","Backend":{"Type":"vxlan"}}"#);
-        let a = s.acquire(&c, &attrs(1), None).unwrap();
-        let b = s.acquire(&c, &attrs(2), None).unwrap();
+        let a = s.acquire(&c, &attrs(1), None, None).unwrap();
+        let b = s.acquire(&c, &attrs(2), None, None).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         s.renew(&a).unwrap();
         std::thread::sleep(Duration::from_millis(200));
@@ -395,7 +448,7 @@ mod tests {
         let threads: Vec<_> = (1..=40u8)
             .map(|n| {
                 let (s, c) = (s.clone(), c.clone());
-                std::thread::spawn(move || s.acquire(&c, &attrs(n), None).unwrap().subnet)
+                std::thread::spawn(move || s.acquire(&c, &attrs(n), None, None).unwrap().subnet)
             })
             .collect();
         let mut got: Vec<Ipv4Net> = threads.into_iter().map(|t| t.join().unwrap()).collect();
@@ -435,6 +488,50 @@ mod tests {
         s.delete(subnet).unwrap();
         wait(&mut rx, false).await;
         task.abort();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn dual_stack_leases_carry_both_subnets_in_flannels_key() {
+        let (s, dir) = store("dual", Duration::from_secs(60));
+        let c = cfg(
+            r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.3.0","EnableIPv6":true,"IPv6Network":"fd00:5::/48","IPv6SubnetMin":"fd00:5:0:1::","IPv6SubnetMax":"fd00:5:0:3::","Backend":{"Type":"vxlan"}}"#,
+        );
+        let prev6: Ipv6Net = "fd00:5:0:2::/64".parse().unwrap();
+        let a = s.acquire(&c, &attrs(1), None, Some(prev6)).unwrap();
+        assert_eq!(
+            a.ipv6_subnet,
+            Some(prev6),
+            "the previous IPv6 subnet is kept"
+        );
+        let b = s.acquire(&c, &attrs(2), None, Some(prev6)).unwrap();
+        let b6 = b.ipv6_subnet.expect("an IPv6 subnet");
+        assert_ne!(b6, prev6, "a taken IPv6 subnet is not handed out twice");
+        assert!(c.in_range6(b6));
+        // Stored under Flannel's key, read back with both subnets.
+        let text = std::fs::read_to_string(dir.join("leases.json")).unwrap();
+        assert!(text.contains(&format!("\"{}\"", a.key())), "{text}");
+        assert!(a.key().contains('&'), "{}", a.key());
+        let all = s.leases().unwrap();
+        assert_eq!(all[&a.subnet].ipv6_subnet, Some(prev6));
+        // Renewal and a restart of the node keep both.
+        assert_eq!(s.renew(&a).unwrap().ipv6_subnet, Some(prev6));
+        assert_eq!(
+            s.acquire(&c, &attrs(1), None, None).unwrap(),
+            s.leases().unwrap()[&a.subnet]
+        );
+        // A lease taken before IPv6 was on gains an IPv6 subnet at the
+        // next acquire, and loses it when IPv6 is off again.
+        let v4 = cfg(
+            r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.3.0","Backend":{"Type":"vxlan"}}"#,
+        );
+        let off = s.acquire(&v4, &attrs(1), None, None).unwrap();
+        assert_eq!((off.subnet, off.ipv6_subnet), (a.subnet, None));
+        let on = s.acquire(&c, &attrs(1), None, None).unwrap();
+        assert_eq!(on.subnet, a.subnet);
+        assert!(on.ipv6_subnet.is_some_and(|n| n != b6));
+        assert!(s.delete(a.subnet).unwrap());
+        assert_eq!(s.leases().unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

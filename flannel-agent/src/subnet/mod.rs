@@ -22,7 +22,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{config::NetConfig, mac::MacAddr};
@@ -103,6 +103,9 @@ impl LeaseAttrs {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     pub subnet: Ipv4Net,
+    /// With `EnableIPv6`: the node's IPv6 subnet (Flannel's `IPv6Subnet`,
+    /// the part after `&` in its etcd key).
+    pub ipv6_subnet: Option<Ipv6Net>,
     pub attrs: LeaseAttrs,
     /// `None`: a reservation (a key without TTL), never expires.
     pub expiration: Option<SystemTime>,
@@ -114,27 +117,59 @@ pub type LeaseSet = Arc<BTreeMap<Ipv4Net, Lease>>;
 /// Where a store publishes: `None` until its first full listing.
 pub type LeaseTx = tokio::sync::watch::Sender<Option<LeaseSet>>;
 
+impl Lease {
+    /// Flannel's key for this lease (see [`subnet_key`]).
+    pub fn key(&self) -> String {
+        subnet_key(self.subnet, self.ipv6_subnet)
+    }
+}
+
 /// A lease as etcd holds it: the key below `<prefix>/subnets/` and the
 /// `LeaseAttrs` JSON value. `Ok(None)` for a key that names no subnet.
 pub fn decode_lease(
     key: &str,
     value: &[u8],
-) -> std::result::Result<Option<(Ipv4Net, LeaseAttrs)>, serde_json::Error> {
-    let Some(subnet) = parse_subnet_key(key) else {
+) -> std::result::Result<Option<(Ipv4Net, Option<Ipv6Net>, LeaseAttrs)>, serde_json::Error> {
+    let Some((subnet, v6)) = parse_subnet_key(key) else {
         return Ok(None);
     };
-    Ok(Some((subnet, serde_json::from_slice(value)?)))
+    Ok(Some((subnet, v6, serde_json::from_slice(value)?)))
 }
 
-/// Flannel's key for a subnet: `10.244.1.0-24`.
-pub fn subnet_key(subnet: Ipv4Net) -> String {
-    format!("{}-{}", subnet.network(), subnet.prefix_len())
+/// Flannel's key for a lease: `10.244.1.0-24`, or with an IPv6 subnet
+/// `10.244.1.0-24&fd00:10:244:1::-64` (its `MakeSubnetKey`).
+pub fn subnet_key(subnet: Ipv4Net, v6: Option<Ipv6Net>) -> String {
+    match v6 {
+        None => format!("{}-{}", subnet.network(), subnet.prefix_len()),
+        Some(v6) => format!(
+            "{}-{}&{}-{}",
+            subnet.network(),
+            subnet.prefix_len(),
+            v6.network(),
+            v6.prefix_len()
+        ),
+    }
 }
 
-pub fn parse_subnet_key(key: &str) -> Option<Ipv4Net> {
-    let (ip, len) = key.rsplit_once('-')?;
+/// The subnets a Flannel key names (its `ParseSubnetKey`); `None` for a
+/// key that names none, or names one with host bits set.
+pub fn parse_subnet_key(key: &str) -> Option<(Ipv4Net, Option<Ipv6Net>)> {
+    let (v4, v6) = match key.split_once('&') {
+        Some((v4, v6)) => (v4, Some(v6)),
+        None => (key, None),
+    };
+    let (ip, len) = v4.rsplit_once('-')?;
     let net = Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?).ok()?;
-    (net.trunc() == net).then_some(net)
+    let v6 = match v6 {
+        None => None,
+        Some(text) => {
+            let (ip, len) = text.rsplit_once('-')?;
+            let net6 = Ipv6Net::new(ip.parse().ok()?, len.parse().ok()?).ok()?;
+            (net6.trunc() == net6).then_some(())?;
+            Some(net6)
+        }
+    };
+    (net.trunc() == net).then_some((net, v6))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +180,8 @@ pub enum SubnetError {
         min: Ipv4Addr,
         max: Ipv4Addr,
     },
+    #[error("out of IPv6 subnets: every subnet from {min} to {max} is leased or reserved; widen IPv6Network/IPv6SubnetMin/IPv6SubnetMax or remove stale leases")]
+    OutOfSubnets6 { min: Ipv6Addr, max: Ipv6Addr },
     #[error("lease for {subnet} was taken by {holder}")]
     LeaseLost { subnet: Ipv4Net, holder: Ipv4Addr },
     #[error("{0}")]
@@ -195,6 +232,30 @@ pub fn choose_subnet(
     Ok(free[random_index(free.len())])
 }
 
+/// The IPv6 subnet for a new lease, as Flannel picks it: the previous
+/// one if in range and free, else one at random among the first 100 free
+/// ones. `None` without `EnableIPv6`.
+pub fn choose_subnet6(
+    cfg: &NetConfig,
+    taken: &dyn Fn(Ipv6Net) -> bool,
+    previous: Option<Ipv6Net>,
+) -> Result<Option<Ipv6Net>> {
+    if !cfg.enable_ipv6 {
+        return Ok(None);
+    }
+    if let Some(prev) = previous.filter(|p| cfg.in_range6(*p) && !taken(*p)) {
+        return Ok(Some(prev));
+    }
+    let free: Vec<Ipv6Net> = cfg.subnets6().filter(|s| !taken(*s)).take(100).collect();
+    if free.is_empty() {
+        return Err(SubnetError::OutOfSubnets6 {
+            min: cfg.ipv6_subnet_min,
+            max: cfg.ipv6_subnet_max,
+        });
+    }
+    Ok(Some(free[random_index(free.len())]))
+}
+
 fn random_index(n: usize) -> usize {
     // Random enough to spread racing nodes; not security relevant.
     use std::hash::BuildHasher;
@@ -233,16 +294,17 @@ impl SubnetManager {
         }
     }
 
-    /// Gets this node a lease (see [`choose_subnet`]).
+    /// Gets this node a lease (see [`choose_subnet`], [`choose_subnet6`]).
     pub async fn acquire(
         &self,
         cfg: &NetConfig,
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
+        previous6: Option<Ipv6Net>,
     ) -> Result<Lease> {
         match self {
-            SubnetManager::Local(s) => s.acquire(cfg, attrs, previous),
-            SubnetManager::Etcd(s) => s.acquire(cfg, attrs, previous).await,
+            SubnetManager::Local(s) => s.acquire(cfg, attrs, previous, previous6),
+            SubnetManager::Etcd(s) => s.acquire(cfg, attrs, previous, previous6).await,
             SubnetManager::Kube(s) => s.acquire(cfg, attrs).await,
         }
     }
@@ -310,8 +372,15 @@ mod tests {
     #[test]
     fn keys_round_trip_and_bad_keys_are_refused() {
         let s: Ipv4Net = "10.244.3.0/24".parse().unwrap();
-        assert_eq!(subnet_key(s), "10.244.3.0-24");
-        assert_eq!(parse_subnet_key("10.244.3.0-24"), Some(s));
+        assert_eq!(subnet_key(s, None), "10.244.3.0-24");
+        assert_eq!(parse_subnet_key("10.244.3.0-24"), Some((s, None)));
+        // Flannel's dual-stack key (its MakeSubnetKey), both ways.
+        let s6: Ipv6Net = "fd00:10:244:3::/64".parse().unwrap();
+        assert_eq!(subnet_key(s, Some(s6)), "10.244.3.0-24&fd00:10:244:3::-64");
+        assert_eq!(
+            parse_subnet_key("10.244.3.0-24&fd00:10:244:3::-64"),
+            Some((s, Some(s6)))
+        );
         for bad in [
             "10.244.3.0/24",
             "10.244.3.1-24",
@@ -319,9 +388,40 @@ mod tests {
             "10.244.3.0-33",
             "",
             "-",
+            "10.244.3.0-24&",
+            "10.244.3.0-24&fd00::1-64",
+            "10.244.3.0-24&fd00::-129",
+            "10.244.3.0-24&10.0.0.0-8",
         ] {
             assert_eq!(parse_subnet_key(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn ipv6_subnets_are_chosen_as_flannel_chooses_them() {
+        let c = cfg(
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","IPv6SubnetMin":"fd00:5:0:10::","IPv6SubnetMax":"fd00:5:0:12::","Backend":{"Type":"vxlan"}}"#,
+        );
+        let none = |_: Ipv6Net| false;
+        let prev: Ipv6Net = "fd00:5:0:11::/64".parse().unwrap();
+        assert_eq!(choose_subnet6(&c, &none, Some(prev)).unwrap(), Some(prev));
+        // Out of range or taken: another one from the range.
+        let out: Ipv6Net = "fd00:5:0:13::/64".parse().unwrap();
+        let got = choose_subnet6(&c, &none, Some(out)).unwrap().unwrap();
+        assert!(c.in_range6(got), "{got}");
+        let taken = |n: Ipv6Net| n != "fd00:5:0:12::/64".parse::<Ipv6Net>().unwrap();
+        assert_eq!(
+            choose_subnet6(&c, &taken, Some(prev)).unwrap(),
+            Some("fd00:5:0:12::/64".parse().unwrap())
+        );
+        let err = choose_subnet6(&c, &|_| true, None).unwrap_err().to_string();
+        assert!(
+            err.contains("out of IPv6 subnets") && err.contains("fd00:5:0:12::"),
+            "{err}"
+        );
+        // Without EnableIPv6: no IPv6 subnet.
+        let v4 = cfg(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#);
+        assert_eq!(choose_subnet6(&v4, &none, Some(prev)).unwrap(), None);
     }
 
     #[test]
