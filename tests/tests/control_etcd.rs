@@ -297,6 +297,18 @@ fn dual_stack_leases_use_flannels_etcd_keys() {
             .collect();
         assert!(keys.contains(&c2.key()), "{keys:?}");
         assert!(!keys.contains(&c.key()), "{keys:?}");
+        // Two keys naming one IPv4 subnet (two nodes racing with different
+        // IPv6 subnets): the older one holds it, the younger one gives way.
+        // (Outside SubnetMin..SubnetMax: no node above holds it.)
+        let (race, r1, r2): (Ipv4Net, Ipv6Net, Ipv6Net) = (
+            net("10.244.90.0/24"),
+            "fd00:10:244:70::/64".parse()?,
+            "fd00:10:244:71::/64".parse()?,
+        );
+        s.put_dual(race, Some(r1), &attrs(0x70), None).await?;
+        s.put_dual(race, Some(r2), &attrs(0x71), None).await?;
+        assert!(s.holds_oldest_key(race, Some(r1)).await?);
+        assert!(!s.holds_oldest_key(race, Some(r2)).await?);
         // Deleting by the IPv4 subnet removes the dual key.
         s.delete(stock).await?;
         assert!(!s.list_subnets().await?.iter().any(|(n, _)| *n == stock));

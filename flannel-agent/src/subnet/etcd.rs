@@ -302,7 +302,7 @@ impl EtcdStore {
                 // another node's for the same IPv4 (or IPv6) subnet: the
                 // transaction only sees its own key. The older key wins;
                 // the younger one goes and chooses again.
-                if v6.is_some() && !self.first_for(subnet, v6).await? {
+                if v6.is_some() && !self.holds_oldest_key(subnet, v6).await? {
                     self.delete_key(&self.key(subnet, v6)).await?;
                     tracing::info!(%subnet, "another node took the subnet first; choosing again");
                     continue;
@@ -316,7 +316,7 @@ impl EtcdStore {
 
     /// Whether the key for `subnet`/`v6` is the oldest of the keys that
     /// name either subnet.
-    async fn first_for(&self, subnet: Ipv4Net, v6: Option<Ipv6Net>) -> Result<bool> {
+    pub async fn holds_oldest_key(&self, subnet: Ipv4Net, v6: Option<Ipv6Net>) -> Result<bool> {
         let (_, _, kvs) = self.list().await?;
         let ours = self.key(subnet, v6);
         let oldest = kvs
