@@ -21,6 +21,15 @@ impl MacAddr {
         MacAddr([0x0e, o[0] ^ v[3], o[1] ^ v[2], o[2], o[3], 0x01 ^ v[1]])
     }
 
+    /// A stable VtepMAC for `flannel-v6.<VNI>`, from the node's IPv6
+    /// address: its last four bytes, so that nodes numbered in a row
+    /// differ, and a byte that tells it from the IPv4 device's.
+    pub fn for_vtep6(node_ip: std::net::Ipv6Addr, vni: u32) -> Self {
+        let o = node_ip.octets();
+        let v = vni.to_be_bytes();
+        MacAddr([0x0e, 0x06 ^ v[3], o[12], o[13], o[14], o[15]])
+    }
+
     /// The fixed MAC of the pod bridge, so that the gateway MAC the data
     /// path writes does not follow the bridge's ports.
     pub fn for_bridge(gateway: std::net::Ipv4Addr) -> Self {

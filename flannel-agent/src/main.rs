@@ -179,6 +179,10 @@ struct RunArgs {
     /// The IP other nodes reach this one at (default: the uplink's address).
     #[arg(long)]
     public_ip: Option<Ipv4Addr>,
+    /// With IPv6: the IPv6 other nodes reach this one at (default: the
+    /// uplink's first global IPv6 address).
+    #[arg(long)]
+    public_ipv6: Option<std::net::Ipv6Addr>,
     /// Where the lease is written for the CNI plugin.
     #[arg(long, default_value = defaults::SUBNET_FILE)]
     subnet_file: PathBuf,
@@ -330,6 +334,7 @@ impl RunArgs {
             iface: self.iface,
             iface_regex: self.iface_regex,
             public_ip: self.public_ip,
+            public_ipv6: self.public_ipv6,
             subnet_file: self.subnet_file,
             store,
             timing: LeaseTiming {

@@ -4,10 +4,10 @@
 //! compatible, or recreate when not) and use replace semantics, so running
 //! them again repairs drift.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{
@@ -124,7 +124,9 @@ impl Link {
 pub struct VxlanSpec {
     pub name: String,
     pub vni: u32,
-    pub local: Ipv4Addr,
+    /// The node's address: IPv4 for `flannel.<VNI>`, IPv6 for
+    /// `flannel-v6.<VNI>` (VXLAN over the IPv6 node network).
+    pub local: IpAddr,
     pub uplink: u32,
     pub port: u16,
     pub mtu: u32,
@@ -139,9 +141,13 @@ impl VxlanSpec {
             return false;
         }
         let has = |want: &InfoVxlan| link.vxlan.iter().any(|v| v == want);
+        let local = match self.local {
+            IpAddr::V4(a) => InfoVxlan::Local(a),
+            IpAddr::V6(a) => InfoVxlan::Local6(a),
+        };
         has(&InfoVxlan::Id(self.vni))
             && has(&InfoVxlan::Port(self.port))
-            && has(&InfoVxlan::Local(self.local))
+            && has(&local)
             && has(&InfoVxlan::Link(self.uplink))
             && has(&InfoVxlan::Learning(false))
     }
@@ -152,6 +158,61 @@ impl VxlanSpec {
 pub struct RemoteEntry {
     pub subnet: Ipv4Net,
     pub public_ip: Ipv4Addr,
+    pub vtep_mac: MacAddr,
+}
+
+/// What a VXLAN device holds per remote, in either family: its subnet, the
+/// gateway address (the subnet's network address) its neighbour entry and
+/// route use, the VtepMAC and the node address the FDB sends to.
+pub trait Remote: Copy + PartialEq + std::fmt::Debug {
+    type Net: Copy + Ord + std::fmt::Debug + std::fmt::Display;
+    type Addr: Copy + Ord + std::fmt::Debug + std::fmt::Display;
+    fn subnet(&self) -> Self::Net;
+    fn gateway(&self) -> Self::Addr;
+    fn vtep_mac(&self) -> MacAddr;
+    fn public(&self) -> IpAddr;
+}
+
+impl Remote for RemoteEntry {
+    type Net = Ipv4Net;
+    type Addr = Ipv4Addr;
+    fn subnet(&self) -> Ipv4Net {
+        self.subnet
+    }
+    fn gateway(&self) -> Ipv4Addr {
+        self.subnet.network()
+    }
+    fn vtep_mac(&self) -> MacAddr {
+        self.vtep_mac
+    }
+    fn public(&self) -> IpAddr {
+        IpAddr::V4(self.public_ip)
+    }
+}
+
+impl Remote for RemoteEntry6 {
+    type Net = Ipv6Net;
+    type Addr = Ipv6Addr;
+    fn subnet(&self) -> Ipv6Net {
+        self.subnet
+    }
+    fn gateway(&self) -> Ipv6Addr {
+        self.subnet.network()
+    }
+    fn vtep_mac(&self) -> MacAddr {
+        self.vtep_mac
+    }
+    fn public(&self) -> IpAddr {
+        IpAddr::V6(self.public_ip)
+    }
+}
+
+/// A remote lease's IPv6 side as programmed on `flannel-v6.<VNI>`: its
+/// IPv6 subnet, IPv6 public address and the VtepMAC of its v6 device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RemoteEntry6 {
+    pub subnet: Ipv6Net,
+    pub public_ip: Ipv6Addr,
     pub vtep_mac: MacAddr,
 }
 
@@ -267,15 +328,32 @@ impl Netlink {
 
     pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Net>> {
         Ok(self
-            .ipv4_addr_messages(index)
+            .addr_messages(index)
             .await?
             .into_iter()
-            .map(|(net, _)| net)
+            .filter_map(|(net, _)| match net {
+                IpNet::V4(n) => Some(n),
+                IpNet::V6(_) => None,
+            })
             .collect())
     }
 
-    /// IPv4 addresses of `index` with the messages that delete them.
-    async fn ipv4_addr_messages(&self, index: u32) -> Result<Vec<(Ipv4Net, AddressMessage)>> {
+    /// Global IPv6 addresses of `index` (link-local ones left out).
+    pub async fn ipv6_addrs(&self, index: u32) -> Result<Vec<Ipv6Net>> {
+        Ok(self
+            .addr_messages(index)
+            .await?
+            .into_iter()
+            .filter_map(|(net, _)| match net {
+                IpNet::V6(n) => Some(n),
+                IpNet::V4(_) => None,
+            })
+            .collect())
+    }
+
+    /// IPv4 and global IPv6 addresses of `index` with the messages that
+    /// delete them.
+    async fn addr_messages(&self, index: u32) -> Result<Vec<(IpNet, AddressMessage)>> {
         let mut stream = self
             .handle
             .address()
@@ -291,9 +369,15 @@ impl Netlink {
             if msg.header.index != index {
                 continue;
             }
+            let plen = msg.header.prefix_len;
             let local = msg.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Local(IpAddr::V4(a)) => {
-                    Ipv4Net::new(*a, msg.header.prefix_len).ok()
+                    Ipv4Net::new(*a, plen).ok().map(IpNet::V4)
+                }
+                // IPv6 has no IFA_LOCAL on most links: the address is in
+                // IFA_ADDRESS.
+                AddressAttribute::Address(IpAddr::V6(a)) if !is_link_local6(a) => {
+                    Ipv6Net::new(*a, plen).ok().map(IpNet::V6)
                 }
                 _ => None,
             });
@@ -306,16 +390,39 @@ impl Netlink {
 
     /// Makes `index` carry exactly `want` as its IPv4 address(es).
     pub async fn ensure_only_addrs(&self, index: u32, want: &[Ipv4Net]) -> Result<()> {
-        let have = self.ipv4_addr_messages(index).await?;
+        let want: Vec<IpNet> = want.iter().copied().map(IpNet::V4).collect();
+        self.ensure_only(index, &want, false).await
+    }
+
+    /// Makes `index` carry exactly `want` as its global IPv6 address(es).
+    pub async fn ensure_only_addrs6(&self, index: u32, want: &[Ipv6Net]) -> Result<()> {
+        let want: Vec<IpNet> = want.iter().copied().map(IpNet::V6).collect();
+        self.ensure_only(index, &want, true).await
+    }
+
+    /// `want` on `index`, and no other address of the family (`v6`).
+    async fn ensure_only(&self, index: u32, want: &[IpNet], v6: bool) -> Result<()> {
+        let have: Vec<_> = self
+            .addr_messages(index)
+            .await?
+            .into_iter()
+            .filter(|(n, _)| matches!(n, IpNet::V6(_)) == v6)
+            .collect();
         for net in want {
             if !have.iter().any(|(h, _)| h == net) {
-                self.handle
+                let mut add = self
+                    .handle
                     .address()
-                    .add(index, IpAddr::V4(net.addr()), net.prefix_len())
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(req("add address", net))?;
+                    .add(index, net.addr(), net.prefix_len())
+                    .replace();
+                if v6 {
+                    // No duplicate address detection: the address is the
+                    // node's own (a lease), usable at once.
+                    add.message_mut().attributes.push(AddressAttribute::Flags(
+                        netlink_packet_route::address::AddressFlags::Nodad,
+                    ));
+                }
+                add.execute().await.map_err(req("add address", net))?;
             }
         }
         for (net, msg) in have.into_iter().filter(|(h, _)| !want.contains(h)) {
@@ -479,11 +586,12 @@ impl Netlink {
         }
     }
 
-    /// The pod bridge (`cni0`), with the gateway address and pod MTU.
+    /// The pod bridge (`cni0`), with the gateway address(es) and pod MTU.
     pub async fn ensure_bridge(
         &self,
         name: &str,
         gateway: Ipv4Net,
+        gateway6: Option<Ipv6Net>,
         mtu: u32,
         mac: MacAddr,
     ) -> Result<Link> {
@@ -501,6 +609,8 @@ impl Netlink {
             self.set_mtu_mac(link.index, mtu, Some(mac)).await?;
         }
         self.ensure_only_addrs(link.index, &[gateway]).await?;
+        self.ensure_only_addrs6(link.index, gateway6.as_slice())
+            .await?;
         if !link.up {
             self.set_up(link.index).await?;
         }
@@ -524,8 +634,9 @@ impl Netlink {
 
     /// `flannel.<VNI>` as Flannel creates it: nolearning, local = node IP,
     /// dev = uplink, MTU = uplink MTU − 50, MAC = VtepMAC, address
-    /// `<subnet network>/32`.
-    pub async fn ensure_vxlan(&self, spec: &VxlanSpec, addr: Ipv4Net) -> Result<Link> {
+    /// `<subnet network>/32`; `flannel-v6.<VNI>` the same over IPv6 (MTU
+    /// uplink − 70, address `<IPv6 subnet network>/128`).
+    pub async fn ensure_vxlan(&self, spec: &VxlanSpec, addr: IpNet) -> Result<Link> {
         let link = match self.link_by_name(&spec.name).await? {
             Some(l) if spec.compatible(&l) => l,
             Some(l) => {
@@ -539,7 +650,10 @@ impl Netlink {
             self.set_mtu_mac(link.index, spec.mtu, Some(spec.mac))
                 .await?;
         }
-        self.ensure_only_addrs(link.index, &[addr]).await?;
+        match addr {
+            IpNet::V4(a) => self.ensure_only_addrs(link.index, &[a]).await?,
+            IpNet::V6(a) => self.ensure_only_addrs6(link.index, &[a]).await?,
+        }
         if !link.up {
             self.set_up(link.index).await?;
         }
@@ -547,10 +661,14 @@ impl Netlink {
     }
 
     async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<Link> {
-        let msg = LinkVxlan::new(&spec.name, spec.vni)
+        let b = LinkVxlan::new(&spec.name, spec.vni)
             .dev(spec.uplink)
-            .port(spec.port)
-            .local(spec.local)
+            .port(spec.port);
+        let b = match spec.local {
+            IpAddr::V4(a) => b.local(a),
+            IpAddr::V6(a) => b.local6(a),
+        };
+        let msg = b
             .learning(false)
             .mtu(spec.mtu)
             .address(spec.mac.0.to_vec())
@@ -600,6 +718,117 @@ impl Netlink {
             .await
             .map_err(req("replace route", r.subnet))?;
         Ok(())
+    }
+
+    /// [`Netlink::program_remote`] for a remote's IPv6 side on
+    /// `flannel-v6.<VNI>`: neighbour `<v6 subnet network> lladdr <v6
+    /// VtepMAC>`, FDB `<v6 VtepMAC> dst <public IPv6>`, route `<v6 subnet>
+    /// via <v6 subnet network> onlink`, in Flannel's order.
+    pub async fn program_remote6(&self, vtep: u32, r: &RemoteEntry6) -> Result<()> {
+        let gw = r.subnet.network();
+        self.handle
+            .neighbours()
+            .add(vtep, IpAddr::V6(gw))
+            .link_layer_address(&r.vtep_mac.0)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(req("replace neighbour", gw))?;
+        self.handle
+            .neighbours()
+            .add_bridge(vtep, &r.vtep_mac.0)
+            .destination(IpAddr::V6(r.public_ip))
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(req("replace fdb", r.vtep_mac))?;
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(gw, r.subnet.prefix_len())
+            .gateway(gw)
+            .output_interface(vtep)
+            .onlink()
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(req("replace route", r.subnet))?;
+        Ok(())
+    }
+
+    /// IPv6 routes of the main table through `vtep` with a destination:
+    /// (destination, whether it is `onlink`).
+    pub async fn vtep_routes6(&self, vtep: u32) -> Result<Vec<(Ipv6Net, bool)>> {
+        let filter = RouteMessageBuilder::<Ipv6Addr>::new().build();
+        let mut stream = self.handle.route().get(filter).execute();
+        let mut out = Vec::new();
+        while let Some(route) = stream.try_next().await.map_err(req("list routes", vtep))? {
+            let oif = route
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == vtep));
+            let dst = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet6(d)) => {
+                    Ipv6Net::new(*d, route.header.destination_prefix_length).ok()
+                }
+                _ => None,
+            });
+            if let (true, Some(dst), RouteScope::Universe) = (oif, dst, route.header.scope) {
+                // The kernel's own routes on the device (its address, its
+                // link-local prefix) are not remotes.
+                if route.header.protocol != RouteProtocol::Kernel {
+                    out.push((dst, Self::route_onlink(&route)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the IPv6 main-table route to `dst` through `index`; absent
+    /// is fine.
+    pub async fn delete_route6(&self, index: u32, dst: Ipv6Net) -> Result<()> {
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(index)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere)
+            .kind(RouteType::Unspec)
+            .build();
+        match self.handle.route().del(route).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            Err(e) => Err(req("delete route", dst)(e)),
+        }
+    }
+
+    /// Permanent IPv6 neighbours on `vtep`: (IP, MAC).
+    pub async fn vtep_neighbours6(&self, vtep: u32) -> Result<Vec<(Ipv6Addr, MacAddr)>> {
+        self.neighbours(vtep, AddressFamily::Inet6).await.map(|v| {
+            v.into_iter()
+                .filter_map(|(ip, mac)| match ip {
+                    Some(IpAddr::V6(ip)) => Some((ip, mac)),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
+    pub async fn delete_neighbour6(&self, vtep: u32, ip: Ipv6Addr) -> Result<()> {
+        let mut msg = netlink_packet_route::neighbour::NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet6;
+        msg.header.ifindex = vtep;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)));
+        self.ignore_missing(
+            self.handle.neighbours().del(msg).execute().await,
+            "delete neighbour",
+            ip,
+        )
     }
 
     /// Universe-scope routes through `vtep` (the remote leases' routes):
@@ -692,11 +921,21 @@ impl Netlink {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
                         ip = Some(IpAddr::V4(*a))
                     }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        ip = Some(IpAddr::V6(*a))
+                    }
                     // In an AF_BRIDGE (FDB) dump the VXLAN dst arrives as
                     // raw bytes: the parser keys the address type on the
                     // message family, not on the length.
                     NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
                         ip = Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b))
+                        if b.len() == 16 =>
+                    {
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(b);
+                        ip = Some(IpAddr::V6(Ipv6Addr::from(a)))
                     }
                     NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                         let mut m = [0u8; 6];
@@ -733,9 +972,14 @@ impl Netlink {
         msg.header.flags = NeighbourFlags::Own;
         msg.attributes
             .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-        if let Some(IpAddr::V4(d)) = dst {
-            msg.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(d)));
+        match dst {
+            Some(IpAddr::V4(d)) => msg
+                .attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(d))),
+            Some(IpAddr::V6(d)) => msg
+                .attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(d))),
+            None => {}
         }
         self.ignore_missing(
             self.handle.neighbours().del(msg).execute().await,
@@ -760,4 +1004,9 @@ impl Netlink {
             Err(e) => Err(req(op, target)(e)),
         }
     }
+}
+
+/// fe80::/10.
+fn is_link_local6(a: &Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
 }

@@ -39,6 +39,7 @@ pub struct Options {
     /// `--iface-regex`: matched against interface names and addresses.
     pub iface_regex: Vec<String>,
     pub public_ip: Option<std::net::Ipv4Addr>,
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
     pub subnet_file: PathBuf,
     pub store: store::StoreOptions,
     pub timing: LeaseTiming,

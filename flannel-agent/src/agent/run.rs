@@ -124,10 +124,42 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Some(mac) if mac.is_unicast() => mac,
         _ => MacAddr::for_vtep(ip, cfg.backend.vni),
     };
-    let attrs = match cfg.backend.kind {
+    // IPv6: the node's public IPv6 (the uplink's first global one unless
+    // given) and the VtepMAC of flannel-v6.<VNI>, kept across restarts.
+    let (ip6, vtep6_mac) = if cfg.enable_ipv6 {
+        let ip6 = match opts.public_ipv6 {
+            Some(ip6) => ip6,
+            None => nl
+                .ipv6_addrs(uplink.index)
+                .await?
+                .first()
+                .map(|n| n.addr())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "EnableIPv6: the uplink {} has no global IPv6 address; give one or pass --public-ipv6",
+                        uplink.name
+                    )
+                })?,
+        };
+        let name6 = format!("flannel-v6.{}", cfg.backend.vni);
+        let mac6 = match nl.link_by_name(&name6).await?.and_then(|l| l.mac) {
+            Some(mac) if mac.is_unicast() => mac,
+            _ => MacAddr::for_vtep6(ip6, cfg.backend.vni),
+        };
+        (Some(ip6), mac6)
+    } else {
+        (
+            None,
+            MacAddr::for_vtep6(std::net::Ipv6Addr::UNSPECIFIED, cfg.backend.vni),
+        )
+    };
+    let mut attrs = match cfg.backend.kind {
         BackendType::Vxlan => LeaseAttrs::vxlan(ip, cfg.backend.vni, vtep_mac),
         BackendType::HostGw => LeaseAttrs::host_gw(ip),
     };
+    if let Some(ip6) = ip6 {
+        attrs = attrs.with_v6(ip6, cfg.backend.vni, vtep6_mac);
+    }
     let previous = store::previous_subnet(&opts.subnet_file);
     let previous6 = store::previous_subnet6(&opts.subnet_file);
     let lease = store::retry("acquiring a subnet lease", || async {
@@ -189,8 +221,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             uplink,
             uplink_nets,
             ip,
+            ip6,
             lease,
             vtep_mac,
+            vtep6_mac,
         },
         store,
         datapath: selected.active,
@@ -489,6 +523,11 @@ impl Agent {
                     .as_ref()
                     .and_then(|v| observed.links.get(&v.link.name))
                     .map(|l| l.index),
+                vtep6: want
+                    .vtep6
+                    .as_ref()
+                    .and_then(|v| observed.links.get(&v.link.name))
+                    .map(|l| l.index),
                 masq_written: &mut self.masq_written,
                 guard_written: &mut self.guard_written,
             },
@@ -502,9 +541,11 @@ impl Agent {
 
     async fn observe(&mut self) -> Result<reconcile::Observed, crate::netlink::NetlinkError> {
         let vtep = format!("flannel.{}", self.cfg.backend.vni);
+        let vtep6 = format!("flannel-v6.{}", self.cfg.backend.vni);
         let devices = Devices {
             bridge: &self.opts.bridge,
             vtep: &vtep,
+            vtep6: &vtep6,
             uplink: &self.node.uplink.name,
         };
         reconcile::observe(

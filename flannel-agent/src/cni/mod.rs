@@ -182,7 +182,13 @@ async fn pod_bridge(nl: &Netlink, name: &str, gateway: Ipv4Net, mtu: u32) -> Cni
         .map_err(nl_err("reading the bridge"))?
     {
         None => nl
-            .ensure_bridge(name, gateway, mtu, MacAddr::for_bridge(gateway.addr()))
+            .ensure_bridge(
+                name,
+                gateway,
+                None,
+                mtu,
+                MacAddr::for_bridge(gateway.addr()),
+            )
             .await
             .map_err(nl_err("creating the bridge")),
         Some(l) if l.kind == Some(netlink_packet_route::link::InfoKind::Bridge) => {

@@ -14,8 +14,9 @@ use super::{
 use crate::{
     datapath::ebpf::{Datapath, EbpfError},
     masq,
-    netlink::Netlink,
+    netlink::{Netlink, Remote, RemoteEntry6},
 };
+use ipnet::IpNet;
 
 /// What the operations run against.
 pub struct Target<'a> {
@@ -25,6 +26,8 @@ pub struct Target<'a> {
     /// The VTEP device's index as observed; ensuring the device replaces
     /// it (with `None` when that fails).
     pub vtep: Option<u32>,
+    /// The same for `flannel-v6.<VNI>`.
+    pub vtep6: Option<u32>,
     /// What this process last wrote to the masquerade table (the table's
     /// contents are not read back).
     pub masq_written: &'a mut Option<MasqSpec>,
@@ -64,6 +67,7 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
         nl,
         mut dp,
         mut vtep,
+        mut vtep6,
         masq_written,
         guard_written,
     } = t;
@@ -71,6 +75,7 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
     // Each remote's three entries go together; all programs before any
     // delete, then routes, neighbours and FDB entries.
     let mut stages: [Vec<VtepOp>; 4] = Default::default();
+    let mut stages6: [Vec<VtepOp<RemoteEntry6>>; 4] = Default::default();
     let (mut masq_ops, mut map_ops, mut guard_ops) = (Vec::new(), Vec::new(), Vec::new());
     // Direct routes: deletes before the VTEP's entries, adds after (the
     // diff's order; see `diff`).
@@ -80,14 +85,18 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
             Op::Device(d) => {
                 let r = match &d {
                     DeviceOp::Bridge(b) => nl
-                        .ensure_bridge(&b.name, b.gateway, b.mtu, b.mac)
+                        .ensure_bridge(&b.name, b.gateway, b.gateway6, b.mtu, b.mac)
                         .await
                         .map(drop),
                     // The entries below go on the device as it is now;
                     // none go on one that could not be put in order.
                     DeviceOp::Vtep(v) => {
                         let r = nl.ensure_vxlan(&v.link, v.addr).await;
-                        vtep = r.as_ref().ok().map(|link| link.index);
+                        let index = r.as_ref().ok().map(|link| link.index);
+                        match v.addr {
+                            IpNet::V4(_) => vtep = index,
+                            IpNet::V6(_) => vtep6 = index,
+                        }
                         r.map(drop)
                     }
                 };
@@ -97,13 +106,8 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
                 }
                 report.record(op, r);
             }
-            Op::Vtep(v) => stages[match v {
-                VtepOp::Program(_) => 0,
-                VtepOp::DeleteRoute(_) => 1,
-                VtepOp::DeleteNeighbour(_) => 2,
-                VtepOp::DeleteFdb { .. } => 3,
-            }]
-            .push(v),
+            Op::Vtep(v) => stages[stage(&v)].push(v),
+            Op::Vtep6(v) => stages6[stage(&v)].push(v),
             Op::Direct(d @ DirectOp::Delete { .. }) => direct_deletes.push(d),
             Op::Direct(d @ DirectOp::Route(_)) => direct_adds.push(d),
             Op::Masq(m) => masq_ops.push(m),
@@ -116,17 +120,41 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
         }
     }
     direct(nl, direct_deletes, &mut report).await;
-    let programmed = stages[0].len();
-    let removed: usize = stages[1..].iter().map(Vec::len).sum();
+    let programmed = stages[0].len() + stages6[0].len();
+    let removed: usize = stages[1..]
+        .iter()
+        .map(Vec::len)
+        .chain(stages6[1..].iter().map(Vec::len))
+        .sum();
     for stage in stages {
-        match vtep {
-            Some(index) => concurrently(nl, index, stage, &mut report).await,
-            None => {
-                for v in stage {
-                    report.record(Op::Vtep(v), Err("the VXLAN device is not in order"));
-                }
-            }
-        }
+        concurrently(vtep, stage, Op::Vtep, &mut report, |vtep, op| async move {
+            let r = match op {
+                VtepOp::Program(r) => nl.program_remote(vtep, &r).await,
+                VtepOp::DeleteRoute(dst) => nl.delete_route(vtep, dst).await,
+                VtepOp::DeleteNeighbour(ip) => nl.delete_neighbour(vtep, ip).await,
+                VtepOp::DeleteFdb { mac, dst } => nl.delete_fdb(vtep, mac, dst).await,
+            };
+            (op, r)
+        })
+        .await;
+    }
+    for stage in stages6 {
+        concurrently(
+            vtep6,
+            stage,
+            Op::Vtep6,
+            &mut report,
+            |vtep, op| async move {
+                let r = match op {
+                    VtepOp::Program(r) => nl.program_remote6(vtep, &r).await,
+                    VtepOp::DeleteRoute(dst) => nl.delete_route6(vtep, dst).await,
+                    VtepOp::DeleteNeighbour(ip) => nl.delete_neighbour6(vtep, ip).await,
+                    VtepOp::DeleteFdb { mac, dst } => nl.delete_fdb(vtep, mac, dst).await,
+                };
+                (op, r)
+            },
+        )
+        .await;
     }
     if programmed + removed > 0 {
         tracing::info!(
@@ -180,23 +208,43 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
     report
 }
 
-/// Runs operations on the VTEP `vtep`, up to [`NETLINK_IN_FLIGHT`] at a
-/// time; every one is tried.
-async fn concurrently(nl: &Netlink, vtep: u32, ops: Vec<VtepOp>, report: &mut Report) {
+/// Each remote's three entries go together; all programs before any
+/// delete, then routes, neighbours and FDB entries.
+fn stage<R: Remote>(op: &VtepOp<R>) -> usize {
+    match op {
+        VtepOp::Program(_) => 0,
+        VtepOp::DeleteRoute(_) => 1,
+        VtepOp::DeleteNeighbour(_) => 2,
+        VtepOp::DeleteFdb { .. } => 3,
+    }
+}
+
+/// Runs operations on the VTEP `vtep` (`None`: it is not in order, and
+/// each fails saying so), up to [`NETLINK_IN_FLIGHT`] at a time; every
+/// one is tried.
+async fn concurrently<R, F, Fut>(
+    vtep: Option<u32>,
+    ops: Vec<VtepOp<R>>,
+    wrap: fn(VtepOp<R>) -> Op,
+    report: &mut Report,
+    run: F,
+) where
+    R: Remote,
+    F: Fn(u32, VtepOp<R>) -> Fut,
+    Fut: std::future::Future<Output = (VtepOp<R>, Result<(), crate::netlink::NetlinkError>)>,
+{
     use futures::StreamExt;
+    let Some(vtep) = vtep else {
+        for v in ops {
+            report.record(wrap(v), Err("the VXLAN device is not in order"));
+        }
+        return;
+    };
     let mut results = futures::stream::iter(ops)
-        .map(|op| async move {
-            let r = match op {
-                VtepOp::Program(r) => nl.program_remote(vtep, &r).await,
-                VtepOp::DeleteRoute(dst) => nl.delete_route(vtep, dst).await,
-                VtepOp::DeleteNeighbour(ip) => nl.delete_neighbour(vtep, ip).await,
-                VtepOp::DeleteFdb { mac, dst } => nl.delete_fdb(vtep, mac, dst).await,
-            };
-            (op, r)
-        })
+        .map(|op| run(vtep, op))
         .buffer_unordered(NETLINK_IN_FLIGHT);
     while let Some((op, r)) = results.next().await {
-        report.record(Op::Vtep(op), r);
+        report.record(wrap(op), r);
     }
 }
 

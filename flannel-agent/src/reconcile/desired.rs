@@ -5,21 +5,21 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use flannel_common::{
     Config, RemoteNode, CONFIG_F_NETFILTER, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE,
     CONFIG_F_TC_DECAP, REMOTE_F_DIRECT, VXLAN_ENCAP_LEN,
 };
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
     api::EndpointRecord,
     config::{BackendType, NetConfig},
     datapath::ebpf::ip_key,
     mac::MacAddr,
-    netlink::{Link, RemoteEntry, VxlanSpec},
+    netlink::{Link, RemoteEntry, RemoteEntry6, VxlanSpec},
     subnet::{Lease, LeaseSet},
 };
 
@@ -33,11 +33,31 @@ pub struct Node {
     pub uplink_nets: Vec<Ipv4Net>,
     /// The public IP other nodes send VXLAN to.
     pub ip: Ipv4Addr,
+    /// With IPv6: the public IPv6 other nodes send `flannel-v6.<VNI>`'s
+    /// VXLAN to.
+    pub ip6: Option<Ipv6Addr>,
     pub lease: Lease,
     pub vtep_mac: MacAddr,
+    /// The VtepMAC of `flannel-v6.<VNI>`.
+    pub vtep6_mac: MacAddr,
 }
 
+/// The extra headers of VXLAN over IPv6: outer IPv6 (40), UDP (8), VXLAN
+/// (8), inner Ethernet (14).
+pub const VXLAN6_ENCAP_LEN: u32 = 70;
+
 impl Node {
+    /// The pods' IPv6 gateway: the IPv6 lease's first address
+    /// (`fd00:10:244:1::1/64`), on the bridge.
+    pub fn gateway6(&self) -> Option<Ipv6Net> {
+        let subnet = self.lease.ipv6_subnet?;
+        Ipv6Net::new(
+            Ipv6Addr::from(u128::from(subnet.network()) + 1),
+            subnet.prefix_len(),
+        )
+        .ok()
+    }
+
     /// The pods' gateway: the lease's first address (`10.244.1.1/24`), on
     /// the bridge.
     pub fn gateway(&self) -> Ipv4Net {
@@ -102,17 +122,20 @@ pub struct EbpfMode {
 pub struct BridgeSpec {
     pub name: String,
     pub gateway: Ipv4Net,
+    /// With IPv6: the IPv6 gateway address.
+    pub gateway6: Option<Ipv6Net>,
     pub mtu: u32,
     /// Set by hand: a bridge otherwise takes its ports' lowest MAC, and
     /// the data path writes this one as the pods' gateway.
     pub mac: MacAddr,
 }
 
-/// `flannel.<VNI>` and its one address (`<lease network>/32`).
+/// `flannel.<VNI>` and its one address (`<lease network>/32`), or
+/// `flannel-v6.<VNI>` and its (`<IPv6 lease network>/128`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VtepSpec {
     pub link: VxlanSpec,
-    pub addr: Ipv4Net,
+    pub addr: IpNet,
 }
 
 /// A remote lease routed without encapsulation: `<subnet> via <node IP>
@@ -170,6 +193,10 @@ pub struct Desired {
     pub remotes: BTreeMap<Ipv4Net, RemoteEntry>,
     /// Every usable remote lease routed directly, by subnet.
     pub direct: BTreeMap<Ipv4Net, DirectRoute>,
+    /// With IPv6: `flannel-v6.<VNI>`, and every remote lease's IPv6 side
+    /// on it, by IPv6 subnet.
+    pub vtep6: Option<VtepSpec>,
+    pub remotes6: BTreeMap<Ipv6Net, RemoteEntry6>,
     /// The cluster's `Network`: a route through the uplink (with a
     /// gateway) to a subnet inside it is a direct route of ours.
     pub network: Ipv4Net,
@@ -193,6 +220,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     let bridge = BridgeSpec {
         name: i.bridge.to_string(),
         gateway,
+        gateway6: node.gateway6().filter(|_| i.cfg.enable_ipv6),
         mtu,
         mac: MacAddr::for_bridge(gateway.addr()),
     };
@@ -201,19 +229,42 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         link: VxlanSpec {
             name: format!("flannel.{}", i.cfg.backend.vni),
             vni: i.cfg.backend.vni,
-            local: node.ip,
+            local: IpAddr::V4(node.ip),
             uplink: node.uplink.index,
             port: i.cfg.backend.port,
             mtu,
             mac: node.vtep_mac,
         },
-        addr: Ipv4Net::new(node.lease.subnet.network(), 32).expect("/32 is a valid prefix"),
+        addr: IpNet::V4(
+            Ipv4Net::new(node.lease.subnet.network(), 32).expect("/32 is a valid prefix"),
+        ),
     });
+    // Flannel's IPv6 side: VXLAN over the IPv6 node network, when the
+    // config, the lease and the node all have IPv6.
+    let vtep6 = match (vxlan && i.cfg.enable_ipv6, node.ip6, node.lease.ipv6_subnet) {
+        (true, Some(ip6), Some(lease6)) => Some(VtepSpec {
+            link: VxlanSpec {
+                name: format!("flannel-v6.{}", i.cfg.backend.vni),
+                vni: i.cfg.backend.vni,
+                local: IpAddr::V6(ip6),
+                uplink: node.uplink.index,
+                port: i.cfg.backend.port,
+                mtu: node.uplink.mtu.saturating_sub(VXLAN6_ENCAP_LEN),
+                mac: node.vtep6_mac,
+            },
+            addr: IpNet::V6(Ipv6Net::new(lease6.network(), 128).expect("/128 is a valid prefix")),
+        }),
+        _ => None,
+    };
     let Remotes {
         vxlan: remotes,
         direct,
         ignored,
     } = remotes(node, i.cfg, i.leases);
+    let remotes6 = match &vtep6 {
+        Some(_) => remotes6(node, &remotes, i.leases),
+        None => BTreeMap::new(),
+    };
     // The largest packet a pod may send to a VXLAN remote; a direct one
     // takes VXLAN_ENCAP_LEN more, the uplink's MTU.
     // Who may send us VXLAN: with VXLAN every lease holder, the direct ones
@@ -299,6 +350,8 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         vtep,
         remotes,
         direct,
+        vtep6,
+        remotes6,
         network: i.cfg.network,
         uplink: node.uplink.index,
         ignored,
@@ -385,6 +438,36 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
         out.ignored.insert(l.subnet, Ignored { node: ip, why });
     }
     out
+}
+
+/// The IPv6 side of every VXLAN remote whose lease has one: an IPv6
+/// subnet, a public IPv6 and the VtepMAC of its `flannel-v6.<VNI>`.
+/// A remote without them is reached over IPv4 only.
+fn remotes6(
+    node: &Node,
+    vxlan: &BTreeMap<Ipv4Net, RemoteEntry>,
+    leases: &LeaseSet,
+) -> BTreeMap<Ipv6Net, RemoteEntry6> {
+    let own = node.lease.ipv6_subnet;
+    vxlan
+        .keys()
+        .filter_map(|subnet| leases.get(subnet))
+        .filter_map(|l| {
+            let subnet = l.ipv6_subnet?;
+            let public_ip = l.attrs.public_ipv6?;
+            let data = l.attrs.vxlan_v6_data().ok()?;
+            let overlaps =
+                own.is_some_and(|o| o.contains(&subnet.network()) || subnet.contains(&o.network()));
+            (!overlaps && Some(public_ip) != node.ip6).then_some((
+                subnet,
+                RemoteEntry6 {
+                    subnet,
+                    public_ip,
+                    vtep_mac: data.vtep_mac,
+                },
+            ))
+        })
+        .collect()
 }
 
 fn nets(nets: &[Ipv4Net]) -> String {

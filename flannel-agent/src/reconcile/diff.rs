@@ -14,15 +14,20 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
+use ipnet::IpNet;
+
 use flannel_common::{Config, Endpoint, RemoteNode};
 use ipnet::Ipv4Net;
 use netlink_packet_route::link::InfoKind;
 
 use super::{
     desired::{BridgeSpec, Desired, DirectRoute, GuardSpec, MapsSpec, MasqSpec, VtepSpec},
-    observe::{GuardTables, Maps, MasqTable, Observed, VtepEntries},
+    observe::{Entries, GuardTables, Maps, MasqTable, Observed},
 };
-use crate::{mac::MacAddr, netlink::RemoteEntry};
+use crate::{
+    mac::MacAddr,
+    netlink::{Remote, RemoteEntry, RemoteEntry6},
+};
 
 /// One change to the node, grouped by what it changes so that each
 /// applier takes only its own kind.
@@ -30,6 +35,8 @@ use crate::{mac::MacAddr, netlink::RemoteEntry};
 pub enum Op {
     Device(DeviceOp),
     Vtep(VtepOp),
+    /// The same on `flannel-v6.<VNI>`.
+    Vtep6(VtepOp<RemoteEntry6>),
     Direct(DirectOp),
     Masq(MasqOp),
     /// Write the guard tables (atomically replacing them).
@@ -43,23 +50,55 @@ pub enum Op {
 pub enum DeviceOp {
     /// Create the pod bridge, or set its MTU, MAC, address or state.
     Bridge(BridgeSpec),
-    /// Create `flannel.<VNI>` (recreate it when incompatible), or set its
-    /// MTU, MAC, address or state.
+    /// Create `flannel.<VNI>` or `flannel-v6.<VNI>` (recreate it when
+    /// incompatible), or set its MTU, MAC, address or state.
     Vtep(VtepSpec),
 }
 
-/// Entries on `flannel.<VNI>`.
+/// Entries on `flannel.<VNI>` (or, with `RemoteEntry6`, on
+/// `flannel-v6.<VNI>`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VtepOp {
+pub enum VtepOp<R: Remote = RemoteEntry> {
     /// A remote's neighbour, FDB entry and route, in Flannel's order.
-    Program(RemoteEntry),
+    Program(R),
     /// A route through the VTEP to a subnet no lease holds.
-    DeleteRoute(Ipv4Net),
-    DeleteNeighbour(Ipv4Addr),
+    DeleteRoute(R::Net),
+    DeleteNeighbour(R::Addr),
     DeleteFdb {
         mac: MacAddr,
         dst: Option<IpAddr>,
     },
+}
+
+impl<R: Remote> VtepOp<R> {
+    fn kind(&self) -> &'static str {
+        match self {
+            VtepOp::Program(_) => "remote",
+            VtepOp::DeleteRoute(_) => "route",
+            VtepOp::DeleteNeighbour(_) => "neighbour",
+            VtepOp::DeleteFdb { .. } => "fdb",
+        }
+    }
+}
+
+impl<R: Remote> fmt::Display for VtepOp<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VtepOp::Program(r) => write!(
+                f,
+                "program remote {} (node {}, VtepMAC {})",
+                r.subnet(),
+                r.public(),
+                r.vtep_mac()
+            ),
+            VtepOp::DeleteRoute(d) => write!(f, "delete route {d}"),
+            VtepOp::DeleteNeighbour(ip) => write!(f, "delete neighbour {ip}"),
+            VtepOp::DeleteFdb { mac, dst } => match dst {
+                Some(d) => write!(f, "delete FDB entry {mac} dst {d}"),
+                None => write!(f, "delete FDB entry {mac}"),
+            },
+        }
+    }
 }
 
 /// Direct routes through the uplink (DirectRouting, host-gw).
@@ -120,10 +159,8 @@ impl Op {
     pub fn kind(&self) -> &'static str {
         match self {
             Op::Device(_) => "device",
-            Op::Vtep(VtepOp::Program(_)) => "remote",
-            Op::Vtep(VtepOp::DeleteRoute(_)) => "route",
-            Op::Vtep(VtepOp::DeleteNeighbour(_)) => "neighbour",
-            Op::Vtep(VtepOp::DeleteFdb { .. }) => "fdb",
+            Op::Vtep(v) => v.kind(),
+            Op::Vtep6(v) => v.kind(),
             Op::Direct(_) => "direct_route",
             Op::Masq(_) => "masquerade",
             Op::Guard(_) => "guard",
@@ -148,17 +185,8 @@ impl fmt::Display for Op {
             Op::Direct(DirectOp::Delete { subnet, .. }) => {
                 write!(f, "delete direct route {subnet}")
             }
-            Op::Vtep(VtepOp::Program(r)) => write!(
-                f,
-                "program remote {} (node {}, VtepMAC {})",
-                r.subnet, r.public_ip, r.vtep_mac
-            ),
-            Op::Vtep(VtepOp::DeleteRoute(d)) => write!(f, "delete route {d}"),
-            Op::Vtep(VtepOp::DeleteNeighbour(ip)) => write!(f, "delete neighbour {ip}"),
-            Op::Vtep(VtepOp::DeleteFdb { mac, dst }) => match dst {
-                Some(d) => write!(f, "delete FDB entry {mac} dst {d}"),
-                None => write!(f, "delete FDB entry {mac}"),
-            },
+            Op::Vtep(v) => write!(f, "{v}"),
+            Op::Vtep6(v) => write!(f, "{v} (IPv6)"),
             Op::Masq(MasqOp::Install(m)) => {
                 write!(f, "install ip-masq rules ({} / {})", m.network, m.lease)
             }
@@ -205,23 +233,19 @@ pub fn diff(want: &Desired, have: &Observed) -> Vec<Op> {
     let (direct_adds, direct_deletes) = direct_routes(want, have);
     ops.extend(direct_deletes);
     if let Some(spec) = &want.vtep {
-        let vtep = have.links.get(&spec.link.name);
-        let recreate = !vtep.is_some_and(|l| spec.link.compatible(l));
-        let vtep_ok = !recreate
-            && vtep.is_some_and(|l| l.up && l.mtu == spec.link.mtu && l.mac == Some(spec.link.mac))
-            && have.vtep_addrs == [spec.addr];
-        if !vtep_ok {
-            ops.push(Op::Device(DeviceOp::Vtep(spec.clone())));
+        let addrs: Vec<IpNet> = have.vtep_addrs.iter().map(|a| IpNet::V4(*a)).collect();
+        if let Some(entries) = vtep_device(spec, &addrs, have, have.vtep.as_ref(), &mut ops) {
+            for op in vtep_entries(&want.remotes, &entries) {
+                ops.push(Op::Vtep(op));
+            }
         }
-        // A new or recreated device starts with nothing on it.
-        let empty = VtepEntries::default();
-        let entries = if recreate {
-            Some(&empty)
-        } else {
-            have.vtep.as_ref()
-        };
-        if let Some(entries) = entries {
-            vtep_entries(&want.remotes, entries, &mut ops);
+    }
+    if let Some(spec) = &want.vtep6 {
+        let addrs: Vec<IpNet> = have.vtep6_addrs.iter().map(|a| IpNet::V6(*a)).collect();
+        if let Some(entries) = vtep_device(spec, &addrs, have, have.vtep6.as_ref(), &mut ops) {
+            for op in vtep_entries(&want.remotes6, &entries) {
+                ops.push(Op::Vtep6(op));
+            }
         }
     }
     ops.extend(direct_adds);
@@ -261,31 +285,65 @@ fn bridge_in_order(want: &BridgeSpec, have: &Observed) -> bool {
     have.links.get(&want.name).is_some_and(|l| {
         l.kind == Some(InfoKind::Bridge) && l.up && l.mtu == want.mtu && l.mac == Some(want.mac)
     }) && have.bridge_addrs == [want.gateway]
+        && have.bridge_addrs6 == want.gateway6.as_slice()
+}
+
+/// A VXLAN device as `spec` says (an op when it is not), and the entries
+/// its remotes are compared with: none on a device being created or
+/// recreated (it starts empty), those read (`None`: unreadable, left for
+/// the next pass) otherwise.
+fn vtep_device<'a, N, A>(
+    spec: &VtepSpec,
+    addrs: &[IpNet],
+    have: &Observed,
+    entries: Option<&'a Entries<N, A>>,
+    ops: &mut Vec<Op>,
+) -> Option<std::borrow::Cow<'a, Entries<N, A>>>
+where
+    Entries<N, A>: Clone,
+{
+    let vtep = have.links.get(&spec.link.name);
+    let recreate = !vtep.is_some_and(|l| spec.link.compatible(l));
+    let vtep_ok = !recreate
+        && vtep.is_some_and(|l| l.up && l.mtu == spec.link.mtu && l.mac == Some(spec.link.mac))
+        && addrs == [spec.addr];
+    if !vtep_ok {
+        ops.push(Op::Device(DeviceOp::Vtep(spec.clone())));
+    }
+    if recreate {
+        Some(std::borrow::Cow::Owned(Entries::default()))
+    } else {
+        entries.map(std::borrow::Cow::Borrowed)
+    }
 }
 
 /// Per remote: neighbour, FDB entry and route all as wanted, or the three
 /// are programmed again (with replace). Then whatever no remote wants
 /// goes. A neighbour whose MAC is wrong is not deleted: the remote's
 /// replace has just put the right one in its place.
-fn vtep_entries(want: &BTreeMap<Ipv4Net, RemoteEntry>, have: &VtepEntries, ops: &mut Vec<Op>) {
-    let onlink: BTreeSet<Ipv4Net> = have
+fn vtep_entries<R: Remote>(
+    want: &BTreeMap<R::Net, R>,
+    have: &Entries<R::Net, R::Addr>,
+) -> Vec<VtepOp<R>> {
+    let mut ops = Vec::new();
+    let onlink: BTreeSet<R::Net> = have
         .routes
         .iter()
         .filter(|(_, onlink)| *onlink)
         .map(|(d, _)| *d)
         .collect();
-    let fdb_of = |r: &RemoteEntry| (r.vtep_mac, Some(IpAddr::V4(r.public_ip)));
+    let fdb_of = |r: &R| (r.vtep_mac(), Some(r.public()));
     for r in want.values() {
-        let ok = onlink.contains(&r.subnet)
-            && have.neighbours.get(&r.subnet.network()) == Some(&r.vtep_mac)
+        let ok = onlink.contains(&r.subnet())
+            && have.neighbours.get(&r.gateway()) == Some(&r.vtep_mac())
             && have.fdb.contains(&fdb_of(r));
         if !ok {
-            ops.push(Op::Vtep(VtepOp::Program(*r)));
+            ops.push(VtepOp::Program(*r));
         }
     }
-    let gateways: BTreeSet<Ipv4Addr> = want.values().map(|r| r.subnet.network()).collect();
+    let gateways: BTreeSet<R::Addr> = want.values().map(|r| r.gateway()).collect();
     let fdb: BTreeSet<_> = want.values().map(fdb_of).collect();
-    let mut routes: Vec<Ipv4Net> = have
+    let mut routes: Vec<R::Net> = have
         .routes
         .iter()
         .map(|(d, _)| *d)
@@ -293,19 +351,20 @@ fn vtep_entries(want: &BTreeMap<Ipv4Net, RemoteEntry>, have: &VtepEntries, ops: 
         .collect();
     routes.sort();
     routes.dedup();
-    ops.extend(routes.into_iter().map(|d| Op::Vtep(VtepOp::DeleteRoute(d))));
+    ops.extend(routes.into_iter().map(VtepOp::DeleteRoute));
     ops.extend(
         have.neighbours
             .keys()
             .filter(|ip| !gateways.contains(ip))
-            .map(|ip| Op::Vtep(VtepOp::DeleteNeighbour(*ip))),
+            .map(|ip| VtepOp::DeleteNeighbour(*ip)),
     );
     ops.extend(
         have.fdb
             .iter()
             .filter(|e| !fdb.contains(e))
-            .map(|&(mac, dst)| Op::Vtep(VtepOp::DeleteFdb { mac, dst })),
+            .map(|&(mac, dst)| VtepOp::DeleteFdb { mac, dst }),
     );
+    ops
 }
 
 /// Direct routes to add or replace (missing, or via another gateway), and

@@ -4,11 +4,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use flannel_common::{Config, Endpoint, RemoteNode};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::desired::{GuardSpec, MasqSpec};
 use crate::{
@@ -33,6 +33,11 @@ pub struct Observed {
     /// What hangs on the VTEP device (empty when it does not exist);
     /// `None` when it could not be read.
     pub vtep: Option<VtepEntries>,
+    /// Global IPv6 addresses on the bridge and on `flannel-v6.<VNI>`.
+    pub bridge_addrs6: Vec<Ipv6Net>,
+    pub vtep6_addrs: Vec<Ipv6Net>,
+    /// What hangs on `flannel-v6.<VNI>`, as `vtep` for `flannel.<VNI>`.
+    pub vtep6: Option<VtepEntries6>,
     pub masq: MasqTable,
     /// The CNI plugin's own masquerade table; `None` when unreadable.
     pub cni_masq: Option<bool>,
@@ -55,16 +60,32 @@ pub enum GuardTables {
     },
 }
 
-/// Routes, neighbours and FDB entries on `flannel.<VNI>`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VtepEntries {
+/// Routes, neighbours and FDB entries on a VXLAN device, in the family
+/// of `N` (subnets) and `A` (addresses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entries<N, A> {
     /// Universe-scope routes through the device: (destination, onlink).
-    pub routes: Vec<(Ipv4Net, bool)>,
+    pub routes: Vec<(N, bool)>,
     /// Permanent neighbours: gateway IP → MAC.
-    pub neighbours: BTreeMap<Ipv4Addr, MacAddr>,
+    pub neighbours: BTreeMap<A, MacAddr>,
     /// Permanent FDB entries: (MAC, VXLAN destination).
     pub fdb: BTreeSet<(MacAddr, Option<IpAddr>)>,
 }
+
+impl<N, A> Default for Entries<N, A> {
+    fn default() -> Self {
+        Entries {
+            routes: Vec::new(),
+            neighbours: BTreeMap::new(),
+            fdb: BTreeSet::new(),
+        }
+    }
+}
+
+/// What hangs on `flannel.<VNI>`.
+pub type VtepEntries = Entries<Ipv4Net, Ipv4Addr>;
+/// What hangs on `flannel-v6.<VNI>`.
+pub type VtepEntries6 = Entries<Ipv6Net, Ipv6Addr>;
 
 /// The agent's masquerade table (`ip flannel-ipv4`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,6 +115,7 @@ pub struct Maps {
 pub struct Devices<'a> {
     pub bridge: &'a str,
     pub vtep: &'a str,
+    pub vtep6: &'a str,
     pub uplink: &'a str,
 }
 
@@ -125,6 +147,27 @@ pub async fn observe(
     };
     let bridge_addrs = addrs(devices.bridge).await?;
     let vtep_addrs = addrs(devices.vtep).await?;
+    let addrs6 = |name: &str| {
+        let index = links.get(name).map(|l| l.index);
+        async move {
+            match index {
+                Some(i) => nl.ipv6_addrs(i).await,
+                None => Ok(Vec::new()),
+            }
+        }
+    };
+    let bridge_addrs6 = addrs6(devices.bridge).await?;
+    let vtep6_addrs = addrs6(devices.vtep6).await?;
+    let vtep6 = match links.get(devices.vtep6) {
+        None => Some(VtepEntries6::default()),
+        Some(l) => match vtep6_entries(nl, l.index).await {
+            Ok(e) => Some(e),
+            Err(err) => {
+                tracing::warn!(device = devices.vtep6, %err, "reading the IPv6 VTEP's routes, neighbours and FDB");
+                None
+            }
+        },
+    };
     let uplink_addrs = addrs(devices.uplink).await?;
     let uplink_routes = match links.get(devices.uplink) {
         None => Some(Vec::new()),
@@ -187,6 +230,9 @@ pub async fn observe(
         links,
         bridge_addrs,
         vtep_addrs,
+        bridge_addrs6,
+        vtep6_addrs,
+        vtep6,
         uplink_addrs,
         uplink_routes,
         vtep,
@@ -201,6 +247,14 @@ async fn vtep_entries(nl: &Netlink, index: u32) -> Result<VtepEntries, NetlinkEr
     Ok(VtepEntries {
         routes: nl.vtep_routes(index).await?,
         neighbours: nl.vtep_neighbours(index).await?.into_iter().collect(),
+        fdb: nl.vtep_fdb(index).await?.into_iter().collect(),
+    })
+}
+
+async fn vtep6_entries(nl: &Netlink, index: u32) -> Result<VtepEntries6, NetlinkError> {
+    Ok(VtepEntries6 {
+        routes: nl.vtep_routes6(index).await?,
+        neighbours: nl.vtep_neighbours6(index).await?.into_iter().collect(),
         fdb: nl.vtep_fdb(index).await?.into_iter().collect(),
     })
 }

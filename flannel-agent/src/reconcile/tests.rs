@@ -13,13 +13,13 @@ use std::{
 use flannel_common::{
     Config, Endpoint, RemoteNode, CONFIG_F_READY, CONFIG_F_TC_DECAP, REMOTE_F_DIRECT,
 };
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_route::link::{InfoKind, InfoVxlan};
 
 use super::{
-    desired::{desired, DirectRoute, EbpfMode, Inputs, MasqSpec, Node},
+    desired::{desired, DirectRoute, EbpfMode, Inputs, MasqSpec, Node, VtepSpec},
     diff::{diff, DeviceOp, DirectOp, MapOp, MasqOp, Op, VtepOp},
-    observe::{GuardTables, Maps, MasqTable, Observed, VtepEntries},
+    observe::{GuardTables, Maps, MasqTable, Observed, VtepEntries, VtepEntries6},
     Desired,
 };
 use crate::{
@@ -27,7 +27,7 @@ use crate::{
     config::NetConfig,
     datapath::ebpf::ip_key,
     mac::MacAddr,
-    netlink::{Link, RemoteEntry},
+    netlink::{Link, RemoteEntry, RemoteEntry6},
     subnet::{Lease, LeaseAttrs},
 };
 
@@ -46,6 +46,7 @@ fn mac(last: u8) -> MacAddr {
 const UPLINK: u32 = 2;
 const BRIDGE: u32 = 3;
 const VTEP: u32 = 4;
+const VTEP6: u32 = 5;
 const POD_A: u32 = 20;
 const POD_B: u32 = 21;
 
@@ -107,6 +108,8 @@ impl World {
                 uplink: link(UPLINK, "eth0", Some(InfoKind::Veth)),
                 uplink_nets: vec![net("10.0.0.1/24")],
                 ip: ip("10.0.0.1"),
+                ip6: None,
+                vtep6_mac: mac(0x61),
                 lease: lease("10.244.1.0/24", "10.0.0.1", mac(0x11)),
                 vtep_mac: mac(0x11),
             },
@@ -168,6 +171,39 @@ impl World {
     }
 }
 
+/// A VXLAN device as the kernel shows it once created from `v`.
+fn vtep_link(v: &VtepSpec) -> Link {
+    let index = if v4(v.addr).is_some() { VTEP } else { VTEP6 };
+    let mut l = link(index, &v.link.name, Some(InfoKind::Vxlan));
+    l.mtu = v.link.mtu;
+    l.mac = Some(v.link.mac);
+    l.vxlan = vec![
+        InfoVxlan::Id(v.link.vni),
+        InfoVxlan::Link(v.link.uplink),
+        match v.link.local {
+            IpAddr::V4(a) => InfoVxlan::Local(a),
+            IpAddr::V6(a) => InfoVxlan::Local6(a),
+        },
+        InfoVxlan::Learning(false),
+        InfoVxlan::Port(v.link.port),
+    ];
+    l
+}
+
+fn v4(n: IpNet) -> Option<Ipv4Net> {
+    match n {
+        IpNet::V4(n) => Some(n),
+        IpNet::V6(_) => None,
+    }
+}
+
+fn v6(n: IpNet) -> Option<Ipv6Net> {
+    match n {
+        IpNet::V6(n) => Some(n),
+        IpNet::V4(_) => None,
+    }
+}
+
 /// What the kernel and the maps hold once `w`'s desired state is applied.
 fn converged(w: &World) -> Observed {
     let want = w.want();
@@ -177,19 +213,9 @@ fn converged(w: &World) -> Observed {
     bridge.mtu = want.bridge.mtu;
     bridge.mac = Some(want.bridge.mac);
     links.insert(bridge.name.clone(), bridge);
-    if let Some(v) = &want.vtep {
-        let spec = &v.link;
-        let mut vtep = link(VTEP, &spec.name, Some(InfoKind::Vxlan));
-        vtep.mtu = spec.mtu;
-        vtep.mac = Some(spec.mac);
-        vtep.vxlan = vec![
-            InfoVxlan::Id(spec.vni),
-            InfoVxlan::Link(spec.uplink),
-            InfoVxlan::Local(spec.local),
-            InfoVxlan::Learning(false),
-            InfoVxlan::Port(spec.port),
-        ];
-        links.insert(vtep.name.clone(), vtep);
+    for v in want.vtep.iter().chain(&want.vtep6) {
+        let l = vtep_link(v);
+        links.insert(l.name.clone(), l);
     }
     for (i, p) in w.pods.values().enumerate() {
         let mut l = link(POD_A + i as u32, &p.host_ifname, Some(InfoKind::Veth));
@@ -236,7 +262,22 @@ fn converged(w: &World) -> Observed {
     Observed {
         links,
         bridge_addrs: vec![want.bridge.gateway],
-        vtep_addrs: want.vtep.iter().map(|v| v.addr).collect(),
+        vtep_addrs: want.vtep.iter().filter_map(|v| v4(v.addr)).collect(),
+        bridge_addrs6: want.bridge.gateway6.into_iter().collect(),
+        vtep6_addrs: want.vtep6.iter().filter_map(|v| v6(v.addr)).collect(),
+        vtep6: Some(VtepEntries6 {
+            routes: want.remotes6.keys().map(|n| (*n, true)).collect(),
+            neighbours: want
+                .remotes6
+                .values()
+                .map(|r| (r.subnet.network(), r.vtep_mac))
+                .collect(),
+            fdb: want
+                .remotes6
+                .values()
+                .map(|r| (r.vtep_mac, Some(IpAddr::V6(r.public_ip))))
+                .collect(),
+        }),
         uplink_addrs: w.node.uplink_nets.clone(),
         uplink_routes: Some(want.direct.values().map(|d| (d.subnet, d.via)).collect()),
         vtep: Some(entries),
@@ -826,24 +867,45 @@ fn simulate(ops: &[Op], w: &mut World) {
                 l.mac = Some(b.mac);
                 have.links.insert(b.name.clone(), l);
                 have.bridge_addrs = vec![b.gateway];
+                have.bridge_addrs6 = b.gateway6.into_iter().collect();
             }
             Op::Device(DeviceOp::Vtep(v)) => {
                 let old = have.links.get(&v.link.name);
-                if !old.is_some_and(|l| v.link.compatible(l)) {
-                    have.vtep = Some(VtepEntries::default());
+                let recreated = !old.is_some_and(|l| v.link.compatible(l));
+                match v.addr {
+                    IpNet::V4(a) => {
+                        if recreated {
+                            have.vtep = Some(VtepEntries::default());
+                        }
+                        have.vtep_addrs = vec![a];
+                    }
+                    IpNet::V6(a) => {
+                        if recreated {
+                            have.vtep6 = Some(VtepEntries6::default());
+                        }
+                        have.vtep6_addrs = vec![a];
+                    }
                 }
-                let mut l = link(VTEP, &v.link.name, Some(InfoKind::Vxlan));
-                l.mtu = v.link.mtu;
-                l.mac = Some(v.link.mac);
-                l.vxlan = vec![
-                    InfoVxlan::Id(v.link.vni),
-                    InfoVxlan::Port(v.link.port),
-                    InfoVxlan::Local(v.link.local),
-                    InfoVxlan::Link(v.link.uplink),
-                    InfoVxlan::Learning(false),
-                ];
-                have.links.insert(v.link.name.clone(), l);
-                have.vtep_addrs = vec![v.addr];
+                have.links.insert(v.link.name.clone(), vtep_link(v));
+            }
+            Op::Vtep6(v) => {
+                let e = have.vtep6.as_mut().expect("no VTEP op on unread entries");
+                match *v {
+                    VtepOp::Program(r) => {
+                        e.neighbours.insert(r.subnet.network(), r.vtep_mac);
+                        e.fdb.retain(|(m, _)| *m != r.vtep_mac);
+                        e.fdb.insert((r.vtep_mac, Some(IpAddr::V6(r.public_ip))));
+                        e.routes.retain(|(d, _)| *d != r.subnet);
+                        e.routes.push((r.subnet, true));
+                    }
+                    VtepOp::DeleteRoute(d) => e.routes.retain(|(x, _)| *x != d),
+                    VtepOp::DeleteNeighbour(a) => {
+                        e.neighbours.remove(&a);
+                    }
+                    VtepOp::DeleteFdb { mac, dst } => {
+                        e.fdb.remove(&(mac, dst));
+                    }
+                }
             }
             Op::Vtep(v) => {
                 let e = have.vtep.as_mut().expect("no VTEP op on unread entries");
@@ -958,7 +1020,10 @@ fn desired_state_from_node_config_and_leases() {
     // flannel.1, MTU = uplink − 50, the port from the config.
     assert_eq!(want.bridge.gateway, net("10.244.1.1/24"));
     assert_eq!(want.bridge.mtu, 1450);
-    assert_eq!(want.vtep.as_ref().unwrap().addr, net("10.244.1.0/32"));
+    assert_eq!(
+        want.vtep.as_ref().unwrap().addr,
+        IpNet::V4(net("10.244.1.0/32"))
+    );
     assert_eq!(want.vtep.as_ref().unwrap().link.name, "flannel.1");
     assert_eq!(want.vtep.as_ref().unwrap().link.port, 4789);
     assert_eq!(want.vtep.as_ref().unwrap().link.uplink, UPLINK);
@@ -1100,6 +1165,101 @@ fn host_gw_routes_every_on_link_remote_directly() {
         assert!(ops.contains(&del_remote(subnet)));
     }
     assert!(ops.contains(&direct("10.244.4.0/24", "10.0.1.4")));
+}
+
+/// Dual-stack VXLAN as Flannel wires it: `flannel-v6.<VNI>` over the IPv6
+/// node network (MTU uplink − 70, `<IPv6 lease>/128`), the IPv6 gateway on
+/// the bridge, and per remote with an IPv6 side its neighbour, FDB entry
+/// and route on that device.
+#[test]
+fn dual_stack_adds_flannels_ipv6_device_and_entries() {
+    let mut w = World::new();
+    w.cfg = NetConfig::parse(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","Port":4789}}"#,
+    )
+    .unwrap();
+    let ip6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+    let net6 = |s: &str| s.parse::<Ipv6Net>().unwrap();
+    w.node.ip6 = Some(ip6("fd00:30::1"));
+    w.node.lease.ipv6_subnet = Some(net6("fd00:10:244:1::/64"));
+    w.leases.clear();
+    let dual = |subnet: &str, subnet6: &str, node: u8| {
+        let mut l = lease(subnet, &format!("10.0.0.{node}"), mac(node * 0x11));
+        l.ipv6_subnet = Some(net6(subnet6));
+        l.attrs = l
+            .attrs
+            .with_v6(ip6(&format!("fd00:30::{node}")), 1, mac(0x60 + node));
+        l
+    };
+    w.add_lease(dual("10.244.1.0/24", "fd00:10:244:1::/64", 1));
+    w.add_lease(dual("10.244.2.0/24", "fd00:10:244:2::/64", 2));
+    w.add_lease(dual("10.244.3.0/24", "fd00:10:244:3::/64", 3));
+    // A node that has not turned IPv6 on yet: reached over IPv4 only.
+    w.add_lease(lease("10.244.4.0/24", "10.0.0.4", mac(0x44)));
+    let want = w.want();
+    let v6 = want.vtep6.clone().expect("flannel-v6.1");
+    assert_eq!(v6.link.name, "flannel-v6.1");
+    assert_eq!(v6.link.local, IpAddr::V6(ip6("fd00:30::1")));
+    assert_eq!(v6.link.mtu, 1430);
+    assert_eq!(v6.link.mac, mac(0x61));
+    assert_eq!(v6.addr, IpNet::V6(net6("fd00:10:244:1::/128")));
+    assert_eq!(want.bridge.gateway6, Some(net6("fd00:10:244:1::1/64")));
+    assert_eq!(want.remotes.len(), 3);
+    assert_eq!(
+        want.remotes6.values().copied().collect::<Vec<_>>(),
+        [
+            RemoteEntry6 {
+                subnet: net6("fd00:10:244:2::/64"),
+                public_ip: ip6("fd00:30::2"),
+                vtep_mac: mac(0x62)
+            },
+            RemoteEntry6 {
+                subnet: net6("fd00:10:244:3::/64"),
+                public_ip: ip6("fd00:30::3"),
+                vtep_mac: mac(0x63)
+            }
+        ]
+    );
+    // From the IPv4-only node it was: the bridge, the new device and both
+    // remotes' IPv6 entries; nothing of IPv4 changes but the new remote.
+    let ops = diff(&want, &w.have);
+    assert!(ops.contains(&Op::Device(DeviceOp::Bridge(want.bridge.clone()))));
+    assert!(ops.contains(&Op::Device(DeviceOp::Vtep(v6.clone()))));
+    for r in want.remotes6.values() {
+        assert!(ops.contains(&Op::Vtep6(VtepOp::Program(*r))), "{ops:?}");
+    }
+    simulate(&ops, &mut w);
+    assert_eq!(diff(&w.want(), &w.have), vec![]);
+    // A remote's IPv6 side goes: its entries on flannel-v6.1 go with it.
+    w.leases
+        .get_mut(&net("10.244.3.0/24"))
+        .unwrap()
+        .attrs
+        .public_ipv6 = None;
+    let ops = diff(&w.want(), &w.have);
+    assert_eq!(
+        ops.iter()
+            .filter(|o| matches!(o, Op::Vtep6(_)))
+            .cloned()
+            .collect::<Vec<_>>(),
+        [
+            Op::Vtep6(VtepOp::DeleteRoute(net6("fd00:10:244:3::/64"))),
+            Op::Vtep6(VtepOp::DeleteNeighbour(ip6("fd00:10:244:3::"))),
+            Op::Vtep6(VtepOp::DeleteFdb {
+                mac: mac(0x63),
+                dst: Some(IpAddr::V6(ip6("fd00:30::3")))
+            }),
+        ]
+    );
+    simulate(&ops, &mut w);
+    assert_eq!(diff(&w.want(), &w.have), vec![]);
+    // IPv6 off again: no device wanted, the bridge loses its IPv6 gateway.
+    w.cfg =
+        NetConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Port":4789}}"#)
+            .unwrap();
+    let want = w.want();
+    assert_eq!((want.vtep6.clone(), want.bridge.gateway6), (None, None));
+    assert!(diff(&want, &w.have).contains(&Op::Device(DeviceOp::Bridge(want.bridge.clone()))));
 }
 
 #[test]

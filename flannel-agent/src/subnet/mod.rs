@@ -75,6 +75,29 @@ impl LeaseAttrs {
         }
     }
 
+    /// The IPv6 side Flannel adds to a VXLAN lease: the public IPv6 and
+    /// the VtepMAC of `flannel-v6.<VNI>`.
+    pub fn with_v6(mut self, public_ipv6: Ipv6Addr, vni: u32, vtep_mac: MacAddr) -> Self {
+        self.public_ipv6 = Some(public_ipv6);
+        self.backend_v6_data =
+            serde_json::to_value(VxlanData { vni, vtep_mac }).expect("plain struct serializes");
+        self
+    }
+
+    /// The VXLAN data of a lease's IPv6 side (`BackendV6Data`), or why it
+    /// cannot be used.
+    pub fn vxlan_v6_data(&self) -> std::result::Result<VxlanData, String> {
+        if self.backend_type != "vxlan" {
+            return Err(format!("backend type {:?} is not vxlan", self.backend_type));
+        }
+        let data: VxlanData = serde_json::from_value(self.backend_v6_data.clone())
+            .map_err(|e| format!("BackendV6Data {}: {e}", self.backend_v6_data))?;
+        if !data.vtep_mac.is_unicast() {
+            return Err(format!("v6 VtepMAC {} is not unicast", data.vtep_mac));
+        }
+        Ok(data)
+    }
+
     /// Flannel's host-gw lease: a type and the public IP, no data.
     pub fn host_gw(public_ip: Ipv4Addr) -> Self {
         LeaseAttrs {
