@@ -521,6 +521,37 @@ impl Netlink {
             .map_err(req("add address", net))
     }
 
+    /// Adds (or replaces) an IPv6 address, without duplicate address
+    /// detection (a pod's address from IPAM, usable at once).
+    pub async fn add_addr6(&self, index: u32, net: Ipv6Net) -> Result<()> {
+        let mut add = self
+            .handle
+            .address()
+            .add(index, IpAddr::V6(net.addr()), net.prefix_len())
+            .replace();
+        add.message_mut().attributes.push(AddressAttribute::Flags(
+            netlink_packet_route::address::AddressFlags::Nodad,
+        ));
+        add.execute().await.map_err(req("add address", net))
+    }
+
+    /// Adds (or replaces) an IPv6 route through `index`, via `gw` when given.
+    pub async fn add_route6(&self, index: u32, dst: Ipv6Net, gw: Option<Ipv6Addr>) -> Result<()> {
+        let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(index);
+        if let Some(gw) = gw {
+            b = b.gateway(gw);
+        }
+        self.handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(req("add route", dst))
+    }
+
     /// Adds (or replaces) a route through `index`, via `gw` when given.
     pub async fn add_route(&self, index: u32, dst: Ipv4Net, gw: Option<Ipv4Addr>) -> Result<()> {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()

@@ -252,18 +252,26 @@ impl NetConf {
     pub fn ipam_config(&self, env: &SubnetEnv) -> Map<String, Value> {
         let mut ipam = self.ipam.clone();
         ipam.insert("type".into(), json!(self.ipam_type()));
+        // As Flannel's plugin: one range per family, from subnet.env.
         if !ipam.contains_key("subnet") && !ipam.contains_key("ranges") {
             let lease: Ipv4Net = env.lease();
-            ipam.insert("ranges".into(), json!([[{"subnet": lease.to_string()}]]));
+            let mut ranges = vec![json!([{"subnet": lease.to_string()}])];
+            if let Some(lease6) = env.lease6() {
+                ranges.push(json!([{"subnet": lease6.to_string()}]));
+            }
+            ipam.insert("ranges".into(), Value::Array(ranges));
         }
         let mut routes = ipam
             .get("routes")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let net = env.network.to_string();
-        if !routes.iter().any(|r| r["dst"] == json!(net)) {
-            routes.push(json!({"dst": net}));
+        let nets =
+            std::iter::once(env.network.to_string()).chain(env.ipv6_network.map(|n| n.to_string()));
+        for net in nets {
+            if !routes.iter().any(|r| r["dst"] == json!(net)) {
+                routes.push(json!({ "dst": net }));
+            }
         }
         ipam.insert("routes".into(), Value::Array(routes));
         ipam
@@ -329,6 +337,16 @@ mod tests {
         assert_eq!(
             Value::Object(ipam),
             json!({"type":"host-local","ranges":[[{"subnet":"10.244.1.0/24"}]],"routes":[{"dst":"10.244.0.0/16"}]})
+        );
+        // Dual-stack subnet.env: a range and a route per family, as
+        // Flannel's plugin hands host-local.
+        let dual = env().with_ipv6(
+            "fd00:10:244::/56".parse().unwrap(),
+            "fd00:10:244:1::/64".parse().unwrap(),
+        );
+        assert_eq!(
+            Value::Object(c.ipam_config(&dual)),
+            json!({"type":"host-local","ranges":[[{"subnet":"10.244.1.0/24"}],[{"subnet":"fd00:10:244:1::/64"}]],"routes":[{"dst":"10.244.0.0/16"},{"dst":"fd00:10:244::/56"}]})
         );
     }
 

@@ -17,7 +17,7 @@ pub mod spec;
 
 use std::{collections::HashSet, io::Read, net::Ipv4Addr, path::Path};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{json, Value};
 
 use crate::{
@@ -30,7 +30,10 @@ use crate::{
 use conf::NetConf;
 use ipam::Ipam;
 use record::Record;
-use spec::{at_least, code, CniEnv, CniError, CniOutput, CniResult, Interface, IpConfig, Route};
+use spec::{
+    at_least, code, CniEnv, CniError, CniOutput, CniResult, Interface, IpConfig, IpConfig6, Route,
+    Route6,
+};
 
 fn log(msg: impl std::fmt::Display) {
     eprintln!("flannel-cni: {msg}");
@@ -397,6 +400,57 @@ async fn wire(
             .await
             .map_err(nl_err("adding a container route"))?;
     }
+    // Dual-stack: the IPv6 address IPAM gave, and the IPv6 routes (the
+    // IPv6 network's, and a default one with isDefaultGateway) via the
+    // bridge's IPv6 gateway.
+    let ip6 = ipres.ips6.first().cloned();
+    let mut routes6 = Vec::new();
+    let mut gateway6 = None;
+    if let Some(c6) = &ip6 {
+        let gw6 = c6
+            .gateway
+            .or(senv.ipv6_subnet.map(|s| s.addr()))
+            .ok_or_else(|| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    "IPAM gave an IPv6 address but neither it nor subnet.env names an IPv6 gateway",
+                )
+            })?;
+        gateway6 = Some(gw6);
+        let gw_net6 = Ipv6Net::new(gw6, c6.address.prefix_len())
+            .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("IPv6 gateway: {e}")))?;
+        let have = host
+            .ipv6_addrs(bridge.index)
+            .await
+            .map_err(nl_err("reading the bridge's IPv6 addresses"))?;
+        if !have.iter().any(|a| a.addr() == gw6) {
+            host.add_addr6(bridge.index, gw_net6)
+                .await
+                .map_err(nl_err("adding the IPv6 gateway address"))?;
+        }
+        pod.add_addr6(plink.index, c6.address)
+            .await
+            .map_err(nl_err("addressing the container interface (IPv6)"))?;
+        routes6 = ipres
+            .routes6
+            .iter()
+            .map(|r| Route6 {
+                dst: r.dst,
+                gw: Some(r.gw.unwrap_or(gw6)),
+            })
+            .collect();
+        if conf.delegate.is_default_gateway && !routes6.iter().any(|r| r.dst.prefix_len() == 0) {
+            routes6.push(Route6 {
+                dst: Ipv6Net::default(),
+                gw: Some(gw6),
+            });
+        }
+        for r in &routes6 {
+            pod.add_route6(plink.index, r.dst, r.gw)
+                .await
+                .map_err(nl_err("adding a container IPv6 route"))?;
+        }
+    }
     let masq_on = conf.ip_masq(senv);
     if masq_on {
         masq::pod_ensure(senv.network, senv.lease())
@@ -410,6 +464,8 @@ async fn wire(
         netns: env.netns.clone(),
         ip: ipc.address,
         gateway,
+        ip6: ip6.as_ref().map(|c| c.address),
+        gateway6,
         mac,
         host_ifname: host_ifname.clone(),
         bridge: conf.bridge().to_string(),
@@ -448,6 +504,15 @@ async fn wire(
             interface: Some(2),
         }],
         routes,
+        ips6: ip6
+            .map(|c| IpConfig6 {
+                address: c.address,
+                gateway: gateway6,
+                interface: Some(2),
+            })
+            .into_iter()
+            .collect(),
+        routes6,
         dns: ipres.dns.clone(),
     })
 }

@@ -30,6 +30,12 @@ pub struct Record {
     /// The pod's address with the lease's prefix length.
     pub ip: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// Dual-stack: the pod's IPv6 address (with the IPv6 lease's prefix
+    /// length) and its gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<ipnet::Ipv6Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<std::net::Ipv6Addr>,
     pub mac: MacAddr,
     pub host_ifname: String,
     pub bridge: String,
@@ -167,6 +173,8 @@ mod tests {
             netns: "/run/netns/x".into(),
             ip: "10.244.1.5/24".parse().unwrap(),
             gateway: "10.244.1.1".parse().unwrap(),
+            ip6: Some("fd00:10:244:1::5/64".parse().unwrap()),
+            gateway6: Some("fd00:10:244:1::1".parse().unwrap()),
             mac: "0a:00:00:00:00:05".parse().unwrap(),
             host_ifname: host_ifname("c1", "eth0"),
             bridge: "cni0".into(),

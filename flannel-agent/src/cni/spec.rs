@@ -5,9 +5,13 @@
 //! small ways only: before 1.0.0 each IP carries `"version": "4"`; 1.1.0
 //! adds the interface MTU.
 
-use std::{collections::HashMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{json, Map, Value};
 
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -145,12 +149,30 @@ pub struct Route {
     pub gw: Option<Ipv4Addr>,
 }
 
-/// A result in the plugin's own terms; rendered per version.
+/// An IPv6 address of a result (dual-stack).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpConfig6 {
+    pub address: Ipv6Net,
+    pub gateway: Option<Ipv6Addr>,
+    pub interface: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route6 {
+    pub dst: Ipv6Net,
+    pub gw: Option<Ipv6Addr>,
+}
+
+/// A result in the plugin's own terms; rendered per version. IPv6
+/// addresses and routes (dual-stack) are kept apart from the IPv4 ones
+/// and rendered after them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CniOutput {
     pub interfaces: Vec<Interface>,
     pub ips: Vec<IpConfig>,
     pub routes: Vec<Route>,
+    pub ips6: Vec<IpConfig6>,
+    pub routes6: Vec<Route6>,
     pub dns: Value,
 }
 
@@ -172,33 +194,55 @@ impl CniOutput {
                 v
             })
             .collect();
+        let ip = |address: String, gateway: Option<String>, interface: Option<usize>, family| {
+            let mut v = json!({ "address": address });
+            if before_1 {
+                v["version"] = json!(family);
+            }
+            if let Some(g) = gateway {
+                v["gateway"] = json!(g);
+            }
+            if let Some(i) = interface {
+                v["interface"] = json!(i);
+            }
+            v
+        };
         let ips: Vec<Value> = self
             .ips
             .iter()
-            .map(|ip| {
-                let mut v = json!({"address": ip.address.to_string()});
-                if before_1 {
-                    v["version"] = json!("4");
-                }
-                if let Some(g) = ip.gateway {
-                    v["gateway"] = json!(g.to_string());
-                }
-                if let Some(i) = ip.interface {
-                    v["interface"] = json!(i);
-                }
-                v
+            .map(|i| {
+                ip(
+                    i.address.to_string(),
+                    i.gateway.map(|g| g.to_string()),
+                    i.interface,
+                    "4",
+                )
             })
+            .chain(self.ips6.iter().map(|i| {
+                ip(
+                    i.address.to_string(),
+                    i.gateway.map(|g| g.to_string()),
+                    i.interface,
+                    "6",
+                )
+            }))
             .collect();
+        let route = |dst: String, gw: Option<String>| {
+            let mut v = json!({ "dst": dst });
+            if let Some(g) = gw {
+                v["gw"] = json!(g);
+            }
+            v
+        };
         let routes: Vec<Value> = self
             .routes
             .iter()
-            .map(|r| {
-                let mut v = json!({"dst": r.dst.to_string()});
-                if let Some(g) = r.gw {
-                    v["gw"] = json!(g.to_string());
-                }
-                v
-            })
+            .map(|r| route(r.dst.to_string(), r.gw.map(|g| g.to_string())))
+            .chain(
+                self.routes6
+                    .iter()
+                    .map(|r| route(r.dst.to_string(), r.gw.map(|g| g.to_string()))),
+            )
             .collect();
         let dns = if self.dns.is_object() {
             self.dns.clone()
@@ -215,7 +259,7 @@ impl CniOutput {
     }
 
     /// Reads a result of any served version (an IPAM plugin's answer, or a
-    /// `prevResult`). IPv6 entries are skipped: the network is IPv4.
+    /// `prevResult`), both families.
     pub fn from_json(v: &Value) -> CniResult<Self> {
         let bad = |what: &str| CniError::new(code::DECODE, format!("result: {what}"));
         let mut out = CniOutput {
@@ -248,7 +292,18 @@ impl CniOutput {
                 .get("address")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad("an IP has no address"))?;
+            let interface = ip
+                .get("interface")
+                .and_then(Value::as_u64)
+                .map(|i| i as usize);
             if addr.contains(':') {
+                out.ips6.push(IpConfig6 {
+                    address: addr
+                        .parse()
+                        .map_err(|_| bad(&format!("address {addr:?} is not an IPv6 CIDR")))?,
+                    gateway: opt_addr6(ip, "gateway")?,
+                    interface,
+                });
                 continue;
             }
             out.ips.push(IpConfig {
@@ -273,6 +328,12 @@ impl CniOutput {
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad("a route has no dst"))?;
             if dst.contains(':') {
+                out.routes6.push(Route6 {
+                    dst: dst
+                        .parse()
+                        .map_err(|_| bad(&format!("route dst {dst:?} is not an IPv6 CIDR")))?,
+                    gw: opt_addr6(r, "gw")?,
+                });
                 continue;
             }
             out.routes.push(Route {
@@ -284,6 +345,22 @@ impl CniOutput {
         }
         Ok(out)
     }
+}
+
+/// An optional IPv6 address field of a result entry.
+fn opt_addr6(entry: &Value, key: &str) -> CniResult<Option<Ipv6Addr>> {
+    entry
+        .get(key)
+        .and_then(Value::as_str)
+        .map(|g| {
+            g.parse().map_err(|_| {
+                CniError::new(
+                    code::DECODE,
+                    format!("result: {key} {g:?} is not an IPv6 address"),
+                )
+            })
+        })
+        .transpose()
 }
 
 /// An optional IPv4 address field of a result entry.
@@ -445,6 +522,15 @@ mod tests {
                 dst: "0.0.0.0/0".parse().unwrap(),
                 gw: Some("10.244.1.1".parse().unwrap()),
             }],
+            ips6: vec![IpConfig6 {
+                address: "fd00:10:244:1::5/64".parse().unwrap(),
+                gateway: Some("fd00:10:244:1::1".parse().unwrap()),
+                interface: Some(1),
+            }],
+            routes6: vec![Route6 {
+                dst: "::/0".parse().unwrap(),
+                gw: Some("fd00:10:244:1::1".parse().unwrap()),
+            }],
             dns: json!({}),
         }
     }
@@ -462,6 +548,13 @@ mod tests {
                 "{v}"
             );
             assert_eq!(ip["interface"], 1);
+            // Dual-stack: the IPv6 address and route after the IPv4 ones.
+            let ip6 = &j["ips"][1];
+            assert_eq!(ip6["address"], "fd00:10:244:1::5/64");
+            if !at_least(v, "1.0.0") {
+                assert_eq!(ip6["version"], "6", "{v}");
+            }
+            assert_eq!(j["routes"][1]["dst"], "::/0");
             let mut back = CniOutput::from_json(&j).unwrap();
             if !at_least(v, "1.1.0") {
                 back.interfaces[1].mtu = Some(1450);
