@@ -332,15 +332,29 @@ impl NetConfig {
     }
 
     /// Refuses what is valid for Flannel but not carried by this version:
-    /// IPv6, dual-stack and IPv6-only. Parsing accepts them (the stores
-    /// and the CNI plugin read IPv6 leases and ranges), the agent does not
-    /// run them yet.
+    /// IPv6-only clusters, and IPv6 with host-gw or DirectRouting.
+    /// Dual-stack VXLAN is carried (IPv6 by the kernel's
+    /// `flannel-v6.<VNI>` on both data paths).
     pub fn check_carried(&self) -> Result<(), ConfigError> {
-        if self.enable_ipv6 {
+        if self.enable_ipv6 && !self.enable_ipv4 {
+            return Err(invalid(
+                "EnableIPv4",
+                false,
+                "IPv6-only clusters are not carried by this version; dual-stack is (EnableIPv4 and EnableIPv6 both true)",
+            ));
+        }
+        if self.enable_ipv6 && self.backend.kind == BackendType::HostGw {
             return Err(invalid(
                 "EnableIPv6",
                 true,
-                "this version of flannel-ebpf carries IPv4 only (dual-stack and IPv6-only are not carried yet); set EnableIPv6 to false",
+                "host-gw carries IPv4 only in this version; use the vxlan backend for dual-stack",
+            ));
+        }
+        if self.enable_ipv6 && self.backend.direct_routing {
+            return Err(invalid(
+                "Backend.DirectRouting",
+                true,
+                "DirectRouting is IPv4-only in this version; leave it out for dual-stack",
             ));
         }
         Ok(())
@@ -909,7 +923,10 @@ mod tests {
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMax":"fd01::","Backend":{"Type":"vxlan"}}"#, Err("IPv6SubnetMax: fd01:: is invalid: expected an address inside IPv6Network fd00::/56")),
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:10::","IPv6SubnetMax":"fd00:0:0:12::","Backend":{"Type":"vxlan"}}"#, ok(|c| c.subnets6().count() == 3 && c.in_range6("fd00:0:0:11::/64".parse().unwrap()) && !c.in_range6("fd00:0:0:13::/64".parse().unwrap()))),
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::1/56","Backend":{"Type":"vxlan"}}"#, Err("IPv6Network: fd00::1/56 is invalid: host bits are set; did you mean fd00::/56?")),
-            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, ok(|c| !c.enable_ipv4 && c.enable_ipv6 && c.check_carried().unwrap_err().to_string().contains("carries IPv4 only"))),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, ok(|c| !c.enable_ipv4 && c.enable_ipv6 && c.check_carried().unwrap_err().to_string().contains("IPv6-only clusters are not carried"))),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, ok(|c| c.check_carried().is_ok())),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#, ok(|c| c.check_carried().unwrap_err().to_string().contains("host-gw carries IPv4 only"))),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#, ok(|c| c.check_carried().unwrap_err().to_string().contains("DirectRouting is IPv4-only"))),
             (r#"{"Network":"10.244.0.0/16","IPv6Network":"nope","Backend":{"Type":"vxlan"}}"#, Err("IPv6Network: nope is invalid")),
             (r#"{"Network":"10.244.0.0/16","EnableIPv4":"true","Backend":{"Type":"vxlan"}}"#, Err("EnableIPv4: \"true\" is invalid: expected true or false")),
             // Not JSON objects.

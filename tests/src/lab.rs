@@ -1,7 +1,7 @@
 //! The lab builder. See the crate docs for the shape of a lab.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -15,7 +15,7 @@ use flannel_agent::{
     mac::MacAddr,
     subnet::{env::SubnetEnv, local::LocalStore, LeaseAttrs, LeaseTiming},
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::netns::{exec, ip, sh};
 
@@ -72,6 +72,10 @@ pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
 /// others only through the fabric namespace, which routes between the two
 /// (a node there is not on-link for DirectRouting or host-gw).
 pub const FAR_NET: [u8; 3] = [172, 30, 1];
+/// Dual-stack labs: the IPv6 node network (node `n` is `fd00:30::n`) and
+/// the fabric's address on it.
+pub const NODE_NET6: &str = "fd00:30::/64";
+pub const FABRIC_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, 0xfe);
 /// The fabric's address on [`FAR_NET`], the far nodes' default gateway.
 pub const FAR_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 30, 1, 254);
 /// The CNI network name (Flannel's conflist calls it `cbr0`).
@@ -185,6 +189,8 @@ pub struct Pod {
     /// Namespace name.
     pub ns: String,
     pub ip: Ipv4Addr,
+    /// Dual-stack labs: the pod's IPv6 address.
+    pub ip6: Option<Ipv6Addr>,
     pub mac: MacAddr,
     /// Host side of the veth, inside the node namespace.
     pub host_if: String,
@@ -200,6 +206,11 @@ pub struct Node {
     /// The lab's backend, as this node advertises it.
     pub backend: BackendType,
     pub ip: Ipv4Addr,
+    /// Dual-stack labs: the node's IPv6, its IPv6 lease and the VtepMAC
+    /// of its `flannel-v6.1`.
+    pub ip6: Option<Ipv6Addr>,
+    pub subnet6: Option<Ipv6Net>,
+    pub vtep6_mac: MacAddr,
     pub subnet: Ipv4Net,
     pub vtep_mac: MacAddr,
     pub bpf_dir: PathBuf,
@@ -223,10 +234,20 @@ impl Node {
 
     /// The lease attrs this node advertises (as Flannel writes them).
     pub fn attrs(&self) -> LeaseAttrs {
-        match self.backend {
+        let attrs = match self.backend {
             BackendType::Vxlan => LeaseAttrs::vxlan(self.ip, VNI, self.vtep_mac),
             BackendType::HostGw => LeaseAttrs::host_gw(self.ip),
+        };
+        match (self.ip6, self.subnet6) {
+            (Some(ip6), Some(_)) => attrs.with_v6(ip6, VNI, self.vtep6_mac),
+            _ => attrs,
         }
+    }
+
+    /// The pods' IPv6 gateway (dual-stack labs).
+    pub fn gateway6(&self) -> Option<Ipv6Addr> {
+        self.subnet6
+            .map(|s| Ipv6Addr::from(u128::from(s.network()) + 1))
     }
 
     pub fn subnet_file(&self) -> PathBuf {
@@ -539,6 +560,11 @@ impl Lab {
         self.net_config().backend.kind
     }
 
+    /// Whether the lab's config is dual-stack (`EnableIPv6`).
+    pub fn dual(&self) -> bool {
+        self.net_config().enable_ipv6
+    }
+
     /// Whether nodes `i` and `j` route pod traffic to each other directly
     /// (unencapsulated), as Flannel decides it: host-gw, or DirectRouting
     /// between nodes on one L2 network.
@@ -601,6 +627,15 @@ impl Lab {
         ip(&["netns", "add", name])?;
         self.namespaces.push(name.to_string());
         ip(&["-n", name, "link", "set", "lo", "up"])?;
+        if self.dual() {
+            // Addresses usable at once (no duplicate address detection),
+            // and no router advertisements to follow.
+            for key in ["all", "default"] {
+                sysctl(name, &format!("net.ipv6.conf.{key}.accept_dad"), "0")?;
+                sysctl(name, &format!("net.ipv6.conf.{key}.accept_ra"), "0")?;
+            }
+            return Ok(());
+        }
         // The lab is IPv4-only; IPv6 autoconfiguration would add noise to
         // the interface counters the tests compare.
         sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1")?;
@@ -650,6 +685,18 @@ impl Lab {
             "br0",
         ])?;
         sysctl(&fab, "net.ipv4.ip_forward", "1")?;
+        if self.dual() {
+            ip(&[
+                "-n",
+                &fab,
+                "addr",
+                "add",
+                &format!("{FABRIC_IP6}/64"),
+                "dev",
+                "br0",
+                "nodad",
+            ])?;
+        }
         // A bridge port's packets routed back out of the same bridge would
         // otherwise draw ICMP redirects, which nodes would then follow.
         sysctl(&fab, "net.ipv4.conf.all.send_redirects", "0")?;
@@ -667,8 +714,9 @@ impl Lab {
             std::fs::create_dir_all(&node.run_dir)?;
             if node.kind == NodeKind::StockFlannel {
                 if self.opts.store == LabStore::Local {
-                    self.local_store()?.put(
+                    self.local_store()?.put_dual(
                         node.subnet,
+                        node.subnet6,
                         &node.attrs(),
                         Some(Duration::from_secs(3600)),
                     )?;
@@ -677,8 +725,12 @@ impl Lab {
             } else {
                 // Flannel reuses the subnet of an existing subnet.env when
                 // it is free: that keeps the lab's addresses predictable.
-                SubnetEnv::new("10.244.0.0/16".parse()?, node.subnet, self.pod_mtu(), false)
-                    .write(&node.subnet_file())?;
+                let mut env =
+                    SubnetEnv::new("10.244.0.0/16".parse()?, node.subnet, self.pod_mtu(), false);
+                if let (Some(net6), Some(s6)) = (self.net_config().ipv6_network, node.subnet6) {
+                    env = env.with_ipv6(net6, s6);
+                }
+                env.write(&node.subnet_file())?;
             }
         }
         for i in 0..self.nodes.len() {
@@ -746,6 +798,25 @@ impl Lab {
             "onlink",
         ])?;
         sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        let (ip6, subnet6) = if self.dual() && !far {
+            let ip6 = Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, n as u16);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            sysctl(&ns, "net.ipv6.conf.all.forwarding", "1")?;
+            let subnet6 =
+                Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x10, 0x244, n as u16, 0, 0, 0, 0), 64)?;
+            (Some(ip6), Some(subnet6))
+        } else {
+            (None, None)
+        };
         // In a container the agent pins under the node's /sys/fs/bpf, at
         // its default place.
         let bpf_dir = if self.opts.containers.is_some() {
@@ -761,6 +832,13 @@ impl Lab {
             far,
             backend: self.backend(),
             ip: node_ip,
+            ip6,
+            subnet6,
+            vtep6_mac: match (kind, ip6) {
+                (NodeKind::StockFlannel, _) => MacAddr([0x0e, 0x66, 0, 0, 6, n as u8]),
+                (_, Some(ip6)) => MacAddr::for_vtep6(ip6, VNI),
+                (_, None) => MacAddr([0x0e, 0x66, 0, 0, 6, n as u8]),
+            },
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, n as u8, 0), 24)?,
             vtep_mac: match kind {
                 NodeKind::StockFlannel => MacAddr([0x0e, 0x66, 0, 0, 0, n as u8]),
@@ -979,6 +1057,11 @@ impl Lab {
             if let Ok(st) = self.nodes[i].status() {
                 // The store decides the subnet; the lab follows it.
                 self.nodes[i].subnet = st.subnet.parse()?;
+                if let Some(env) = SubnetEnv::read(&self.nodes[i].subnet_file()) {
+                    if env.lease6().is_some() {
+                        self.nodes[i].subnet6 = env.lease6();
+                    }
+                }
                 return Ok(());
             }
             let exited = match self.nodes[i].agent.as_mut() {
@@ -1297,6 +1380,55 @@ impl Lab {
             "flannel.1",
         ])?;
         ip(&["-n", ns, "link", "set", "flannel.1", "up"])?;
+        // Dual-stack: Flannel's flannel-v6.1, VXLAN over the node's IPv6,
+        // and the IPv6 gateway on cni0.
+        if let (Some(ip6), Some(s6), Some(gw6)) = (node.ip6, node.subnet6, node.gateway6()) {
+            let mtu6 = (self.uplink_mtu() - 70).to_string();
+            let mac6 = node.vtep6_mac.to_string();
+            let local6 = ip6.to_string();
+            let gw6 = format!("{gw6}/{}", s6.prefix_len());
+            ip(&["-n", ns, "addr", "add", &gw6, "dev", "cni0", "nodad"])?;
+            ip(&[
+                "-n",
+                ns,
+                "link",
+                "add",
+                "flannel-v6.1",
+                "type",
+                "vxlan",
+                "id",
+                &VNI.to_string(),
+                "local",
+                &local6,
+                "dev",
+                "eth0",
+                "dstport",
+                &PORT.to_string(),
+                "nolearning",
+            ])?;
+            ip(&[
+                "-n",
+                ns,
+                "link",
+                "set",
+                "flannel-v6.1",
+                "address",
+                &mac6,
+                "mtu",
+                &mtu6,
+            ])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/128", s6.network()),
+                "dev",
+                "flannel-v6.1",
+                "nodad",
+            ])?;
+            ip(&["-n", ns, "link", "set", "flannel-v6.1", "up"])?;
+        }
         self.program_stock_remotes(i)
     }
 
@@ -1368,6 +1500,51 @@ impl Lab {
                 "flannel.1",
                 "onlink",
             ])?;
+            // The other node's IPv6 side on flannel-v6.1, in the same order.
+            if let (Some(_), Some(ip6), Some(s6)) = (node.subnet6, other.ip6, other.subnet6) {
+                let gw6 = s6.network().to_string();
+                let mac6 = other.vtep6_mac.to_string();
+                ip(&[
+                    "-n",
+                    ns,
+                    "-6",
+                    "neigh",
+                    "replace",
+                    &gw6,
+                    "lladdr",
+                    &mac6,
+                    "dev",
+                    "flannel-v6.1",
+                    "nud",
+                    "permanent",
+                ])?;
+                sh(Command::new("bridge").args([
+                    "-n",
+                    ns,
+                    "fdb",
+                    "replace",
+                    &mac6,
+                    "dev",
+                    "flannel-v6.1",
+                    "dst",
+                    &ip6.to_string(),
+                    "self",
+                    "permanent",
+                ]))?;
+                ip(&[
+                    "-n",
+                    ns,
+                    "-6",
+                    "route",
+                    "replace",
+                    &s6.to_string(),
+                    "via",
+                    &gw6,
+                    "dev",
+                    "flannel-v6.1",
+                    "onlink",
+                ])?;
+            }
         }
         Ok(())
     }
@@ -1391,8 +1568,14 @@ impl Lab {
                 "mtu": self.pod_mtu(),
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": node.subnet.to_string()}]],
-                    "routes": [{"dst": "10.244.0.0/16"}],
+                    "ranges": match node.subnet6 {
+                        Some(s6) => serde_json::json!([[{"subnet": node.subnet.to_string()}], [{"subnet": s6.to_string()}]]),
+                        None => serde_json::json!([[{"subnet": node.subnet.to_string()}]]),
+                    },
+                    "routes": match self.net_config().ipv6_network {
+                        Some(n6) if node.subnet6.is_some() => serde_json::json!([{"dst": "10.244.0.0/16"}, {"dst": n6.to_string()}]),
+                        _ => serde_json::json!([{"dst": "10.244.0.0/16"}]),
+                    },
                     "dataDir": node.ipam_dir(),
                 },
             });
@@ -1484,6 +1667,13 @@ impl Lab {
             .as_str()
             .context("ADD result has no address")?
             .parse()?;
+        let ip6 = out["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["address"].as_str()?.parse::<Ipv6Net>().ok())
+            .map(|n| n.addr())
+            .next();
         let mac: MacAddr = out["interfaces"][2]["mac"]
             .as_str()
             .context("ADD result has no pod MAC")?
@@ -1495,6 +1685,7 @@ impl Lab {
         self.nodes[i].pods.push(Pod {
             ns: pod_ns,
             ip: ip.addr(),
+            ip6,
             mac,
             host_if,
             container_id: id,
@@ -1658,9 +1849,80 @@ impl Lab {
                         bail!("{pair}: {what} counted {n}, expected none");
                     }
                 }
+                if let (Some(_), Some(b6)) = (pa.ip6, pb.ip6) {
+                    port += 1;
+                    self.ipv6_pair(a, b, b6, port)?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// One ordered pod pair over IPv6 (dual-stack labs): ICMPv6, TCP and
+    /// UDP, carried by the kernel's `flannel-v6.1` across nodes on every
+    /// kind of node (the eBPF programs leave IPv6 to the kernel:
+    /// `pod_pass_not_ipv4`), by the bridge on one node.
+    fn ipv6_pair(
+        &self,
+        a: (usize, usize),
+        b: (usize, usize),
+        to: Ipv6Addr,
+        port: u16,
+    ) -> Result<()> {
+        let (pa, pb) = (self.pod(a), self.pod(b));
+        let pair = format!("{} -> {}", pa.ip6.unwrap_or(Ipv6Addr::UNSPECIFIED), to);
+        let dev = |n: usize| crate::netns::link_packets(&self.nodes[n].ns, "flannel-v6.1").ok();
+        let passed = |n: usize| -> Result<u64> {
+            Ok(match self.nodes[n].kind {
+                NodeKind::Ebpf => self.nodes[n].counters()?["pod_pass_not_ipv4"],
+                _ => 0,
+            })
+        };
+        let before = (dev(a.0), dev(b.0), passed(a.0)?);
+        if !self.ping6(a, to, 3)? {
+            bail!("ping {pair} failed");
+        }
+        crate::traffic::tcp_exchange(&pa.ns, &pb.ns, IpAddr::V6(to), port)?;
+        crate::traffic::udp_exchange(&pa.ns, &pb.ns, IpAddr::V6(to), port)?;
+        let after = (dev(a.0), dev(b.0), passed(a.0)?);
+        if self.nodes[a.0].kind == NodeKind::Ebpf && after.2 - before.2 < 5 {
+            bail!("{pair}: pod_pass_not_ipv4 counted {}", after.2 - before.2);
+        }
+        for (n, was, now) in [(a.0, before.0, after.0), (b.0, before.1, after.1)] {
+            let moved = match (was, now) {
+                (Some((t0, r0)), Some((t1, r1))) => (t1 - t0, r1 - r0),
+                _ => bail!("{pair}: {} has no flannel-v6.1", self.nodes[n].ns),
+            };
+            let ns = &self.nodes[n].ns;
+            if a.0 == b.0 && moved != (0, 0) {
+                bail!("{pair}: same-node IPv6 crossed flannel-v6.1 of {ns}: {moved:?}");
+            }
+            if a.0 != b.0 && (moved.0 < 5 || moved.1 < 5) {
+                bail!("{pair}: flannel-v6.1 of {ns} carried only {moved:?} packets");
+            }
+        }
+        Ok(())
+    }
+
+    /// `ping` over IPv6 from a pod; true when every echo was answered.
+    pub fn ping6(&self, from: (usize, usize), to: Ipv6Addr, count: u32) -> Result<bool> {
+        let out = exec(
+            &self.pod(from).ns,
+            &[
+                "ping",
+                "-6",
+                "-q",
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.05",
+                "-W",
+                "2",
+                &to.to_string(),
+            ],
+        )?;
+        Ok(out.status.success())
     }
 
     /// `ping` from a pod; true when every echo was answered.

@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::mpsc,
     time::Duration,
 };
@@ -70,10 +70,10 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 pub fn tcp_exchange(
     client_ns: &str,
     server_ns: &str,
-    server_ip: Ipv4Addr,
+    server_ip: impl Into<IpAddr>,
     port: u16,
 ) -> Result<()> {
-    let addr = SocketAddrV4::new(server_ip, port);
+    let addr = SocketAddr::new(server_ip.into(), port);
     tcp_exchange_via(client_ns, server_ns, addr, addr)
 }
 
@@ -82,9 +82,10 @@ pub fn tcp_exchange(
 pub fn tcp_exchange_via(
     client_ns: &str,
     server_ns: &str,
-    listen: SocketAddrV4,
-    connect: SocketAddrV4,
+    listen: impl Into<SocketAddr>,
+    connect: impl Into<SocketAddr>,
 ) -> Result<()> {
+    let (listen, connect): (SocketAddr, SocketAddr) = (listen.into(), connect.into());
     // The client goes first on failure, so the server never waits forever.
     let server = start_server(server_ns, move |ready| {
         let l = TcpListener::bind(listen)?;
@@ -112,7 +113,7 @@ pub fn tcp_exchange_via(
     })?;
     let msg = pattern(u64::from(connect.port()), 1000);
     let got = in_netns(client_ns, move || {
-        let mut s = TcpStream::connect_timeout(&connect.into(), TIMEOUT)?;
+        let mut s = TcpStream::connect_timeout(&connect, TIMEOUT)?;
         s.set_read_timeout(Some(TIMEOUT))?;
         s.write_all(&msg)?;
         let mut buf = vec![0u8; msg.len()];
@@ -134,11 +135,12 @@ pub fn tcp_connects(client_ns: &str, to: SocketAddrV4) -> Result<bool> {
 pub fn udp_exchange(
     client_ns: &str,
     server_ns: &str,
-    server_ip: Ipv4Addr,
+    server_ip: impl Into<IpAddr>,
     port: u16,
 ) -> Result<()> {
+    let server_ip: IpAddr = server_ip.into();
     let server = start_server(server_ns, move |ready| {
-        let s = UdpSocket::bind(SocketAddrV4::new(server_ip, port))?;
+        let s = UdpSocket::bind(SocketAddr::new(server_ip, port))?;
         s.set_read_timeout(Some(TIMEOUT))?;
         ready();
         let mut buf = [0u8; 2048];
@@ -148,9 +150,14 @@ pub fn udp_exchange(
     })?;
     let msg = pattern(u64::from(port) + 7, 512);
     let ok = in_netns(client_ns, move || {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
+        let any = if server_ip.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let s = UdpSocket::bind(any)?;
         s.set_read_timeout(Some(TIMEOUT))?;
-        s.send_to(&msg, SocketAddrV4::new(server_ip, port))?;
+        s.send_to(&msg, SocketAddr::new(server_ip, port))?;
         let mut buf = [0u8; 2048];
         let (n, _) = s.recv_from(&mut buf)?;
         Ok(buf[..n] == msg[..])

@@ -240,3 +240,107 @@ fn host_gw_routes_every_pair_directly_and_refuses_a_node_off_the_network() -> Re
     );
     Ok(())
 }
+
+const DUAL_STACK: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1,"Port":4789}}"#;
+
+/// Dual-stack VXLAN on an IPv4 and IPv6 node network: eBPF, kernel-path
+/// and stock-Flannel nodes, every ordered pod pair over both families
+/// (IPv4 by the eBPF path, IPv6 by the kernel's flannel-v6.1 on every
+/// node), Flannel's IPv6 objects on the agents' nodes, and the IPv6 MTU
+/// edge (flannel-v6.1 is 20 bytes shorter: the kernel says "packet too
+/// big").
+#[test]
+fn dual_stack_vxlan_carries_both_families_between_every_kind_of_node() -> Result<()> {
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 2),
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+            NodeSpec::new(NodeKind::StockFlannel, 1),
+        ],
+        with_conf(DUAL_STACK),
+    )?;
+    for (i, n) in lab.nodes.iter().enumerate() {
+        assert!(n.subnet6.is_some(), "{} has no IPv6 lease", n.ns);
+        assert!(lab.pod((i, 0)).ip6.is_some(), "{}'s pod has no IPv6", n.ns);
+        if n.kind == NodeKind::StockFlannel {
+            continue;
+        }
+        // subnet.env carries Flannel's IPv6 pair.
+        let env = std::fs::read_to_string(n.subnet_file())?;
+        let s6 = n.subnet6.unwrap();
+        assert!(
+            env.contains("FLANNEL_IPV6_NETWORK=fd00:10:244::/56"),
+            "{env}"
+        );
+        assert!(
+            env.contains(&format!("FLANNEL_IPV6_SUBNET={}1/64", s6.network())),
+            "{env}"
+        );
+        // flannel-v6.1 over the node's IPv6, MTU uplink − 70, and a route
+        // per remote with its neighbour.
+        let dev = ip(&["-n", &n.ns, "-d", "-j", "link", "show", "flannel-v6.1"])?;
+        let v: serde_json::Value = serde_json::from_str(&dev)?;
+        assert_eq!(v[0]["mtu"], 1430, "{dev}");
+        assert_eq!(
+            v[0]["linkinfo"]["info_data"]["local6"],
+            n.ip6.unwrap().to_string(),
+            "{dev}"
+        );
+        for (j, o) in lab.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+            let r = ip(&[
+                "-n",
+                &n.ns,
+                "-6",
+                "route",
+                "show",
+                &o.subnet6.unwrap().to_string(),
+            ])?;
+            assert!(
+                r.contains("dev flannel-v6.1") && r.contains("onlink"),
+                "node {i} to node {j}: {r}"
+            );
+            let neigh = ip(&["-n", &n.ns, "-6", "neigh", "show", "dev", "flannel-v6.1"])?;
+            assert!(
+                neigh.contains(&o.vtep6_mac.to_string()),
+                "node {i}: no neighbour for node {j} in {neigh}"
+            );
+        }
+    }
+    lab.every_pair(25300)?;
+
+    // The IPv6 MTU edge: 1430 through flannel-v6.1 (1382 bytes of ICMPv6
+    // payload) passes both ways; one byte more is refused with "packet too
+    // big" and the sender's path MTU drops to 1430.
+    let (a, b) = ((0, 0), (1, 0));
+    let to = lab.pod(b).ip6.unwrap().to_string();
+    let ping = |size: usize| {
+        exec(
+            &lab.pod(a).ns,
+            &[
+                "ping",
+                "-6",
+                "-q",
+                "-n",
+                "-c",
+                "2",
+                "-i",
+                "0.05",
+                "-W",
+                "2",
+                "-M",
+                "do",
+                "-s",
+                &size.to_string(),
+                &to,
+            ],
+        )
+    };
+    assert!(ping(1430 - 48)?.status.success(), "ping6 -s 1382");
+    let big = ping(1430 - 48 + 1)?;
+    assert!(!big.status.success());
+    let route = exec(&lab.pod(a).ns, &["ip", "-6", "route", "get", &to])?;
+    let text = String::from_utf8_lossy(&route.stdout);
+    assert!(text.contains("mtu 1430"), "{text}");
+    Ok(())
+}
