@@ -640,8 +640,9 @@ impl Netlink {
             self.set_mtu_mac(link.index, mtu, Some(mac)).await?;
         }
         self.ensure_only_addrs(link.index, &[gateway]).await?;
-        self.ensure_only_addrs6(link.index, gateway6.as_slice())
-            .await?;
+        if let Some(g) = gateway6 {
+            self.ensure_only_addrs6(link.index, &[g]).await?;
+        }
         if !link.up {
             self.set_up(link.index).await?;
         }

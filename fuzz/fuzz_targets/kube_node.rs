@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use flannel_agent::subnet::kube::{
-    node_lease, BACKEND_DATA, BACKEND_TYPE, PUBLIC_IP, PUBLIC_IP_OVERWRITE,
+    node_lease, BACKEND_DATA, BACKEND_TYPE, BACKEND_V6_DATA, PUBLIC_IP, PUBLIC_IPV6,
+    PUBLIC_IP_OVERWRITE,
 };
 use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use libfuzzer_sys::fuzz_target;
@@ -22,15 +23,26 @@ fuzz_target!(|data: &[u8]| {
             ann.insert(key.to_string(), v);
         }
     }
+    let pod_cidrs = next().map(|c| vec![c]);
+    // Dual-stack annotations after the podCIDRs.
+    for key in [PUBLIC_IPV6, BACKEND_V6_DATA] {
+        if let Some(v) = next() {
+            ann.insert(key.to_string(), v);
+        }
+    }
     let mut node = Node::default();
     node.metadata.name = Some("fuzzed".into());
     node.metadata.annotations = Some(ann);
     node.spec = Some(NodeSpec {
         pod_cidr,
-        pod_cidrs: next().map(|c| vec![c]),
+        pod_cidrs,
         ..Default::default()
     });
     if let Ok(lease) = node_lease(&node) {
-        assert!(lease.attrs.vxlan_data().is_ok());
+        // A lease is a usable VXLAN one or a host-gw one (no data).
+        match lease.attrs.backend_type.as_str() {
+            "vxlan" => assert!(lease.attrs.vxlan_data().is_ok()),
+            t => assert_eq!(t, "host-gw"),
+        }
     }
 });

@@ -89,6 +89,11 @@ impl SubnetEnv {
                 _ => {}
             }
         }
+        if ipv6_network.is_some() != ipv6_subnet.is_some() {
+            return Err(
+                "FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET go together: one is missing".into(),
+            );
+        }
         Ok(SubnetEnv {
             network: network.ok_or("FLANNEL_NETWORK is missing")?,
             subnet: subnet.ok_or("FLANNEL_SUBNET is missing")?,
@@ -156,6 +161,10 @@ mod tests {
             (
                 "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPV6_SUBNET=10.0.0.1/24\nFLANNEL_MTU=1",
                 "FLANNEL_IPV6_SUBNET=10.0.0.1/24 is not an IPv6 CIDR",
+            ),
+            (
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPV6_NETWORK=fd00::/56\nFLANNEL_MTU=1",
+                "go together",
             ),
             (
                 "FLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450",
