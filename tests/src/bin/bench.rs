@@ -7,7 +7,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -47,11 +47,11 @@ impl Opts {
                 "--quick" => quick = true,
                 "--out" => out = args.next().context("--out needs a directory")?.into(),
                 "--only" => match args.next().as_deref() {
-                    Some(part @ ("data" | "jumbo" | "direct" | "programs" | "control")) => {
-                        only = Some(part.to_string())
-                    }
+                    Some(
+                        part @ ("data" | "jumbo" | "direct" | "ipv6" | "programs" | "control"),
+                    ) => only = Some(part.to_string()),
                     other => bail!(
-                        "--only takes data, jumbo, direct, programs or control, not {other:?}"
+                        "--only takes data, jumbo, direct, ipv6, programs or control, not {other:?}"
                     ),
                 },
                 other => bail!("unknown argument {other:?} (use --quick, --out DIR, --only PART)"),
@@ -173,7 +173,7 @@ impl Drop for Iperf {
 }
 
 impl Iperf {
-    fn server(&self, ns: &str, ip: Ipv4Addr) -> Result<()> {
+    fn server(&self, ns: &str, ip: IpAddr) -> Result<()> {
         if self.servers.borrow().contains_key(ns) {
             return Ok(());
         }
@@ -188,7 +188,7 @@ impl Iperf {
         self.servers.borrow_mut().insert(ns.to_string(), child);
         // Ready when it accepts a connection (from its own namespace).
         let started = Instant::now();
-        let addr = SocketAddrV4::new(ip, 5301);
+        let addr = SocketAddr::new(ip, 5301);
         while in_netns(ns, move || Ok(TcpStream::connect(addr)?)).is_err() {
             if started.elapsed() > Duration::from_secs(5) {
                 bail!("iperf3 server in {ns} did not start");
@@ -282,8 +282,9 @@ impl RrSession {
     fn open(path: &Path, port: u16, size: usize) -> Result<Self> {
         let ip = path.ip;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let family = path.ip;
         let srv = spawn_in_netns(&path.server, move || {
-            let l = server_listener(port)?;
+            let l = server_listener(family, port)?;
             ready_tx.send(()).ok();
             let (mut s, _) = l.accept()?;
             s.set_nodelay(true)?;
@@ -304,10 +305,8 @@ impl RrSession {
             if let Some((cpu, _)) = pinned() {
                 pin_thread(cpu)?;
             }
-            let mut s = TcpStream::connect_timeout(
-                &SocketAddrV4::new(ip, port).into(),
-                Duration::from_secs(5),
-            )?;
+            let mut s =
+                TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(5))?;
             s.set_nodelay(true)?;
             let msg = vec![0x5au8; size];
             let mut buf = vec![0u8; size];
@@ -365,15 +364,17 @@ impl RrSession {
     }
 }
 
-/// A server's listener on `port`, its thread pinned to the server CPU.
-fn server_listener(port: u16) -> Result<TcpListener> {
+/// A server's listener on `port` for clients of `ip`'s family, its thread
+/// pinned to the server CPU.
+fn server_listener(ip: IpAddr, port: u16) -> Result<TcpListener> {
     if let Some((_, cpu)) = pinned() {
         pin_thread(cpu)?;
     }
-    Ok(TcpListener::bind(SocketAddrV4::new(
-        Ipv4Addr::UNSPECIFIED,
-        port,
-    ))?)
+    let any = match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    Ok(TcpListener::bind(SocketAddr::new(any, port))?)
 }
 
 /// TCP connection rate, as netperf's TCP_CRR: for `secs`, connect, send
@@ -382,8 +383,9 @@ fn server_listener(port: u16) -> Result<TcpListener> {
 fn crr(path: &Path, port: u16, secs: u32) -> Result<f64> {
     const STOP: u8 = 0xff;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let family = path.ip;
     let srv = spawn_in_netns(&path.server, move || {
-        let l = server_listener(port)?;
+        let l = server_listener(family, port)?;
         ready_tx.send(()).ok();
         loop {
             let (mut s, _) = l.accept()?;
@@ -405,7 +407,7 @@ fn crr(path: &Path, port: u16, secs: u32) -> Result<f64> {
         if let Some((cpu, _)) = pinned() {
             pin_thread(cpu)?;
         }
-        let to = SocketAddrV4::new(ip, port).into();
+        let to = SocketAddr::new(ip, port);
         let connect = || -> Result<TcpStream> {
             let s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
             s.set_nodelay(true)?;
@@ -464,8 +466,9 @@ fn many_flows(path: &Path, port: u16, secs: u32, bulk: bool) -> Result<(f64, f64
     let measuring = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (srv_received, srv_stop) = (received.clone(), stop.clone());
+    let family = path.ip;
     let srv = spawn_in_netns(&path.server, move || {
-        let l = server_listener(port)?;
+        let l = server_listener(family, port)?;
         l.set_nonblocking(true)?;
         runtime()?.block_on(async move {
             let l = tokio::net::TcpListener::from_std(l)?;
@@ -505,7 +508,7 @@ fn many_flows(path: &Path, port: u16, secs: u32, bulk: bool) -> Result<(f64, f64
             pin_thread(cpu)?;
         }
         runtime()?.block_on(async move {
-            let to = SocketAddrV4::new(ip, port);
+            let to = SocketAddr::new(ip, port);
             let mut conns = Vec::with_capacity(FLOWS);
             for _ in 0..FLOWS {
                 let s = tokio::net::TcpStream::connect(to).await?;
@@ -617,7 +620,7 @@ struct Path {
     name: &'static str,
     client: String,
     server: String,
-    ip: Ipv4Addr,
+    ip: IpAddr,
 }
 
 fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
@@ -638,7 +641,7 @@ fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
         name,
         client: lab.pod((i, j)).ns.clone(),
         server: lab.pod((k, l)).ns.clone(),
-        ip: lab.pod((k, l)).ip,
+        ip: lab.pod((k, l)).ip.into(),
     };
     let cross = [
         pods("ebpf", (0, 0), (1, 0)),
@@ -650,7 +653,7 @@ fn data_path(o: &Opts) -> Result<(Value, Value, Value)> {
             name: "limit",
             client: lab.nodes[2].ns.clone(),
             server: lab.nodes[3].ns.clone(),
-            ip: lab.nodes[3].ip,
+            ip: lab.nodes[3].ip.into(),
         },
     ];
     let same = [pods("ebpf", (0, 0), (0, 1)), pods("kernel", (2, 0), (2, 1))];
@@ -777,6 +780,8 @@ struct SideLab {
     metrics: &'static [&'static str],
     /// First of the ports the round's servers listen on.
     port: u16,
+    /// Measure over IPv6 (a dual-stack lab's pods and nodes).
+    ipv6: bool,
 }
 
 /// The MTU 9000 lab: the workloads the MTU changes (bulk TCP, its CPU
@@ -792,6 +797,7 @@ fn jumbo(o: &Opts) -> Result<Value> {
             },
             metrics: &JUMBO_METRICS,
             port: 5350,
+            ipv6: false,
         },
     )
 }
@@ -813,6 +819,29 @@ fn direct(o: &Opts) -> Result<Value> {
             },
             metrics: &DIRECT_METRICS,
             port: 5370,
+            ipv6: false,
+        },
+    )
+}
+
+/// The IPv6 cross-node path of a dual-stack VXLAN lab: pods over IPv6 on
+/// eBPF nodes and on kernel-path nodes (`flannel-v6.1` carries both: the
+/// programs leave IPv6 to the kernel), and node-to-node over IPv6.
+fn ipv6(o: &Opts) -> Result<Value> {
+    side_lab(
+        o,
+        SideLab {
+            title: "IPv6 (dual-stack)",
+            opts: flannel_tests::lab::LabOptions {
+                net_conf: Some(
+                    r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1,"Port":4789}}"#
+                        .into(),
+                ),
+                ..Default::default()
+            },
+            metrics: &DIRECT_METRICS,
+            port: 5390,
+            ipv6: true,
         },
     )
 }
@@ -831,20 +860,32 @@ fn side_lab(o: &Opts, side: SideLab) -> Result<Value> {
         ],
         side.opts,
     )?;
-    let pods = |name, i: usize, k: usize| Path {
-        name,
-        client: lab.pod((i, 0)).ns.clone(),
-        server: lab.pod((k, 0)).ns.clone(),
-        ip: lab.pod((k, 0)).ip,
+    let pod_ip = |k: usize| -> Result<IpAddr> {
+        Ok(match side.ipv6 {
+            true => lab.pod((k, 0)).ip6.context("a pod without IPv6")?.into(),
+            false => lab.pod((k, 0)).ip.into(),
+        })
+    };
+    let node_ip = match side.ipv6 {
+        true => lab.nodes[3].ip6.context("a node without IPv6")?.into(),
+        false => lab.nodes[3].ip.into(),
+    };
+    let pods = |name, i: usize, k: usize| -> Result<Path> {
+        Ok(Path {
+            name,
+            client: lab.pod((i, 0)).ns.clone(),
+            server: lab.pod((k, 0)).ns.clone(),
+            ip: pod_ip(k)?,
+        })
     };
     let paths = [
-        pods("ebpf", 0, 1),
-        pods("kernel", 2, 3),
+        pods("ebpf", 0, 1)?,
+        pods("kernel", 2, 3)?,
         Path {
             name: "limit",
             client: lab.nodes[2].ns.clone(),
             server: lab.nodes[3].ns.clone(),
-            ip: lab.nodes[3].ip,
+            ip: node_ip,
         },
     ];
     let iperf = Iperf::default();
@@ -917,6 +958,7 @@ fn side_lab(o: &Opts, side: SideLab) -> Result<Value> {
         json!({
             "node1_pod_encap_redirect": c0["pod_encap_redirect"],
             "node1_pod_direct_redirect": c0["pod_direct_redirect"],
+            "node1_pod_pass_not_ipv4": c0["pod_pass_not_ipv4"],
             "node2_uplink_decap": c["uplink_decap"],
             "node2_xdp_decap": c["xdp_decap"],
         }),
@@ -1300,29 +1342,37 @@ fn markdown(r: &Value) -> String {
             pr(format!("jumbo_{k}_ebpf_over_kernel")),
         );
     }
-    let d = &r["direct"];
-    s += &format!(
-        "\n| cross-node, DirectRouting (no VXLAN; pods {}), median of rounds | eBPF | kernel path | node-to-node | eBPF / node-to-node | eBPF / kernel |\n|---|---|---|---|---|---|\n",
-        d["pod_mtu"]
-    );
-    for (label, k) in [
-        ("TCP 1 stream (Gbit/s)", "tcp1"),
-        ("TCP 4 streams (Gbit/s)", "tcp4"),
-        (paced.as_str(), "cpu_per_gbit"),
-        ("UDP 64 B (kpps received)", "udp64_kpps"),
-        ("TCP RR 1 B p50 (µs)", "rr1_p50"),
-        ("TCP RR 1 B p99 (µs)", "rr1_p99"),
-        ("TCP RR 1 KB p50 (µs)", "rr1k_p50"),
-        ("TCP connect/1 B RR/close (conn/s)", "crr_cps"),
+    for (section, title) in [
+        ("direct", "cross-node, DirectRouting (no VXLAN)"),
+        (
+            "ipv6",
+            "cross-node over IPv6, dual-stack VXLAN (flannel-v6.1)",
+        ),
     ] {
+        let d = &r[section];
         s += &format!(
-            "| {label} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
-            median(&d["ebpf"][k]),
-            median(&d["kernel"][k]),
-            median(&d["limit"][k]),
-            pr(format!("direct_{k}_ebpf_over_limit")),
-            pr(format!("direct_{k}_ebpf_over_kernel")),
+            "\n| {title}, pods {}, median of rounds | eBPF | kernel path | node-to-node | eBPF / node-to-node | eBPF / kernel |\n|---|---|---|---|---|---|\n",
+            d["pod_mtu"]
         );
+        for (label, k) in [
+            ("TCP 1 stream (Gbit/s)", "tcp1"),
+            ("TCP 4 streams (Gbit/s)", "tcp4"),
+            (paced.as_str(), "cpu_per_gbit"),
+            ("UDP 64 B (kpps received)", "udp64_kpps"),
+            ("TCP RR 1 B p50 (µs)", "rr1_p50"),
+            ("TCP RR 1 B p99 (µs)", "rr1_p99"),
+            ("TCP RR 1 KB p50 (µs)", "rr1k_p50"),
+            ("TCP connect/1 B RR/close (conn/s)", "crr_cps"),
+        ] {
+            s += &format!(
+                "| {label} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+                median(&d["ebpf"][k]),
+                median(&d["kernel"][k]),
+                median(&d["limit"][k]),
+                pr(format!("{section}_{k}_ebpf_over_limit")),
+                pr(format!("{section}_{k}_ebpf_over_kernel")),
+            );
+        }
     }
     let sm = &r["same_node"];
     s += &format!(
@@ -1474,6 +1524,7 @@ fn main() -> Result<()> {
             }
             "jumbo" => jumbo(&o)?,
             "direct" => direct(&o)?,
+            "ipv6" => ipv6(&o)?,
             "programs" => program_costs(&o)?,
             _ => control_plane(&o)?,
         };
@@ -1489,6 +1540,7 @@ fn main() -> Result<()> {
     let (cross, same, monitor) = data_path(&o)?;
     let jumbo = jumbo(&o)?;
     let direct = direct(&o)?;
+    let ipv6 = ipv6(&o)?;
     println!("program costs ({} runs per case) ...", o.test_runs);
     let progs = program_costs(&o)?;
     println!("control plane ({:?} leases) ...", o.leases);
@@ -1525,6 +1577,10 @@ fn main() -> Result<()> {
             paired_ratios.insert(
                 format!("direct_{metric}_ebpf_over_{vs}"),
                 paired(&direct, metric, "ebpf", vs),
+            );
+            paired_ratios.insert(
+                format!("ipv6_{metric}_ebpf_over_{vs}"),
+                paired(&ipv6, metric, "ebpf", vs),
             );
         }
     }
@@ -1578,6 +1634,7 @@ fn main() -> Result<()> {
     for key in paired_ratios.keys().filter(|k| {
         k.starts_with("jumbo_")
             || k.starts_with("direct_")
+            || k.starts_with("ipv6_")
             || (k.starts_with("flows_") && k.contains("_ebpf_over_"))
     }) {
         ratios[key] = r(key);
@@ -1593,6 +1650,7 @@ fn main() -> Result<()> {
         "cross_node": cross,
         "jumbo": jumbo,
         "direct": direct,
+        "ipv6": ipv6,
         "same_node": same,
         "monitor": monitor,
         "programs": progs,
