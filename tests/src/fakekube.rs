@@ -416,11 +416,18 @@ impl FakeKube {
 
     /// Adds a Node (as kubelet registers it), with its podCIDR if given.
     pub fn add_node(&self, name: &str, pod_cidr: Option<&str>, annotations: Value) {
+        let cidrs: Vec<String> = pod_cidr.into_iter().map(String::from).collect();
+        self.add_node_cidrs(name, &cidrs, annotations)
+    }
+
+    /// A node with `cidrs` as its podCIDRs (dual-stack: one per family; the
+    /// first is `podCIDR`).
+    pub fn add_node_cidrs(&self, name: &str, cidrs: &[String], annotations: Value) {
         let mut node = json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "uid": format!("uid-{name}"), "annotations": annotations},
             "spec": {}, "status": {"conditions": []}});
-        if let Some(c) = pod_cidr {
-            node["spec"] = json!({"podCIDR": c, "podCIDRs": [c]});
+        if let Some(c) = cidrs.first() {
+            node["spec"] = json!({"podCIDR": c, "podCIDRs": cidrs});
         }
         let mut inner = self.shared.inner.lock().unwrap();
         let node = self.shared.emit(&mut inner, "ADDED", node);
@@ -464,25 +471,35 @@ impl Drop for FakeKube {
 /// Node: its podCIDR is its subnet and Flannel's annotations name its
 /// public IP and VtepMAC.
 pub fn start_for_lab(lab: &mut crate::Lab) -> Result<()> {
-    use flannel_agent::subnet::kube::{BACKEND_DATA, BACKEND_TYPE, PUBLIC_IP, SUBNET_MANAGER};
+    use flannel_agent::subnet::kube::{
+        BACKEND_DATA, BACKEND_TYPE, BACKEND_V6_DATA, PUBLIC_IP, PUBLIC_IPV6, SUBNET_MANAGER,
+    };
     let fake = FakeKube::start(&lab.fabric)?;
+    let dual = lab.dual();
     for (i, node) in lab.nodes.iter().enumerate() {
         if node.kind == crate::NodeKind::StockFlannel {
             let data = json!({"VNI": crate::lab::VNI, "VtepMAC": node.vtep_mac.to_string()});
-            fake.add_node(
-                &crate::lab::node_name(i),
-                Some(&node.subnet.to_string()),
-                json!({
-                    BACKEND_TYPE: "vxlan",
-                    BACKEND_DATA: data.to_string(),
-                    SUBNET_MANAGER: "true",
-                    PUBLIC_IP: node.ip.to_string(),
-                }),
-            );
+            let mut ann = json!({
+                BACKEND_TYPE: "vxlan",
+                BACKEND_DATA: data.to_string(),
+                SUBNET_MANAGER: "true",
+                PUBLIC_IP: node.ip.to_string(),
+            });
+            let mut cidrs = vec![node.subnet.to_string()];
+            if let (Some(ip6), Some(s6)) = (node.ip6, node.subnet6) {
+                let data6 = json!({"VNI": crate::lab::VNI, "VtepMAC": node.vtep6_mac.to_string()});
+                ann[PUBLIC_IPV6] = json!(ip6.to_string());
+                ann[BACKEND_V6_DATA] = json!(data6.to_string());
+                cidrs.push(s6.to_string());
+            }
+            fake.add_node_cidrs(&crate::lab::node_name(i), &cidrs, ann);
             continue;
         }
-        let cidr = format!("10.244.{}.0/24", 11 + i);
-        fake.add_node(&crate::lab::node_name(i), Some(&cidr), json!({}));
+        let mut cidrs = vec![format!("10.244.{}.0/24", 11 + i)];
+        if dual {
+            cidrs.push(format!("fd00:10:244:{}::/64", 11 + i));
+        }
+        fake.add_node_cidrs(&crate::lab::node_name(i), &cidrs, json!({}));
     }
     lab.extras.push(Box::new(fake));
     Ok(())

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use flannel_agent::subnet::kube::{BACKEND_DATA, BACKEND_TYPE, PUBLIC_IP, SUBNET_MANAGER};
+use flannel_agent::subnet::kube::{
+    BACKEND_DATA, BACKEND_TYPE, BACKEND_V6_DATA, PUBLIC_IP, PUBLIC_IPV6, SUBNET_MANAGER,
+};
 use flannel_tests::{
     fakekube,
     lab::{node_name, LabOptions, LabStore},
@@ -110,4 +112,50 @@ fn kube_store_end_to_end() {
         lab.lacks(0, net("10.244.13.0/24")) && lab.lacks(1, net("10.244.13.0/24"))
     })
     .unwrap();
+}
+
+/// Dual-stack with the kube store: each node's IPv6 podCIDR is its IPv6
+/// lease, the agents write Flannel's `public-ipv6` and `backend-v6-data`
+/// (the VtepMAC of their flannel-v6.1), a stock-Flannel node's IPv6
+/// annotations become its IPv6 lease everywhere, and pods talk over both
+/// families.
+#[test]
+fn kube_store_dual_stack() {
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+            NodeSpec::new(NodeKind::StockFlannel, 1),
+        ],
+        LabOptions {
+            store: LabStore::Kube(fakekube::url()),
+            before_agents: Some(fakekube::start_for_lab),
+            net_conf: Some(
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1,"Port":4789}}"#
+                    .into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for i in 0..2 {
+        let n = &lab.nodes[i];
+        assert_eq!(
+            n.subnet6,
+            Some(format!("fd00:10:244:{}::/64", 11 + i).parse().unwrap()),
+            "{}",
+            n.ns
+        );
+        let node = fakekube::of(&lab).node(&node_name(i)).unwrap();
+        let ann = &node["metadata"]["annotations"];
+        assert_eq!(ann[PUBLIC_IPV6], n.ip6.unwrap().to_string());
+        let data: serde_json::Value =
+            serde_json::from_str(ann[BACKEND_V6_DATA].as_str().unwrap()).unwrap();
+        let mac6 = flannel_tests::netns::link_mac(&n.ns, "flannel-v6.1").unwrap();
+        assert_eq!(
+            data,
+            serde_json::json!({"VNI": 1, "VtepMAC": flannel_agent::mac::MacAddr(mac6).to_string()})
+        );
+    }
+    lab.every_pair(26000).unwrap();
 }
