@@ -286,7 +286,10 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     let maps = i.ebpf.map(|mode| MapsSpec {
         config: Config {
             vni: i.cfg.backend.vni,
-            udp_port: i.cfg.backend.port,
+            // host-gw carries no VXLAN: port 0 (which no sender uses)
+            // makes the uplink programs leave every UDP packet alone
+            // (`pass_not_vxlan`) instead of judging another VXLAN user's.
+            udp_port: if vxlan { i.cfg.backend.port } else { 0 },
             node_ip: ip_key(node.ip),
             uplink_ifindex: node.uplink.index,
             inner_mtu,

@@ -1124,6 +1124,7 @@ fn host_gw_routes_every_on_link_remote_directly() {
     assert_eq!(want.bridge.mtu, 1500);
     let maps = want.maps.as_ref().unwrap();
     assert_eq!(maps.config.inner_mtu, 1450);
+    assert_eq!(maps.config.udp_port, 0, "host-gw judges no VXLAN");
     assert!(maps.vteps.is_empty());
     assert!(maps.remotes.values().all(|r| r.flags == REMOTE_F_DIRECT));
     assert_eq!(maps.remotes.len(), 2);
