@@ -165,12 +165,14 @@ pub struct RemoteEntry {
 /// gateway address (the subnet's network address) its neighbour entry and
 /// route use, the VtepMAC and the node address the FDB sends to.
 pub trait Remote: Copy + PartialEq + std::fmt::Debug {
-    type Net: Copy + Ord + std::fmt::Debug + std::fmt::Display;
-    type Addr: Copy + Ord + std::fmt::Debug + std::fmt::Display;
+    type Net: Copy + Ord + std::fmt::Debug + std::fmt::Display + Into<IpNet>;
+    type Addr: Copy + Ord + std::fmt::Debug + std::fmt::Display + Into<IpAddr>;
     fn subnet(&self) -> Self::Net;
     fn gateway(&self) -> Self::Addr;
     fn vtep_mac(&self) -> MacAddr;
     fn public(&self) -> IpAddr;
+    /// The subnet, as either family.
+    fn ip_subnet(&self) -> IpNet;
 }
 
 impl Remote for RemoteEntry {
@@ -188,6 +190,9 @@ impl Remote for RemoteEntry {
     fn public(&self) -> IpAddr {
         IpAddr::V4(self.public_ip)
     }
+    fn ip_subnet(&self) -> IpNet {
+        IpNet::V4(self.subnet)
+    }
 }
 
 impl Remote for RemoteEntry6 {
@@ -204,6 +209,9 @@ impl Remote for RemoteEntry6 {
     }
     fn public(&self) -> IpAddr {
         IpAddr::V6(self.public_ip)
+    }
+    fn ip_subnet(&self) -> IpNet {
+        IpNet::V6(self.subnet)
     }
 }
 
@@ -714,13 +722,19 @@ impl Netlink {
         self.require_link(&spec.name).await
     }
 
-    /// Neighbour, FDB and route for one remote lease, in Flannel's order.
-    pub async fn program_remote(&self, vtep: u32, r: &RemoteEntry) -> Result<()> {
-        let gw = r.subnet.network();
+    /// Neighbour, FDB and route for one remote lease, in Flannel's order:
+    /// neighbour `<subnet network> lladdr <VtepMAC>`, FDB `<VtepMAC> dst
+    /// <public IP>`, route `<subnet> via <subnet network> onlink` — on
+    /// `flannel.<VNI>` for IPv4, on `flannel-v6.<VNI>` for a remote's IPv6
+    /// side.
+    pub async fn program_remote<R: Remote>(&self, vtep: u32, r: &R) -> Result<()> {
+        let subnet = r.ip_subnet();
+        let gw = subnet.network();
+        let mac = r.vtep_mac();
         self.handle
             .neighbours()
-            .add(vtep, IpAddr::V4(gw))
-            .link_layer_address(&r.vtep_mac.0)
+            .add(vtep, gw)
+            .link_layer_address(&mac.0)
             .state(NeighbourState::Permanent)
             .replace()
             .execute()
@@ -728,68 +742,35 @@ impl Netlink {
             .map_err(req("replace neighbour", gw))?;
         self.handle
             .neighbours()
-            .add_bridge(vtep, &r.vtep_mac.0)
-            .destination(IpAddr::V4(r.public_ip))
+            .add_bridge(vtep, &mac.0)
+            .destination(r.public())
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
             .replace()
             .execute()
             .await
-            .map_err(req("replace fdb", r.vtep_mac))?;
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(gw, r.subnet.prefix_len())
-            .gateway(gw)
-            .output_interface(vtep)
-            .onlink()
-            .build();
+            .map_err(req("replace fdb", mac))?;
+        let route = match subnet {
+            IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .gateway(n.network())
+                .output_interface(vtep)
+                .onlink()
+                .build(),
+            IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .gateway(n.network())
+                .output_interface(vtep)
+                .onlink()
+                .build(),
+        };
         self.handle
             .route()
             .add(route)
             .replace()
             .execute()
             .await
-            .map_err(req("replace route", r.subnet))?;
-        Ok(())
-    }
-
-    /// [`Netlink::program_remote`] for a remote's IPv6 side on
-    /// `flannel-v6.<VNI>`: neighbour `<v6 subnet network> lladdr <v6
-    /// VtepMAC>`, FDB `<v6 VtepMAC> dst <public IPv6>`, route `<v6 subnet>
-    /// via <v6 subnet network> onlink`, in Flannel's order.
-    pub async fn program_remote6(&self, vtep: u32, r: &RemoteEntry6) -> Result<()> {
-        let gw = r.subnet.network();
-        self.handle
-            .neighbours()
-            .add(vtep, IpAddr::V6(gw))
-            .link_layer_address(&r.vtep_mac.0)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(req("replace neighbour", gw))?;
-        self.handle
-            .neighbours()
-            .add_bridge(vtep, &r.vtep_mac.0)
-            .destination(IpAddr::V6(r.public_ip))
-            .flags(NeighbourFlags::Own)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(req("replace fdb", r.vtep_mac))?;
-        let route = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(gw, r.subnet.prefix_len())
-            .gateway(gw)
-            .output_interface(vtep)
-            .onlink()
-            .build();
-        self.handle
-            .route()
-            .add(route)
-            .replace()
-            .execute()
-            .await
-            .map_err(req("replace route", r.subnet))?;
+            .map_err(req("replace route", subnet))?;
         Ok(())
     }
 
@@ -821,23 +802,6 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Deletes the IPv6 main-table route to `dst` through `index`; absent
-    /// is fine.
-    pub async fn delete_route6(&self, index: u32, dst: Ipv6Net) -> Result<()> {
-        let route = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(dst.network(), dst.prefix_len())
-            .output_interface(index)
-            .protocol(RouteProtocol::Unspec)
-            .scope(RouteScope::NoWhere)
-            .kind(RouteType::Unspec)
-            .build();
-        match self.handle.route().del(route).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
-            Err(e) => Err(req("delete route", dst)(e)),
-        }
-    }
-
     /// Permanent IPv6 neighbours on `vtep`: (IP, MAC).
     pub async fn vtep_neighbours6(&self, vtep: u32) -> Result<Vec<(Ipv6Addr, MacAddr)>> {
         self.neighbours(vtep, AddressFamily::Inet6).await.map(|v| {
@@ -848,19 +812,6 @@ impl Netlink {
                 })
                 .collect()
         })
-    }
-
-    pub async fn delete_neighbour6(&self, vtep: u32, ip: Ipv6Addr) -> Result<()> {
-        let mut msg = netlink_packet_route::neighbour::NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet6;
-        msg.header.ifindex = vtep;
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)));
-        self.ignore_missing(
-            self.handle.neighbours().del(msg).execute().await,
-            "delete neighbour",
-            ip,
-        )
     }
 
     /// Universe-scope routes through `vtep` (the remote leases' routes):
@@ -892,14 +843,25 @@ impl Netlink {
     /// Deletes the main-table route to `dst` through `index`, whatever its
     /// gateway, protocol, scope or type (as `ip route del <dst> dev ..`);
     /// absent is fine.
-    pub async fn delete_route(&self, index: u32, dst: Ipv4Net) -> Result<()> {
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst.network(), dst.prefix_len())
-            .output_interface(index)
-            .protocol(RouteProtocol::Unspec)
-            .scope(RouteScope::NoWhere)
-            .kind(RouteType::Unspec)
-            .build();
+    /// Either family.
+    pub async fn delete_route(&self, index: u32, dst: impl Into<IpNet>) -> Result<()> {
+        let dst: IpNet = dst.into();
+        let route = match dst {
+            IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .output_interface(index)
+                .protocol(RouteProtocol::Unspec)
+                .scope(RouteScope::NoWhere)
+                .kind(RouteType::Unspec)
+                .build(),
+            IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .output_interface(index)
+                .protocol(RouteProtocol::Unspec)
+                .scope(RouteScope::NoWhere)
+                .kind(RouteType::Unspec)
+                .build(),
+        };
         match self.handle.route().del(route).execute().await {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
@@ -984,12 +946,17 @@ impl Netlink {
         Ok(out)
     }
 
-    pub async fn delete_neighbour(&self, vtep: u32, ip: Ipv4Addr) -> Result<()> {
+    /// Deletes the neighbour `ip` (either family) on `vtep`; absent is fine.
+    pub async fn delete_neighbour(&self, vtep: u32, ip: impl Into<IpAddr>) -> Result<()> {
+        let ip: IpAddr = ip.into();
         let mut msg = netlink_packet_route::neighbour::NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
         msg.header.ifindex = vtep;
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        let (family, dst) = match ip {
+            IpAddr::V4(a) => (AddressFamily::Inet, NeighbourAddress::Inet(a)),
+            IpAddr::V6(a) => (AddressFamily::Inet6, NeighbourAddress::Inet6(a)),
+        };
+        msg.header.family = family;
+        msg.attributes.push(NeighbourAttribute::Destination(dst));
         self.ignore_missing(
             self.handle.neighbours().del(msg).execute().await,
             "delete neighbour",

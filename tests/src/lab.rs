@@ -1460,90 +1460,24 @@ impl Lab {
             if self.backend() == BackendType::HostGw {
                 continue;
             }
-            let gw = other.subnet.network().to_string();
-            let mac = other.vtep_mac.to_string();
-            ip(&[
-                "-n",
+            stock_vxlan_entries(
                 ns,
-                "neigh",
-                "replace",
-                &gw,
-                "lladdr",
-                &mac,
-                "dev",
                 "flannel.1",
-                "nud",
-                "permanent",
-            ])?;
-            sh(Command::new("bridge").args([
-                "-n",
-                ns,
-                "fdb",
-                "replace",
-                &mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                &other.ip.to_string(),
-                "self",
-                "permanent",
-            ]))?;
-            ip(&[
-                "-n",
-                ns,
-                "route",
-                "replace",
                 &other.subnet.to_string(),
-                "via",
-                &gw,
-                "dev",
-                "flannel.1",
-                "onlink",
-            ])?;
+                &other.subnet.network().to_string(),
+                &other.vtep_mac.to_string(),
+                &other.ip.to_string(),
+            )?;
             // The other node's IPv6 side on flannel-v6.1, in the same order.
             if let (Some(_), Some(ip6), Some(s6)) = (node.subnet6, other.ip6, other.subnet6) {
-                let gw6 = s6.network().to_string();
-                let mac6 = other.vtep6_mac.to_string();
-                ip(&[
-                    "-n",
+                stock_vxlan_entries(
                     ns,
-                    "-6",
-                    "neigh",
-                    "replace",
-                    &gw6,
-                    "lladdr",
-                    &mac6,
-                    "dev",
                     "flannel-v6.1",
-                    "nud",
-                    "permanent",
-                ])?;
-                sh(Command::new("bridge").args([
-                    "-n",
-                    ns,
-                    "fdb",
-                    "replace",
-                    &mac6,
-                    "dev",
-                    "flannel-v6.1",
-                    "dst",
-                    &ip6.to_string(),
-                    "self",
-                    "permanent",
-                ]))?;
-                ip(&[
-                    "-n",
-                    ns,
-                    "-6",
-                    "route",
-                    "replace",
                     &s6.to_string(),
-                    "via",
-                    &gw6,
-                    "dev",
-                    "flannel-v6.1",
-                    "onlink",
-                ])?;
+                    &s6.network().to_string(),
+                    &other.vtep6_mac.to_string(),
+                    &ip6.to_string(),
+                )?;
             }
         }
         Ok(())
@@ -1952,6 +1886,50 @@ impl Lab {
         )?;
         Ok(out.status.success())
     }
+}
+
+/// One remote's VXLAN entries on a stock-Flannel node's device `dev`, in
+/// Flannel's order: neighbour `<gw> lladdr <mac>`, FDB `<mac> dst <dst>`,
+/// route `<subnet> via <gw> onlink` (either family: `ip` picks it from the
+/// addresses).
+fn stock_vxlan_entries(
+    ns: &str,
+    dev: &str,
+    subnet: &str,
+    gw: &str,
+    mac: &str,
+    dst: &str,
+) -> Result<()> {
+    ip(&[
+        "-n",
+        ns,
+        "neigh",
+        "replace",
+        gw,
+        "lladdr",
+        mac,
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ])?;
+    sh(Command::new("bridge").args([
+        "-n",
+        ns,
+        "fdb",
+        "replace",
+        mac,
+        "dev",
+        dev,
+        "dst",
+        dst,
+        "self",
+        "permanent",
+    ]))?;
+    ip(&[
+        "-n", ns, "route", "replace", subnet, "via", gw, "dev", dev, "onlink",
+    ])?;
+    Ok(())
 }
 
 /// The Node object name of lab node `i` (kube store).

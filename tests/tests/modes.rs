@@ -4,6 +4,8 @@
 //! kernel` nodes and a node wired the way stock Flannel wires it. The lab
 //! puts "far" nodes on a second node network one routed hop away.
 
+use std::net::IpAddr;
+
 use anyhow::{Context, Result};
 use flannel_common::REMOTE_F_DIRECT;
 use flannel_tests::{
@@ -29,37 +31,28 @@ fn route(lab: &Lab, i: usize, dst: &str) -> Result<String> {
         .to_string())
 }
 
+/// `ping` with DF set (`-M do`) and `size` bytes of payload from pod
+/// `from` to `to`, either family; true when every echo was answered.
+fn df_ping(lab: &Lab, from: (usize, usize), to: IpAddr, size: usize) -> Result<bool> {
+    let (to, size) = (to.to_string(), size.to_string());
+    let family = if to.contains(':') { "-6" } else { "-4" };
+    let args = [
+        "ping", family, "-q", "-n", "-c", "2", "-i", "0.05", "-W", "2", "-M", "do", "-s", &size,
+        &to,
+    ];
+    Ok(exec(&lab.pod(from).ns, &args)?.status.success())
+}
+
 /// The largest ping payload that fits the lab's pod MTU passes both ways
 /// between the first pods of nodes `i` and `j`; one byte more does not
 /// (DF set, as `ping -M do` sends).
 fn mtu_edge(lab: &Lab, i: usize, j: usize) -> Result<()> {
     let fits = (lab.pod_mtu() - 28) as usize;
     for (a, b) in [((i, 0), (j, 0)), ((j, 0), (i, 0))] {
-        let to = lab.pod(b).ip.to_string();
-        let ping = |size: usize| {
-            exec(
-                &lab.pod(a).ns,
-                &[
-                    "ping",
-                    "-q",
-                    "-n",
-                    "-c",
-                    "2",
-                    "-i",
-                    "0.05",
-                    "-W",
-                    "2",
-                    "-M",
-                    "do",
-                    "-s",
-                    &size.to_string(),
-                    &to,
-                ],
-            )
-        };
-        assert!(ping(fits)?.status.success(), "ping -s {fits} -> {to}");
+        let to = IpAddr::V4(lab.pod(b).ip);
+        assert!(df_ping(lab, a, to, fits)?, "ping -s {fits} -> {to}");
         assert!(
-            !ping(fits + 1)?.status.success(),
+            !df_ping(lab, a, to, fits + 1)?,
             "ping -s {} -> {to} must not fit the pod MTU {}",
             fits + 1,
             lab.pod_mtu()
@@ -313,32 +306,10 @@ fn dual_stack_vxlan_carries_both_families_between_every_kind_of_node() -> Result
     // payload) passes both ways; one byte more is refused with "packet too
     // big" and the sender's path MTU drops to 1430.
     let (a, b) = ((0, 0), (1, 0));
-    let to = lab.pod(b).ip6.unwrap().to_string();
-    let ping = |size: usize| {
-        exec(
-            &lab.pod(a).ns,
-            &[
-                "ping",
-                "-6",
-                "-q",
-                "-n",
-                "-c",
-                "2",
-                "-i",
-                "0.05",
-                "-W",
-                "2",
-                "-M",
-                "do",
-                "-s",
-                &size.to_string(),
-                &to,
-            ],
-        )
-    };
-    assert!(ping(1430 - 48)?.status.success(), "ping6 -s 1382");
-    let big = ping(1430 - 48 + 1)?;
-    assert!(!big.status.success());
+    let to6 = lab.pod(b).ip6.unwrap();
+    let to = to6.to_string();
+    assert!(df_ping(&lab, a, to6.into(), 1430 - 48)?, "ping6 -s 1382");
+    assert!(!df_ping(&lab, a, to6.into(), 1430 - 48 + 1)?);
     let route = exec(&lab.pod(a).ns, &["ip", "-6", "route", "get", &to])?;
     let text = String::from_utf8_lossy(&route.stdout);
     assert!(text.contains("mtu 1430"), "{text}");

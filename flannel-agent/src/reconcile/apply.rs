@@ -127,34 +127,10 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
         .chain(stages6[1..].iter().map(Vec::len))
         .sum();
     for stage in stages {
-        concurrently(vtep, stage, Op::Vtep, &mut report, |vtep, op| async move {
-            let r = match op {
-                VtepOp::Program(r) => nl.program_remote(vtep, &r).await,
-                VtepOp::DeleteRoute(dst) => nl.delete_route(vtep, dst).await,
-                VtepOp::DeleteNeighbour(ip) => nl.delete_neighbour(vtep, ip).await,
-                VtepOp::DeleteFdb { mac, dst } => nl.delete_fdb(vtep, mac, dst).await,
-            };
-            (op, r)
-        })
-        .await;
+        concurrently(nl, vtep, stage, Op::Vtep, &mut report).await;
     }
     for stage in stages6 {
-        concurrently(
-            vtep6,
-            stage,
-            Op::Vtep6,
-            &mut report,
-            |vtep, op| async move {
-                let r = match op {
-                    VtepOp::Program(r) => nl.program_remote6(vtep, &r).await,
-                    VtepOp::DeleteRoute(dst) => nl.delete_route6(vtep, dst).await,
-                    VtepOp::DeleteNeighbour(ip) => nl.delete_neighbour6(vtep, ip).await,
-                    VtepOp::DeleteFdb { mac, dst } => nl.delete_fdb(vtep, mac, dst).await,
-                };
-                (op, r)
-            },
-        )
-        .await;
+        concurrently(nl, vtep6, stage, Op::Vtep6, &mut report).await;
     }
     if programmed + removed > 0 {
         tracing::info!(
@@ -222,17 +198,13 @@ fn stage<R: Remote>(op: &VtepOp<R>) -> usize {
 /// Runs operations on the VTEP `vtep` (`None`: it is not in order, and
 /// each fails saying so), up to [`NETLINK_IN_FLIGHT`] at a time; every
 /// one is tried.
-async fn concurrently<R, F, Fut>(
+async fn concurrently<R: Remote>(
+    nl: &Netlink,
     vtep: Option<u32>,
     ops: Vec<VtepOp<R>>,
     wrap: fn(VtepOp<R>) -> Op,
     report: &mut Report,
-    run: F,
-) where
-    R: Remote,
-    F: Fn(u32, VtepOp<R>) -> Fut,
-    Fut: std::future::Future<Output = (VtepOp<R>, Result<(), crate::netlink::NetlinkError>)>,
-{
+) {
     use futures::StreamExt;
     let Some(vtep) = vtep else {
         for v in ops {
@@ -241,7 +213,15 @@ async fn concurrently<R, F, Fut>(
         return;
     };
     let mut results = futures::stream::iter(ops)
-        .map(|op| run(vtep, op))
+        .map(|op| async move {
+            let r = match op {
+                VtepOp::Program(r) => nl.program_remote(vtep, &r).await,
+                VtepOp::DeleteRoute(dst) => nl.delete_route(vtep, dst).await,
+                VtepOp::DeleteNeighbour(ip) => nl.delete_neighbour(vtep, ip).await,
+                VtepOp::DeleteFdb { mac, dst } => nl.delete_fdb(vtep, mac, dst).await,
+            };
+            (op, r)
+        })
         .buffer_unordered(NETLINK_IN_FLIGHT);
     while let Some((op, r)) = results.next().await {
         report.record(wrap(op), r);
