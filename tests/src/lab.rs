@@ -1838,25 +1838,10 @@ impl Lab {
         Ok(())
     }
 
-    /// `ping` over IPv6 from a pod; true when every echo was answered.
+    /// `ping` over IPv6 from a pod (default payload); true when every echo
+    /// was answered.
     pub fn ping6(&self, from: (usize, usize), to: Ipv6Addr, count: u32) -> Result<bool> {
-        let out = exec(
-            &self.pod(from).ns,
-            &[
-                "ping",
-                "-6",
-                "-q",
-                "-n",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.05",
-                "-W",
-                "2",
-                &to.to_string(),
-            ],
-        )?;
-        Ok(out.status.success())
+        self.ping_ip(from, IpAddr::V6(to), count, 56)
     }
 
     /// `ping` from a pod; true when every echo was answered.
@@ -1867,10 +1852,17 @@ impl Lab {
         count: u32,
         size: usize,
     ) -> Result<bool> {
+        self.ping_ip(from, IpAddr::V4(to), count, size)
+    }
+
+    /// `ping` of either family from a pod, `size` bytes of payload.
+    fn ping_ip(&self, from: (usize, usize), to: IpAddr, count: u32, size: usize) -> Result<bool> {
+        let family = if to.is_ipv6() { "-6" } else { "-4" };
         let out = exec(
             &self.pod(from).ns,
             &[
                 "ping",
+                family,
                 "-q",
                 "-n",
                 "-c",

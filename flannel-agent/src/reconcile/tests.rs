@@ -19,7 +19,7 @@ use netlink_packet_route::link::{InfoKind, InfoVxlan};
 use super::{
     desired::{desired, DirectRoute, EbpfMode, Inputs, MasqSpec, Node, VtepSpec},
     diff::{diff, DeviceOp, DirectOp, MapOp, MasqOp, Op, VtepOp},
-    observe::{GuardTables, Maps, MasqTable, Observed, VtepEntries, VtepEntries6},
+    observe::{Entries, GuardTables, Maps, MasqTable, Observed, VtepEntries, VtepEntries6},
     Desired,
 };
 use crate::{
@@ -27,7 +27,7 @@ use crate::{
     config::NetConfig,
     datapath::ebpf::ip_key,
     mac::MacAddr,
-    netlink::{Link, RemoteEntry, RemoteEntry6},
+    netlink::{Link, Remote, RemoteEntry, RemoteEntry6},
     subnet::{Lease, LeaseAttrs},
 };
 
@@ -171,6 +171,21 @@ impl World {
     }
 }
 
+/// What a VXLAN device holds once `remotes` are programmed on it.
+fn entries_of<R: Remote>(remotes: &BTreeMap<R::Net, R>) -> Entries<R::Net, R::Addr> {
+    Entries {
+        routes: remotes.keys().map(|n| (*n, true)).collect(),
+        neighbours: remotes
+            .values()
+            .map(|r| (r.gateway(), r.vtep_mac()))
+            .collect(),
+        fdb: remotes
+            .values()
+            .map(|r| (r.vtep_mac(), Some(r.public())))
+            .collect(),
+    }
+}
+
 /// A VXLAN device as the kernel shows it once created from `v`.
 fn vtep_link(v: &VtepSpec) -> Link {
     let index = if v4(v.addr).is_some() { VTEP } else { VTEP6 };
@@ -222,19 +237,7 @@ fn converged(w: &World) -> Observed {
         l.controller = Some(BRIDGE);
         links.insert(l.name.clone(), l);
     }
-    let entries = VtepEntries {
-        routes: want.remotes.keys().map(|n| (*n, true)).collect(),
-        neighbours: want
-            .remotes
-            .values()
-            .map(|r| (r.subnet.network(), r.vtep_mac))
-            .collect(),
-        fdb: want
-            .remotes
-            .values()
-            .map(|r| (r.vtep_mac, Some(IpAddr::V4(r.public_ip))))
-            .collect(),
-    };
+    let entries = entries_of(&want.remotes);
     let maps = want.maps.as_ref().map(|m| Maps {
         config: Some(m.config),
         remotes: m.remotes.clone(),
@@ -265,19 +268,7 @@ fn converged(w: &World) -> Observed {
         vtep_addrs: want.vtep.iter().filter_map(|v| v4(v.addr)).collect(),
         bridge_addrs6: want.bridge.gateway6.into_iter().collect(),
         vtep6_addrs: want.vtep6.iter().filter_map(|v| v6(v.addr)).collect(),
-        vtep6: Some(VtepEntries6 {
-            routes: want.remotes6.keys().map(|n| (*n, true)).collect(),
-            neighbours: want
-                .remotes6
-                .values()
-                .map(|r| (r.subnet.network(), r.vtep_mac))
-                .collect(),
-            fdb: want
-                .remotes6
-                .values()
-                .map(|r| (r.vtep_mac, Some(IpAddr::V6(r.public_ip))))
-                .collect(),
-        }),
+        vtep6: Some(entries_of(&want.remotes6)),
         uplink_addrs: w.node.uplink_nets.clone(),
         uplink_routes: Some(want.direct.values().map(|d| (d.subnet, d.via)).collect()),
         vtep: Some(entries),
