@@ -74,9 +74,7 @@ pub const CONFIG_F_NETFILTER: u32 = 8;
 /// What `xdp_uplink` writes in the metadata in front of a packet it
 /// decapsulated, so that `tc_uplink_ingress` routes into a pod only what
 /// came out of a VXLAN packet it accepted, never a plain packet sent to a
-/// pod address from outside (the one exception, checked on its own: a
-/// direct remote's pod, `UPLINK_DIRECT`). Nothing on the wire can set
-/// metadata.
+/// pod address from outside. Nothing on the wire can set metadata.
 pub const XDP_META_DECAPPED: u32 = 0x464c_4e31;
 
 /// Node-wide configuration, one entry at index 0 of the config array.
@@ -316,7 +314,6 @@ macro_rules! counter_names {
             "xdp_pass_netfilter",
             "pod_direct_redirect",
             "pod_direct_neigh",
-            "uplink_direct",
         ];
     };
 }
@@ -377,13 +374,8 @@ pub mod counters {
     /// neighbour layer (`bpf_redirect_neigh`), which resolves it.
     pub const POD_DIRECT_NEIGH: u32 = UPLINK_REDIRECT + 10;
 
-    /// A plain packet from a direct remote's pod (`REMOTE_F_DIRECT`) to a
-    /// pod on this node, routed into it by `tc_uplink_ingress`, as the
-    /// kernel's route and `cni0` would deliver it.
-    pub const UPLINK_DIRECT: u32 = UPLINK_REDIRECT + 11;
-
     /// Size of the counter array.
-    pub const COUNT: u32 = UPLINK_DIRECT + 1;
+    pub const COUNT: u32 = POD_DIRECT_NEIGH + 1;
 
     /// The XDP counter of a decap reason.
     #[inline(always)]
@@ -424,7 +416,7 @@ pub mod counters {
                 | POD_DROP_SPOOFED_ARP
                 | UPLINK_DROP_REDIRECT_FAILED => Action::Drop,
                 POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | POD_DIRECT_REDIRECT
-                | POD_DIRECT_NEIGH | UPLINK_REDIRECT | UPLINK_DIRECT => Action::Decap,
+                | POD_DIRECT_NEIGH | UPLINK_REDIRECT => Action::Decap,
                 _ => Action::Pass,
             }
         };

@@ -8,8 +8,7 @@
 //!   node, for a pod on this node, is stripped of its outer headers and passed
 //!   up already decapsulated. Everything else passes untouched.
 //! * `tc_uplink_ingress` (TC ingress on the uplink): a (decapsulated) packet
-//!   for a local pod is routed straight into it, skipping routing and bridge;
-//!   so is a plain packet from a direct remote's pod (DirectRouting, host-gw).
+//!   for a local pod is routed straight into it, skipping routing and bridge.
 //!
 //! Each entry point is a thin wrapper over a function returning the verdict
 //! and the counter that records it; every verdict is counted.
@@ -667,7 +666,7 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
     let Some(cfg) = config() else {
         return (pass, counters::uplink(decap::PASS_NO_CONFIG));
     };
-    let (found, done) = if cfg.flags & CONFIG_F_TC_DECAP != 0 {
+    let found = if cfg.flags & CONFIG_F_TC_DECAP != 0 {
         let maps = Maps {
             ctx: ctx.skb.skb as *mut _,
             cfg,
@@ -688,39 +687,31 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
             decap::classify(&SkbBytes(ctx), cfg, &maps, gso_size)
         };
         match v.action {
-            // Not for this node's address: perhaps a direct remote's pod.
-            Action::Pass if v.reason == decap::PASS_OTHER_HOST => match direct_arrival(ctx, cfg) {
-                Some(ep) => (Some(Some(ep)), UPLINK_DIRECT),
-                None => return (pass, counters::uplink(v.reason)),
-            },
             Action::Pass => return (pass, counters::uplink(v.reason)),
             Action::Drop => return (TC_ACT_SHOT, counters::uplink(v.reason)),
-            Action::Decap => {
-                if cfg.flags & CONFIG_F_NETFILTER != 0 {
-                    return (pass, UPLINK_PASS_NETFILTER);
-                }
-                // The outer IP, UDP, VXLAN and inner Ethernet headers go,
-                // with `bpf_skb_adjust_room`, which works on whole GSO
-                // packets (the inner MSS is unchanged, hence FIXED_GSO).
-                let shrink = (parse::INNER_IP - EthHdr::LEN) as i32;
-                if ctx
-                    .adjust_room(
-                        -shrink,
-                        BPF_ADJ_ROOM_MAC,
-                        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
-                    )
-                    .is_err()
-                {
-                    return (TC_ACT_SHOT, UPLINK_DROP_ADJUST_FAILED);
-                }
-                // `classify` found the pod (its `local_pod`).
-                (Some(maps.pod.get()), UPLINK_DECAP)
-            }
+            Action::Decap => {}
         }
+        if cfg.flags & CONFIG_F_NETFILTER != 0 {
+            return (pass, UPLINK_PASS_NETFILTER);
+        }
+        // The outer IP, UDP, VXLAN and inner Ethernet headers go, with
+        // `bpf_skb_adjust_room`, which works on whole GSO packets (the
+        // inner MSS is unchanged, hence FIXED_GSO).
+        let shrink = (parse::INNER_IP - EthHdr::LEN) as i32;
+        if ctx
+            .adjust_room(
+                -shrink,
+                BPF_ADJ_ROOM_MAC,
+                u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+            )
+            .is_err()
+        {
+            return (TC_ACT_SHOT, UPLINK_DROP_ADJUST_FAILED);
+        }
+        // `classify` found the pod (its `local_pod`).
+        Some(maps.pod.get())
     } else if xdp_decapsulated(ctx) {
-        (None, UPLINK_REDIRECT)
-    } else if let Some(ep) = direct_arrival(ctx, cfg) {
-        (Some(Some(ep)), UPLINK_DIRECT)
+        None
     } else {
         // XDP judged it already, or it is not for us: a plain packet to a
         // pod address from outside is the kernel's to route (and filter).
@@ -735,6 +726,7 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
     let p = p as *mut u8;
     // SAFETY: `get_mut` checked that these bytes are in the packet.
     let ip = unsafe { core::ptr::read_unaligned(p.add(EthHdr::LEN) as *const Ipv4Hdr) };
+    let decapped = found.is_some();
     let ep = match found {
         Some(ep) => ep,
         None => unsafe { ENDPOINTS.get(u32::from_ne_bytes(ip.dst_addr)) },
@@ -762,42 +754,14 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
     if action == TC_ACT_SHOT {
         return (action, UPLINK_DROP_REDIRECT_FAILED);
     }
-    (action, done)
-}
-
-/// A plain IPv4 packet, sent to this node's MAC, from a pod of a remote
-/// routed to directly (`REMOTE_F_DIRECT`: DirectRouting, host-gw) to a pod
-/// on this node: the pod, to route it into as the kernel would (its route
-/// to the lease, then `cni0`). Anything else (another source, options,
-/// too big for the pod, netfilter compatibility on) is the kernel's.
-#[inline(always)]
-fn direct_arrival(ctx: &TcContext, cfg: &Config) -> Option<&'static Endpoint> {
-    if cfg.flags & CONFIG_F_NETFILTER != 0 {
-        return None;
-    }
-    let pkt = linear(ctx, EthHdr::LEN + Ipv4Hdr::LEN);
-    let eth = pkt.read::<EthHdr>(0)?;
-    if eth.dst_addr != cfg.uplink_mac || eth.ether_type != ETH_P_IP_BE {
-        return None;
-    }
-    let ip = pkt.read::<Ipv4Hdr>(EthHdr::LEN)?;
-    if ip.vihl != 0x45 {
-        return None;
-    }
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    let too_big = if gso_size == 0 {
-        u32::from(u16::from_be_bytes(ip.tot_len)) > cfg.inner_mtu
-    } else {
-        gso_size + 40 > cfg.inner_mtu
-    };
-    if too_big {
-        return None;
-    }
-    let remote = REMOTES.get(Key::new(32, u32::from_ne_bytes(ip.src_addr)))?;
-    if remote.flags & REMOTE_F_DIRECT == 0 {
-        return None;
-    }
-    unsafe { ENDPOINTS.get(u32::from_ne_bytes(ip.dst_addr)) }
+    (
+        action,
+        if decapped {
+            UPLINK_DECAP
+        } else {
+            UPLINK_REDIRECT
+        },
+    )
 }
 
 #[cfg(not(test))]

@@ -1673,8 +1673,9 @@ impl Lab {
     /// - on an eBPF node: a local redirect on the same node; across nodes
     ///   the sender's encapsulation (`pod_encap_*`) or direct route
     ///   (`pod_direct_*`, nothing encapsulated), and the receiver's decap
-    ///   (`uplink_decap`, `xdp_decap`) or, for a direct packet, its
-    ///   routing into the pod (`uplink_direct`; nothing decapsulated);
+    ///   (`uplink_decap`, `xdp_decap`) or, for a direct packet, a plain
+    ///   packet left to the kernel (`uplink_pass_other_host` in TC decap
+    ///   mode, `uplink_pass` after XDP; nothing decapsulated);
     /// - on a kernel or stock-Flannel node: `flannel.1` carried the
     ///   VXLAN pairs both ways and nothing of the direct ones;
     /// - an eBPF node's `flannel.1` never carries pod traffic.
@@ -1741,9 +1742,12 @@ impl Lab {
                         }
                         if ebpf(to) {
                             if direct {
-                                // Routed into the pod by tc_uplink_ingress.
-                                counted
-                                    .push((format!("{way}direct arrival"), d(to, "uplink_direct")));
+                                // Not for this node's address: no VXLAN
+                                // to judge (TC decap), or passed by XDP.
+                                counted.push((
+                                    format!("{way}plain arrival"),
+                                    d(to, "uplink_pass") + d(to, "uplink_pass_other_host"),
+                                ));
                                 none.push((format!("{way}decap"), decap(to)));
                             } else {
                                 counted.push((format!("{way}decap"), decap(to)));

@@ -133,7 +133,7 @@ fn direct_routing_routes_on_link_nodes_and_encapsulates_the_far_one() -> Result<
     let t = trace(a, far)?;
     assert_eq!(t.expect, ["pod_encap_redirect", "pod_encap_neigh"], "{t:?}");
     let t = trace(near, a)?;
-    assert_eq!(t.expect, ["uplink_direct"], "{t:?}");
+    assert_eq!(t.expect, ["uplink_pass_other_host"], "{t:?}");
     Ok(())
 }
 

@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use flannel_common::{
-    decap, programs, RemoteNode, CONFIG_F_NETFILTER, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE,
-    CONFIG_F_TC_DECAP, REMOTE_F_DIRECT, XDP_META_DECAPPED,
+    decap, programs, RemoteNode, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE, CONFIG_F_TC_DECAP,
+    REMOTE_F_DIRECT, XDP_META_DECAPPED,
 };
 use flannel_tests::progtest::*;
 
@@ -571,70 +571,6 @@ fn tc_uplink_ingress_decapsulates_when_there_is_no_xdp() -> Result<()> {
         )?;
         h.set_config(uplink, 0)?;
         h.expect(up, &vx, TC_ACT_OK, "uplink_pass_no_config", "no config")?;
-        Ok(())
-    })
-}
-
-/// A plain packet from a direct remote's pod to a pod on this node is
-/// routed into the pod by `tc_uplink_ingress` (`uplink_direct`: TTL − 1,
-/// the cni0 hop's MACs), in TC decapsulation and in XDP mode alike; from a
-/// VXLAN remote, to another MAC, over the pod MTU, or with
-/// netfilter compatibility on, it stays the kernel's.
-#[test]
-fn tc_uplink_ingress_routes_direct_remotes_pods_in() -> Result<()> {
-    in_lab_netns(|ns| {
-        let mut h = Harness::new(ns.uplink_index()?)?;
-        let uplink = ns.uplink_index()?;
-        let up = programs::TC_UPLINK_INGRESS;
-        let plain = |dst_mac, len: usize| {
-            eth(
-                dst_mac,
-                REMOTE_VTEP_MAC,
-                0x0800,
-                &ipv4(REMOTE_POD, LOCAL_POD, 17, 63, &vec![7u8; len - 20]),
-            )
-        };
-        let pkt = plain(UPLINK_MAC, 100);
-        for flags in [CONFIG_F_READY | CONFIG_F_TC_DECAP, CONFIG_F_READY] {
-            h.set_config(uplink, flags)?;
-            let (other, what) = if flags & CONFIG_F_TC_DECAP != 0 {
-                ("uplink_pass_other_host", "TC decap")
-            } else {
-                ("uplink_pass", "XDP mode")
-            };
-            // 10.244.2.0/24 is a VXLAN remote: its pods' plain packets are
-            // not ours to route.
-            h.set_remote_vtep(REMOTE_VTEP_MAC)?;
-            let out = h.expect(up, &pkt, TC_ACT_OK, other, what)?;
-            assert_eq!(out, pkt);
-            h.set_remote(RemoteNode {
-                node_ip: u32::from_ne_bytes(REMOTE_IP.octets()),
-                flags: REMOTE_F_DIRECT,
-                ..Default::default()
-            })?;
-            let out = h.expect(up, &pkt, TC_ACT_REDIRECT, "uplink_direct", what)?;
-            assert_eq!(out.len(), pkt.len());
-            assert_eq!(&out[0..6], &POD_MAC);
-            assert_eq!(&out[6..12], &GATEWAY_MAC);
-            assert_eq!(out[22], 62, "{what}: routed, TTL - 1");
-            assert_eq!(checksum(&out[14..34]), 0);
-            assert_eq!(&out[34..], &pkt[34..]);
-            // Pod MTU 1450: a bigger packet is the kernel's (it answers
-            // "fragmentation needed").
-            h.expect(
-                up,
-                &plain(UPLINK_MAC, 1450),
-                TC_ACT_REDIRECT,
-                "uplink_direct",
-                what,
-            )?;
-            h.expect(up, &plain(UPLINK_MAC, 1451), TC_ACT_OK, other, what)?;
-            // Not sent to this node's MAC.
-            h.expect(up, &plain(NEIGH_MAC, 100), TC_ACT_OK, other, what)?;
-            // Netfilter compatibility: the kernel's forward hook judges it.
-            h.set_config(uplink, flags | CONFIG_F_NETFILTER)?;
-            h.expect(up, &pkt, TC_ACT_OK, other, what)?;
-        }
         Ok(())
     })
 }

@@ -115,23 +115,25 @@ pub fn trace(want: &Desired, have: &Observed, node_ip: Ipv4Addr, q: &Query) -> T
                     "node {from} (lease {subnet}) routes it directly, unencapsulated, to {node_ip}"
                 ),
             ));
-            let ifname = local_dst.map_or("no pod of this node", |p| p.host_ifname.as_str());
             match want.maps.as_ref().map(|m| m.config.flags) {
-                Some(flags) if flags & flannel_common::CONFIG_F_NETFILTER != 0 => {
-                    steps.push(step(
-                        "kernel",
-                        format!("netfilter compatibility is on: the kernel routes it to cni0 and {ifname} through its forward hook"),
-                    ));
-                }
-                Some(flags) => {
+                Some(flags) if flags & flannel_common::CONFIG_F_TC_DECAP != 0 => {
                     steps.push(step(
                         "tc_uplink_ingress",
-                        format!("a plain packet from a direct remote's pod to a pod of this node (up to the pod MTU): TTL - 1, MACs of the cni0 hop, bpf_redirect_peer into {ifname} (uplink_direct)"),
+                        "a plain packet to a pod address, not to this node: nothing to decapsulate (uplink_pass_other_host); the kernel routes it to cni0 and the bridge hands it to the pod".into(),
                     ));
-                    if flags & flannel_common::CONFIG_F_TC_DECAP == 0 {
-                        expect.push("xdp_pass_other_host".into());
-                    }
-                    expect.push("uplink_direct".into());
+                    expect.push("uplink_pass_other_host".into());
+                }
+                Some(_) => {
+                    steps.push(step(
+                        "xdp_uplink",
+                        "a plain packet to a pod address, not to this node: passed (xdp_pass_other_host)".into(),
+                    ));
+                    steps.push(step(
+                        "tc_uplink_ingress",
+                        "not marked as decapsulated: left to the kernel (uplink_pass), which routes it to cni0 and the bridge hands it to the pod".into(),
+                    ));
+                    expect.push("xdp_pass_other_host".into());
+                    expect.push("uplink_pass".into());
                 }
                 None => steps.push(step(
                     "kernel",
