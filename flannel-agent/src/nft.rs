@@ -7,7 +7,7 @@
 
 use std::{io, os::fd::AsRawFd};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 pub const NETLINK_NETFILTER: i32 = 12;
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -19,6 +19,7 @@ pub const NFT_MSG_DELTABLE: u16 = 2;
 pub const NFT_MSG_NEWCHAIN: u16 = 3;
 pub const NFT_MSG_NEWRULE: u16 = 6;
 pub const NFPROTO_IPV4: u8 = 2;
+pub const NFPROTO_IPV6: u8 = 10;
 
 pub const NLM_F_REQUEST: u16 = 1;
 pub const NLM_F_ACK: u16 = 4;
@@ -128,33 +129,44 @@ impl Rule {
         });
         self
     }
-    /// Loads 4 bytes of the IPv4 header at `offset` into register 1.
-    pub fn ip_field(&mut self, offset: u32) -> &mut Self {
+    /// Loads `len` bytes of the network header at `offset` into register 1.
+    pub fn ip_field(&mut self, offset: u32, len: u32) -> &mut Self {
         self.expr("payload", |a| {
             a.be32(1, NFT_REG_1)
                 .be32(2, NFT_PAYLOAD_NETWORK_HEADER)
                 .be32(3, offset)
-                .be32(4, 4);
+                .be32(4, len);
         })
     }
-    pub fn masked_cmp(&mut self, mask: [u8; 4], op: u32, want: [u8; 4]) -> &mut Self {
+    /// Register 1 masked with `mask`, compared with `want` (of the same
+    /// length).
+    pub fn masked_cmp(&mut self, mask: &[u8], op: u32, want: &[u8]) -> &mut Self {
+        let zero = vec![0; mask.len()];
         self.expr("bitwise", |a| {
             a.be32(1, NFT_REG_1)
                 .be32(2, NFT_REG_1)
-                .be32(3, 4)
-                .value(4, &mask)
-                .value(5, &[0; 4]);
+                .be32(3, mask.len() as u32)
+                .value(4, mask)
+                .value(5, &zero);
         })
         .expr("cmp", |a| {
-            a.be32(1, NFT_REG_1).be32(2, op).value(3, &want);
+            a.be32(1, NFT_REG_1).be32(2, op).value(3, want);
         })
     }
     /// `ip saddr|daddr [!=] net`.
     pub fn ip_in(&mut self, daddr: bool, net: Ipv4Net, inside: bool) -> &mut Self {
-        self.ip_field(if daddr { 16 } else { 12 }).masked_cmp(
-            net.netmask().octets(),
+        self.ip_field(if daddr { 16 } else { 12 }, 4).masked_cmp(
+            &net.netmask().octets(),
             if inside { NFT_CMP_EQ } else { NFT_CMP_NEQ },
-            net.network().octets(),
+            &net.network().octets(),
+        )
+    }
+    /// `ip6 saddr|daddr [!=] net`.
+    pub fn ip6_in(&mut self, daddr: bool, net: Ipv6Net, inside: bool) -> &mut Self {
+        self.ip_field(if daddr { 24 } else { 8 }, 16).masked_cmp(
+            &net.netmask().octets(),
+            if inside { NFT_CMP_EQ } else { NFT_CMP_NEQ },
+            &net.network().octets(),
         )
     }
     pub fn counter(&mut self) -> &mut Self {

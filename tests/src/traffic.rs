@@ -212,28 +212,32 @@ pub fn bulk_transfer(
     join(server)
 }
 
-/// One UDP datagram from `client_ns` to a listener in `server_ns`; returns
-/// the source address the listener saw (to tell masqueraded traffic).
+/// One UDP datagram from `client_ns` to a listener in `server_ns`, over
+/// `server_ip`'s family; returns the source address the listener saw (to
+/// tell masqueraded traffic).
 pub fn udp_source_seen(
     client_ns: &str,
     server_ns: &str,
-    server_ip: Ipv4Addr,
+    server_ip: impl Into<IpAddr>,
     port: u16,
-) -> Result<Ipv4Addr> {
+) -> Result<IpAddr> {
+    let server_ip: IpAddr = server_ip.into();
+    let to = SocketAddr::new(server_ip, port);
     let server = start_server(server_ns, move |ready| {
-        let s = UdpSocket::bind(SocketAddrV4::new(server_ip, port))?;
+        let s = UdpSocket::bind(to)?;
         s.set_read_timeout(Some(TIMEOUT))?;
         ready();
         let mut buf = [0u8; 64];
         let (_, from) = s.recv_from(&mut buf)?;
-        match from.ip() {
-            std::net::IpAddr::V4(ip) => Ok(ip),
-            other => bail!("source {other} is not IPv4"),
-        }
+        Ok(from.ip())
     })?;
     in_netns(client_ns, move || {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.send_to(b"who am i", SocketAddrV4::new(server_ip, port))?;
+        let any: IpAddr = match to {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let s = UdpSocket::bind(SocketAddr::new(any, 0))?;
+        s.send_to(b"who am i", to)?;
         Ok(())
     })?;
     join(server)

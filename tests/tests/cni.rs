@@ -4,7 +4,7 @@
 //! real runtime (podman).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -621,10 +621,10 @@ fn chained_with_the_reference_plugins() {
     // Pod to the fabric is masqueraded by the plugin's rule (the agent
     // runs without --ip-masq); pod to pod keeps the pod's address.
     let seen = udp_source_seen(&ns, &fabric, FABRIC_IP, 7101).unwrap();
-    assert_eq!(seen, node_ip);
+    assert_eq!(seen, IpAddr::from(node_ip));
     let other = lab.pod((1, 0));
     let seen = udp_source_seen(&ns, &other.ns, other.ip, 7102).unwrap();
-    assert_eq!(seen, pod_ip);
+    assert_eq!(seen, IpAddr::from(pod_ip));
 
     // DEL in reverse order, as runtimes do.
     for k in [1, 0] {

@@ -4,7 +4,7 @@
 //! Needs root (namespaces, BPF, nftables).
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -234,7 +234,7 @@ fn drift_is_repaired_and_masquerade_follows_flannel() {
     );
     // Pod to outside the cluster: masqueraded to the node's IP.
     let seen = udp_source_seen(&lab.pod((0, 0)).ns, &lab.fabric, FABRIC_IP, 7001).unwrap();
-    assert_eq!(seen, lab.nodes[0].ip);
+    assert_eq!(seen, IpAddr::from(lab.nodes[0].ip));
     // Pod to pod: never masqueraded.
     let seen = udp_source_seen(
         &lab.pod((0, 0)).ns,
@@ -243,7 +243,7 @@ fn drift_is_repaired_and_masquerade_follows_flannel() {
         7002,
     )
     .unwrap();
-    assert_eq!(seen, lab.pod((0, 0)).ip);
+    assert_eq!(seen, IpAddr::from(lab.pod((0, 0)).ip));
     assert!(std::fs::read_to_string(lab.nodes[0].subnet_file())
         .unwrap()
         .contains("FLANNEL_IPMASQ=true"));

@@ -9,8 +9,9 @@ use std::net::IpAddr;
 use anyhow::{Context, Result};
 use flannel_common::REMOTE_F_DIRECT;
 use flannel_tests::{
-    lab::{LabOptions, NodeKind, NodeSpec},
+    lab::{LabOptions, NodeKind, NodeSpec, FABRIC_IP, FABRIC_IP6},
     netns::{exec, ip},
+    traffic::udp_source_seen,
     Lab,
 };
 
@@ -302,6 +303,11 @@ fn dual_stack_vxlan_carries_both_families_between_every_kind_of_node() -> Result
     }
     lab.every_pair(25300)?;
 
+    // Without --ip-masq the CNI plugin masquerades (ipMasq), both families:
+    // a pod's IPv6 to outside the cluster leaves with the node's IPv6.
+    let seen = udp_source_seen(&lab.pod((0, 0)).ns, &lab.fabric, FABRIC_IP6, 7205)?;
+    assert_eq!(seen, IpAddr::from(lab.nodes[0].ip6.unwrap()));
+
     // The IPv6 MTU edge: 1430 through flannel-v6.1 (1382 bytes of ICMPv6
     // payload) passes both ways; one byte more is refused with "packet too
     // big" and the sender's path MTU drops to 1430.
@@ -313,5 +319,73 @@ fn dual_stack_vxlan_carries_both_families_between_every_kind_of_node() -> Result
     let route = exec(&lab.pod(a).ns, &["ip", "-6", "route", "get", &to])?;
     let text = String::from_utf8_lossy(&route.stdout);
     assert!(text.contains("mtu 1430"), "{text}");
+    Ok(())
+}
+
+/// `--ip-masq` in a dual-stack cluster: Flannel's rules for both families
+/// (`ip flannel-ipv4` and `ip6 flannel-ipv6`), pods' IPv6 to outside the
+/// cluster leaves with the node's IPv6, pod-to-pod IPv6 keeps the pod's,
+/// and the IPv6 table deleted by hand comes back.
+#[test]
+fn ip_masq_covers_ipv6_in_a_dual_stack_cluster() -> Result<()> {
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Ebpf, 1),
+        ],
+        LabOptions {
+            agent_args: vec!["--ip-masq".into()],
+            ..with_conf(DUAL_STACK)
+        },
+    )?;
+    let list = |family: &str, table: &str| -> Result<String> {
+        let o = exec(&lab.nodes[0].ns, &["nft", "list", "table", family, table])?;
+        anyhow::ensure!(o.status.success(), "no table {family} {table}");
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let lease6 = lab.nodes[0].subnet6.context("no IPv6 lease")?;
+    let rules = list("ip6", "flannel-ipv6")?;
+    assert_eq!(
+        rules.matches("masquerade fully-random").count(),
+        2,
+        "{rules}"
+    );
+    assert_eq!(rules.matches("return").count(), 3, "{rules}");
+    for want in [
+        "meta mark & 0x00004000 == 0x00004000",
+        "ip6 saddr fd00:10:244::/56 ip6 daddr fd00:10:244::/56",
+        &format!("ip6 saddr != fd00:10:244::/56 ip6 daddr {lease6}"),
+        "ip6 saddr fd00:10:244::/56 ip6 daddr != ff00::/8",
+        "ip6 saddr != fd00:10:244::/56 ip6 daddr fd00:10:244::/56",
+        "hook postrouting priority srcnat",
+    ] {
+        assert!(rules.contains(want), "{want} not in {rules}");
+    }
+    assert!(list("ip", "flannel-ipv4")?.contains("ip daddr != 224.0.0.0/4"));
+    // The agent masquerades: the CNI plugin's tables are not there.
+    assert!(list("ip6", "flannel-cni").is_err());
+
+    let (pod, peer) = (lab.pod((0, 0)), lab.pod((1, 0)));
+    let node_ip6 = lab.nodes[0].ip6.context("no node IPv6")?;
+    let seen = udp_source_seen(&pod.ns, &lab.fabric, FABRIC_IP6, 7201)?;
+    assert_eq!(seen, IpAddr::from(node_ip6));
+    let pod_ip6 = pod.ip6.context("no pod IPv6")?;
+    let seen = udp_source_seen(&pod.ns, &peer.ns, peer.ip6.context("no IPv6")?, 7202)?;
+    assert_eq!(seen, IpAddr::from(pod_ip6));
+    // IPv4 as before.
+    let seen = udp_source_seen(&pod.ns, &lab.fabric, FABRIC_IP, 7203)?;
+    assert_eq!(seen, IpAddr::from(lab.nodes[0].ip));
+
+    exec(
+        &lab.nodes[0].ns,
+        &["nft", "delete", "table", "ip6", "flannel-ipv6"],
+    )?;
+    lab.wait_for(
+        std::time::Duration::from_secs(5),
+        "IPv6 masquerade table reinstalled",
+        |_| list("ip6", "flannel-ipv6").is_ok_and(|r| r.contains("masquerade")),
+    )?;
+    let seen = udp_source_seen(&pod.ns, &lab.fabric, FABRIC_IP6, 7204)?;
+    assert_eq!(seen, IpAddr::from(node_ip6));
     Ok(())
 }

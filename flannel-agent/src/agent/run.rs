@@ -104,11 +104,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .await;
     }
     let (uplink, ip) = uplink::choose(&nl, &opts.iface, &opts.iface_regex, public_ip).await?;
-    if cfg.enable_ipv6 && opts.ip_masq {
-        bail!(
-            "--ip-masq masquerades IPv4 only in this version: with EnableIPv6 pods' IPv6 traffic would leave unmasqueraded; drop --ip-masq or EnableIPv6"
-        );
-    }
     // Pod routes must not shadow the node network.
     let uplink_nets = nl.ipv4_addrs(uplink.index).await?;
     for addr in &uplink_nets {

@@ -453,7 +453,11 @@ async fn wire(
     }
     let masq_on = conf.ip_masq(senv);
     if masq_on {
-        masq::pod_ensure(senv.network, senv.lease())
+        let v6 = senv
+            .ipv6_network
+            .zip(senv.lease6())
+            .filter(|_| ip6.is_some());
+        masq::pod_ensure(senv.network, senv.lease(), v6)
             .map_err(|e| CniError::io("installing the pods' masquerade rule", e))?;
     }
     let mac = plink.mac.unwrap_or_default();

@@ -152,6 +152,9 @@ pub struct DirectRoute {
 pub struct MasqSpec {
     pub network: Ipv4Net,
     pub lease: Ipv4Net,
+    /// The IPv6 network and lease, when IPv6 is on: the same rules in
+    /// `ip6 flannel-ipv6`.
+    pub v6: Option<(Ipv6Net, Ipv6Net)>,
 }
 
 /// The nftables guards (`crate::guard`): VXLAN only from lease holders,
@@ -361,6 +364,14 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         masq: i.ip_masq.then_some(MasqSpec {
             network: i.cfg.network,
             lease: node.lease.subnet,
+            v6: match (
+                i.cfg.enable_ipv6,
+                i.cfg.ipv6_network,
+                node.lease.ipv6_subnet,
+            ) {
+                (true, Some(net), Some(lease)) => Some((net, lease)),
+                _ => None,
+            },
         }),
         pods: i.pods.clone(),
         attaching: i.attaching.clone(),

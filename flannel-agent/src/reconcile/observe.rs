@@ -195,8 +195,10 @@ pub async fn observe(
         },
     };
     let masq = match masq::present() {
-        Ok(false) => MasqTable::Absent,
-        Ok(true) => MasqTable::Present(masq_written),
+        Ok((false, false)) => MasqTable::Absent,
+        // What this process wrote, while both tables are as it left them.
+        Ok((true, v6)) => MasqTable::Present(masq_written.filter(|m| m.v6.is_some() == v6)),
+        Ok((false, true)) => MasqTable::Present(None),
         Err(err) => {
             tracing::debug!(%err, table = masq::TABLE, "checking the ip-masq table");
             MasqTable::Unknown

@@ -354,6 +354,7 @@ fn masq_spec() -> MasqSpec {
     MasqSpec {
         network: net("10.244.0.0/16"),
         lease: net("10.244.1.0/24"),
+        v6: None,
     }
 }
 
@@ -1222,6 +1223,20 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
     }
     simulate(&ops, &mut w);
     assert_eq!(diff(&w.want(), &w.have), vec![]);
+    // --ip-masq: the rules cover the IPv6 network and lease too, and rules
+    // this process wrote for IPv4 only are written again.
+    w.ip_masq = true;
+    let spec = w.want().masq.expect("masquerade rules");
+    assert_eq!(
+        spec.v6,
+        Some((net6("fd00:10:244::/56"), net6("fd00:10:244:1::/64")))
+    );
+    w.have.masq = MasqTable::Present(Some(MasqSpec { v6: None, ..spec }));
+    assert_eq!(
+        diff(&w.want(), &w.have),
+        vec![Op::Masq(MasqOp::Install(spec))]
+    );
+    (w.ip_masq, w.have.masq) = (false, MasqTable::Absent);
     // A remote's IPv6 side goes: its entries on flannel-v6.1 go with it.
     w.leases
         .get_mut(&net("10.244.3.0/24"))
