@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::net::UnixStream,
     path::Path,
     time::Duration,
@@ -22,6 +22,10 @@ pub struct EndpointRecord {
     pub mac: MacAddr,
     /// The host side of the pod's veth, in the agent's network namespace.
     pub host_ifname: String,
+    /// The pod's IPv6 address (dual-stack): its IPv6 is checked and
+    /// delivered by the programs too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,6 +239,16 @@ mod tests {
                     ip: "10.244.1.2".parse().unwrap(),
                     mac: "0e:00:00:00:00:02".parse().unwrap(),
                     host_ifname: "veth1".into(),
+                    ip6: None,
+                }),
+            ),
+            (
+                r#"{"op":"add","ip":"10.244.1.2","mac":"0e:00:00:00:00:02","host_ifname":"veth1","ip6":"fd00:10:244:1::2"}"#,
+                Request::Add(EndpointRecord {
+                    ip: "10.244.1.2".parse().unwrap(),
+                    mac: "0e:00:00:00:00:02".parse().unwrap(),
+                    host_ifname: "veth1".into(),
+                    ip6: Some("fd00:10:244:1::2".parse().unwrap()),
                 }),
             ),
             (

@@ -400,6 +400,7 @@ fn main() -> anyhow::Result<()> {
                     ip,
                     mac,
                     host_ifname: host_if,
+                    ip6: None,
                 }),
             )?;
             Ok(())

@@ -12,6 +12,9 @@ pub mod maps {
     pub const CONFIG: &str = "FLANNEL_CONFIG";
     pub const REMOTE_SUBNETS: &str = "FLANNEL_REMOTES";
     pub const ENDPOINTS: &str = "FLANNEL_ENDPOINTS";
+    /// Pod IPv6 (the 16 address bytes) → [`crate::Endpoint`], for pods
+    /// with an IPv6 address (dual-stack).
+    pub const ENDPOINTS6: &str = "FLANNEL_ENDPOINTS6";
     pub const VTEPS: &str = "FLANNEL_VTEPS";
     pub const COUNTERS: &str = "FLANNEL_COUNTERS";
     /// Per-CPU array of [`crate::NextHop`]s, a direct-mapped cache by
@@ -26,10 +29,11 @@ pub mod maps {
     /// Per-CPU [`crate::MonitorState`] at index 0: the rate limiter.
     pub const MONITOR_STATE: &str = "FLANNEL_MONITOR_STATE";
     /// Every map the agent pins, in the order it pins them.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         CONFIG,
         REMOTE_SUBNETS,
         ENDPOINTS,
+        ENDPOINTS6,
         VTEPS,
         COUNTERS,
         EVENTS,
@@ -186,7 +190,8 @@ pub const fn next_hop_slot(node_ip: u32) -> u32 {
 /// Key of the remote-subnet LPM trie data part: IPv4 address bytes.
 pub type SubnetKey = u32;
 
-/// Value of the local endpoint map, keyed by pod IPv4 (network order bytes).
+/// Value of the local endpoint maps, keyed by pod IPv4 (network order
+/// bytes) and by pod IPv6 (the address bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
@@ -314,6 +319,8 @@ macro_rules! counter_names {
             "xdp_pass_netfilter",
             "pod_direct_redirect",
             "pod_direct_neigh",
+            "pod_local_redirect6",
+            "pod_drop_spoofed_src6",
         ];
     };
 }
@@ -374,8 +381,16 @@ pub mod counters {
     /// neighbour layer (`bpf_redirect_neigh`), which resolves it.
     pub const POD_DIRECT_NEIGH: u32 = UPLINK_REDIRECT + 10;
 
+    /// IPv6 from a pod to a pod on this node, redirected straight into it
+    /// (the bridge's job, without the bridge).
+    pub const POD_LOCAL_REDIRECT6: u32 = UPLINK_REDIRECT + 11;
+    /// IPv6 from a pod whose source is not the pod's registered IPv6, a
+    /// link-local address (neighbour discovery) or `::` (address
+    /// duplicate detection).
+    pub const POD_DROP_SPOOFED_SRC6: u32 = UPLINK_REDIRECT + 12;
+
     /// Size of the counter array.
-    pub const COUNT: u32 = POD_DIRECT_NEIGH + 1;
+    pub const COUNT: u32 = POD_DROP_SPOOFED_SRC6 + 1;
 
     /// The XDP counter of a decap reason.
     #[inline(always)]
@@ -414,9 +429,10 @@ pub mod counters {
                 POD_DROP_ENCAP_FAILED
                 | POD_DROP_SPOOFED_SRC
                 | POD_DROP_SPOOFED_ARP
+                | POD_DROP_SPOOFED_SRC6
                 | UPLINK_DROP_REDIRECT_FAILED => Action::Drop,
                 POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | POD_DIRECT_REDIRECT
-                | POD_DIRECT_NEIGH | UPLINK_REDIRECT => Action::Decap,
+                | POD_DIRECT_NEIGH | POD_LOCAL_REDIRECT6 | UPLINK_REDIRECT => Action::Decap,
                 _ => Action::Pass,
             }
         };
@@ -435,7 +451,9 @@ pub mod counters {
             | POD_DROP_SPOOFED_ARP
             | POD_PASS_NETFILTER
             | POD_DIRECT_REDIRECT
-            | POD_DIRECT_NEIGH => super::programs::TC_FROM_POD,
+            | POD_DIRECT_NEIGH
+            | POD_LOCAL_REDIRECT6
+            | POD_DROP_SPOOFED_SRC6 => super::programs::TC_FROM_POD,
             XDP_FIRST..=XDP_PASS_NO_META | XDP_PASS_NETFILTER => super::programs::XDP_UPLINK,
             _ => super::programs::TC_UPLINK_INGRESS,
         }

@@ -43,7 +43,7 @@ use flannel_common::{
     NEXT_HOP_TTL_NS, REMOTE_F_DIRECT, VXLAN_ENCAP_LEN, XDP_META_DECAPPED,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use parse::{Headers, ETH_P_ARP_BE, ETH_P_IP_BE};
+use parse::{Headers, ETH_P_ARP_BE, ETH_P_IPV6_BE, ETH_P_IP_BE, IPV6_HDR_LEN};
 
 #[map(name = "FLANNEL_CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -54,6 +54,11 @@ static REMOTES: LpmTrie<u32, RemoteNode> =
 
 #[map(name = "FLANNEL_ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Pods' IPv6 addresses (dual-stack): the pod source check and the
+/// same-node redirect for IPv6.
+#[map(name = "FLANNEL_ENDPOINTS6")]
+static ENDPOINTS6: HashMap<[u8; 16], Endpoint> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
 
 #[map(name = "FLANNEL_VTEPS")]
 static VTEPS: HashMap<u32, Vtep> = HashMap::with_max_entries(MAX_VTEPS, 0);
@@ -148,6 +153,9 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
     if eth_type == ETH_P_ARP_BE {
         return from_pod_arp(ctx, ifindex);
     }
+    if eth_type == ETH_P_IPV6_BE {
+        return from_pod6(ctx, cfg, ifindex);
+    }
     if eth_type != ETH_P_IP_BE {
         return (pass, POD_PASS_NOT_IPV4);
     }
@@ -222,6 +230,46 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
         h => h,
     };
     encap(ctx, cfg, &ip, remote, hash)
+}
+
+/// IPv6 from a pod. Its source must be the pod's registered IPv6, a
+/// link-local address (neighbour and router discovery, which never leave
+/// the link) or `::` (duplicate address detection); anything else is
+/// dropped. A packet for a pod on this node goes straight into it, as the
+/// bridge would take it; the rest (neighbour discovery, other nodes' pods
+/// through `flannel-v6.<VNI>`) is the kernel's.
+#[inline(always)]
+fn from_pod6(ctx: &TcContext, cfg: &Config, ifindex: u32) -> (i32, u32) {
+    let pass = TC_ACT_OK;
+    let pkt = linear(ctx, EthHdr::LEN + IPV6_HDR_LEN);
+    let Some(head) = pkt.read::<[u8; 8]>(EthHdr::LEN) else {
+        return (pass, POD_PASS_MALFORMED);
+    };
+    let (Some(src), Some(dst)) = (
+        pkt.read::<[u8; 16]>(EthHdr::LEN + 8),
+        pkt.read::<[u8; 16]>(EthHdr::LEN + 24),
+    ) else {
+        return (pass, POD_PASS_MALFORMED);
+    };
+    if head[0] >> 4 != 6 {
+        return (pass, POD_PASS_MALFORMED);
+    }
+    let own = unsafe { ENDPOINTS6.get(&src) }.is_some_and(|ep| ep.host_ifindex == ifindex);
+    let link_local = src[0] == 0xfe && src[1] & 0xc0 == 0x80;
+    if !own && !link_local && src != [0; 16] {
+        return (TC_ACT_SHOT, POD_DROP_SPOOFED_SRC6);
+    }
+    if cfg.flags & CONFIG_F_NETFILTER != 0 {
+        return (pass, POD_PASS_NETFILTER);
+    }
+    if let Some(ep) = unsafe { ENDPOINTS6.get(&dst) } {
+        if ctx.store(0, &ep.pod_mac, 0).is_err() {
+            return (TC_ACT_SHOT, POD_DROP_ENCAP_FAILED);
+        }
+        let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) } as i32;
+        return (action, POD_LOCAL_REDIRECT6);
+    }
+    (pass, POD_PASS_NOT_IPV4)
 }
 
 /// Whether `ip` is the address registered for the pod behind `ifindex`.

@@ -7,6 +7,9 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 /// `ETH_P_IP` as it appears in a packet read into a native-endian `u16`.
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 pub const ETH_P_ARP_BE: u16 = 0x0806u16.to_be();
+pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+/// The fixed IPv6 header.
+pub const IPV6_HDR_LEN: usize = 40;
 pub const IPPROTO_UDP: u8 = 17;
 
 /// Offsets in a VXLAN frame whose outer IPv4 header has no options.

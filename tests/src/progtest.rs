@@ -2,7 +2,10 @@
 //! `TestRun`), outside any lab: the parser tests check verdicts and
 //! counters with it, the benchmark times each program with it.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    process::Command,
+};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -32,6 +35,11 @@ pub const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 pub const SOURCE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 12);
 pub const TEST_RUN_IFINDEX: u32 = 1;
 pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 11);
+/// The IPv6 addresses of `LOCAL_POD` and `SOURCE_POD` (dual-stack), and a
+/// remote node's pod's.
+pub const LOCAL_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x11);
+pub const SOURCE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x12);
+pub const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 0x11);
 pub const UPLINK_MAC: [u8; 6] = [0x0e, 0xaa, 0, 0, 0, 1];
 pub const NEIGH_MAC: [u8; 6] = [0x0e, 0xaa, 0, 0, 0, 2];
 pub const VTEP_MAC: [u8; 6] = [0x0e, 0x66, 0, 0, 0, 1];
@@ -174,6 +182,16 @@ impl Harness {
             },
             0,
         )?;
+        let mut eps6: HashMap<_, [u8; 16], Endpoint> =
+            HashMap::try_from(h.bpf.map_mut(maps::ENDPOINTS6).unwrap())?;
+        for (ip, ifindex) in [(LOCAL_POD6, 4242), (SOURCE_POD6, TEST_RUN_IFINDEX)] {
+            let ep = Endpoint {
+                host_ifindex: ifindex,
+                pod_mac: POD_MAC,
+                _pad: [0; 2],
+            };
+            eps6.insert(ip.octets(), ep, 0)?;
+        }
         Ok(h)
     }
 
@@ -364,6 +382,25 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, ttl: u8, payload: &[u8]) ->
     h[10..12].copy_from_slice(&c.to_be_bytes());
     h.extend_from_slice(payload);
     h
+}
+
+/// An IPv6 header (hop limit `hops`, next header `next`) and `payload`.
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, hops: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    h.extend_from_slice(&[next, hops]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// A pod's IPv6 frame, to the gateway MAC: an ICMPv6 echo request from
+/// `src` to `dst`.
+pub fn pod_frame6(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let mut echo = vec![128, 0, 0, 0, 0, 1, 0, 1];
+    echo.extend_from_slice(&[0x5a; 32]);
+    eth(GATEWAY_MAC, POD_MAC, 0x86dd, &ipv6(src, dst, 58, 64, &echo))
 }
 
 pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {

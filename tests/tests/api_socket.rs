@@ -174,6 +174,15 @@ fn add_takes_only_a_pods_veth_on_the_bridge_and_an_address_nobody_holds() -> Res
         // Another pod's address, on this pod's veth: the hijack that sent
         // 6 of 10 pings for one pod to another.
         (add(p1.ip, mac, &p0.host_if), "is held by the endpoint on"),
+        // An IPv6 address on an IPv4-only node.
+        (
+            {
+                let mut a = add(free, mac, &p0.host_if);
+                a["ip6"] = "fd00:10:244:1::5".into();
+                a
+            },
+            "this node has no IPv6 lease",
+        ),
     ] {
         let a = call(&sock, req.clone())?;
         assert_eq!(a["ok"], false, "{req}: {a}");

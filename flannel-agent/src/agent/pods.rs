@@ -138,14 +138,15 @@ impl Pods {
     ) -> anyhow::Result<()> {
         if let Some(dp) = dp {
             dp.attached_pod(index);
-            dp.put_endpoint(
-                rec.ip,
-                &Endpoint {
-                    host_ifindex: index,
-                    pod_mac: rec.mac.0,
-                    _pad: [0; 2],
-                },
-            )?;
+            let ep = Endpoint {
+                host_ifindex: index,
+                pod_mac: rec.mac.0,
+                _pad: [0; 2],
+            };
+            dp.put_endpoint(rec.ip, &ep)?;
+            if let Some(ip6) = rec.ip6 {
+                dp.put_endpoint6(ip6, &ep)?;
+            }
         }
         self.records.insert(rec.ip, rec);
         self.save()
@@ -161,8 +162,11 @@ impl Pods {
             let index = dp
                 .endpoint(ip)?
                 .map(|ep| ep.host_ifindex)
-                .or_else(|| rec.and_then(|r| ebpf::ifindex(&r.host_ifname)));
+                .or_else(|| rec.as_ref().and_then(|r| ebpf::ifindex(&r.host_ifname)));
             dp.remove_endpoint(ip)?;
+            if let Some(ip6) = rec.as_ref().and_then(|r| r.ip6) {
+                dp.remove_endpoint6(ip6)?;
+            }
             if let Some(index) = index {
                 dp.detach_pod(index);
             }
@@ -210,11 +214,7 @@ impl Pods {
         };
         let mut adopted = 0;
         for rec in records {
-            let want = EndpointRecord {
-                ip: rec.ip.addr(),
-                mac: rec.mac,
-                host_ifname: rec.host_ifname.clone(),
-            };
+            let want = rec.endpoint();
             if rec.deleting
                 || self.records.get(&want.ip) == Some(&want)
                 || !node.lease.subnet.contains(&want.ip)
@@ -275,6 +275,18 @@ fn check(
                 "pod IP {} is the {what} address of this node's lease {subnet}",
                 rec.ip
             );
+        }
+    }
+    if let Some(ip6) = rec.ip6 {
+        let Some(lease6) = node.lease.ipv6_subnet else {
+            bail!("pod IPv6 {ip6} given, but this node has no IPv6 lease");
+        };
+        if !lease6.contains(&ip6) {
+            bail!("pod IPv6 {ip6} is not in this node's IPv6 lease {lease6}");
+        }
+        let first = u128::from(lease6.network());
+        if u128::from(ip6) == first || u128::from(ip6) == first + 1 {
+            bail!("pod IPv6 {ip6} is the network or gateway address of this node's IPv6 lease {lease6}");
         }
     }
     if !rec.mac.is_unicast() {

@@ -21,7 +21,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{json, Value};
 
 use crate::{
-    api::{self, ClientError, EndpointRecord, Request},
+    api::{self, ClientError, Request},
     mac::MacAddr,
     masq,
     netlink::{Link, Netlink, NetlinkError},
@@ -525,11 +525,7 @@ async fn wire(
 /// answering) is not an error: it registers the pod from the record
 /// when it is back. An agent that refuses the pod is.
 fn register(conf: &NetConf, rec: &Record) -> CniResult<()> {
-    let req = Request::Add(EndpointRecord {
-        ip: rec.ip.addr(),
-        mac: rec.mac,
-        host_ifname: rec.host_ifname.clone(),
-    });
+    let req = Request::Add(rec.endpoint());
     match api::call(&conf.agent_socket, &req) {
         Ok(_) => Ok(()),
         Err(ClientError::Refused(why)) => Err(CniError::new(
@@ -684,11 +680,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
     }
     // The data path: when the agent answers, it must hold the pod.
     if let Ok(resp) = api::call(&conf.agent_socket, &Request::List {}) {
-        let want = EndpointRecord {
-            ip: rec.ip.addr(),
-            mac: rec.mac,
-            host_ifname: rec.host_ifname.clone(),
-        };
+        let want = rec.endpoint();
         if !resp.endpoints.unwrap_or_default().contains(&want) {
             return Err(check_failed(format!(
                 "the agent does not have pod {} registered",

@@ -55,6 +55,16 @@ pub fn path(dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
 }
 
 impl Record {
+    /// The pod as the agent registers it.
+    pub fn endpoint(&self) -> crate::api::EndpointRecord {
+        crate::api::EndpointRecord {
+            ip: self.ip.addr(),
+            mac: self.mac,
+            host_ifname: self.host_ifname.clone(),
+            ip6: self.ip6.map(|n| n.addr()),
+        }
+    }
+
     pub fn path(&self, dir: &Path) -> PathBuf {
         path(dir, &self.container_id, &self.ifname)
     }

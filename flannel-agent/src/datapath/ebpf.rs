@@ -13,7 +13,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -402,6 +402,10 @@ impl Datapath {
         HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(map_err(maps::ENDPOINTS))
     }
 
+    fn endpoint6_map(&mut self) -> Result<HashMap<&mut MapData, [u8; 16], Endpoint>> {
+        HashMap::try_from(self.map_mut(maps::ENDPOINTS6)?).map_err(map_err(maps::ENDPOINTS6))
+    }
+
     pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
         self.config_map()?
             .set(0, cfg, 0)
@@ -453,7 +457,7 @@ impl Datapath {
 
     /// The endpoint map: pod IP → host veth and pod MAC.
     pub fn endpoints(&mut self) -> Result<BTreeMap<Ipv4Addr, Endpoint>> {
-        Ok(endpoints_in(&self.endpoint_map()?))
+        Ok(endpoints_in(&self.endpoint_map()?, key_ip))
     }
 
     pub fn put_endpoint(&mut self, ip: Ipv4Addr, ep: &Endpoint) -> Result<()> {
@@ -473,6 +477,22 @@ impl Datapath {
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
         absent_is_fine(self.endpoint_map()?.remove(&ip_key(ip))).map_err(map_err(maps::ENDPOINTS))
+    }
+
+    /// The IPv6 endpoint map: pod IPv6 → host veth and pod MAC.
+    pub fn endpoints6(&mut self) -> Result<BTreeMap<Ipv6Addr, Endpoint>> {
+        Ok(endpoints_in(&self.endpoint6_map()?, Ipv6Addr::from))
+    }
+
+    pub fn put_endpoint6(&mut self, ip: Ipv6Addr, ep: &Endpoint) -> Result<()> {
+        self.endpoint6_map()?
+            .insert(ip.octets(), ep, 0)
+            .map_err(map_err(maps::ENDPOINTS6))
+    }
+
+    pub fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<()> {
+        absent_is_fine(self.endpoint6_map()?.remove(&ip.octets()))
+            .map_err(map_err(maps::ENDPOINTS6))
     }
 }
 
@@ -515,12 +535,15 @@ fn remotes_in<T: std::borrow::Borrow<MapData>>(
     Ok(out)
 }
 
-fn endpoints_in<T: std::borrow::Borrow<MapData>>(
-    map: &HashMap<T, u32, Endpoint>,
-) -> BTreeMap<Ipv4Addr, Endpoint> {
+/// An endpoint map's entries by address: the IPv4 map's keys read with
+/// `key_ip`, the IPv6 map's with `Ipv6Addr::from`.
+fn endpoints_in<T: std::borrow::Borrow<MapData>, K: aya::Pod, A: Ord>(
+    map: &HashMap<T, K, Endpoint>,
+    addr: impl Fn(K) -> A,
+) -> BTreeMap<A, Endpoint> {
     map.iter()
         .filter_map(|r| r.ok())
-        .map(|(k, v)| (key_ip(k), v))
+        .map(|(k, v)| (addr(k), v))
         .collect()
 }
 
@@ -732,7 +755,19 @@ pub fn read_endpoints(
 ) -> std::result::Result<Vec<(Ipv4Addr, u32, [u8; 6])>, aya::maps::MapError> {
     let data = pinned_map(dir, maps::ENDPOINTS)?;
     let map: HashMap<_, u32, Endpoint> = HashMap::try_from(Map::HashMap(data))?;
-    Ok(endpoints_in(&map)
+    Ok(endpoints_in(&map, key_ip)
+        .into_iter()
+        .map(|(ip, v)| (ip, v.host_ifindex, v.pod_mac))
+        .collect())
+}
+
+/// The pinned IPv6 endpoint map: pod IPv6 → (host veth ifindex, pod MAC).
+pub fn read_endpoints6(
+    dir: &Path,
+) -> std::result::Result<Vec<(Ipv6Addr, u32, [u8; 6])>, aya::maps::MapError> {
+    let data = pinned_map(dir, maps::ENDPOINTS6)?;
+    let map: HashMap<_, [u8; 16], Endpoint> = HashMap::try_from(Map::HashMap(data))?;
+    Ok(endpoints_in(&map, Ipv6Addr::from)
         .into_iter()
         .map(|(ip, v)| (ip, v.host_ifindex, v.pod_mac))
         .collect())
@@ -749,6 +784,8 @@ pub fn read_occupancy(
     let endpoints: HashMap<_, u32, Endpoint> =
         HashMap::try_from(Map::HashMap(pin(maps::ENDPOINTS)?))?;
     let vteps: HashMap<_, u32, Vtep> = HashMap::try_from(Map::HashMap(pin(maps::VTEPS)?))?;
+    let endpoints6: HashMap<_, [u8; 16], Endpoint> =
+        HashMap::try_from(Map::HashMap(pin(maps::ENDPOINTS6)?))?;
     Ok(vec![
         (
             maps::REMOTE_SUBNETS,
@@ -758,6 +795,11 @@ pub fn read_occupancy(
         (
             maps::ENDPOINTS,
             endpoints.keys().filter(|k| k.is_ok()).count(),
+            flannel_common::MAX_ENDPOINTS,
+        ),
+        (
+            maps::ENDPOINTS6,
+            endpoints6.keys().filter(|k| k.is_ok()).count(),
             flannel_common::MAX_ENDPOINTS,
         ),
         (

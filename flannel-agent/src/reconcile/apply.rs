@@ -238,6 +238,8 @@ fn on_maps(dp: &mut Datapath, op: &MapOp) -> Result<(), EbpfError> {
         MapOp::AttachPod { ifname, ifindex } => dp.attach_pod(ifname, *ifindex),
         MapOp::PutEndpoint(ip, ep) => dp.put_endpoint(*ip, ep),
         MapOp::DeleteEndpoint(ip) => dp.remove_endpoint(*ip),
+        MapOp::PutEndpoint6(ip, ep) => dp.put_endpoint6(*ip, ep),
+        MapOp::DeleteEndpoint6(ip) => dp.remove_endpoint6(*ip),
         MapOp::DetachPod(index) => {
             dp.detach_pod(*index);
             Ok(())

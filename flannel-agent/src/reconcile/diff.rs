@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use ipnet::IpNet;
@@ -25,6 +25,7 @@ use super::{
     observe::{Entries, GuardTables, Maps, MasqTable, Observed},
 };
 use crate::{
+    api::EndpointRecord,
     mac::MacAddr,
     netlink::{Remote, RemoteEntry, RemoteEntry6},
 };
@@ -135,6 +136,9 @@ pub enum MapOp {
     },
     PutEndpoint(Ipv4Addr, Endpoint),
     DeleteEndpoint(Ipv4Addr),
+    /// A dual-stack pod's IPv6 entry (the same endpoint as its IPv4's).
+    PutEndpoint6(Ipv6Addr, Endpoint),
+    DeleteEndpoint6(Ipv6Addr),
     /// Unpin the link of an interface that is no pod's.
     DetachPod(u32),
 }
@@ -215,6 +219,10 @@ impl fmt::Display for Op {
                 write!(f, "map pod {ip} (ifindex {})", e.host_ifindex)
             }
             Op::Map(MapOp::DeleteEndpoint(ip)) => write!(f, "unmap pod {ip}"),
+            Op::Map(MapOp::PutEndpoint6(ip, e)) => {
+                write!(f, "map pod {ip} (ifindex {})", e.host_ifindex)
+            }
+            Op::Map(MapOp::DeleteEndpoint6(ip)) => write!(f, "unmap pod {ip}"),
             Op::Map(MapOp::DetachPod(i)) => write!(f, "unpin the pod link of ifindex {i}"),
             Op::ForgetPod(ip) => write!(f, "forget pod {ip}"),
         }
@@ -275,7 +283,7 @@ pub fn diff(want: &Desired, have: &Observed) -> Vec<Op> {
     }
     if let (Some(maps), Some(seen)) = (&want.maps, &have.maps) {
         map_entries(maps, seen, &mut ops);
-        pod_entries(&live, &want.attaching, seen, &mut ops);
+        pod_entries(&live, &want.pods, &want.attaching, seen, &mut ops);
     }
     ops.extend(gone);
     ops
@@ -477,6 +485,7 @@ fn map_entries(want: &MapsSpec, have: &Maps, ops: &mut Vec<Op>) {
 /// pinned links of anything else go, except links being attached now.
 fn pod_entries(
     live: &BTreeMap<Ipv4Addr, (&str, Endpoint)>,
+    pods: &BTreeMap<Ipv4Addr, EndpointRecord>,
     attaching: &BTreeSet<u32>,
     have: &Maps,
     ops: &mut Vec<Op>,
@@ -496,6 +505,19 @@ fn pod_entries(
     }
     for ip in have.endpoints.keys().filter(|ip| !live.contains_key(ip)) {
         ops.push(Op::Map(MapOp::DeleteEndpoint(*ip)));
+    }
+    // Dual-stack pods' IPv6 entries: the same endpoints.
+    let live6: BTreeMap<Ipv6Addr, Endpoint> = live
+        .iter()
+        .filter_map(|(ip, (_, ep))| Some((*pods.get(ip)?.ip6.as_ref()?, *ep)))
+        .collect();
+    for (ip, ep) in &live6 {
+        if have.endpoints6.get(ip) != Some(ep) {
+            ops.push(Op::Map(MapOp::PutEndpoint6(*ip, *ep)));
+        }
+    }
+    for ip in have.endpoints6.keys().filter(|ip| !live6.contains_key(ip)) {
+        ops.push(Op::Map(MapOp::DeleteEndpoint6(*ip)));
     }
     let indexes: BTreeSet<u32> = live.values().map(|(_, ep)| ep.host_ifindex).collect();
     for index in have.pod_links.keys() {

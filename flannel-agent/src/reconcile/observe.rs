@@ -106,6 +106,7 @@ pub struct Maps {
     pub remotes: BTreeMap<Ipv4Net, RemoteNode>,
     pub vteps: BTreeSet<Ipv4Addr>,
     pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    pub endpoints6: BTreeMap<Ipv6Addr, Endpoint>,
     /// Pinned pod links by interface index: whether this process
     /// attached (or took over) each.
     pub pod_links: BTreeMap<u32, bool>,
@@ -267,6 +268,7 @@ fn read_maps(dp: &mut Datapath) -> Result<Maps, EbpfError> {
         remotes: dp.remotes()?,
         vteps: dp.vteps()?,
         endpoints: dp.endpoints()?,
+        endpoints6: dp.endpoints6()?,
         pod_links: dp.pod_links(),
     })
 }

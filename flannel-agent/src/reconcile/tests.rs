@@ -85,6 +85,7 @@ fn pod(addr: &str, ifname: &str, last: u8) -> EndpointRecord {
         ip: ip(addr),
         mac: mac(last),
         host_ifname: ifname.into(),
+        ip6: None,
     }
 }
 
@@ -238,23 +239,20 @@ fn converged(w: &World) -> Observed {
         links.insert(l.name.clone(), l);
     }
     let entries = entries_of(&want.remotes);
+    let ep = |p: &EndpointRecord| Endpoint {
+        host_ifindex: links[&p.host_ifname].index,
+        pod_mac: p.mac.0,
+        _pad: [0; 2],
+    };
     let maps = want.maps.as_ref().map(|m| Maps {
         config: Some(m.config),
         remotes: m.remotes.clone(),
         vteps: m.vteps.clone(),
-        endpoints: w
+        endpoints: w.pods.values().map(|p| (p.ip, ep(p))).collect(),
+        endpoints6: w
             .pods
             .values()
-            .map(|p| {
-                (
-                    p.ip,
-                    Endpoint {
-                        host_ifindex: links[&p.host_ifname].index,
-                        pod_mac: p.mac.0,
-                        _pad: [0; 2],
-                    },
-                )
-            })
+            .filter_map(|p| Some((p.ip6?, ep(p))))
             .collect(),
         pod_links: w
             .pods
@@ -966,6 +964,12 @@ fn simulate(ops: &[Op], w: &mut World) {
                     MapOp::PutEndpoint(a, ep) => {
                         maps.endpoints.insert(*a, *ep);
                     }
+                    MapOp::PutEndpoint6(a, ep) => {
+                        maps.endpoints6.insert(*a, *ep);
+                    }
+                    MapOp::DeleteEndpoint6(a) => {
+                        maps.endpoints6.remove(a);
+                    }
                     MapOp::DeleteEndpoint(a) => {
                         maps.endpoints.remove(a);
                     }
@@ -1237,6 +1241,24 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
         vec![Op::Masq(MasqOp::Install(spec))]
     );
     (w.ip_masq, w.have.masq) = (false, MasqTable::Absent);
+    // A dual-stack pod gets its IPv6 entry, the same endpoint as its
+    // IPv4's; an IPv6 entry no pod has goes.
+    let pod = w.pods.values_mut().next().unwrap();
+    pod.ip6 = Some(ip6("fd00:10:244:1::2"));
+    let pod = pod.clone();
+    let maps = w.have.maps.as_mut().unwrap();
+    let ep = maps.endpoints[&pod.ip];
+    maps.endpoints6.insert(ip6("fd00:10:244:1::99"), ep);
+    let ops = diff(&w.want(), &w.have);
+    assert_eq!(
+        ops,
+        [
+            Op::Map(MapOp::PutEndpoint6(ip6("fd00:10:244:1::2"), ep)),
+            Op::Map(MapOp::DeleteEndpoint6(ip6("fd00:10:244:1::99"))),
+        ]
+    );
+    simulate(&ops, &mut w);
+    assert_eq!(diff(&w.want(), &w.have), vec![]);
     // A remote's IPv6 side goes: its entries on flannel-v6.1 go with it.
     w.leases
         .get_mut(&net("10.244.3.0/24"))
