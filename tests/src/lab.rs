@@ -1678,7 +1678,10 @@ impl Lab {
     ///   mode, `uplink_pass` after XDP; nothing decapsulated);
     /// - on a kernel or stock-Flannel node: `flannel.1` carried the
     ///   VXLAN pairs both ways and nothing of the direct ones;
-    /// - an eBPF node's `flannel.1` never carries pod traffic.
+    /// - an eBPF node's `flannel.1` never carries pod traffic;
+    /// - over IPv6, when both pods have it: `flannel-v6.1` carried the
+    ///   cross-node pairs, and an eBPF sender counted them
+    ///   `pod_pass_not_ipv4`, or `pod_local_redirect6` on the same node.
     pub fn every_pair(&self, first_port: u16) -> Result<()> {
         let ebpf = |i: usize| self.nodes[i].kind == NodeKind::Ebpf;
         let snapshot = || -> Result<Vec<std::collections::HashMap<&'static str, u64>>> {
@@ -1806,9 +1809,16 @@ impl Lab {
         let (pa, pb) = (self.pod(a), self.pod(b));
         let pair = format!("{} -> {}", pa.ip6.unwrap_or(Ipv6Addr::UNSPECIFIED), to);
         let dev = |n: usize| crate::netns::link_packets(&self.nodes[n].ns, "flannel-v6.1").ok();
+        // On an eBPF node a pod's IPv6 to a pod on the same node goes
+        // straight into it; to another node's, to the kernel.
+        let counter = if a.0 == b.0 {
+            "pod_local_redirect6"
+        } else {
+            "pod_pass_not_ipv4"
+        };
         let passed = |n: usize| -> Result<u64> {
             Ok(match self.nodes[n].kind {
-                NodeKind::Ebpf => self.nodes[n].counters()?["pod_pass_not_ipv4"],
+                NodeKind::Ebpf => self.nodes[n].counters()?[counter],
                 _ => 0,
             })
         };
@@ -1820,7 +1830,7 @@ impl Lab {
         crate::traffic::udp_exchange(&pa.ns, &pb.ns, IpAddr::V6(to), port)?;
         let after = (dev(a.0), dev(b.0), passed(a.0)?);
         if self.nodes[a.0].kind == NodeKind::Ebpf && after.2 - before.2 < 5 {
-            bail!("{pair}: pod_pass_not_ipv4 counted {}", after.2 - before.2);
+            bail!("{pair}: {counter} counted {}", after.2 - before.2);
         }
         for (n, was, now) in [(a.0, before.0, after.0), (b.0, before.1, after.1)] {
             let moved = match (was, now) {

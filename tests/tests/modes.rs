@@ -389,3 +389,108 @@ fn ip_masq_covers_ipv6_in_a_dual_stack_cluster() -> Result<()> {
     assert_eq!(seen, IpAddr::from(node_ip6));
     Ok(())
 }
+
+/// The eBPF programs' share of a dual-stack pod's IPv6: its address in
+/// the IPv6 endpoint map (and out of it after DEL), IPv6 between pods of
+/// one node redirected straight into the peer, another source dropped,
+/// a frame cut anywhere in its IPv6 header passed as malformed, and an
+/// IPv6 address outside the node's IPv6 lease refused by the agent.
+#[test]
+fn ebpf_nodes_check_and_redirect_pod_ipv6() -> Result<()> {
+    use flannel_agent::{
+        api::{self, EndpointRecord, Request},
+        datapath::ebpf,
+    };
+    use flannel_tests::{netns::send_frame, progtest};
+
+    let mut lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 2),
+            NodeSpec::new(NodeKind::Ebpf, 1),
+        ],
+        with_conf(DUAL_STACK),
+    )?;
+    let node = &lab.nodes[0];
+    let (a, b) = (lab.pod((0, 0)), lab.pod((0, 1)));
+    let (a6, b6) = (a.ip6.context("no IPv6")?, b.ip6.context("no IPv6")?);
+    let index = |ifname: &str| -> Result<u32> {
+        let out = ip(&["-n", &node.ns, "-j", "link", "show", ifname])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v[0]["ifindex"].as_u64().map(|i| i as u32).context("ifindex")
+    };
+    let mut want = vec![
+        (a6, index(&a.host_if)?, a.mac.0),
+        (b6, index(&b.host_if)?, b.mac.0),
+    ];
+    want.sort();
+    let mut have = ebpf::read_endpoints6(&node.bpf_dir)?;
+    have.sort();
+    assert_eq!(have, want);
+    lab.every_pair(25400)?;
+
+    // Raw frames from pod a to pod b, UDP to a closed port.
+    let frame = |src: std::net::Ipv6Addr| {
+        let udp = [0x30, 0x39, 0x30, 0x3a, 0, 12, 0, 0, 1, 2, 3, 4];
+        progtest::eth(
+            b.mac.0,
+            a.mac.0,
+            0x86dd,
+            &progtest::ipv6(src, b6, 17, 64, &udp),
+        )
+    };
+    let counted = |name: &str| -> Result<u64> { Ok(node.counters()?[name]) };
+    let c0 = (
+        counted("pod_local_redirect6")?,
+        counted("pod_drop_spoofed_src6")?,
+        counted("pod_pass_malformed")?,
+    );
+    send_frame(&a.ns, "eth0", frame(a6))?;
+    let spoofed = [
+        b6,
+        lab.pod((1, 0)).ip6.context("no IPv6")?,
+        "fd00:10:244:ff::1".parse()?,
+        "2001:db8::1".parse()?,
+    ];
+    for src in spoofed {
+        send_frame(&a.ns, "eth0", frame(src))?;
+    }
+    let whole = frame(a6);
+    for len in 15..54 {
+        send_frame(&a.ns, "eth0", whole[..len].to_vec())?;
+    }
+    let c1 = (
+        counted("pod_local_redirect6")?,
+        counted("pod_drop_spoofed_src6")?,
+        counted("pod_pass_malformed")?,
+    );
+    assert!(c1.0 > c0.0, "own source: not redirected");
+    assert_eq!(c1.1 - c0.1, spoofed.len() as u64, "spoofed sources");
+    assert_eq!(c1.2 - c0.2, 39, "frames cut in the IPv6 header");
+
+    // The agent refuses an IPv6 address its IPv6 lease does not hold.
+    let lease6 = node.subnet6.context("no IPv6 lease")?;
+    let gateway6 = std::net::Ipv6Addr::from(u128::from(lease6.network()) + 1);
+    for (ip6, why) in [
+        (
+            lab.pod((1, 0)).ip6.unwrap(),
+            "is not in this node's IPv6 lease",
+        ),
+        (gateway6, "is the network or gateway address"),
+    ] {
+        let req = Request::Add(EndpointRecord {
+            ip: a.ip,
+            mac: a.mac,
+            host_ifname: a.host_if.clone(),
+            ip6: Some(ip6),
+        });
+        let err = api::call(&node.socket(), &req).unwrap_err().to_string();
+        assert!(err.contains(why), "{ip6}: {err}");
+    }
+
+    // DEL takes the pod's IPv6 entry with it.
+    lab.del_pod((0, 1))?;
+    let have = ebpf::read_endpoints6(&lab.nodes[0].bpf_dir)?;
+    assert_eq!(have.iter().map(|e| e.0).collect::<Vec<_>>(), [a6]);
+    lab.nodes[0].pods.remove(1);
+    Ok(())
+}
