@@ -11,6 +11,9 @@
 pub mod maps {
     pub const CONFIG: &str = "FLANNEL_CONFIG";
     pub const REMOTE_SUBNETS: &str = "FLANNEL_REMOTES";
+    /// LPM trie of remote IPv6 leases (dual-stack): IPv6 subnet →
+    /// [`crate::RemoteNode6`].
+    pub const REMOTE_SUBNETS6: &str = "FLANNEL_REMOTES6";
     pub const ENDPOINTS: &str = "FLANNEL_ENDPOINTS";
     /// Pod IPv6 (the 16 address bytes) → [`crate::Endpoint`], for pods
     /// with an IPv6 address (dual-stack).
@@ -29,9 +32,10 @@ pub mod maps {
     /// Per-CPU [`crate::MonitorState`] at index 0: the rate limiter.
     pub const MONITOR_STATE: &str = "FLANNEL_MONITOR_STATE";
     /// Every map the agent pins, in the order it pins them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONFIG,
         REMOTE_SUBNETS,
+        REMOTE_SUBNETS6,
         ENDPOINTS,
         ENDPOINTS6,
         VTEPS,
@@ -60,6 +64,8 @@ pub const MAX_VTEPS: u32 = 16_384;
 /// VXLAN overhead added in front of the inner Ethernet frame:
 /// outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub const VXLAN_ENCAP_LEN: u32 = 50;
+/// The same over IPv6 (`flannel-v6.<VNI>`): outer IPv6 is 40 bytes.
+pub const VXLAN6_ENCAP_LEN: u32 = 70;
 
 /// `Config::flags`: the data path is configured and may act.
 pub const CONFIG_F_READY: u32 = 1;
@@ -108,6 +114,13 @@ pub struct Config {
     /// delivered to pods.
     pub gateway_mac: [u8; 6],
     pub _pad1: [u8; 2],
+    /// Dual-stack: this node's IPv6 (`flannel-v6.<VNI>`'s local address),
+    /// the outer source of IPv6 encapsulation; all zero without IPv6,
+    /// and the programs then leave pods' IPv6 to the kernel.
+    pub node_ip6: [u8; 16],
+    /// MAC of `flannel-v6.<VNI>`, the inner source MAC over IPv6.
+    pub vtep6_mac: [u8; 6],
+    pub _pad2: [u8; 2],
 }
 
 /// Value of the remote-subnet LPM trie: where a remote lease lives.
@@ -122,6 +135,18 @@ pub struct RemoteNode {
     /// `REMOTE_F_*` bits.
     pub flags: u8,
     pub _pad: u8,
+}
+
+/// Value of the IPv6 remote-subnet LPM trie: where a remote IPv6 lease
+/// lives (Flannel's `flannel-v6.<VNI>` entries for it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteNode6 {
+    /// The remote node's public IPv6 (outer destination).
+    pub node_ip6: [u8; 16],
+    /// The remote node's IPv6 VtepMAC (`backend-v6-data`).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// `RemoteNode::flags`: the remote is reached without encapsulation
@@ -321,6 +346,10 @@ macro_rules! counter_names {
             "pod_direct_neigh",
             "pod_local_redirect6",
             "pod_drop_spoofed_src6",
+            "pod_encap6_redirect",
+            "pod_encap6_neigh",
+            "pod_pass_gso6",
+            "pod_pass_ext6",
         ];
     };
 }
@@ -389,8 +418,26 @@ pub mod counters {
     /// duplicate detection).
     pub const POD_DROP_SPOOFED_SRC6: u32 = UPLINK_REDIRECT + 12;
 
+    /// IPv6 from a pod to a remote IPv6 lease, encapsulated as
+    /// `flannel-v6.<VNI>` would (VXLAN over IPv6) and redirected to the
+    /// uplink.
+    pub const POD_ENCAP6_REDIRECT: u32 = UPLINK_REDIRECT + 13;
+    /// The same with the next hop's MAC unresolved (`bpf_redirect_neigh`).
+    pub const POD_ENCAP6_NEIGH: u32 = UPLINK_REDIRECT + 14;
+    /// IPv6 for a remote lease in a GSO packet: left to the kernel's
+    /// `flannel-v6.<VNI>`, which segments it and gives each segment its
+    /// outer UDP checksum (mandatory over IPv6; a program cannot make the
+    /// kernel compute it per segment).
+    pub const POD_PASS_GSO6: u32 = UPLINK_REDIRECT + 15;
+
+    /// IPv6 for a remote lease whose next header is not TCP, UDP or
+    /// ICMPv6 (an extension header, a fragment): left to the kernel's
+    /// `flannel-v6.<VNI>` (the outer checksum is computed from the
+    /// upper-layer header's, which must follow the IPv6 header).
+    pub const POD_PASS_EXT6: u32 = UPLINK_REDIRECT + 16;
+
     /// Size of the counter array.
-    pub const COUNT: u32 = POD_DROP_SPOOFED_SRC6 + 1;
+    pub const COUNT: u32 = POD_PASS_EXT6 + 1;
 
     /// The XDP counter of a decap reason.
     #[inline(always)]
@@ -432,7 +479,8 @@ pub mod counters {
                 | POD_DROP_SPOOFED_SRC6
                 | UPLINK_DROP_REDIRECT_FAILED => Action::Drop,
                 POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | POD_DIRECT_REDIRECT
-                | POD_DIRECT_NEIGH | POD_LOCAL_REDIRECT6 | UPLINK_REDIRECT => Action::Decap,
+                | POD_DIRECT_NEIGH | POD_LOCAL_REDIRECT6 | POD_ENCAP6_REDIRECT | POD_ENCAP6_NEIGH
+                | UPLINK_REDIRECT => Action::Decap,
                 _ => Action::Pass,
             }
         };
@@ -453,7 +501,11 @@ pub mod counters {
             | POD_DIRECT_REDIRECT
             | POD_DIRECT_NEIGH
             | POD_LOCAL_REDIRECT6
-            | POD_DROP_SPOOFED_SRC6 => super::programs::TC_FROM_POD,
+            | POD_DROP_SPOOFED_SRC6
+            | POD_ENCAP6_REDIRECT
+            | POD_ENCAP6_NEIGH
+            | POD_PASS_GSO6
+            | POD_PASS_EXT6 => super::programs::TC_FROM_POD,
             XDP_FIRST..=XDP_PASS_NO_META | XDP_PASS_NETFILTER => super::programs::XDP_UPLINK,
             _ => super::programs::TC_UPLINK_INGRESS,
         }
@@ -466,6 +518,7 @@ mod pod_impls {
     // arrays, with every padding byte spelled out as a field.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::RemoteNode {}
+    unsafe impl aya::Pod for super::RemoteNode6 {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Vtep {}
     unsafe impl aya::Pod for super::NextHop {}
@@ -482,8 +535,9 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 44);
+        assert_eq!(size_of::<Config>(), 68);
         assert_eq!(size_of::<RemoteNode>(), 12);
+        assert_eq!(size_of::<RemoteNode6>(), 24);
         assert_eq!(size_of::<Endpoint>(), 12);
         assert_eq!(size_of::<Vtep>(), 4);
         assert_eq!(size_of::<NextHop>(), 88);

@@ -23,7 +23,8 @@ use aya_ebpf::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, bpf_redir_neigh,
         xdp_action, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO,
         TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
@@ -38,9 +39,10 @@ use flannel_common::{
     counters::{self, *},
     csum,
     decap::{self, Action},
-    next_hop_slot, Config, Endpoint, NextHop, RemoteNode, Vtep, CONFIG_F_NETFILTER, CONFIG_F_READY,
-    CONFIG_F_TC_DECAP, MAX_ENDPOINTS, MAX_REMOTE_SUBNETS, MAX_VTEPS, NEXT_HOP_SLOTS,
-    NEXT_HOP_TTL_NS, REMOTE_F_DIRECT, VXLAN_ENCAP_LEN, XDP_META_DECAPPED,
+    next_hop_slot, Config, Endpoint, NextHop, RemoteNode, RemoteNode6, Vtep, CONFIG_F_NETFILTER,
+    CONFIG_F_READY, CONFIG_F_TC_DECAP, MAX_ENDPOINTS, MAX_REMOTE_SUBNETS, MAX_VTEPS,
+    NEXT_HOP_SLOTS, NEXT_HOP_TTL_NS, REMOTE_F_DIRECT, VXLAN6_ENCAP_LEN, VXLAN_ENCAP_LEN,
+    XDP_META_DECAPPED,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use parse::{Headers, ETH_P_ARP_BE, ETH_P_IPV6_BE, ETH_P_IP_BE, IPV6_HDR_LEN};
@@ -50,6 +52,12 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "FLANNEL_REMOTES")]
 static REMOTES: LpmTrie<u32, RemoteNode> =
+    LpmTrie::with_max_entries(MAX_REMOTE_SUBNETS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Remote IPv6 leases (dual-stack): where `flannel-v6.<VNI>` would send
+/// their packets.
+#[map(name = "FLANNEL_REMOTES6")]
+static REMOTES6: LpmTrie<[u8; 16], RemoteNode6> =
     LpmTrie::with_max_entries(MAX_REMOTE_SUBNETS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map(name = "FLANNEL_ENDPOINTS")]
@@ -69,11 +77,24 @@ static VTEPS: HashMap<u32, Vtep> = HashMap::with_max_entries(MAX_VTEPS, 0);
 #[map(name = "FLANNEL_NEXT_HOPS")]
 static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
 
+/// Where `encap6` builds its headers (more than the stack has room for
+/// beside the rest of `tc_from_pod`). Per CPU: a program runs to its end
+/// on one CPU, so nothing else touches the slot meanwhile. Not state:
+/// never pinned.
+#[map(name = "FLANNEL_SCRATCH6")]
+static SCRATCH6: PerCpuArray<[u8; ENCAP6_HEADERS]> = PerCpuArray::with_max_entries(1, 0);
+
+/// What `encap6` writes: outer Ethernet, IPv6, UDP, VXLAN, inner Ethernet
+/// and the inner IPv6 header.
+const ENCAP6_HEADERS: usize = EthHdr::LEN + IPV6_HDR_LEN + csum::VXLAN6_BLOCK;
+
 #[map(name = "FLANNEL_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNT, 0);
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMPV6: u8 = 58;
 /// Outer UDP source ports come from the flow hash, spread over the kernel's
 /// default ephemeral range like the Linux VXLAN driver does.
 const SPORT_MIN: u32 = 32768;
@@ -108,9 +129,39 @@ pub(crate) fn vxlan_port() -> u16 {
 // tc_from_pod
 // ---------------------------------------------------------------------------
 
+/// IPv4 (and ARP) and IPv6 are judged by two functions of their own (BPF
+/// subprograms): the stack holds only one of them at a time, and each
+/// counts its own verdicts, so that every counter stays a constant the
+/// verifier follows.
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    match tc_from_pod4(skb) {
+        IPV6_ELSEWHERE => tc_from_pod6(skb),
+        action => action,
+    }
+}
+
+/// What `from_pod` answers for IPv6 (no TC action has this value):
+/// `tc_from_pod6` judges it.
+const IPV6_ELSEWHERE: i32 = i32::MIN;
+
+#[inline(never)]
+fn tc_from_pod4(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
     let (action, counter) = from_pod(&ctx);
+    if action == IPV6_ELSEWHERE {
+        return action;
+    }
+    count(counter);
+    monitor::report(&ctx, counter);
+    action
+}
+
+#[inline(never)]
+fn tc_from_pod6(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let (action, counter) = from_pod6(&ctx);
     count(counter);
     monitor::report(&ctx, counter);
     action
@@ -154,7 +205,7 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
         return from_pod_arp(ctx, ifindex);
     }
     if eth_type == ETH_P_IPV6_BE {
-        return from_pod6(ctx, cfg, ifindex);
+        return (IPV6_ELSEWHERE, 0);
     }
     if eth_type != ETH_P_IP_BE {
         return (pass, POD_PASS_NOT_IPV4);
@@ -239,8 +290,12 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
 /// bridge would take it; the rest (neighbour discovery, other nodes' pods
 /// through `flannel-v6.<VNI>`) is the kernel's.
 #[inline(always)]
-fn from_pod6(ctx: &TcContext, cfg: &Config, ifindex: u32) -> (i32, u32) {
+fn from_pod6(ctx: &TcContext) -> (i32, u32) {
     let pass = TC_ACT_OK;
+    let Some(cfg) = config() else {
+        return (pass, POD_PASS_NO_CONFIG);
+    };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let pkt = linear(ctx, EthHdr::LEN + IPV6_HDR_LEN);
     let Some(head) = pkt.read::<[u8; 8]>(EthHdr::LEN) else {
         return (pass, POD_PASS_MALFORMED);
@@ -269,7 +324,171 @@ fn from_pod6(ctx: &TcContext, cfg: &Config, ifindex: u32) -> (i32, u32) {
         let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) } as i32;
         return (action, POD_LOCAL_REDIRECT6);
     }
-    (pass, POD_PASS_NOT_IPV4)
+    if cfg.node_ip6 == [0; 16] {
+        return (pass, POD_PASS_NOT_IPV4);
+    }
+    let Some(remote) = REMOTES6.get(Key::new(128, dst)) else {
+        return (pass, POD_PASS_NOT_IPV4);
+    };
+    let Some(ip6) = pkt.get::<[u8; IPV6_HDR_LEN]>(EthHdr::LEN) else {
+        return (pass, POD_PASS_MALFORMED);
+    };
+    // SAFETY: `get` checked that the header lies inside the packet; it
+    // is read before anything changes the packet.
+    let ip6 = unsafe { &*ip6 };
+    // Let the stack send "time exceeded" and "packet too big".
+    if ip6[7] <= 1 {
+        return (pass, POD_PASS_TTL);
+    }
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        return (pass, POD_PASS_GSO6);
+    }
+    if !matches!(ip6[6], IPPROTO_TCP | parse::IPPROTO_UDP | IPPROTO_ICMPV6) {
+        return (pass, POD_PASS_EXT6);
+    }
+    // flannel-v6.<VNI>'s MTU: 20 bytes less than IPv4's inner MTU.
+    let len = u32::from(u16::from_be_bytes([ip6[4], ip6[5]])) + IPV6_HDR_LEN as u32;
+    if len + (VXLAN6_ENCAP_LEN - VXLAN_ENCAP_LEN) > cfg.inner_mtu {
+        return (pass, POD_PASS_TOO_BIG);
+    }
+    let hash = match unsafe { (*ctx.skb.skb).hash } {
+        0 => {
+            let word = |a: &[u8; 16]| {
+                let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+                w(0) ^ w(4) ^ w(8) ^ w(12)
+            };
+            let ports = if ip6[6] == IPPROTO_ICMPV6 {
+                0
+            } else {
+                pkt.read::<u32>(EthHdr::LEN + IPV6_HDR_LEN).unwrap_or(0)
+            };
+            csum::flow_hash(word(&src), word(&dst), ports, ip6[6])
+        }
+        h => h,
+    };
+    let Some(h) = SCRATCH6.get_ptr_mut(0) else {
+        return (TC_ACT_SHOT, POD_DROP_ENCAP_FAILED);
+    };
+    // SAFETY: this CPU's slot, used by nobody else while we run.
+    let h = unsafe { &mut *h };
+    // The inner header goes to the end of the block now, while the
+    // packet is as it was.
+    h[ENCAP6_HEADERS - IPV6_HDR_LEN..].copy_from_slice(ip6);
+    encap6(ctx, cfg, h, remote, len, hash)
+}
+
+/// VXLAN over IPv6 as `flannel-v6.<VNI>` sends it: outer IPv6 from this
+/// node's IPv6 to the remote's (hop limit 64, a flow label from the flow
+/// hash), UDP with its checksum (mandatory over IPv6; see
+/// `csum::vxlan6_udp_check`), VXLAN, and the inner frame from our IPv6
+/// VTEP MAC to the remote's, its hop limit one less. The next hop comes
+/// from the FIB each time (the IPv4 cache is keyed by IPv4 nodes).
+#[inline(always)]
+fn encap6(
+    ctx: &TcContext,
+    cfg: &Config,
+    h: &mut [u8; ENCAP6_HEADERS],
+    remote: &RemoteNode6,
+    len: u32,
+    hash: u32,
+) -> (i32, u32) {
+    let pass = TC_ACT_OK;
+    let drop = TC_ACT_SHOT;
+    let words = |a: &[u8; 16]| -> [u32; 4] {
+        let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        [w(0), w(4), w(8), w(12)]
+    };
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET6;
+    fib.ifindex = cfg.uplink_ifindex;
+    fib.__bindgen_anon_3.ipv6_src = words(&cfg.node_ip6);
+    fib.__bindgen_anon_4.ipv6_dst = words(&remote.node_ip6);
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    } as u32;
+    let (dmac, smac, via) = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => (fib.dmac, fib.smac, None),
+        BPF_FIB_LKUP_RET_NO_NEIGH => (
+            [0; 6],
+            cfg.uplink_mac,
+            Some(unsafe { fib.__bindgen_anon_4.ipv6_dst }),
+        ),
+        _ => return (pass, POD_PASS_NO_ROUTE),
+    };
+    let ifindex = fib.ifindex;
+
+    // Outer Ethernet, IPv6, UDP, VXLAN, inner Ethernet, then the inner
+    // IPv6 header again with its hop limit one less.
+    const O: usize = EthHdr::LEN;
+    const UDP: usize = O + IPV6_HDR_LEN;
+    h[0..6].copy_from_slice(&dmac);
+    h[6..12].copy_from_slice(&smac);
+    h[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let label = hash.rotate_left(16) & 0x000f_ffff;
+    h[O..O + 4].copy_from_slice(&(0x6000_0000 | label).to_be_bytes());
+    let udp_len = (len + VXLAN6_ENCAP_LEN - IPV6_HDR_LEN as u32) as u16;
+    h[O + 4..O + 6].copy_from_slice(&udp_len.to_be_bytes());
+    h[O + 6] = parse::IPPROTO_UDP;
+    h[O + 7] = parse::OUTER_TTL;
+    h[O + 8..O + 24].copy_from_slice(&cfg.node_ip6);
+    h[O + 24..O + 40].copy_from_slice(&remote.node_ip6);
+    let sport = (((u64::from(hash)) * u64::from(SPORT_MAX - SPORT_MIN)) >> 32) as u32 + SPORT_MIN;
+    h[UDP..UDP + 2].copy_from_slice(&(sport as u16).to_be_bytes());
+    h[UDP + 2..UDP + 4].copy_from_slice(&cfg.udp_port.to_be_bytes());
+    h[UDP + 4..UDP + 6].copy_from_slice(&udp_len.to_be_bytes());
+    h[UDP + 6..UDP + 12].copy_from_slice(&[0, 0, 0x08, 0, 0, 0]);
+    h[UDP + 12..UDP + 15].copy_from_slice(&cfg.vni.to_be_bytes()[1..4]);
+    h[UDP + 15] = 0;
+    const INNER: usize = UDP + 16;
+    h[INNER..INNER + 6].copy_from_slice(&remote.vtep_mac);
+    h[INNER + 6..INNER + 12].copy_from_slice(&cfg.vtep6_mac);
+    h[INNER + 12..INNER + 14].copy_from_slice(&[0x86, 0xdd]);
+    h[INNER + 14 + 7] -= 1;
+    // SAFETY: `UDP + VXLAN6_BLOCK == N`: the block lies inside `h`.
+    let block = unsafe { &*(h.as_ptr().add(UDP) as *const [u8; csum::VXLAN6_BLOCK]) };
+    let check = csum::vxlan6_udp_check(&cfg.node_ip6, &remote.node_ip6, block);
+    h[UDP + 6..UDP + 8].copy_from_slice(&check.to_be_bytes());
+
+    let flags = u64::from(
+        BPF_F_ADJ_ROOM_FIXED_GSO
+            | BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
+            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+    ) | ((EthHdr::LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
+    if ctx
+        .adjust_room(VXLAN6_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .is_err()
+    {
+        return (drop, POD_DROP_ENCAP_FAILED);
+    }
+    if ctx.store(0, h, 0).is_err() {
+        return (drop, POD_DROP_ENCAP_FAILED);
+    }
+    match via {
+        None => {
+            let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
+            (action, POD_ENCAP6_REDIRECT)
+        }
+        Some(via) => {
+            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            nh.nh_family = u32::from(AF_INET6);
+            nh.__bindgen_anon_1.ipv6_nh = via;
+            let action = unsafe {
+                bpf_redirect_neigh(
+                    ifindex,
+                    &mut nh,
+                    core::mem::size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                )
+            };
+            (action as i32, POD_ENCAP6_NEIGH)
+        }
+    }
 }
 
 /// Whether `ip` is the address registered for the pod behind `ifindex`.
