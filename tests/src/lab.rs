@@ -1679,9 +1679,11 @@ impl Lab {
     /// - on a kernel or stock-Flannel node: `flannel.1` carried the
     ///   VXLAN pairs both ways and nothing of the direct ones;
     /// - an eBPF node's `flannel.1` never carries pod traffic;
-    /// - over IPv6, when both pods have it: `flannel-v6.1` carried the
-    ///   cross-node pairs, and an eBPF sender counted them
-    ///   `pod_pass_not_ipv4`, or `pod_local_redirect6` on the same node.
+    /// - over IPv6, when both pods have it: across nodes each node's
+    ///   `flannel-v6.1` received its side, an eBPF node encapsulated its
+    ///   side itself (`pod_encap6_*`) and another node with
+    ///   `flannel-v6.1`; on one node nothing crossed `flannel-v6.1` and an
+    ///   eBPF node counted `pod_local_redirect6`.
     pub fn every_pair(&self, first_port: u16) -> Result<()> {
         let ebpf = |i: usize| self.nodes[i].kind == NodeKind::Ebpf;
         let snapshot = || -> Result<Vec<std::collections::HashMap<&'static str, u64>>> {
@@ -1808,41 +1810,54 @@ impl Lab {
     ) -> Result<()> {
         let (pa, pb) = (self.pod(a), self.pod(b));
         let pair = format!("{} -> {}", pa.ip6.unwrap_or(Ipv6Addr::UNSPECIFIED), to);
-        let dev = |n: usize| crate::netns::link_packets(&self.nodes[n].ns, "flannel-v6.1").ok();
-        // On an eBPF node a pod's IPv6 to a pod on the same node goes
-        // straight into it; to another node's, to the kernel.
-        let counter = if a.0 == b.0 {
-            "pod_local_redirect6"
-        } else {
-            "pod_pass_not_ipv4"
+        let ebpf = |n: usize| self.nodes[n].kind == NodeKind::Ebpf;
+        // Per node: flannel-v6.1's (tx, rx) packets, and on an eBPF node
+        // its local redirects and encapsulations of IPv6.
+        let snap = |n: usize| -> Result<(Option<(u64, u64)>, u64, u64)> {
+            let dev = crate::netns::link_packets(&self.nodes[n].ns, "flannel-v6.1").ok();
+            if !ebpf(n) {
+                return Ok((dev, 0, 0));
+            }
+            let c = self.nodes[n].counters()?;
+            let encap = c["pod_encap6_redirect"] + c["pod_encap6_neigh"];
+            Ok((dev, c["pod_local_redirect6"], encap))
         };
-        let passed = |n: usize| -> Result<u64> {
-            Ok(match self.nodes[n].kind {
-                NodeKind::Ebpf => self.nodes[n].counters()?[counter],
-                _ => 0,
-            })
-        };
-        let before = (dev(a.0), dev(b.0), passed(a.0)?);
+        let before = [snap(a.0)?, snap(b.0)?];
         if !self.ping6(a, to, 3)? {
             bail!("ping {pair} failed");
         }
         crate::traffic::tcp_exchange(&pa.ns, &pb.ns, IpAddr::V6(to), port)?;
         crate::traffic::udp_exchange(&pa.ns, &pb.ns, IpAddr::V6(to), port)?;
-        let after = (dev(a.0), dev(b.0), passed(a.0)?);
-        if self.nodes[a.0].kind == NodeKind::Ebpf && after.2 - before.2 < 5 {
-            bail!("{pair}: {counter} counted {}", after.2 - before.2);
-        }
-        for (n, was, now) in [(a.0, before.0, after.0), (b.0, before.1, after.1)] {
-            let moved = match (was, now) {
-                (Some((t0, r0)), Some((t1, r1))) => (t1 - t0, r1 - r0),
-                _ => bail!("{pair}: {} has no flannel-v6.1", self.nodes[n].ns),
-            };
+        let after = [snap(a.0)?, snap(b.0)?];
+        for (k, n) in [a.0, b.0].into_iter().enumerate() {
             let ns = &self.nodes[n].ns;
-            if a.0 == b.0 && moved != (0, 0) {
-                bail!("{pair}: same-node IPv6 crossed flannel-v6.1 of {ns}: {moved:?}");
+            let ((Some((t0, r0)), local0, encap0), (Some((t1, r1)), local1, encap1)) =
+                (before[k], after[k])
+            else {
+                bail!("{pair}: {ns} has no flannel-v6.1");
+            };
+            let (tx, rx, local, encap) = (t1 - t0, r1 - r0, local1 - local0, encap1 - encap0);
+            if a.0 == b.0 {
+                // Bridged (or on an eBPF node redirected) on the node.
+                if (tx, rx) != (0, 0) {
+                    bail!("{pair}: same-node IPv6 crossed flannel-v6.1 of {ns}: {:?}", (tx, rx));
+                }
+                if ebpf(n) && local < 5 {
+                    bail!("{pair}: pod_local_redirect6 counted {local} on {ns}");
+                }
+                break;
             }
-            if a.0 != b.0 && (moved.0 < 5 || moved.1 < 5) {
-                bail!("{pair}: flannel-v6.1 of {ns} carried only {moved:?} packets");
+            // Across nodes every node decapsulates with flannel-v6.1; an
+            // eBPF node encapsulates in its program (GSO aside), the
+            // others with flannel-v6.1.
+            if rx < 3 {
+                bail!("{pair}: flannel-v6.1 of {ns} received only {rx} packets");
+            }
+            if ebpf(n) && encap < 3 {
+                bail!("{pair}: {ns} encapsulated only {encap} IPv6 packets");
+            }
+            if !ebpf(n) && tx < 3 {
+                bail!("{pair}: flannel-v6.1 of {ns} sent only {tx} packets");
             }
         }
         Ok(())

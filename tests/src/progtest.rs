@@ -15,7 +15,7 @@ use aya::{
 };
 use flannel_agent::datapath::ebpf::{ip_key, OBJECT};
 use flannel_common::{
-    counters, maps, programs, Config, Endpoint, RemoteNode, Vtep, CONFIG_F_READY,
+    counters, maps, programs, Config, Endpoint, RemoteNode, RemoteNode6, Vtep, CONFIG_F_READY,
 };
 
 use crate::netns::{in_netns, ip};
@@ -39,6 +39,10 @@ pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 11);
 /// remote node's pod's.
 pub const LOCAL_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x11);
 pub const SOURCE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x12);
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x30, 9, 0, 0, 0, 0, 1);
+pub const REMOTE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x30, 9, 0, 0, 0, 0, 2);
+pub const VTEP6_MAC: [u8; 6] = [0x0e, 0x66, 0, 0, 6, 1];
+pub const REMOTE_VTEP6_MAC: [u8; 6] = [0x0e, 0x66, 0, 0, 6, 2];
 pub const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 0x11);
 pub const UPLINK_MAC: [u8; 6] = [0x0e, 0xaa, 0, 0, 0, 1];
 pub const NEIGH_MAC: [u8; 6] = [0x0e, 0xaa, 0, 0, 0, 2];
@@ -142,6 +146,9 @@ pub fn mac(m: [u8; 6]) -> String {
 
 pub struct Harness {
     pub bpf: Ebpf,
+    /// The GSO segment size the TC test runs' socket buffers get (0: not
+    /// GSO).
+    pub gso_size: u32,
 }
 
 impl Harness {
@@ -156,7 +163,7 @@ impl Harness {
             .context("xdp")?
             .try_into()?;
         x.load()?;
-        let mut h = Harness { bpf };
+        let mut h = Harness { bpf, gso_size: 0 };
         h.set_config(uplink_ifindex, CONFIG_F_READY)?;
         h.set_remote_vtep(REMOTE_VTEP_MAC)?;
         let mut vteps: HashMap<_, u32, Vtep> =
@@ -251,6 +258,25 @@ impl Harness {
         })
     }
 
+    /// Dual-stack: this node's IPv6 and IPv6 VTEP MAC in the config, and
+    /// the remote IPv6 lease fd00:10:244:2::/64 on `REMOTE_IP6`.
+    pub fn set_ipv6(&mut self) -> Result<()> {
+        self.update_config(|c| {
+            c.node_ip6 = NODE_IP6.octets();
+            c.vtep6_mac = VTEP6_MAC;
+        })?;
+        let mut remotes: LpmTrie<_, [u8; 16], RemoteNode6> =
+            LpmTrie::try_from(self.bpf.map_mut(maps::REMOTE_SUBNETS6).unwrap())?;
+        let subnet: Ipv6Addr = "fd00:10:244:2::".parse()?;
+        let node = RemoteNode6 {
+            node_ip6: REMOTE_IP6.octets(),
+            vtep_mac: REMOTE_VTEP6_MAC,
+            _pad: [0; 2],
+        };
+        remotes.insert(&Key::new(64, subnet.octets()), node, 0)?;
+        Ok(())
+    }
+
     /// The remote lease 10.244.2.0/24 as `node` says.
     pub fn set_remote(&mut self, node: RemoteNode) -> Result<()> {
         let mut remotes: LpmTrie<_, u32, RemoteNode> =
@@ -302,9 +328,15 @@ impl Harness {
 
     pub fn run(&self, prog: &str, pkt: &[u8]) -> Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; pkt.len() + 256];
+        // A `__sk_buff` with only `gso_segs` (offset 164) and `gso_size`
+        // (offset 176) set, which the kernel copies into the test skb.
+        let mut skb = [0u8; 192];
+        skb[164..168].copy_from_slice(&1u32.to_ne_bytes());
+        skb[176..180].copy_from_slice(&self.gso_size.to_ne_bytes());
         let opts = TestRunOptions {
             data_in: Some(pkt),
             data_out: Some(&mut out),
+            ctx_in: (self.gso_size != 0 && prog != programs::XDP_UPLINK).then_some(&skb[..]),
             ..TestRunOptions::new()
         };
         let res = match prog {
@@ -396,11 +428,32 @@ pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, hops: u8, payload: &[u8]) ->
 }
 
 /// A pod's IPv6 frame, to the gateway MAC: an ICMPv6 echo request from
-/// `src` to `dst`.
-pub fn pod_frame6(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+/// `src` to `dst` with `data` bytes of payload and a valid checksum.
+pub fn sized_pod_frame6(src: Ipv6Addr, dst: Ipv6Addr, data: usize) -> Vec<u8> {
     let mut echo = vec![128, 0, 0, 0, 0, 1, 0, 1];
-    echo.extend_from_slice(&[0x5a; 32]);
+    echo.extend((0..data).map(|i| i as u8));
+    let c = checksum6(src, dst, 58, &echo);
+    echo[2..4].copy_from_slice(&c.to_be_bytes());
     eth(GATEWAY_MAC, POD_MAC, 0x86dd, &ipv6(src, dst, 58, 64, &echo))
+}
+
+/// [`sized_pod_frame6`] with 32 bytes of payload.
+pub fn pod_frame6(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    sized_pod_frame6(src, dst, 32)
+}
+
+/// The Internet checksum of `data` under an IPv6 pseudo-header (0 when
+/// `data` already carries a valid one).
+pub fn checksum6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, data: &[u8]) -> u16 {
+    let mut b = src.octets().to_vec();
+    b.extend_from_slice(&dst.octets());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(&[0, 0, 0, next]);
+    b.extend_from_slice(data);
+    if b.len() % 2 == 1 {
+        b.push(0);
+    }
+    checksum(&b)
 }
 
 pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {

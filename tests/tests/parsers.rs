@@ -361,6 +361,160 @@ fn tc_from_pod_ipv6_verdicts() -> Result<()> {
     })
 }
 
+/// IPv6 from a pod to a remote IPv6 lease (dual-stack) leaves as
+/// `flannel-v6.1` would send it, byte by byte: VXLAN over IPv6 with the
+/// outer UDP checksum a receiver verifies. What the kernel must do (hop
+/// limit 1, too big, extension headers, GSO, no route) goes to it intact.
+#[test]
+fn tc_from_pod_encapsulates_ipv6_like_flannel_v6() -> Result<()> {
+    in_lab_netns(|ns| {
+        let n = ns.0.as_str();
+        flannel_tests::netns::exec(
+            n,
+            &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+        let ip = flannel_tests::netns::ip;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{NODE_IP6}/64"),
+            "dev",
+            "up0",
+            "nodad",
+        ])?;
+        let neigh = |present: bool| -> Result<()> {
+            let remote = REMOTE_IP6.to_string();
+            let _ = ip(&["-n", n, "neigh", "del", &remote, "dev", "up0"]);
+            if present {
+                ip(&[
+                    "-n",
+                    n,
+                    "neigh",
+                    "replace",
+                    &remote,
+                    "lladdr",
+                    &mac(NEIGH_MAC),
+                    "dev",
+                    "up0",
+                    "nud",
+                    "permanent",
+                ])?;
+            }
+            Ok(())
+        };
+        neigh(true)?;
+        let mut h = Harness::new(ns.uplink_index()?)?;
+        h.set_ipv6()?;
+        let tc = programs::TC_FROM_POD;
+        let pkt = pod_frame6(SOURCE_POD6, REMOTE_POD6);
+        let out = h.expect(
+            tc,
+            &pkt,
+            TC_ACT_REDIRECT,
+            "pod_encap6_redirect",
+            "remote IPv6 lease",
+        )?;
+        let inner = &pkt[14..];
+        assert_eq!(out.len(), pkt.len() + 70);
+        // Outer Ethernet: the neighbour's MAC from the uplink's.
+        assert_eq!(out[0..6], NEIGH_MAC);
+        assert_eq!(out[6..12], UPLINK_MAC);
+        assert_eq!(out[12..14], [0x86, 0xdd]);
+        // Outer IPv6: version 6, traffic class 0, UDP, hop limit 64.
+        let o = 14;
+        assert_eq!(out[o] >> 4, 6);
+        assert_eq!(out[o] & 0x0f, 0);
+        assert_eq!(out[o + 1] >> 4, 0);
+        let udp_len = (8 + 8 + 14 + inner.len()) as u16;
+        assert_eq!(out[o + 4..o + 6], udp_len.to_be_bytes());
+        assert_eq!(out[o + 6..o + 8], [17, 64]);
+        assert_eq!(out[o + 8..o + 24], NODE_IP6.octets());
+        assert_eq!(out[o + 24..o + 40], REMOTE_IP6.octets());
+        // UDP: a source port in the kernel's range, the VXLAN port, the
+        // length, and a checksum that verifies over the whole datagram.
+        let u = o + 40;
+        let sport = u16::from_be_bytes([out[u], out[u + 1]]);
+        assert!((32768..61000).contains(&sport), "source port {sport}");
+        assert_eq!(out[u + 2..u + 4], PORT.to_be_bytes());
+        assert_eq!(out[u + 4..u + 6], udp_len.to_be_bytes());
+        assert_ne!(out[u + 6..u + 8], [0, 0], "IPv6 needs the UDP checksum");
+        assert_eq!(checksum6(NODE_IP6, REMOTE_IP6, 17, &out[u..]), 0);
+        // VXLAN: I flag and the VNI.
+        assert_eq!(out[u + 8..u + 16], [0x08, 0, 0, 0, 0, 0, 1, 0]);
+        // Inner Ethernet: our IPv6 VTEP's MAC to the remote's.
+        let ie = u + 16;
+        assert_eq!(out[ie..ie + 6], REMOTE_VTEP6_MAC);
+        assert_eq!(out[ie + 6..ie + 12], VTEP6_MAC);
+        assert_eq!(out[ie + 12..ie + 14], [0x86, 0xdd]);
+        // The inner packet, routed once: hop limit 63, nothing else.
+        let ii = ie + 14;
+        let mut want = inner.to_vec();
+        want[7] = 63;
+        assert_eq!(out[ii..], want[..]);
+        // The flow label and source port are the flow's: the same packet
+        // gets the same ones.
+        let again = h.run(tc, &pkt)?.1;
+        assert_eq!(again[o..o + 4], out[o..o + 4]);
+        assert_eq!(again[u..u + 2], out[u..u + 2]);
+
+        // Every payload length up to flannel-v6.1's MTU (1430 with the
+        // harness's 1450 for IPv4): each checksum verifies; one byte more
+        // is the kernel's (it answers "packet too big").
+        for data in [0usize, 1, 2, 3, 511, 512, 1000, 1382] {
+            let pkt = sized_pod_frame6(SOURCE_POD6, REMOTE_POD6, data);
+            let out = h.expect(
+                tc,
+                &pkt,
+                TC_ACT_REDIRECT,
+                "pod_encap6_redirect",
+                &format!("{data} bytes"),
+            )?;
+            assert_eq!(
+                checksum6(NODE_IP6, REMOTE_IP6, 17, &out[u..]),
+                0,
+                "{data} bytes"
+            );
+        }
+        let big = sized_pod_frame6(SOURCE_POD6, REMOTE_POD6, 1383);
+        let out = h.expect(tc, &big, TC_ACT_OK, "pod_pass_too_big", "1431 bytes")?;
+        assert_eq!(out, big);
+        // Hop limit 1: the kernel says "time exceeded".
+        let mut last_hop = pod_frame6(SOURCE_POD6, REMOTE_POD6);
+        last_hop[21] = 1;
+        h.expect(tc, &last_hop, TC_ACT_OK, "pod_pass_ttl", "hop limit 1")?;
+        // Extension headers and fragments: flannel-v6.1's.
+        for next in [0u8, 44, 60] {
+            let mut ext = vec![58, 0, 0, 0, 0, 0, 0, 0];
+            ext.extend_from_slice(&[128, 0, 0, 0, 0, 1, 0, 1]);
+            let pkt = eth(
+                GATEWAY_MAC,
+                POD_MAC,
+                0x86dd,
+                &ipv6(SOURCE_POD6, REMOTE_POD6, next, 64, &ext),
+            );
+            let out = h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_ext6", &format!("next {next}"))?;
+            assert_eq!(out, pkt);
+        }
+        // A GSO packet: its segments' outer checksums are the kernel's.
+        h.gso_size = 1000;
+        let out = h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_gso6", "GSO")?;
+        assert_eq!(out, pkt);
+        h.gso_size = 0;
+        // No neighbour yet: the kernel resolves it.
+        neigh(false)?;
+        let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_encap6_neigh", "no neighbour")?;
+        assert_eq!(checksum6(NODE_IP6, REMOTE_IP6, 17, &out[u..]), 0);
+        assert_eq!(out[ii..], want[..]);
+        // No route to the node: the stack gets it intact.
+        h.update_config(|c| c.uplink_ifindex = 999)?;
+        let out = h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_no_route", "no route")?;
+        assert_eq!(out, pkt);
+        Ok(())
+    })
+}
+
 #[test]
 fn tc_from_pod_encapsulates_like_flannel() -> Result<()> {
     in_lab_netns(|ns| {

@@ -29,8 +29,8 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
-use flannel_common::{counters, maps, programs, Config, Endpoint, RemoteNode, Vtep};
-use ipnet::Ipv4Net;
+use flannel_common::{counters, maps, programs, Config, Endpoint, RemoteNode, RemoteNode6, Vtep};
+use ipnet::{Ipv4Net, Ipv6Net};
 
 /// The eBPF object, built by `build.rs` and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel"));
@@ -394,6 +394,11 @@ impl Datapath {
             .map_err(map_err(maps::REMOTE_SUBNETS))
     }
 
+    fn remote6_map(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 16], RemoteNode6>> {
+        LpmTrie::try_from(self.map_mut(maps::REMOTE_SUBNETS6)?)
+            .map_err(map_err(maps::REMOTE_SUBNETS6))
+    }
+
     fn vtep_map(&mut self) -> Result<HashMap<&mut MapData, u32, Vtep>> {
         HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(map_err(maps::VTEPS))
     }
@@ -435,6 +440,31 @@ impl Datapath {
     pub fn remove_remote(&mut self, net: Ipv4Net) -> Result<()> {
         absent_is_fine(self.remote_map()?.remove(&trie_key(net)))
             .map_err(map_err(maps::REMOTE_SUBNETS))
+    }
+
+    /// The IPv6 remote-subnet trie: IPv6 subnet → remote node.
+    pub fn remotes6(&mut self) -> Result<BTreeMap<Ipv6Net, RemoteNode6>> {
+        let trie = self.remote6_map()?;
+        let mut out = BTreeMap::new();
+        for item in trie.iter() {
+            let (k, v) = item.map_err(map_err(maps::REMOTE_SUBNETS6))?;
+            if let Ok(net) = Ipv6Net::new(Ipv6Addr::from(k.data()), k.prefix_len() as u8) {
+                out.insert(net, v);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_remote6(&mut self, net: Ipv6Net, node: &RemoteNode6) -> Result<()> {
+        let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+        self.remote6_map()?
+            .insert(&key, node, 0)
+            .map_err(map_err(maps::REMOTE_SUBNETS6))
+    }
+
+    pub fn remove_remote6(&mut self, net: Ipv6Net) -> Result<()> {
+        let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+        absent_is_fine(self.remote6_map()?.remove(&key)).map_err(map_err(maps::REMOTE_SUBNETS6))
     }
 
     /// The node IPs allowed to send VXLAN.

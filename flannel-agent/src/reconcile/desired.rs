@@ -9,7 +9,7 @@ use std::{
 };
 
 use flannel_common::{
-    Config, RemoteNode, CONFIG_F_NETFILTER, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE,
+    Config, RemoteNode, RemoteNode6, CONFIG_F_NETFILTER, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE,
     CONFIG_F_TC_DECAP, REMOTE_F_DIRECT, VXLAN_ENCAP_LEN,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -176,6 +176,8 @@ pub struct GuardSpec {
 pub struct MapsSpec {
     pub config: Config,
     pub remotes: BTreeMap<Ipv4Net, RemoteNode>,
+    /// Dual-stack: the remote IPv6 leases, as `flannel-v6.<VNI>` has them.
+    pub remotes6: BTreeMap<Ipv6Net, RemoteNode6>,
     /// Node IPs allowed to send VXLAN: every remote lease's public IP.
     pub vteps: BTreeSet<Ipv4Addr>,
 }
@@ -311,8 +313,28 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             vtep_mac: node.vtep_mac.0,
             uplink_mac: node.uplink.mac.unwrap_or_default().0,
             gateway_mac: bridge.mac.0,
+            // With flannel-v6.<VNI> in place the programs encapsulate IPv6
+            // as it would.
+            node_ip6: match (&vtep6, node.ip6) {
+                (Some(_), Some(ip6)) => ip6.octets(),
+                _ => [0; 16],
+            },
+            vtep6_mac: vtep6.as_ref().map_or([0; 6], |_| node.vtep6_mac.0),
             ..Default::default()
         },
+        remotes6: remotes6
+            .values()
+            .map(|r| {
+                (
+                    r.subnet,
+                    RemoteNode6 {
+                        node_ip6: r.public_ip.octets(),
+                        vtep_mac: r.vtep_mac.0,
+                        _pad: [0; 2],
+                    },
+                )
+            })
+            .collect(),
         remotes: remotes
             .values()
             .map(|r| {

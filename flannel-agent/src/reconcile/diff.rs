@@ -16,8 +16,8 @@ use std::{
 
 use ipnet::IpNet;
 
-use flannel_common::{Config, Endpoint, RemoteNode};
-use ipnet::Ipv4Net;
+use flannel_common::{Config, Endpoint, RemoteNode, RemoteNode6};
+use ipnet::{Ipv4Net, Ipv6Net};
 use netlink_packet_route::link::InfoKind;
 
 use super::{
@@ -126,6 +126,8 @@ pub enum MasqOp {
 pub enum MapOp {
     SetConfig(Config),
     PutRemote(Ipv4Net, RemoteNode),
+    PutRemote6(Ipv6Net, RemoteNode6),
+    DeleteRemote6(Ipv6Net),
     DeleteRemote(Ipv4Net),
     PutVtep(Ipv4Addr),
     DeleteVtep(Ipv4Addr),
@@ -210,6 +212,8 @@ impl fmt::Display for Op {
             Op::Map(MapOp::SetConfig(_)) => write!(f, "write the data path config"),
             Op::Map(MapOp::PutRemote(n, _)) => write!(f, "map remote subnet {n}"),
             Op::Map(MapOp::DeleteRemote(n)) => write!(f, "unmap remote subnet {n}"),
+            Op::Map(MapOp::PutRemote6(n, _)) => write!(f, "map remote subnet {n}"),
+            Op::Map(MapOp::DeleteRemote6(n)) => write!(f, "unmap remote subnet {n}"),
             Op::Map(MapOp::PutVtep(ip)) => write!(f, "map VTEP {ip}"),
             Op::Map(MapOp::DeleteVtep(ip)) => write!(f, "unmap VTEP {ip}"),
             Op::Map(MapOp::AttachPod { ifname, .. }) => {
@@ -472,6 +476,18 @@ fn map_entries(want: &MapsSpec, have: &Maps, ops: &mut Vec<Op>) {
         .filter(|n| !want.remotes.contains_key(n))
     {
         ops.push(Op::Map(MapOp::DeleteRemote(*net)));
+    }
+    for (net, node) in &want.remotes6 {
+        if have.remotes6.get(net) != Some(node) {
+            ops.push(Op::Map(MapOp::PutRemote6(*net, *node)));
+        }
+    }
+    for net in have
+        .remotes6
+        .keys()
+        .filter(|n| !want.remotes6.contains_key(n))
+    {
+        ops.push(Op::Map(MapOp::DeleteRemote6(*net)));
     }
     for ip in want.vteps.difference(&have.vteps) {
         ops.push(Op::Map(MapOp::PutVtep(*ip)));

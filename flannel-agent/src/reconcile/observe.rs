@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use flannel_common::{Config, Endpoint, RemoteNode};
+use flannel_common::{Config, Endpoint, RemoteNode, RemoteNode6};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::desired::{GuardSpec, MasqSpec};
@@ -104,6 +104,7 @@ pub enum MasqTable {
 pub struct Maps {
     pub config: Option<Config>,
     pub remotes: BTreeMap<Ipv4Net, RemoteNode>,
+    pub remotes6: BTreeMap<Ipv6Net, RemoteNode6>,
     pub vteps: BTreeSet<Ipv4Addr>,
     pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     pub endpoints6: BTreeMap<Ipv6Addr, Endpoint>,
@@ -266,6 +267,7 @@ fn read_maps(dp: &mut Datapath) -> Result<Maps, EbpfError> {
     Ok(Maps {
         config: dp.config()?,
         remotes: dp.remotes()?,
+        remotes6: dp.remotes6()?,
         vteps: dp.vteps()?,
         endpoints: dp.endpoints()?,
         endpoints6: dp.endpoints6()?,

@@ -11,7 +11,7 @@ use std::{
 };
 
 use flannel_common::{
-    Config, Endpoint, RemoteNode, CONFIG_F_READY, CONFIG_F_TC_DECAP, REMOTE_F_DIRECT,
+    Config, Endpoint, RemoteNode, RemoteNode6, CONFIG_F_READY, CONFIG_F_TC_DECAP, REMOTE_F_DIRECT,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_route::link::{InfoKind, InfoVxlan};
@@ -247,6 +247,7 @@ fn converged(w: &World) -> Observed {
     let maps = want.maps.as_ref().map(|m| Maps {
         config: Some(m.config),
         remotes: m.remotes.clone(),
+        remotes6: m.remotes6.clone(),
         vteps: m.vteps.clone(),
         endpoints: w.pods.values().map(|p| (p.ip, ep(p))).collect(),
         endpoints6: w
@@ -952,6 +953,12 @@ fn simulate(ops: &[Op], w: &mut World) {
                     MapOp::DeleteRemote(n) => {
                         maps.remotes.remove(n);
                     }
+                    MapOp::PutRemote6(n, r) => {
+                        maps.remotes6.insert(*n, *r);
+                    }
+                    MapOp::DeleteRemote6(n) => {
+                        maps.remotes6.remove(n);
+                    }
                     MapOp::PutVtep(a) => {
                         maps.vteps.insert(*a);
                     }
@@ -1225,6 +1232,23 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
     for r in want.remotes6.values() {
         assert!(ops.contains(&Op::Vtep6(VtepOp::Program(*r))), "{ops:?}");
     }
+    // The programs encapsulate IPv6 as flannel-v6.1 would: this node's
+    // IPv6 and the device's MAC in the config, each remote IPv6 lease in
+    // the IPv6 trie.
+    let maps = want.maps.clone().expect("eBPF maps");
+    assert_eq!(maps.config.node_ip6, ip6("fd00:30::1").octets());
+    assert_eq!(maps.config.vtep6_mac, mac(0x61).0);
+    assert!(ops.contains(&Op::Map(MapOp::SetConfig(maps.config))));
+    for (subnet, node) in [("fd00:10:244:2::/64", 2u8), ("fd00:10:244:3::/64", 3)] {
+        let entry = RemoteNode6 {
+            node_ip6: ip6(&format!("fd00:30::{node}")).octets(),
+            vtep_mac: mac(0x60 + node).0,
+            _pad: [0; 2],
+        };
+        assert_eq!(maps.remotes6[&net6(subnet)], entry);
+        assert!(ops.contains(&Op::Map(MapOp::PutRemote6(net6(subnet), entry))));
+    }
+    assert_eq!(maps.remotes6.len(), 2);
     simulate(&ops, &mut w);
     assert_eq!(diff(&w.want(), &w.have), vec![]);
     // --ip-masq: the rules cover the IPv6 network and lease too, and rules
@@ -1289,6 +1313,10 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
             .unwrap();
     let want = w.want();
     assert_eq!((want.vtep6.clone(), want.bridge.gateway6), (None, None));
+    // The programs leave IPv6 to the kernel again.
+    let maps = want.maps.clone().expect("eBPF maps");
+    assert_eq!(maps.config.node_ip6, [0; 16]);
+    assert!(maps.remotes6.is_empty());
     assert!(!diff(&want, &w.have)
         .iter()
         .any(|o| matches!(o, Op::Device(_) | Op::Vtep6(_))));
