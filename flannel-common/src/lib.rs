@@ -479,8 +479,8 @@ pub mod counters {
                 | POD_DROP_SPOOFED_SRC6
                 | UPLINK_DROP_REDIRECT_FAILED => Action::Drop,
                 POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | POD_DIRECT_REDIRECT
-                | POD_DIRECT_NEIGH | POD_LOCAL_REDIRECT6 | POD_ENCAP6_REDIRECT | POD_ENCAP6_NEIGH
-                | UPLINK_REDIRECT => Action::Decap,
+                | POD_DIRECT_NEIGH | POD_LOCAL_REDIRECT6 | POD_ENCAP6_REDIRECT
+                | POD_ENCAP6_NEIGH | UPLINK_REDIRECT => Action::Decap,
                 _ => Action::Pass,
             }
         };

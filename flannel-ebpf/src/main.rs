@@ -24,8 +24,7 @@ use aya_ebpf::{
         xdp_action, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO,
-        TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
         bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect,
@@ -309,7 +308,7 @@ fn from_pod6(ctx: &TcContext) -> (i32, u32) {
     if head[0] >> 4 != 6 {
         return (pass, POD_PASS_MALFORMED);
     }
-    let own = unsafe { ENDPOINTS6.get(&src) }.is_some_and(|ep| ep.host_ifindex == ifindex);
+    let own = unsafe { ENDPOINTS6.get(src) }.is_some_and(|ep| ep.host_ifindex == ifindex);
     let link_local = src[0] == 0xfe && src[1] & 0xc0 == 0x80;
     if !own && !link_local && src != [0; 16] {
         return (TC_ACT_SHOT, POD_DROP_SPOOFED_SRC6);
@@ -317,7 +316,7 @@ fn from_pod6(ctx: &TcContext) -> (i32, u32) {
     if cfg.flags & CONFIG_F_NETFILTER != 0 {
         return (pass, POD_PASS_NETFILTER);
     }
-    if let Some(ep) = unsafe { ENDPOINTS6.get(&dst) } {
+    if let Some(ep) = unsafe { ENDPOINTS6.get(dst) } {
         if ctx.store(0, &ep.pod_mac, 0).is_err() {
             return (TC_ACT_SHOT, POD_DROP_ENCAP_FAILED);
         }

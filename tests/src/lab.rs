@@ -1813,7 +1813,8 @@ impl Lab {
         let ebpf = |n: usize| self.nodes[n].kind == NodeKind::Ebpf;
         // Per node: flannel-v6.1's (tx, rx) packets, and on an eBPF node
         // its local redirects and encapsulations of IPv6.
-        let snap = |n: usize| -> Result<(Option<(u64, u64)>, u64, u64)> {
+        type Snap = (Option<(u64, u64)>, u64, u64);
+        let snap = |n: usize| -> Result<Snap> {
             let dev = crate::netns::link_packets(&self.nodes[n].ns, "flannel-v6.1").ok();
             if !ebpf(n) {
                 return Ok((dev, 0, 0));
@@ -1840,7 +1841,10 @@ impl Lab {
             if a.0 == b.0 {
                 // Bridged (or on an eBPF node redirected) on the node.
                 if (tx, rx) != (0, 0) {
-                    bail!("{pair}: same-node IPv6 crossed flannel-v6.1 of {ns}: {:?}", (tx, rx));
+                    bail!(
+                        "{pair}: same-node IPv6 crossed flannel-v6.1 of {ns}: {:?}",
+                        (tx, rx)
+                    );
                 }
                 if ebpf(n) && local < 5 {
                     bail!("{pair}: pod_local_redirect6 counted {local} on {ns}");

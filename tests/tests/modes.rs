@@ -416,7 +416,10 @@ fn ebpf_nodes_check_and_redirect_pod_ipv6() -> Result<()> {
     let index = |ifname: &str| -> Result<u32> {
         let out = ip(&["-n", &node.ns, "-j", "link", "show", ifname])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        v[0]["ifindex"].as_u64().map(|i| i as u32).context("ifindex")
+        v[0]["ifindex"]
+            .as_u64()
+            .map(|i| i as u32)
+            .context("ifindex")
     };
     let mut want = vec![
         (a6, index(&a.host_if)?, a.mac.0),

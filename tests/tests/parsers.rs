@@ -8,8 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::Result;
 use flannel_common::{
     decap, programs, RemoteNode, CONFIG_F_NETFILTER, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE,
-    CONFIG_F_TC_DECAP,
-    REMOTE_F_DIRECT, XDP_META_DECAPPED,
+    CONFIG_F_TC_DECAP, REMOTE_F_DIRECT, XDP_META_DECAPPED,
 };
 use flannel_tests::progtest::*;
 
@@ -369,10 +368,7 @@ fn tc_from_pod_ipv6_verdicts() -> Result<()> {
 fn tc_from_pod_encapsulates_ipv6_like_flannel_v6() -> Result<()> {
     in_lab_netns(|ns| {
         let n = ns.0.as_str();
-        flannel_tests::netns::exec(
-            n,
-            &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"],
-        )?;
+        flannel_tests::netns::exec(n, &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])?;
         let ip = flannel_tests::netns::ip;
         ip(&[
             "-n",
@@ -494,7 +490,13 @@ fn tc_from_pod_encapsulates_ipv6_like_flannel_v6() -> Result<()> {
                 0x86dd,
                 &ipv6(SOURCE_POD6, REMOTE_POD6, next, 64, &ext),
             );
-            let out = h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_ext6", &format!("next {next}"))?;
+            let out = h.expect(
+                tc,
+                &pkt,
+                TC_ACT_OK,
+                "pod_pass_ext6",
+                &format!("next {next}"),
+            )?;
             assert_eq!(out, pkt);
         }
         // A GSO packet: its segments' outer checksums are the kernel's.
@@ -504,7 +506,13 @@ fn tc_from_pod_encapsulates_ipv6_like_flannel_v6() -> Result<()> {
         h.gso_size = 0;
         // No neighbour yet: the kernel resolves it.
         neigh(false)?;
-        let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_encap6_neigh", "no neighbour")?;
+        let out = h.expect(
+            tc,
+            &pkt,
+            TC_ACT_REDIRECT,
+            "pod_encap6_neigh",
+            "no neighbour",
+        )?;
         assert_eq!(checksum6(NODE_IP6, REMOTE_IP6, 17, &out[u..]), 0);
         assert_eq!(out[ii..], want[..]);
         // No route to the node: the stack gets it intact.
