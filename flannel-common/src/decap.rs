@@ -13,6 +13,11 @@
 //! too big for the pod, not for a local pod) is passed to the kernel
 //! untouched, also with its own counter. One check is the kernel's alone:
 //! the outer UDP checksum is not verified here (see `classify`).
+//!
+//! With IPv6 on (`Config::node_ip6` set), VXLAN over IPv6 as
+//! `flannel-v6.<VNI>` receives it is judged the same way (`classify6`):
+//! IPv6 outer and inner headers, the IPv6 maps, and a zero outer UDP
+//! checksum dropped, as the kernel drops one over IPv6.
 
 use crate::{Config, CONFIG_F_STRICT_SOURCE};
 
@@ -45,6 +50,11 @@ pub trait Tables {
     /// `mac` is the neighbour entry of `ip` on the uplink (asked only with
     /// `CONFIG_F_STRICT_SOURCE`).
     fn neighbour_is(&self, ip: u32, mac: &[u8; 6]) -> bool;
+    /// The same four over IPv6 (dual-stack), addresses as their bytes.
+    fn known_vtep6(&self, ip: &[u8; 16]) -> bool;
+    fn lease_node6(&self, ip: &[u8; 16]) -> Option<[u8; 16]>;
+    fn local_pod6(&self, ip: &[u8; 16]) -> bool;
+    fn neighbour_is6(&self, ip: &[u8; 16], mac: &[u8; 6]) -> bool;
 }
 
 /// What to do with the packet.
@@ -105,6 +115,10 @@ macro_rules! decap_reasons {
             PASS_TOO_BIG = 19, "pass_too_big", Pass;
             // The kernel refused to remove the headers.
             DROP_ADJUST_FAILED = 20, "drop_adjust_failed", Drop;
+            // VXLAN over IPv6 (flannel-v6.<VNI>'s) for a local pod.
+            DECAP6 = 21, "decap6", Decap;
+            // VXLAN over IPv6 whose inner frame is not IPv6.
+            PASS_INNER_NOT_IPV6 = 22, "pass_inner_not_ipv6", Pass;
         }
     };
 }
@@ -132,6 +146,13 @@ pub const INNER_ETH: usize = VXLAN + 8;
 pub const INNER_IP: usize = INNER_ETH + 14;
 /// Smallest UDP length that carries VXLAN, Ethernet and IPv4 headers.
 pub const MIN_UDP_LEN: usize = 8 + 8 + 14 + 20;
+/// The same offsets over IPv6 (a 40-byte outer header, no extension
+/// headers).
+pub const OUTER_UDP6: usize = OUTER_IP + 40;
+pub const VXLAN6: usize = OUTER_UDP6 + 8;
+pub const INNER_ETH6: usize = VXLAN6 + 8;
+pub const INNER_IP6: usize = INNER_ETH6 + 14;
+pub const MIN_UDP6_LEN: usize = 8 + 8 + 14 + 40;
 
 /// The decision and its reason (an index into [`NAMES`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +205,9 @@ pub fn classify<F: Frame + ?Sized, T: Tables>(
     let Some(eth) = f.load::<14>(0) else {
         return verdict(PASS_MALFORMED);
     };
+    if eth[12..14] == [0x86, 0xdd] && cfg.node_ip6 != [0; 16] {
+        return classify6(f, &eth, cfg, t, gso_size);
+    }
     if eth[12..14] != [0x08, 0x00] {
         return verdict(PASS_NOT_IPV4);
     }
@@ -285,6 +309,105 @@ pub fn classify<F: Frame + ?Sized, T: Tables>(
     verdict(DECAP)
 }
 
+/// [`classify`] for VXLAN over IPv6 (`flannel-v6.<VNI>`'s), with the
+/// same checks and reasons: IPv6 has no header checksum, but a zero UDP
+/// checksum is dropped (the kernel does, `udp6zerocsumrx` being off), and
+/// an extension header or fragment is the kernel's.
+#[inline(always)]
+fn classify6<F: Frame + ?Sized, T: Tables>(
+    f: &F,
+    eth: &[u8; 14],
+    cfg: &Config,
+    t: &T,
+    gso_size: u32,
+) -> Verdict {
+    let Some(ip) = f.load::<40>(OUTER_IP) else {
+        return verdict(PASS_MALFORMED);
+    };
+    if ip[0] >> 4 != 6 {
+        return verdict(PASS_MALFORMED);
+    }
+    if eth[0..6] != cfg.uplink_mac || ip[24..40] != cfg.node_ip6 {
+        return verdict(PASS_OTHER_HOST);
+    }
+    match ip[6] {
+        17 => {}
+        44 => return verdict(PASS_FRAGMENT),
+        // Hop-by-hop, routing and destination options.
+        0 | 43 | 60 => return verdict(PASS_IP_OPTIONS),
+        _ => return verdict(PASS_NOT_VXLAN),
+    }
+    let Some(udp) = f.load::<8>(OUTER_UDP6) else {
+        return verdict(PASS_MALFORMED);
+    };
+    if be16(&udp, 2) != usize::from(cfg.udp_port) {
+        return verdict(PASS_NOT_VXLAN);
+    }
+    let (payload_len, udp_len) = (be16(&ip, 4), be16(&udp, 4));
+    if udp_len < MIN_UDP6_LEN || payload_len < udp_len || OUTER_UDP6 + payload_len > f.len() {
+        return verdict(DROP_BAD_LENGTH);
+    }
+    if udp[6..8] == [0, 0] {
+        return verdict(DROP_BAD_CHECKSUM);
+    }
+    let Some(vx) = f.load::<8>(VXLAN6) else {
+        return verdict(PASS_MALFORMED);
+    };
+    if vx[0..4] != [0x08, 0, 0, 0] || vx[7] != 0 {
+        return verdict(DROP_BAD_FLAGS);
+    }
+    if u32::from_be_bytes([0, vx[4], vx[5], vx[6]]) != cfg.vni {
+        return verdict(PASS_WRONG_VNI);
+    }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&ip[8..24]);
+    if !t.known_vtep6(&src) {
+        return verdict(DROP_UNKNOWN_VTEP);
+    }
+    if cfg.flags & CONFIG_F_STRICT_SOURCE != 0 {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&eth[6..12]);
+        if !t.neighbour_is6(&src, &mac) {
+            return verdict(DROP_SOURCE_MAC);
+        }
+    }
+    let Some(inner_eth) = f.load::<14>(INNER_ETH6) else {
+        return verdict(PASS_MALFORMED);
+    };
+    if inner_eth[12..14] != [0x86, 0xdd] {
+        return verdict(PASS_INNER_NOT_IPV6);
+    }
+    if inner_eth[0..6] != cfg.vtep6_mac {
+        return verdict(DROP_INNER_MAC);
+    }
+    let Some(inner) = f.load::<40>(INNER_IP6) else {
+        return verdict(PASS_MALFORMED);
+    };
+    let inner_len = 40 + be16(&inner, 4);
+    if inner[0] >> 4 != 6 || INNER_IP6 + inner_len > OUTER_UDP6 + udp_len {
+        return verdict(DROP_INNER_MALFORMED);
+    }
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&inner[8..24]);
+    if t.lease_node6(&a) != Some(src) {
+        return verdict(DROP_INNER_SOURCE);
+    }
+    a.copy_from_slice(&inner[24..40]);
+    if !t.local_pod6(&a) {
+        return verdict(PASS_NOT_LOCAL);
+    }
+    let too_big = if gso_size == 0 {
+        inner_len as u32 > cfg.inner_mtu
+    } else {
+        // IPv6 and TCP headers: the smallest a segment carries.
+        gso_size + 60 > cfg.inner_mtu
+    };
+    if too_big {
+        return verdict(PASS_TOO_BIG);
+    }
+    verdict(DECAP6)
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -319,6 +442,71 @@ mod tests {
         fn neighbour_is(&self, _ip: u32, mac: &[u8; 6]) -> bool {
             *mac == self.strict_mac
         }
+        fn known_vtep6(&self, ip: &[u8; 16]) -> bool {
+            *ip == PEER6
+        }
+        fn lease_node6(&self, ip: &[u8; 16]) -> Option<[u8; 16]> {
+            (ip[..8] == PEER_POD6[..8]).then_some(PEER6)
+        }
+        fn local_pod6(&self, ip: &[u8; 16]) -> bool {
+            *ip == POD6
+        }
+        fn neighbour_is6(&self, _ip: &[u8; 16], mac: &[u8; 6]) -> bool {
+            *mac == self.strict_mac
+        }
+    }
+
+    const NODE6: [u8; 16] = [0xfd, 0, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const PEER6: [u8; 16] = [0xfd, 0, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    const STRANGER6: [u8; 16] = [0xfd, 0, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 99];
+    const VTEP6_MAC: [u8; 6] = [2, 0x66, 0, 0, 6, 1];
+    const POD6: [u8; 16] = [0xfd, 0, 0, 0x10, 2, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 5];
+    const PEER_POD6: [u8; 16] = [0xfd, 0, 0, 0x10, 2, 0x44, 0, 2, 0, 0, 0, 0, 0, 0, 0, 5];
+
+    fn cfg6() -> Config {
+        Config {
+            node_ip6: NODE6,
+            vtep6_mac: VTEP6_MAC,
+            ..cfg()
+        }
+    }
+
+    fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
+        let mut h = vec![0x60, 0, 0, 0];
+        h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        h.extend_from_slice(&[next, 64]);
+        h.extend_from_slice(&src);
+        h.extend_from_slice(&dst);
+        h.extend_from_slice(payload);
+        h
+    }
+
+    /// VXLAN over IPv6 from PEER6 to NODE6 carrying `inner_src -> inner_dst`
+    /// (UDP checksum not zero; its value is not judged).
+    fn frame6(inner_src: [u8; 16], inner_dst: [u8; 16], payload: usize) -> Vec<u8> {
+        let mut vx = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+        vx.extend_from_slice(&VTEP6_MAC);
+        vx.extend_from_slice(&[2, 0x66, 0, 0, 6, 2, 0x86, 0xdd]);
+        vx.extend_from_slice(&ipv6(inner_src, inner_dst, 17, &vec![0u8; payload]));
+        let mut udp = vec![0x9c, 0x40, 0x12, 0xb5];
+        udp.extend_from_slice(&((8 + vx.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0x12, 0x34]);
+        udp.extend_from_slice(&vx);
+        let mut f = UPLINK_MAC.to_vec();
+        f.extend_from_slice(&PEER_MAC);
+        f.extend_from_slice(&[0x86, 0xdd]);
+        f.extend_from_slice(&ipv6(PEER6, NODE6, 17, &udp));
+        f
+    }
+
+    fn good6() -> Vec<u8> {
+        frame6(PEER_POD6, POD6, 16)
+    }
+
+    fn edited6(edit: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+        let mut f = good6();
+        edit(&mut f);
+        f
     }
 
     fn cfg() -> Config {
@@ -551,8 +739,127 @@ mod tests {
         for r in 0..COUNT {
             let covered = r == DECAP
                 || cases.iter().any(|c| c.2 == r)
-                || [PASS_NO_CONFIG, DROP_SOURCE_MAC, DROP_ADJUST_FAILED].contains(&r);
+                || [PASS_NO_CONFIG, DROP_SOURCE_MAC, DROP_ADJUST_FAILED].contains(&r)
+                // VXLAN over IPv6's own, covered below.
+                || [DECAP6, PASS_INNER_NOT_IPV6].contains(&r);
             assert!(covered, "{} has no case", NAMES[r as usize]);
+        }
+    }
+
+    /// VXLAN over IPv6: every check of `classify6`, each with its reason.
+    #[test]
+    fn every_crafted_ipv6_frame_gets_its_reason() {
+        assert_eq!(run_with(&good6(), &cfg6(), 0), verdict(DECAP6));
+        // Without IPv6 in the config, IPv6 is the kernel's.
+        assert_eq!(run(&good6()), verdict(PASS_NOT_IPV4));
+        let len = |at: usize, v: u16| {
+            move |f: &mut Vec<u8>| f[at..at + 2].copy_from_slice(&v.to_be_bytes())
+        };
+        let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+            ("outer version 4", edited6(|f| f[14] = 0x45), PASS_MALFORMED),
+            ("other MAC", edited6(|f| f[0] = 4), PASS_OTHER_HOST),
+            ("other IP", edited6(|f| f[53] = 7), PASS_OTHER_HOST),
+            (
+                "hop-by-hop options",
+                edited6(|f| f[20] = 0),
+                PASS_IP_OPTIONS,
+            ),
+            ("routing header", edited6(|f| f[20] = 43), PASS_IP_OPTIONS),
+            (
+                "destination options",
+                edited6(|f| f[20] = 60),
+                PASS_IP_OPTIONS,
+            ),
+            ("fragment", edited6(|f| f[20] = 44), PASS_FRAGMENT),
+            ("TCP", edited6(|f| f[20] = 6), PASS_NOT_VXLAN),
+            ("other port", edited6(|f| f[57] = 0xb6), PASS_NOT_VXLAN),
+            ("UDP length 8", edited6(len(58, 8)), DROP_BAD_LENGTH),
+            (
+                "UDP length past IP",
+                edited6(len(58, 2000)),
+                DROP_BAD_LENGTH,
+            ),
+            ("payload length 20", edited6(len(18, 20)), DROP_BAD_LENGTH),
+            (
+                "payload length past frame",
+                edited6(len(18, 3000)),
+                DROP_BAD_LENGTH,
+            ),
+            ("zero UDP checksum", edited6(len(60, 0)), DROP_BAD_CHECKSUM),
+            ("I flag clear", edited6(|f| f[62] = 0), DROP_BAD_FLAGS),
+            ("reserved after VNI", edited6(|f| f[69] = 1), DROP_BAD_FLAGS),
+            ("other VNI", edited6(|f| f[68] = 2), PASS_WRONG_VNI),
+            (
+                "stranger",
+                edited6(|f| f[22..38].copy_from_slice(&STRANGER6)),
+                DROP_UNKNOWN_VTEP,
+            ),
+            (
+                "inner IPv4",
+                edited6(|f| f[82..84].copy_from_slice(&[8, 0])),
+                PASS_INNER_NOT_IPV6,
+            ),
+            ("inner MAC", edited6(|f| f[70] = 4), DROP_INNER_MAC),
+            (
+                "inner version 4",
+                edited6(|f| f[84] = 0x45),
+                DROP_INNER_MALFORMED,
+            ),
+            (
+                "inner length past outer",
+                edited6(len(88, 900)),
+                DROP_INNER_MALFORMED,
+            ),
+            (
+                "inner source outside the lease",
+                frame6(STRANGER6, POD6, 16),
+                DROP_INNER_SOURCE,
+            ),
+            (
+                "inner source local",
+                frame6(POD6, POD6, 16),
+                DROP_INNER_SOURCE,
+            ),
+            (
+                "not local",
+                frame6(PEER_POD6, PEER_POD6, 16),
+                PASS_NOT_LOCAL,
+            ),
+            ("too big", frame6(PEER_POD6, POD6, 1411), PASS_TOO_BIG),
+            (
+                "UDP checksum, not verified",
+                edited6(|f| f[61] ^= 1),
+                DECAP6,
+            ),
+        ];
+        for (what, f, want) in &cases {
+            let v = run_with(f, &cfg6(), 0);
+            assert_eq!(name(v), NAMES[*want as usize], "{what}");
+        }
+        // The largest inner packet that fits the pod MTU decapsulates.
+        assert_eq!(
+            run_with(&frame6(PEER_POD6, POD6, 1410), &cfg6(), 0),
+            verdict(DECAP6)
+        );
+        // GSO: by segment size (IPv6 and TCP headers: 60 bytes).
+        assert_eq!(run_with(&good6(), &cfg6(), 1390).reason, DECAP6);
+        assert_eq!(run_with(&good6(), &cfg6(), 1391).reason, PASS_TOO_BIG);
+        // Strict source: the outer source MAC must be the neighbour's.
+        let mut c = cfg6();
+        c.flags |= crate::CONFIG_F_STRICT_SOURCE;
+        assert_eq!(run_with(&good6(), &c, 0).reason, DECAP6);
+        let f = edited6(|f| f[6] = 6);
+        assert_eq!(run_with(&f, &c, 0).reason, DROP_SOURCE_MAC);
+        // Cut anywhere: never decapsulated.
+        let whole = good6();
+        for cut in 0..whole.len() {
+            let v = run_with(&whole[..cut], &cfg6(), 0);
+            let want = if cut < OUTER_UDP6 + 8 {
+                PASS_MALFORMED
+            } else {
+                DROP_BAD_LENGTH
+            };
+            assert_eq!(name(v), NAMES[want as usize], "cut at {cut}");
         }
     }
 

@@ -19,6 +19,8 @@ pub mod maps {
     /// with an IPv6 address (dual-stack).
     pub const ENDPOINTS6: &str = "FLANNEL_ENDPOINTS6";
     pub const VTEPS: &str = "FLANNEL_VTEPS";
+    /// The remote nodes' IPv6 addresses allowed to send VXLAN over IPv6.
+    pub const VTEPS6: &str = "FLANNEL_VTEPS6";
     pub const COUNTERS: &str = "FLANNEL_COUNTERS";
     /// Per-CPU array of [`crate::NextHop`]s, a direct-mapped cache by
     /// remote node IP (`next_hop_slot`): `tc_from_pod`'s copy of the FIB's
@@ -32,13 +34,14 @@ pub mod maps {
     /// Per-CPU [`crate::MonitorState`] at index 0: the rate limiter.
     pub const MONITOR_STATE: &str = "FLANNEL_MONITOR_STATE";
     /// Every map the agent pins, in the order it pins them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         CONFIG,
         REMOTE_SUBNETS,
         REMOTE_SUBNETS6,
         ENDPOINTS,
         ENDPOINTS6,
         VTEPS,
+        VTEPS6,
         COUNTERS,
         EVENTS,
         MONITOR,
@@ -454,6 +457,8 @@ pub mod counters {
     pub const XDP_DECAP: u32 = xdp(decap::DECAP);
     pub const XDP_DROP_UNKNOWN_VTEP: u32 = xdp(decap::DROP_UNKNOWN_VTEP);
     pub const UPLINK_DECAP: u32 = uplink(decap::DECAP);
+    pub const XDP_DECAP6: u32 = xdp(decap::DECAP6);
+    pub const UPLINK_DECAP6: u32 = uplink(decap::DECAP6);
     pub const UPLINK_DROP_ADJUST_FAILED: u32 = uplink(decap::DROP_ADJUST_FAILED);
 
     decap_reasons!(counter_names);

@@ -70,6 +70,9 @@ static ENDPOINTS6: HashMap<[u8; 16], Endpoint> = HashMap::with_max_entries(MAX_E
 #[map(name = "FLANNEL_VTEPS")]
 static VTEPS: HashMap<u32, Vtep> = HashMap::with_max_entries(MAX_VTEPS, 0);
 
+#[map(name = "FLANNEL_VTEPS6")]
+static VTEPS6: HashMap<[u8; 16], Vtep> = HashMap::with_max_entries(MAX_VTEPS, 0);
+
 /// `tc_from_pod`'s cache of the FIB's answers (see `cached_hop`). Per CPU:
 /// a CPU reads and writes only its own slots, so an entry is never seen
 /// half-written, and array lookups cost no helper call.
@@ -393,15 +396,11 @@ fn encap6(
 ) -> (i32, u32) {
     let pass = TC_ACT_OK;
     let drop = TC_ACT_SHOT;
-    let words = |a: &[u8; 16]| -> [u32; 4] {
-        let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
-        [w(0), w(4), w(8), w(12)]
-    };
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET6;
     fib.ifindex = cfg.uplink_ifindex;
-    fib.__bindgen_anon_3.ipv6_src = words(&cfg.node_ip6);
-    fib.__bindgen_anon_4.ipv6_dst = words(&remote.node_ip6);
+    fib.__bindgen_anon_3.ipv6_src = words6(&cfg.node_ip6);
+    fib.__bindgen_anon_4.ipv6_dst = words6(&remote.node_ip6);
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut _,
@@ -790,6 +789,48 @@ impl decap::Tables for Maps<'_> {
         } as u32;
         rc == BPF_FIB_LKUP_RET_SUCCESS && fib.dmac == *mac
     }
+
+    #[inline(always)]
+    fn known_vtep6(&self, ip: &[u8; 16]) -> bool {
+        unsafe { VTEPS6.get(ip) }.is_some()
+    }
+
+    #[inline(always)]
+    fn lease_node6(&self, ip: &[u8; 16]) -> Option<[u8; 16]> {
+        REMOTES6.get(Key::new(128, *ip)).map(|r| r.node_ip6)
+    }
+
+    #[inline(always)]
+    fn local_pod6(&self, ip: &[u8; 16]) -> bool {
+        let ep = unsafe { ENDPOINTS6.get(ip) };
+        self.pod.set(ep);
+        ep.is_some()
+    }
+
+    #[inline(always)]
+    fn neighbour_is6(&self, ip: &[u8; 16], mac: &[u8; 6]) -> bool {
+        let mut fib: FibParams = unsafe { core::mem::zeroed() };
+        fib.family = AF_INET6;
+        fib.ifindex = self.cfg.uplink_ifindex;
+        fib.__bindgen_anon_3.ipv6_src = words6(&self.cfg.node_ip6);
+        fib.__bindgen_anon_4.ipv6_dst = words6(ip);
+        let rc = unsafe {
+            bpf_fib_lookup(
+                self.ctx,
+                &mut fib,
+                core::mem::size_of::<FibParams>() as i32,
+                BPF_FIB_LOOKUP_OUTPUT,
+            )
+        } as u32;
+        rc == BPF_FIB_LKUP_RET_SUCCESS && fib.dmac == *mac
+    }
+}
+
+/// An IPv6 address as the FIB helper's four words.
+#[inline(always)]
+fn words6(a: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
 }
 
 /// Packet bytes read in place, bounds-checked against `data_end`. In XDP
@@ -883,20 +924,25 @@ fn uplink(ctx: &XdpContext) -> (u32, u32) {
     // Addressed to the uplink, the stack (or tc_uplink_ingress) takes it as
     // a packet to route to the pod.
     let pkt = parse::Packet::new(ctx.data(), ctx.data_end());
-    let Some(inner_eth) = pkt.get_mut::<EthHdr>(parse::INNER_ETH) else {
+    let (inner_eth, strip, done) = if v.reason == decap::DECAP6 {
+        (decap::INNER_ETH6, VXLAN6_ENCAP_LEN, XDP_DECAP6)
+    } else {
+        (parse::INNER_ETH, VXLAN_ENCAP_LEN, XDP_DECAP)
+    };
+    let Some(inner_eth) = pkt.get_mut::<EthHdr>(inner_eth) else {
         return (
             xdp_action::XDP_DROP,
             counters::xdp(decap::DROP_ADJUST_FAILED),
         );
     };
     unsafe { (*inner_eth).dst_addr = cfg.uplink_mac };
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_ENCAP_LEN as i32) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
         return (
             xdp_action::XDP_DROP,
             counters::xdp(decap::DROP_ADJUST_FAILED),
         );
     }
-    (pass, XDP_DECAP)
+    (pass, done)
 }
 
 // ---------------------------------------------------------------------------
@@ -939,11 +985,15 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
             pod: Default::default(),
         };
         let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-        // Every byte `classify` reads lies within the inner IPv4 header.
+        // Every byte `classify` reads lies within the inner IP header.
         // When the linear part holds that much (as GRO and drivers leave
         // it), they are read in place; otherwise through the helper.
         let pkt = parse::Packet::new(ctx.data(), ctx.data_end());
-        let v = if pkt.len() >= parse::INNER_IP + Ipv4Hdr::LEN {
+        let needed = match pkt.read::<u16>(12) {
+            Some(ETH_P_IPV6_BE) => decap::INNER_IP6 + IPV6_HDR_LEN,
+            _ => parse::INNER_IP + Ipv4Hdr::LEN,
+        };
+        let v = if pkt.len() >= needed {
             let frame = Direct {
                 pkt,
                 len: ctx.len() as usize,
@@ -963,7 +1013,11 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
         // The outer IP, UDP, VXLAN and inner Ethernet headers go, with
         // `bpf_skb_adjust_room`, which works on whole GSO packets (the
         // inner MSS is unchanged, hence FIXED_GSO).
-        let shrink = (parse::INNER_IP - EthHdr::LEN) as i32;
+        let shrink = if v.reason == decap::DECAP6 {
+            VXLAN6_ENCAP_LEN as i32
+        } else {
+            (parse::INNER_IP - EthHdr::LEN) as i32
+        };
         if ctx
             .adjust_room(
                 -shrink,
@@ -983,6 +1037,10 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
         // pod address from outside is the kernel's to route (and filter).
         return (pass, UPLINK_PASS);
     };
+    // What is left is an IPv6 packet when it came over flannel-v6.
+    if parse::Packet::new(ctx.data(), ctx.data_end()).read::<u16>(12) == Some(ETH_P_IPV6_BE) {
+        return deliver6(ctx, cfg, found);
+    }
     // The inner (now only) IPv4 header was linear or was read through the
     // helper above; pulling it in makes it writable in place either way.
     let pkt = linear(ctx, EthHdr::LEN + Ipv4Hdr::LEN);
@@ -1024,6 +1082,55 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
         action,
         if decapped {
             UPLINK_DECAP
+        } else {
+            UPLINK_REDIRECT
+        },
+    )
+}
+
+/// `uplink_ingress`'s delivery of an IPv6 packet (decapsulated here, or
+/// by `xdp_uplink` when `found` is `None`) to its pod: routed by this
+/// node, hop limit − 1, the MACs of the `cni0` hop.
+#[inline(always)]
+fn deliver6(ctx: &TcContext, cfg: &Config, found: Option<Option<&'static Endpoint>>) -> (i32, u32) {
+    let pass = TC_ACT_OK;
+    let pkt = linear(ctx, EthHdr::LEN + IPV6_HDR_LEN);
+    let Some(p) = pkt.get_mut::<[u8; EthHdr::LEN + IPV6_HDR_LEN]>(0) else {
+        return (TC_ACT_SHOT, UPLINK_DROP_REDIRECT_FAILED);
+    };
+    let p = p as *mut u8;
+    // SAFETY: `get_mut` checked that these bytes are in the packet.
+    let (hops, dst) = unsafe {
+        (
+            *p.add(EthHdr::LEN + 7),
+            core::ptr::read_unaligned(p.add(EthHdr::LEN + 24) as *const [u8; 16]),
+        )
+    };
+    let decapped = found.is_some();
+    let ep = match found {
+        Some(ep) => ep,
+        None => unsafe { ENDPOINTS6.get(dst) },
+    };
+    let Some(ep) = ep else {
+        return (pass, UPLINK_PASS);
+    };
+    if hops <= 1 {
+        return (pass, UPLINK_PASS_TTL);
+    }
+    // SAFETY: as above.
+    unsafe {
+        core::ptr::write_unaligned(p as *mut [u8; 6], ep.pod_mac);
+        core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], cfg.gateway_mac);
+        *p.add(EthHdr::LEN + 7) = hops - 1;
+    }
+    let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) } as i32;
+    if action == TC_ACT_SHOT {
+        return (action, UPLINK_DROP_REDIRECT_FAILED);
+    }
+    (
+        action,
+        if decapped {
+            UPLINK_DECAP6
         } else {
             UPLINK_REDIRECT
         },

@@ -1679,11 +1679,12 @@ impl Lab {
     /// - on a kernel or stock-Flannel node: `flannel.1` carried the
     ///   VXLAN pairs both ways and nothing of the direct ones;
     /// - an eBPF node's `flannel.1` never carries pod traffic;
-    /// - over IPv6, when both pods have it: across nodes each node's
-    ///   `flannel-v6.1` received its side, an eBPF node encapsulated its
-    ///   side itself (`pod_encap6_*`) and another node with
-    ///   `flannel-v6.1`; on one node nothing crossed `flannel-v6.1` and an
-    ///   eBPF node counted `pod_local_redirect6`.
+    /// - over IPv6, when both pods have it: across nodes an eBPF node
+    ///   encapsulated (`pod_encap6_*`) and decapsulated (`uplink_decap6`
+    ///   or `xdp_decap6`) its side itself, its `flannel-v6.1` receiving
+    ///   nothing, and another node did both with `flannel-v6.1`; on one
+    ///   node nothing crossed `flannel-v6.1` and an eBPF node counted
+    ///   `pod_local_redirect6`.
     pub fn every_pair(&self, first_port: u16) -> Result<()> {
         let ebpf = |i: usize| self.nodes[i].kind == NodeKind::Ebpf;
         let snapshot = || -> Result<Vec<std::collections::HashMap<&'static str, u64>>> {
@@ -1812,16 +1813,17 @@ impl Lab {
         let pair = format!("{} -> {}", pa.ip6.unwrap_or(Ipv6Addr::UNSPECIFIED), to);
         let ebpf = |n: usize| self.nodes[n].kind == NodeKind::Ebpf;
         // Per node: flannel-v6.1's (tx, rx) packets, and on an eBPF node
-        // its local redirects and encapsulations of IPv6.
-        type Snap = (Option<(u64, u64)>, u64, u64);
+        // its local redirects, encapsulations and decapsulations of IPv6.
+        type Snap = (Option<(u64, u64)>, [u64; 3]);
         let snap = |n: usize| -> Result<Snap> {
             let dev = crate::netns::link_packets(&self.nodes[n].ns, "flannel-v6.1").ok();
             if !ebpf(n) {
-                return Ok((dev, 0, 0));
+                return Ok((dev, [0; 3]));
             }
             let c = self.nodes[n].counters()?;
             let encap = c["pod_encap6_redirect"] + c["pod_encap6_neigh"];
-            Ok((dev, c["pod_local_redirect6"], encap))
+            let decap = c["uplink_decap6"] + c["xdp_decap6"];
+            Ok((dev, [c["pod_local_redirect6"], encap, decap]))
         };
         let before = [snap(a.0)?, snap(b.0)?];
         if !self.ping6(a, to, 3)? {
@@ -1832,12 +1834,11 @@ impl Lab {
         let after = [snap(a.0)?, snap(b.0)?];
         for (k, n) in [a.0, b.0].into_iter().enumerate() {
             let ns = &self.nodes[n].ns;
-            let ((Some((t0, r0)), local0, encap0), (Some((t1, r1)), local1, encap1)) =
-                (before[k], after[k])
-            else {
+            let ((Some((t0, r0)), c0), (Some((t1, r1)), c1)) = (before[k], after[k]) else {
                 bail!("{pair}: {ns} has no flannel-v6.1");
             };
-            let (tx, rx, local, encap) = (t1 - t0, r1 - r0, local1 - local0, encap1 - encap0);
+            let (tx, rx) = (t1 - t0, r1 - r0);
+            let [local, encap, decap] = [0, 1, 2].map(|i| c1[i] - c0[i]);
             if a.0 == b.0 {
                 // Bridged (or on an eBPF node redirected) on the node.
                 if (tx, rx) != (0, 0) {
@@ -1851,17 +1852,17 @@ impl Lab {
                 }
                 break;
             }
-            // Across nodes every node decapsulates with flannel-v6.1; an
-            // eBPF node encapsulates in its program (GSO aside), the
-            // others with flannel-v6.1.
-            if rx < 3 {
-                bail!("{pair}: flannel-v6.1 of {ns} received only {rx} packets");
-            }
-            if ebpf(n) && encap < 3 {
-                bail!("{pair}: {ns} encapsulated only {encap} IPv6 packets");
-            }
-            if !ebpf(n) && tx < 3 {
-                bail!("{pair}: flannel-v6.1 of {ns} sent only {tx} packets");
+            // Across nodes an eBPF node encapsulates (GSO aside) and
+            // decapsulates in its programs, flannel-v6.1 receiving nothing;
+            // the others do both with flannel-v6.1.
+            if ebpf(n) {
+                if encap < 3 || decap < 3 || rx != 0 {
+                    bail!(
+                        "{pair}: {ns} encapsulated {encap} and decapsulated {decap} IPv6 packets, flannel-v6.1 received {rx}"
+                    );
+                }
+            } else if tx < 3 || rx < 3 {
+                bail!("{pair}: flannel-v6.1 of {ns} sent {tx} and received {rx} packets");
             }
         }
         Ok(())

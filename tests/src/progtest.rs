@@ -274,6 +274,9 @@ impl Harness {
             _pad: [0; 2],
         };
         remotes.insert(&Key::new(64, subnet.octets()), node, 0)?;
+        let mut vteps: HashMap<_, [u8; 16], Vtep> =
+            HashMap::try_from(self.bpf.map_mut(maps::VTEPS6).unwrap())?;
+        vteps.insert(REMOTE_IP6.octets(), Vtep::default(), 0)?;
         Ok(())
     }
 
@@ -435,6 +438,26 @@ pub fn sized_pod_frame6(src: Ipv6Addr, dst: Ipv6Addr, data: usize) -> Vec<u8> {
     let c = checksum6(src, dst, 58, &echo);
     echo[2..4].copy_from_slice(&c.to_be_bytes());
     eth(GATEWAY_MAC, POD_MAC, 0x86dd, &ipv6(src, dst, 58, 64, &echo))
+}
+
+/// VXLAN over IPv6 from `src` to this node as `flannel-v6.1` sends it
+/// (UDP checksum filled in), carrying `inner` (an Ethernet frame).
+pub fn vxlan6_frame(src: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
+    let mut udp = vec![0x9c, 0x40];
+    udp.extend_from_slice(&PORT.to_be_bytes());
+    udp.extend_from_slice(&((16 + inner.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0, 0x08, 0, 0, 0]);
+    udp.extend_from_slice(&VNI.to_be_bytes()[1..]);
+    udp.push(0);
+    udp.extend_from_slice(inner);
+    let c = checksum6(src, NODE_IP6, 17, &udp);
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    eth(
+        UPLINK_MAC,
+        NEIGH_MAC,
+        0x86dd,
+        &ipv6(src, NODE_IP6, 17, 64, &udp),
+    )
 }
 
 /// [`sized_pod_frame6`] with 32 bytes of payload.

@@ -765,6 +765,114 @@ fn tc_uplink_ingress_routes_only_what_xdp_decapsulated() -> Result<()> {
     })
 }
 
+/// VXLAN over IPv6 (`flannel-v6.1`'s) for a local pod: TC decapsulates it
+/// and routes it into the pod, XDP strips it for the stack, each with the
+/// IPv6 judgement of `decap::classify6` and its counters.
+#[test]
+fn uplink_decapsulates_vxlan_over_ipv6() -> Result<()> {
+    in_lab_netns(|ns| {
+        let mut h = Harness::new(ns.uplink_index()?)?;
+        let uplink = ns.uplink_index()?;
+        let up = programs::TC_UPLINK_INGRESS;
+        let inner_to = |src: Ipv6Addr, dst: Ipv6Addr, hops: u8| {
+            let mut echo = vec![128, 0, 0, 0, 0, 1, 0, 1];
+            echo.extend_from_slice(&[0x5a; 32]);
+            eth(
+                VTEP6_MAC,
+                REMOTE_VTEP6_MAC,
+                0x86dd,
+                &ipv6(src, dst, 58, hops, &echo),
+            )
+        };
+        let inner = inner_to(REMOTE_POD6, LOCAL_POD6, 64);
+        let vx = vxlan6_frame(REMOTE_IP6, &inner);
+        // IPv6 off: the kernel's.
+        h.set_config(uplink, CONFIG_F_READY | CONFIG_F_TC_DECAP)?;
+        h.expect(
+            up,
+            &vx,
+            TC_ACT_OK,
+            "uplink_pass_not_ipv4",
+            "no IPv6 configured",
+        )?;
+        h.set_ipv6()?;
+        let out = h.expect(up, &vx, TC_ACT_REDIRECT, "uplink_decap6", "VXLAN over IPv6")?;
+        assert_eq!(out.len(), vx.len() - 70);
+        assert_eq!(out[0..6], POD_MAC);
+        assert_eq!(out[6..12], GATEWAY_MAC);
+        assert_eq!(out[12..14], [0x86, 0xdd]);
+        assert_eq!(out[21], 63, "routed: hop limit - 1");
+        assert_eq!(out[14..21], inner[14..21]);
+        assert_eq!(out[22..], inner[22..], "the rest untouched");
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let mut zero_check = vx.clone();
+        zero_check[60..62].copy_from_slice(&[0, 0]);
+        for (what, pkt, verdict, counter) in [
+            (
+                "zero UDP checksum",
+                zero_check,
+                TC_ACT_SHOT,
+                "uplink_drop_bad_checksum",
+            ),
+            (
+                "from a stranger",
+                vxlan6_frame(v6("fd00:30:9::99"), &inner),
+                TC_ACT_SHOT,
+                "uplink_drop_unknown_vtep",
+            ),
+            (
+                "inner source outside the sender's lease",
+                vxlan6_frame(
+                    REMOTE_IP6,
+                    &inner_to(v6("fd00:10:244:7::1"), LOCAL_POD6, 64),
+                ),
+                TC_ACT_SHOT,
+                "uplink_drop_inner_source",
+            ),
+            (
+                "not a local pod",
+                vxlan6_frame(
+                    REMOTE_IP6,
+                    &inner_to(REMOTE_POD6, v6("fd00:10:244:1::99"), 64),
+                ),
+                TC_ACT_OK,
+                "uplink_pass_not_local",
+            ),
+            (
+                "inner IPv4",
+                vxlan6_frame(REMOTE_IP6, &inner_frame(LOCAL_POD)),
+                TC_ACT_OK,
+                "uplink_pass_inner_not_ipv6",
+            ),
+            (
+                "hop limit 1",
+                vxlan6_frame(REMOTE_IP6, &inner_to(REMOTE_POD6, LOCAL_POD6, 1)),
+                TC_ACT_OK,
+                "uplink_pass_ttl",
+            ),
+        ] {
+            h.expect(up, &pkt, verdict, counter, what)?;
+        }
+        // XDP: stripped and marked for tc_uplink_ingress.
+        h.set_config(uplink, CONFIG_F_READY)?;
+        h.set_ipv6()?;
+        let out = h.expect(programs::XDP_UPLINK, &vx, XDP_PASS, "xdp_decap6", "XDP")?;
+        let (meta, out) = out.split_at(4);
+        assert_eq!(meta, XDP_META_DECAPPED.to_ne_bytes(), "metadata mark");
+        assert_eq!(out.len(), vx.len() - 70);
+        assert_eq!(out[0..6], UPLINK_MAC);
+        assert_eq!(out[6..], inner[6..]);
+        h.expect(
+            programs::XDP_UPLINK,
+            &vxlan6_frame(v6("fd00:30:9::99"), &inner),
+            XDP_DROP,
+            "xdp_drop_unknown_vtep",
+            "XDP, from a stranger",
+        )?;
+        Ok(())
+    })
+}
+
 #[test]
 fn tc_uplink_ingress_decapsulates_when_there_is_no_xdp() -> Result<()> {
     in_lab_netns(|ns| {

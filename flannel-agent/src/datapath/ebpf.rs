@@ -403,6 +403,10 @@ impl Datapath {
         HashMap::try_from(self.map_mut(maps::VTEPS)?).map_err(map_err(maps::VTEPS))
     }
 
+    fn vtep6_map(&mut self) -> Result<HashMap<&mut MapData, [u8; 16], Vtep>> {
+        HashMap::try_from(self.map_mut(maps::VTEPS6)?).map_err(map_err(maps::VTEPS6))
+    }
+
     fn endpoint_map(&mut self) -> Result<HashMap<&mut MapData, u32, Endpoint>> {
         HashMap::try_from(self.map_mut(maps::ENDPOINTS)?).map_err(map_err(maps::ENDPOINTS))
     }
@@ -483,6 +487,24 @@ impl Datapath {
 
     pub fn remove_vtep(&mut self, ip: Ipv4Addr) -> Result<()> {
         absent_is_fine(self.vtep_map()?.remove(&ip_key(ip))).map_err(map_err(maps::VTEPS))
+    }
+
+    /// The node IPv6 addresses allowed to send VXLAN over IPv6.
+    pub fn vteps6(&mut self) -> Result<BTreeSet<Ipv6Addr>> {
+        self.vtep6_map()?
+            .keys()
+            .map(|k| k.map(Ipv6Addr::from).map_err(map_err(maps::VTEPS6)))
+            .collect()
+    }
+
+    pub fn put_vtep6(&mut self, ip: Ipv6Addr) -> Result<()> {
+        self.vtep6_map()?
+            .insert(ip.octets(), Vtep::default(), 0)
+            .map_err(map_err(maps::VTEPS6))
+    }
+
+    pub fn remove_vtep6(&mut self, ip: Ipv6Addr) -> Result<()> {
+        absent_is_fine(self.vtep6_map()?.remove(&ip.octets())).map_err(map_err(maps::VTEPS6))
     }
 
     /// The endpoint map: pod IP → host veth and pod MAC.

@@ -160,10 +160,10 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
     let mut remotes = [0usize; 4];
     for m in map_ops {
         match m {
-            MapOp::PutRemote(..) => remotes[0] += 1,
-            MapOp::DeleteRemote(_) => remotes[1] += 1,
-            MapOp::PutVtep(_) => remotes[2] += 1,
-            MapOp::DeleteVtep(_) => remotes[3] += 1,
+            MapOp::PutRemote(..) | MapOp::PutRemote6(..) => remotes[0] += 1,
+            MapOp::DeleteRemote(_) | MapOp::DeleteRemote6(_) => remotes[1] += 1,
+            MapOp::PutVtep(_) | MapOp::PutVtep6(_) => remotes[2] += 1,
+            MapOp::DeleteVtep(_) | MapOp::DeleteVtep6(_) => remotes[3] += 1,
             _ => {}
         }
         let r = match dp.as_deref_mut() {
@@ -237,6 +237,8 @@ fn on_maps(dp: &mut Datapath, op: &MapOp) -> Result<(), EbpfError> {
         MapOp::DeleteRemote6(net) => dp.remove_remote6(*net),
         MapOp::PutVtep(ip) => dp.put_vtep(*ip),
         MapOp::DeleteVtep(ip) => dp.remove_vtep(*ip),
+        MapOp::PutVtep6(ip) => dp.put_vtep6(*ip),
+        MapOp::DeleteVtep6(ip) => dp.remove_vtep6(*ip),
         MapOp::AttachPod { ifname, ifindex } => dp.attach_pod(ifname, *ifindex),
         MapOp::PutEndpoint(ip, ep) => dp.put_endpoint(*ip, ep),
         MapOp::DeleteEndpoint(ip) => dp.remove_endpoint(*ip),

@@ -178,6 +178,9 @@ pub struct MapsSpec {
     pub remotes: BTreeMap<Ipv4Net, RemoteNode>,
     /// Dual-stack: the remote IPv6 leases, as `flannel-v6.<VNI>` has them.
     pub remotes6: BTreeMap<Ipv6Net, RemoteNode6>,
+    /// Node IPv6 addresses allowed to send VXLAN over IPv6: those of the
+    /// remote IPv6 leases.
+    pub vteps6: BTreeSet<Ipv6Addr>,
     /// Node IPs allowed to send VXLAN: every remote lease's public IP.
     pub vteps: BTreeSet<Ipv4Addr>,
 }
@@ -322,6 +325,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             vtep6_mac: vtep6.as_ref().map_or([0; 6], |_| node.vtep6_mac.0),
             ..Default::default()
         },
+        vteps6: remotes6.values().map(|r| r.public_ip).collect(),
         remotes6: remotes6
             .values()
             .map(|r| {

@@ -131,6 +131,8 @@ pub enum MapOp {
     DeleteRemote(Ipv4Net),
     PutVtep(Ipv4Addr),
     DeleteVtep(Ipv4Addr),
+    PutVtep6(Ipv6Addr),
+    DeleteVtep6(Ipv6Addr),
     /// Attach `tc_from_pod` to a pod's host veth (or take over its link).
     AttachPod {
         ifname: String,
@@ -216,6 +218,8 @@ impl fmt::Display for Op {
             Op::Map(MapOp::DeleteRemote6(n)) => write!(f, "unmap remote subnet {n}"),
             Op::Map(MapOp::PutVtep(ip)) => write!(f, "map VTEP {ip}"),
             Op::Map(MapOp::DeleteVtep(ip)) => write!(f, "unmap VTEP {ip}"),
+            Op::Map(MapOp::PutVtep6(ip)) => write!(f, "map VTEP {ip}"),
+            Op::Map(MapOp::DeleteVtep6(ip)) => write!(f, "unmap VTEP {ip}"),
             Op::Map(MapOp::AttachPod { ifname, .. }) => {
                 write!(f, "attach tc_from_pod to {ifname}")
             }
@@ -494,6 +498,12 @@ fn map_entries(want: &MapsSpec, have: &Maps, ops: &mut Vec<Op>) {
     }
     for ip in have.vteps.difference(&want.vteps) {
         ops.push(Op::Map(MapOp::DeleteVtep(*ip)));
+    }
+    for ip in want.vteps6.difference(&have.vteps6) {
+        ops.push(Op::Map(MapOp::PutVtep6(*ip)));
+    }
+    for ip in have.vteps6.difference(&want.vteps6) {
+        ops.push(Op::Map(MapOp::DeleteVtep6(*ip)));
     }
 }
 

@@ -106,6 +106,7 @@ pub struct Maps {
     pub remotes: BTreeMap<Ipv4Net, RemoteNode>,
     pub remotes6: BTreeMap<Ipv6Net, RemoteNode6>,
     pub vteps: BTreeSet<Ipv4Addr>,
+    pub vteps6: BTreeSet<Ipv6Addr>,
     pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     pub endpoints6: BTreeMap<Ipv6Addr, Endpoint>,
     /// Pinned pod links by interface index: whether this process
@@ -269,6 +270,7 @@ fn read_maps(dp: &mut Datapath) -> Result<Maps, EbpfError> {
         remotes: dp.remotes()?,
         remotes6: dp.remotes6()?,
         vteps: dp.vteps()?,
+        vteps6: dp.vteps6()?,
         endpoints: dp.endpoints()?,
         endpoints6: dp.endpoints6()?,
         pod_links: dp.pod_links(),

@@ -249,6 +249,7 @@ fn converged(w: &World) -> Observed {
         remotes: m.remotes.clone(),
         remotes6: m.remotes6.clone(),
         vteps: m.vteps.clone(),
+        vteps6: m.vteps6.clone(),
         endpoints: w.pods.values().map(|p| (p.ip, ep(p))).collect(),
         endpoints6: w
             .pods
@@ -965,6 +966,12 @@ fn simulate(ops: &[Op], w: &mut World) {
                     MapOp::DeleteVtep(a) => {
                         maps.vteps.remove(a);
                     }
+                    MapOp::PutVtep6(a) => {
+                        maps.vteps6.insert(*a);
+                    }
+                    MapOp::DeleteVtep6(a) => {
+                        maps.vteps6.remove(a);
+                    }
                     MapOp::AttachPod { ifindex, .. } => {
                         maps.pod_links.insert(*ifindex, true);
                     }
@@ -1247,7 +1254,11 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
         };
         assert_eq!(maps.remotes6[&net6(subnet)], entry);
         assert!(ops.contains(&Op::Map(MapOp::PutRemote6(net6(subnet), entry))));
+        let node6 = ip6(&format!("fd00:30::{node}"));
+        assert!(maps.vteps6.contains(&node6));
+        assert!(ops.contains(&Op::Map(MapOp::PutVtep6(node6))));
     }
+    assert_eq!(maps.vteps6.len(), 2);
     assert_eq!(maps.remotes6.len(), 2);
     simulate(&ops, &mut w);
     assert_eq!(diff(&w.want(), &w.have), vec![]);
@@ -1316,7 +1327,7 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
     // The programs leave IPv6 to the kernel again.
     let maps = want.maps.clone().expect("eBPF maps");
     assert_eq!(maps.config.node_ip6, [0; 16]);
-    assert!(maps.remotes6.is_empty());
+    assert!(maps.remotes6.is_empty() && maps.vteps6.is_empty());
     assert!(!diff(&want, &w.have)
         .iter()
         .any(|o| matches!(o, Op::Device(_) | Op::Vtep6(_))));
