@@ -12,14 +12,16 @@
 //!   IPv4-over-Ethernet ARP whose sender (other than 0.0.0.0, a probe) is
 //!   not that pod's address (set `pods` of `iifname . address`) is counted
 //!   and dropped. A port the agent does not know yet (a pod wired while it
-//!   was down, until it adopts it) is not checked.
+//!   was down, until it adopts it) is not checked. IPv6 from a pod's port
+//!   whose source is neither link-local, `::`, nor that pod's IPv6 (set
+//!   `pods6`; a pod without IPv6 has none) is dropped the same way.
 //!
 //! Both tables are rebuilt in one transaction whenever what they hold
 //! changes, as the masquerade table is.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use crate::nft::*;
@@ -30,10 +32,14 @@ pub const VTEP_SET: &str = "vteps";
 pub const POD_CHAIN: &str = "prerouting";
 pub const PORT_SET: &str = "ports";
 pub const POD_SET: &str = "pods";
+pub const POD6_SET: &str = "pods6";
 
 const VTEP_SET_ID: u32 = 1;
 const PORT_SET_ID: u32 = 2;
 const POD_SET_ID: u32 = 3;
+const POD6_SET_ID: u32 = 4;
+/// nftables' `ipv6_addr` type.
+const TYPE_IP6ADDR: u32 = 8;
 const IFNAMSIZ: usize = 16;
 
 fn ifname_key(name: &str) -> [u8; IFNAMSIZ] {
@@ -142,6 +148,7 @@ pub fn ensure(
     port: Option<u16>,
     vteps: &BTreeSet<Ipv4Addr>,
     pods: Option<&BTreeMap<String, Ipv4Addr>>,
+    pods6: &BTreeMap<String, Ipv6Addr>,
 ) -> Result<(), NftError> {
     let mut s = Socket::open()?;
     s.batch(NFNL_MSG_BATCH_BEGIN);
@@ -226,6 +233,33 @@ pub fn ensure(
             ),
             "creating the pod set",
         );
+        s.nft_in(
+            br,
+            NFT_MSG_NEWSET,
+            NLM_F_CREATE,
+            &set(
+                TABLE,
+                POD6_SET,
+                POD6_SET_ID,
+                (TYPE_IFNAME << 6) | TYPE_IP6ADDR,
+                IFNAMSIZ as u32 + 16,
+            ),
+            "creating the pod IPv6 set",
+        );
+        if !pods6.is_empty() {
+            let pairs: Vec<Vec<u8>> = pods6
+                .iter()
+                .map(|(n, ip)| [&ifname_key(n)[..], &ip.octets()[..]].concat())
+                .collect();
+            fill(
+                &mut s,
+                br,
+                POD6_SET,
+                POD6_SET_ID,
+                &pairs,
+                "filling the pod IPv6 set",
+            );
+        }
         if !pods.is_empty() {
             let ports: Vec<[u8; IFNAMSIZ]> = pods.keys().map(|n| ifname_key(n)).collect();
             fill(
@@ -279,9 +313,22 @@ pub fn ensure(
         arp.payload(NFT_PAYLOAD_NETWORK_HEADER, 14, 4, NFT_REG32_04)
             .lookup(POD_SET, POD_SET_ID, NFT_REG_1, true)
             .drop_counted();
+        // IPv6: link-local (fe80::/10) and :: pass; else the pod's own.
+        let mut v6 = Rule::default();
+        v6.meta(NFT_META_PROTOCOL, NFT_REG_1)
+            .cmp(NFT_REG_1, NFT_CMP_EQ, &[0x86, 0xdd])
+            .payload(NFT_PAYLOAD_NETWORK_HEADER, 8, 2, NFT_REG_1)
+            .masked_cmp(&[0xff, 0xc0], NFT_CMP_NEQ, &[0xfe, 0x80])
+            .payload(NFT_PAYLOAD_NETWORK_HEADER, 8, 16, NFT_REG_1)
+            .cmp(NFT_REG_1, NFT_CMP_NEQ, &[0; 16]);
+        known_port(&mut v6);
+        v6.payload(NFT_PAYLOAD_NETWORK_HEADER, 8, 16, NFT_REG32_04)
+            .lookup(POD6_SET, POD6_SET_ID, NFT_REG_1, true)
+            .drop_counted();
         for (rule, what) in [
             (v4, "adding the pod IPv4 rule"),
             (arp, "adding the pod ARP rule"),
+            (v6, "adding the pod IPv6 rule"),
         ] {
             s.nft_in(
                 br,

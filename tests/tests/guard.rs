@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::Result;
@@ -31,8 +31,12 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
         ("veth5678".to_string(), "10.244.1.6".parse()?),
     ]
     .into();
+    let pods6: BTreeMap<String, Ipv6Addr> =
+        [("veth1234".to_string(), "fd00:10:244:1::5".parse()?)].into();
     let (v, p) = (vteps.clone(), pods.clone());
-    flannel_tests::netns::in_netns(&name, move || Ok(guard::ensure(Some(4789), &v, Some(&p))?))?;
+    flannel_tests::netns::in_netns(&name, move || {
+        Ok(guard::ensure(Some(4789), &v, Some(&p), &pods6)?)
+    })?;
     let text = ruleset(&name)?;
     for want in [
         "table ip flannel-guard",
@@ -46,13 +50,17 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
         "\"veth5678\" . 10.244.1.6",
         "iifname @ports iifname . ip saddr != @pods counter packets 0 bytes 0 drop",
         "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ip != 0.0.0.0 iifname @ports iifname . arp saddr ip != @pods counter packets 0 bytes 0 drop",
+        "\"veth1234\" . fd00:10:244:1::5",
+        "@nh,64,16 & 0xffc0 != 0xfe80 ip6 saddr != :: iifname @ports iifname . ip6 saddr != @pods6 counter packets 0 bytes 0 drop",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
     // A lease gone, the kernel data path off: replaced in one step, the
     // bridge table gone.
     let one: BTreeSet<Ipv4Addr> = ["172.30.0.3".parse()?].into();
-    flannel_tests::netns::in_netns(&name, move || Ok(guard::ensure(Some(4789), &one, None)?))?;
+    flannel_tests::netns::in_netns(&name, move || {
+        Ok(guard::ensure(Some(4789), &one, None, &BTreeMap::new())?)
+    })?;
     let text = ruleset(&name)?;
     assert!(text.contains("elements = { 172.30.0.3 }"), "{text}");
     assert!(
@@ -65,11 +73,23 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
     );
     // No leases at all: the set is empty and every VXLAN packet is dropped.
     flannel_tests::netns::in_netns(&name, || {
-        Ok(guard::ensure(Some(8472), &BTreeSet::new(), None)?)
+        Ok(guard::ensure(
+            Some(8472),
+            &BTreeSet::new(),
+            None,
+            &BTreeMap::new(),
+        )?)
     })?;
     assert!(ruleset(&name)?.contains("udp dport 8472 ip saddr != @vteps"));
     // host-gw: no VXLAN port, no VXLAN rule (UDP 8472 is not ours).
-    flannel_tests::netns::in_netns(&name, || Ok(guard::ensure(None, &BTreeSet::new(), None)?))?;
+    flannel_tests::netns::in_netns(&name, || {
+        Ok(guard::ensure(
+            None,
+            &BTreeSet::new(),
+            None,
+            &BTreeMap::new(),
+        )?)
+    })?;
     let text = ruleset(&name)?;
     assert!(text.contains("table ip flannel-guard"), "{text}");
     assert!(!text.contains("udp dport"), "{text}");
@@ -100,7 +120,12 @@ fn a_large_cluster_fits() -> Result<()> {
         .collect();
     let started = std::time::Instant::now();
     flannel_tests::netns::in_netns(&name, move || {
-        Ok(guard::ensure(Some(4789), &vteps, Some(&pods))?)
+        Ok(guard::ensure(
+            Some(4789),
+            &vteps,
+            Some(&pods),
+            &BTreeMap::new(),
+        )?)
     })?;
     let took = started.elapsed();
     let text = ruleset(&name)?;

@@ -390,13 +390,15 @@ fn ip_masq_covers_ipv6_in_a_dual_stack_cluster() -> Result<()> {
     Ok(())
 }
 
-/// The eBPF programs' share of a dual-stack pod's IPv6: its address in
-/// the IPv6 endpoint map (and out of it after DEL), IPv6 between pods of
-/// one node redirected straight into the peer, another source dropped,
-/// a frame cut anywhere in its IPv6 header passed as malformed, and an
-/// IPv6 address outside the node's IPv6 lease refused by the agent.
+/// A dual-stack pod's IPv6 on both data paths: on an eBPF node its
+/// address in the IPv6 endpoint map (and out of it after DEL), IPv6
+/// between pods of one node redirected straight into the peer, another
+/// source dropped, a frame cut anywhere in its IPv6 header passed as
+/// malformed, and an IPv6 address outside the node's IPv6 lease refused by
+/// the agent; on a kernel-path node the bridge guard drops the same
+/// spoofed sources and lets the pod's own through.
 #[test]
-fn ebpf_nodes_check_and_redirect_pod_ipv6() -> Result<()> {
+fn pod_ipv6_is_checked_and_carried_on_both_data_paths() -> Result<()> {
     use flannel_agent::{
         api::{self, EndpointRecord, Request},
         datapath::ebpf,
@@ -407,6 +409,7 @@ fn ebpf_nodes_check_and_redirect_pod_ipv6() -> Result<()> {
         &[
             NodeSpec::new(NodeKind::Ebpf, 2),
             NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 2),
         ],
         with_conf(DUAL_STACK),
     )?;
@@ -469,6 +472,52 @@ fn ebpf_nodes_check_and_redirect_pod_ipv6() -> Result<()> {
     assert!(c1.0 > c0.0, "own source: not redirected");
     assert_eq!(c1.1 - c0.1, spoofed.len() as u64, "spoofed sources");
     assert_eq!(c1.2 - c0.2, 39, "frames cut in the IPv6 header");
+
+    // The kernel-path node's bridge guard: the same spoofed sources from
+    // its pod are counted and dropped, the pod's own source is not.
+    let (ka, kb) = (lab.pod((2, 0)), lab.pod((2, 1)));
+    let (ka6, kb6) = (ka.ip6.context("no IPv6")?, kb.ip6.context("no IPv6")?);
+    let guarded = || -> Result<u64> {
+        let out = exec(
+            &lab.nodes[2].ns,
+            &[
+                "nft",
+                "list",
+                "chain",
+                "bridge",
+                "flannel-guard",
+                "prerouting",
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.contains("@pods6"))
+            .with_context(|| format!("no IPv6 rule in {text}"))?;
+        let n = line
+            .split("counter packets ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .context("no counter")?;
+        Ok(n.parse()?)
+    };
+    let kframe = |src: std::net::Ipv6Addr| {
+        let udp = [0x30, 0x39, 0x30, 0x3a, 0, 12, 0, 0, 1, 2, 3, 4];
+        progtest::eth(
+            kb.mac.0,
+            ka.mac.0,
+            0x86dd,
+            &progtest::ipv6(src, kb6, 17, 64, &udp),
+        )
+    };
+    let g0 = guarded()?;
+    send_frame(&ka.ns, "eth0", kframe(ka6))?;
+    send_frame(&ka.ns, "eth0", kframe("fe80::1234".parse()?))?;
+    let kspoofed = [kb6, a6, "2001:db8::1".parse()?];
+    for src in kspoofed {
+        send_frame(&ka.ns, "eth0", kframe(src))?;
+    }
+    assert_eq!(guarded()? - g0, kspoofed.len() as u64, "kernel path");
 
     // The agent refuses an IPv6 address its IPv6 lease does not hold.
     let lease6 = node.subnet6.context("no IPv6 lease")?;

@@ -168,6 +168,8 @@ pub struct GuardSpec {
     /// Kernel data path: each registered pod's host-side port and address.
     /// `None` on the eBPF path, whose programs check pods themselves.
     pub pods: Option<BTreeMap<String, Ipv4Addr>>,
+    /// The same pods' IPv6 addresses (dual-stack), checked with them.
+    pub pods6: BTreeMap<String, Ipv6Addr>,
 }
 
 /// What the eBPF maps should hold (pods aside: their entries need the
@@ -375,6 +377,14 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
                 .map(|p| (p.host_ifname.clone(), p.ip))
                 .collect()
         }),
+        pods6: match i.ebpf {
+            None => i
+                .pods
+                .values()
+                .filter_map(|p| Some((p.host_ifname.clone(), p.ip6?)))
+                .collect(),
+            Some(_) => BTreeMap::new(),
+        },
     };
     Desired {
         guard,

@@ -451,6 +451,8 @@ pub fn guard_spec(want: &GuardSpec, have: &Observed) -> GuardSpec {
     if let Some(pods) = &mut spec.pods {
         pods.retain(|ifname, _| have.links.contains_key(ifname));
     }
+    spec.pods6
+        .retain(|ifname, _| have.links.contains_key(ifname));
     spec
 }
 

@@ -1443,19 +1443,32 @@ fn guard_tables_follow_leases_pods_and_drift() {
         g[0].vteps,
         [ip("10.0.0.2"), ip("10.0.0.3"), ip("10.0.0.4")].into()
     );
-    assert_eq!(g[0].pods, None);
+    assert_eq!((g[0].pods.clone(), g[0].pods6.len()), (None, 0));
     assert_eq!(g[0].port, Some(w.want().vtep.unwrap().link.port));
     // Kernel mode: the live pods' ports and addresses; a pod whose
     // interface is gone is left out.
+    // Dual-stack pods' IPv6 addresses beside them.
     let mut w = World::new();
     w.ebpf = None;
     w.have.maps = None;
     w.have.links.remove("vethfl-b");
+    let six = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+    for (p, a) in w
+        .pods
+        .values_mut()
+        .zip(["fd00:10:244:1::2", "fd00:10:244:1::3"])
+    {
+        p.ip6 = Some(six(a));
+    }
     let g = guard_ops(&w);
     assert_eq!(g.len(), 1);
     assert_eq!(
         g[0].pods,
         Some([("vethfl-a".to_string(), ip("10.244.1.2"))].into())
+    );
+    assert_eq!(
+        g[0].pods6,
+        [("vethfl-a".to_string(), six("fd00:10:244:1::2"))].into()
     );
     // Flushed by hand, or unreadable: written again.
     for have in [
