@@ -16,7 +16,11 @@
 //!   whose source is neither link-local, `::`, nor that pod's IPv6 (set
 //!   `pods6`; a pod without IPv6 has none) is dropped the same way.
 //!
-//! Both tables are rebuilt in one transaction whenever what they hold
+//! * `ip6 flannel-guard` (dual-stack), chain `input`: the same VXLAN rule
+//!   over IPv6 for `flannel-v6.<VNI>`, from the remote IPv6 leases' public
+//!   IPv6 addresses (set `vteps6`).
+//!
+//! The tables are rebuilt in one transaction whenever what they hold
 //! changes, as the masquerade table is.
 
 use std::{
@@ -29,6 +33,7 @@ use crate::nft::*;
 pub const TABLE: &str = "flannel-guard";
 pub const VXLAN_CHAIN: &str = "input";
 pub const VTEP_SET: &str = "vteps";
+pub const VTEP6_SET: &str = "vteps6";
 pub const POD_CHAIN: &str = "prerouting";
 pub const PORT_SET: &str = "ports";
 pub const POD_SET: &str = "pods";
@@ -141,12 +146,14 @@ fn fresh_table(s: &mut Socket, family: u8) {
 }
 
 /// Installs (or atomically replaces) the guards: VXLAN on `port` only from
-/// `vteps` (no VXLAN rule without a port: host-gw carries no VXLAN); with
-/// `pods` (port name → the pod's address), the pod source check on those
-/// ports, else no bridge table.
+/// `vteps` (no VXLAN rule without a port: host-gw carries no VXLAN), and
+/// with `vteps6` over IPv6 only from those; with `pods` (port name → the
+/// pod's address) and `pods6`, the pod source check on those ports, else
+/// no bridge table.
 pub fn ensure(
     port: Option<u16>,
     vteps: &BTreeSet<Ipv4Addr>,
+    vteps6: Option<&BTreeSet<Ipv6Addr>>,
     pods: Option<&BTreeMap<String, Ipv4Addr>>,
     pods6: &BTreeMap<String, Ipv6Addr>,
 ) -> Result<(), NftError> {
@@ -201,6 +208,58 @@ pub fn ensure(
             &rule_attrs(TABLE, VXLAN_CHAIN, &r),
             "adding the VXLAN rule",
         );
+    }
+
+    let ip6 = NFPROTO_IPV6;
+    fresh_table(&mut s, ip6);
+    if let Some(vteps6) = vteps6 {
+        s.nft_in(
+            ip6,
+            NFT_MSG_NEWTABLE,
+            NLM_F_CREATE,
+            &table_attrs(TABLE),
+            "creating the IPv6 guard table",
+        );
+        s.nft_in(
+            ip6,
+            NFT_MSG_NEWSET,
+            NLM_F_CREATE,
+            &set(TABLE, VTEP6_SET, VTEP_SET_ID, TYPE_IP6ADDR, 16),
+            "creating the IPv6 VTEP set",
+        );
+        let keys: Vec<[u8; 16]> = vteps6.iter().map(|a| a.octets()).collect();
+        fill(
+            &mut s,
+            ip6,
+            VTEP6_SET,
+            VTEP_SET_ID,
+            &keys,
+            "filling the IPv6 VTEP set",
+        );
+        s.nft_in(
+            ip6,
+            NFT_MSG_NEWCHAIN,
+            NLM_F_CREATE,
+            &chain(TABLE, VXLAN_CHAIN, NF_INET_LOCAL_IN),
+            "creating the IPv6 VXLAN chain",
+        );
+        if let Some(port) = port {
+            let mut r = Rule::default();
+            r.meta(NFT_META_L4PROTO, NFT_REG_1)
+                .cmp(NFT_REG_1, NFT_CMP_EQ, &[17])
+                .payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG_1)
+                .cmp(NFT_REG_1, NFT_CMP_EQ, &port.to_be_bytes())
+                .payload(NFT_PAYLOAD_NETWORK_HEADER, 8, 16, NFT_REG_1)
+                .lookup(VTEP6_SET, VTEP_SET_ID, NFT_REG_1, true)
+                .drop_counted();
+            s.nft_in(
+                ip6,
+                NFT_MSG_NEWRULE,
+                NLM_F_CREATE | NLM_F_APPEND,
+                &rule_attrs(TABLE, VXLAN_CHAIN, &r),
+                "adding the IPv6 VXLAN rule",
+            );
+        }
     }
 
     let br = NFPROTO_BRIDGE;
@@ -343,16 +402,18 @@ pub fn ensure(
     s.exchange()
 }
 
-/// Whether the guard tables are there: (`ip`, `bridge`).
-pub fn present() -> Result<(bool, bool), NftError> {
+/// Whether the guard tables are there: (`ip`, `ip6`, `bridge`).
+pub fn present() -> Result<(bool, bool, bool), NftError> {
     Ok((
         table_present(NFPROTO_IPV4, TABLE)?,
+        table_present(NFPROTO_IPV6, TABLE)?,
         table_present(NFPROTO_BRIDGE, TABLE)?,
     ))
 }
 
-/// Removes both tables; absent is fine.
+/// Removes every guard table; absent is fine.
 pub fn remove() -> Result<(), NftError> {
     delete_table(NFPROTO_IPV4, TABLE)?;
+    delete_table(NFPROTO_IPV6, TABLE)?;
     delete_table(NFPROTO_BRIDGE, TABLE)
 }

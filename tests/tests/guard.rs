@@ -33,9 +33,16 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
     .into();
     let pods6: BTreeMap<String, Ipv6Addr> =
         [("veth1234".to_string(), "fd00:10:244:1::5".parse()?)].into();
+    let vteps6: BTreeSet<Ipv6Addr> = ["fd00:30::2".parse()?].into();
     let (v, p) = (vteps.clone(), pods.clone());
     flannel_tests::netns::in_netns(&name, move || {
-        Ok(guard::ensure(Some(4789), &v, Some(&p), &pods6)?)
+        Ok(guard::ensure(
+            Some(4789),
+            &v,
+            Some(&vteps6),
+            Some(&p),
+            &pods6,
+        )?)
     })?;
     let text = ruleset(&name)?;
     for want in [
@@ -43,6 +50,10 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
         "elements = { 172.30.0.2, 172.30.0.3 }",
         "type filter hook input priority filter; policy accept;",
         "udp dport 4789 ip saddr != @vteps counter packets 0 bytes 0 drop",
+        "table ip6 flannel-guard",
+        "type ipv6_addr",
+        "elements = { fd00:30::2 }",
+        "udp dport 4789 ip6 saddr != @vteps6 counter packets 0 bytes 0 drop",
         "table bridge flannel-guard",
         "type filter hook prerouting priority 0; policy accept;",
         "elements = { \"veth1234\",\n",
@@ -59,23 +70,30 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
     // bridge table gone.
     let one: BTreeSet<Ipv4Addr> = ["172.30.0.3".parse()?].into();
     flannel_tests::netns::in_netns(&name, move || {
-        Ok(guard::ensure(Some(4789), &one, None, &BTreeMap::new())?)
+        Ok(guard::ensure(
+            Some(4789),
+            &one,
+            None,
+            None,
+            &BTreeMap::new(),
+        )?)
     })?;
     let text = ruleset(&name)?;
     assert!(text.contains("elements = { 172.30.0.3 }"), "{text}");
     assert!(
-        !text.contains("172.30.0.2") && !text.contains("table bridge"),
+        !text.contains("172.30.0.2") && !text.contains("table bridge") && !text.contains("ip6"),
         "{text}"
     );
     assert_eq!(
         flannel_tests::netns::in_netns(&name, || Ok(guard::present()?))?,
-        (true, false)
+        (true, false, false)
     );
     // No leases at all: the set is empty and every VXLAN packet is dropped.
     flannel_tests::netns::in_netns(&name, || {
         Ok(guard::ensure(
             Some(8472),
             &BTreeSet::new(),
+            None,
             None,
             &BTreeMap::new(),
         )?)
@@ -86,6 +104,7 @@ fn guards_are_written_replaced_and_removed() -> Result<()> {
         Ok(guard::ensure(
             None,
             &BTreeSet::new(),
+            None,
             None,
             &BTreeMap::new(),
         )?)
@@ -123,6 +142,7 @@ fn a_large_cluster_fits() -> Result<()> {
         Ok(guard::ensure(
             Some(4789),
             &vteps,
+            None,
             Some(&pods),
             &BTreeMap::new(),
         )?)

@@ -11,6 +11,7 @@ use flannel_common::REMOTE_F_DIRECT;
 use flannel_tests::{
     lab::{LabOptions, NodeKind, NodeSpec, FABRIC_IP, FABRIC_IP6},
     netns::{exec, ip},
+    progtest,
     traffic::udp_source_seen,
     Lab,
 };
@@ -303,6 +304,47 @@ fn dual_stack_vxlan_carries_both_families_between_every_kind_of_node() -> Result
     }
     lab.every_pair(25300)?;
 
+    // VXLAN over IPv6 from a host that holds no lease (the fabric) is
+    // counted and dropped by the IPv6 guard on the kernel-path node (and
+    // by the programs on an eBPF one).
+    let kernel = &lab.nodes[2];
+    let dropped6 = || -> Result<u64> {
+        let out = exec(
+            &kernel.ns,
+            &["nft", "list", "chain", "ip6", "flannel-guard", "input"],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let n = text
+            .split("counter packets ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .with_context(|| format!("no IPv6 VXLAN rule in {text}"))?;
+        Ok(n.parse()?)
+    };
+    let ebpf_dropped = || -> Result<u64> {
+        let c = lab.nodes[0].counters()?;
+        Ok(c["uplink_drop_unknown_vtep"] + c["xdp_drop_unknown_vtep"])
+    };
+    let (k0, e0) = (dropped6()?, ebpf_dropped()?);
+    let vxlan6 = {
+        let mut v = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+        v.extend(progtest::eth([2; 6], [4; 6], 0x86dd, &[0x60; 40]));
+        v
+    };
+    for node in [kernel, &lab.nodes[0]] {
+        let (to, payload) = (node.ip6.unwrap(), vxlan6.clone());
+        flannel_tests::netns::in_netns(&lab.fabric, move || {
+            let s = std::net::UdpSocket::bind("[::]:0")?;
+            s.send_to(&payload, std::net::SocketAddr::new(to.into(), 4789))?;
+            Ok(())
+        })?;
+    }
+    lab.wait_for(
+        std::time::Duration::from_secs(2),
+        "IPv6 VXLAN guards",
+        |_| dropped6().is_ok_and(|n| n == k0 + 1) && ebpf_dropped().is_ok_and(|n| n == e0 + 1),
+    )?;
+
     // Without --ip-masq the CNI plugin masquerades (ipMasq), both families:
     // a pod's IPv6 to outside the cluster leaves with the node's IPv6.
     let seen = udp_source_seen(&lab.pod((0, 0)).ns, &lab.fabric, FABRIC_IP6, 7205)?;
@@ -403,7 +445,7 @@ fn pod_ipv6_is_checked_and_carried_on_both_data_paths() -> Result<()> {
         api::{self, EndpointRecord, Request},
         datapath::ebpf,
     };
-    use flannel_tests::{netns::send_frame, progtest};
+    use flannel_tests::netns::send_frame;
 
     let mut lab = Lab::with(
         &[

@@ -151,7 +151,13 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
         report.record(Op::Masq(m), r);
     }
     for g in guard_ops {
-        let r = crate::guard::ensure(g.port, &g.vteps, g.pods.as_ref(), &g.pods6);
+        let r = crate::guard::ensure(
+            g.port,
+            &g.vteps,
+            g.vteps6.as_ref(),
+            g.pods.as_ref(),
+            &g.pods6,
+        );
         if r.is_ok() {
             *guard_written = Some(g.clone());
         }

@@ -165,6 +165,9 @@ pub struct GuardSpec {
     pub port: Option<u16>,
     /// Every remote lease's public IP (VXLAN only).
     pub vteps: BTreeSet<Ipv4Addr>,
+    /// Dual-stack: every remote IPv6 lease's public IPv6, for the same
+    /// rule over IPv6 (`flannel-v6.<VNI>`'s VXLAN); `None` without IPv6.
+    pub vteps6: Option<BTreeSet<Ipv6Addr>>,
     /// Kernel data path: each registered pod's host-side port and address.
     /// `None` on the eBPF path, whose programs check pods themselves.
     pub pods: Option<BTreeMap<String, Ipv4Addr>>,
@@ -371,6 +374,9 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     let guard = GuardSpec {
         port: vxlan.then_some(i.cfg.backend.port),
         vteps,
+        vteps6: vtep6
+            .as_ref()
+            .map(|_| remotes6.values().map(|r| r.public_ip).collect()),
         pods: i.ebpf.is_none().then(|| {
             i.pods
                 .values()

@@ -460,8 +460,8 @@ pub fn guard_spec(want: &GuardSpec, have: &Observed) -> GuardSpec {
 /// are written again; so are tables that could not be read.
 fn guard(want: &GuardSpec, have: &Observed, ops: &mut Vec<Op>) {
     let want = guard_spec(want, have);
-    let current = matches!(&have.guard, GuardTables::Seen { ip: true, bridge, written: Some(w) }
-        if *w == want && *bridge == want.pods.is_some());
+    let current = matches!(&have.guard, GuardTables::Seen { ip: true, ip6, bridge, written: Some(w) }
+        if *w == want && *bridge == want.pods.is_some() && *ip6 == want.vteps6.is_some());
     if !current {
         ops.push(Op::Guard(want));
     }

@@ -54,6 +54,8 @@ pub enum GuardTables {
     Unknown,
     Seen {
         ip: bool,
+        /// `ip6 flannel-guard` (dual-stack).
+        ip6: bool,
         bridge: bool,
         /// What this process last wrote (contents are not read back).
         written: Option<GuardSpec>,
@@ -208,8 +210,9 @@ pub async fn observe(
         }
     };
     let guard = match crate::guard::present() {
-        Ok((ip, bridge)) => GuardTables::Seen {
+        Ok((ip, ip6, bridge)) => GuardTables::Seen {
             ip,
+            ip6,
             bridge,
             written: guard_written.cloned(),
         },

@@ -280,6 +280,7 @@ fn converged(w: &World) -> Observed {
         maps,
         guard: GuardTables::Seen {
             ip: true,
+            ip6: want.guard.vteps6.is_some(),
             bridge: want.guard.pods.is_some(),
             written: Some(want.guard.clone()),
         },
@@ -817,8 +818,9 @@ fn diff_table() {
         // The guard tables are rewritten whenever what they hold changes
         // (the rows below check when); the rest is each row's own list.
         let want_guard = super::diff::guard_spec(&w.want().guard, &w.have);
-        let seen = matches!(&w.have.guard, GuardTables::Seen { ip: true, bridge, written: Some(g) }
-            if *g == want_guard && *bridge == want_guard.pods.is_some());
+        let seen = matches!(&w.have.guard, GuardTables::Seen { ip: true, ip6, bridge, written: Some(g) }
+            if *g == want_guard && *bridge == want_guard.pods.is_some()
+                && *ip6 == want_guard.vteps6.is_some());
         let guards: Vec<_> = got.iter().filter(|o| matches!(o, Op::Guard(_))).collect();
         let expect_guard = (!seen).then(|| Op::Guard(want_guard.clone()));
         assert_eq!(
@@ -849,6 +851,7 @@ fn simulate(ops: &[Op], w: &mut World) {
             Op::Guard(g) => {
                 have.guard = GuardTables::Seen {
                     ip: true,
+                    ip6: g.vteps6.is_some(),
                     bridge: g.pods.is_some(),
                     written: Some(g.clone()),
                 };
@@ -1259,6 +1262,8 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
         assert!(ops.contains(&Op::Map(MapOp::PutVtep6(node6))));
     }
     assert_eq!(maps.vteps6.len(), 2);
+    // The kernel's VXLAN over IPv6 is guarded by the same set.
+    assert_eq!(want.guard.vteps6.as_ref(), Some(&maps.vteps6));
     assert_eq!(maps.remotes6.len(), 2);
     simulate(&ops, &mut w);
     assert_eq!(diff(&w.want(), &w.have), vec![]);
@@ -1328,6 +1333,7 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
     let maps = want.maps.clone().expect("eBPF maps");
     assert_eq!(maps.config.node_ip6, [0; 16]);
     assert!(maps.remotes6.is_empty() && maps.vteps6.is_empty());
+    assert_eq!(want.guard.vteps6, None);
     assert!(!diff(&want, &w.have)
         .iter()
         .any(|o| matches!(o, Op::Device(_) | Op::Vtep6(_))));
@@ -1474,6 +1480,7 @@ fn guard_tables_follow_leases_pods_and_drift() {
     for have in [
         GuardTables::Seen {
             ip: false,
+            ip6: false,
             bridge: false,
             written: Some(World::new().want().guard),
         },
