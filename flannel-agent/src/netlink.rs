@@ -596,6 +596,35 @@ impl Netlink {
             .collect())
     }
 
+    /// Destinations of the IPv6 routes of the main table through `index`
+    /// (`::/0` for the default route).
+    pub async fn routes6_via(&self, index: u32) -> Result<Vec<Ipv6Net>> {
+        let filter = RouteMessageBuilder::<Ipv6Addr>::new().build();
+        let mut stream = self.handle.route().get(filter).execute();
+        let mut out = Vec::new();
+        while let Some(route) = stream.try_next().await.map_err(req("list routes", index))? {
+            if !route
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index))
+            {
+                continue;
+            }
+            let dst = route
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet6(d)) => Some(*d),
+                    _ => None,
+                })
+                .unwrap_or(Ipv6Addr::UNSPECIFIED);
+            if let Ok(net) = Ipv6Net::new(dst, route.header.destination_prefix_length) {
+                out.push(net);
+            }
+        }
+        Ok(out)
+    }
+
     /// IPv4 routes of the main table whose output interface is `index`.
     async fn routes_out(&self, index: u32) -> Result<Vec<RouteMessage>> {
         let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();

@@ -196,6 +196,8 @@ pub struct Pod {
     pub host_if: String,
     /// The CNI container ID the pod was added with.
     pub container_id: String,
+    /// The ADD result (a CHECK's `prevResult`).
+    pub result: serde_json::Value,
 }
 
 pub struct Node {
@@ -1623,6 +1625,7 @@ impl Lab {
             mac,
             host_if,
             container_id: id,
+            result: out,
         });
         Ok(j - 1)
     }

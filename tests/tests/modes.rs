@@ -581,6 +581,41 @@ fn pod_ipv6_is_checked_and_carried_on_both_data_paths() -> Result<()> {
         assert!(err.contains(why), "{ip6}: {err}");
     }
 
+    // CHECK knows the pod's IPv6: good; then with its IPv6 default route
+    // gone, and with its IPv6 address gone, refused with code 101.
+    let checked = {
+        let mut c = lab.cni_conf(0, "1.0.0");
+        c["prevResult"] = b.result.clone();
+        c
+    };
+    let nsp = flannel_tests::lab::netns_path(&b.ns);
+    let check = |lab: &Lab| lab.cni(0, "CHECK", &b.container_id, &nsp, "eth0", &checked);
+    let c = check(&lab)?;
+    assert!(
+        c.success,
+        "CHECK on a good dual-stack pod: {} {}",
+        c.raw, c.stderr
+    );
+    for (args, why) in [
+        (
+            &["ip", "-6", "route", "del", "default"][..],
+            "IPv6 route to ::/0 is gone",
+        ),
+        (
+            &[
+                "ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global",
+            ][..],
+            "lost its IPv6 address",
+        ),
+    ] {
+        exec(&b.ns, args)?;
+        let c = check(&lab)?;
+        assert!(!c.success, "CHECK must fail: {}", c.raw);
+        assert_eq!(c.stdout["code"], 101, "{}", c.raw);
+        let msg = c.stdout["msg"].as_str().unwrap_or_default();
+        assert!(msg.contains(why), "{msg}");
+    }
+
     // DEL takes the pod's IPv6 entry with it.
     lab.del_pod((0, 1))?;
     let have = ebpf::read_endpoints6(&lab.nodes[0].bpf_dir)?;

@@ -610,6 +610,13 @@ async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
             rec.ip
         )));
     }
+    if let Some(ip6) = rec.ip6 {
+        if !prev.ips6.iter().any(|i| i.address == ip6) {
+            return Err(check_failed(format!(
+                "prevResult does not hold the pod's IPv6 address {ip6}"
+            )));
+        }
+    }
     let mut ipam = ipam_replay(env, &rec)?;
     if let Some(p) = &conf.prev_result {
         ipam.stdin.insert("prevResult".into(), p.clone());
@@ -659,6 +666,31 @@ async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
                 "the container's route to {} is gone",
                 r.dst
             )));
+        }
+    }
+    // A dual-stack pod: its IPv6 address and routes too.
+    if let Some(ip6) = rec.ip6 {
+        let addrs6 = pod
+            .ipv6_addrs(plink.index)
+            .await
+            .map_err(nl_err("reading the container's IPv6 addresses"))?;
+        if !addrs6.contains(&ip6) {
+            return Err(check_failed(format!(
+                "{} has lost its IPv6 address {ip6} (has {addrs6:?})",
+                env.ifname
+            )));
+        }
+        let routes6 = pod
+            .routes6_via(plink.index)
+            .await
+            .map_err(nl_err("reading the container's IPv6 routes"))?;
+        for r in &prev.routes6 {
+            if !routes6.contains(&r.dst) {
+                return Err(check_failed(format!(
+                    "the container's IPv6 route to {} is gone",
+                    r.dst
+                )));
+            }
         }
     }
     let host = host_netlink()?;
