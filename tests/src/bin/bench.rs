@@ -825,8 +825,9 @@ fn direct(o: &Opts) -> Result<Value> {
 }
 
 /// The IPv6 cross-node path of a dual-stack VXLAN lab: pods over IPv6 on
-/// eBPF nodes and on kernel-path nodes (`flannel-v6.1` carries both: the
-/// programs leave IPv6 to the kernel), and node-to-node over IPv6.
+/// eBPF nodes (the programs encapsulate and decapsulate, GSO packets
+/// aside) and on kernel-path nodes (`flannel-v6.1`), and node-to-node over
+/// IPv6.
 fn ipv6(o: &Opts) -> Result<Value> {
     side_lab(
         o,
@@ -959,6 +960,10 @@ fn side_lab(o: &Opts, side: SideLab) -> Result<Value> {
             "node1_pod_encap_redirect": c0["pod_encap_redirect"],
             "node1_pod_direct_redirect": c0["pod_direct_redirect"],
             "node1_pod_pass_not_ipv4": c0["pod_pass_not_ipv4"],
+            "node1_pod_encap6_redirect": c0["pod_encap6_redirect"],
+            "node1_pod_pass_gso6": c0["pod_pass_gso6"],
+            "node2_uplink_decap6": c["uplink_decap6"],
+            "node2_xdp_decap6": c["xdp_decap6"],
             "node2_uplink_decap": c["uplink_decap"],
             "node2_xdp_decap": c["xdp_decap"],
         }),
@@ -1346,7 +1351,7 @@ fn markdown(r: &Value) -> String {
         ("direct", "cross-node, DirectRouting (no VXLAN)"),
         (
             "ipv6",
-            "cross-node over IPv6, dual-stack VXLAN (flannel-v6.1)",
+            "cross-node over IPv6, dual-stack VXLAN",
         ),
     ] {
         let d = &r[section];
