@@ -145,6 +145,62 @@ fn fresh_table(s: &mut Socket, family: u8) {
     s.nft_in(family, NFT_MSG_DELTABLE, 0, &t, "clearing the guard table");
 }
 
+/// Queues table `TABLE` of `family` (IPv4 or IPv6) with its VTEP set
+/// holding `keys` and, with a VXLAN `port`, the rule dropping VXLAN from
+/// any other source.
+fn vxlan_table<const N: usize>(s: &mut Socket, family: u8, port: Option<u16>, keys: &[[u8; N]]) {
+    let (set_name, key_type, saddr) = match family {
+        NFPROTO_IPV6 => (VTEP6_SET, TYPE_IP6ADDR, 8),
+        _ => (VTEP_SET, TYPE_IPADDR, 12),
+    };
+    s.nft_in(
+        family,
+        NFT_MSG_NEWTABLE,
+        NLM_F_CREATE,
+        &table_attrs(TABLE),
+        "creating the guard table",
+    );
+    s.nft_in(
+        family,
+        NFT_MSG_NEWSET,
+        NLM_F_CREATE,
+        &set(TABLE, set_name, VTEP_SET_ID, key_type, N as u32),
+        "creating the VTEP set",
+    );
+    fill(
+        s,
+        family,
+        set_name,
+        VTEP_SET_ID,
+        keys,
+        "filling the VTEP set",
+    );
+    s.nft_in(
+        family,
+        NFT_MSG_NEWCHAIN,
+        NLM_F_CREATE,
+        &chain(TABLE, VXLAN_CHAIN, NF_INET_LOCAL_IN),
+        "creating the VXLAN chain",
+    );
+    if let Some(port) = port {
+        let mut r = Rule::default();
+        r.meta(NFT_META_L4PROTO, NFT_REG_1)
+            .cmp(NFT_REG_1, NFT_CMP_EQ, &[17])
+            .payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG_1)
+            .cmp(NFT_REG_1, NFT_CMP_EQ, &port.to_be_bytes())
+            .payload(NFT_PAYLOAD_NETWORK_HEADER, saddr, N as u32, NFT_REG_1)
+            .lookup(set_name, VTEP_SET_ID, NFT_REG_1, true)
+            .drop_counted();
+        s.nft_in(
+            family,
+            NFT_MSG_NEWRULE,
+            NLM_F_CREATE | NLM_F_APPEND,
+            &rule_attrs(TABLE, VXLAN_CHAIN, &r),
+            "adding the VXLAN rule",
+        );
+    }
+}
+
 /// Installs (or atomically replaces) the guards: VXLAN on `port` only from
 /// `vteps` (no VXLAN rule without a port: host-gw carries no VXLAN), and
 /// with `vteps6` over IPv6 only from those; with `pods` (port name → the
@@ -160,106 +216,13 @@ pub fn ensure(
     let mut s = Socket::open()?;
     s.batch(NFNL_MSG_BATCH_BEGIN);
 
-    let ip = NFPROTO_IPV4;
-    fresh_table(&mut s, ip);
-    s.nft_in(
-        ip,
-        NFT_MSG_NEWTABLE,
-        NLM_F_CREATE,
-        &table_attrs(TABLE),
-        "creating the guard table",
-    );
-    s.nft_in(
-        ip,
-        NFT_MSG_NEWSET,
-        NLM_F_CREATE,
-        &set(TABLE, VTEP_SET, VTEP_SET_ID, TYPE_IPADDR, 4),
-        "creating the VTEP set",
-    );
+    fresh_table(&mut s, NFPROTO_IPV4);
     let keys: Vec<[u8; 4]> = vteps.iter().map(|a| a.octets()).collect();
-    fill(
-        &mut s,
-        ip,
-        VTEP_SET,
-        VTEP_SET_ID,
-        &keys,
-        "filling the VTEP set",
-    );
-    s.nft_in(
-        ip,
-        NFT_MSG_NEWCHAIN,
-        NLM_F_CREATE,
-        &chain(TABLE, VXLAN_CHAIN, NF_INET_LOCAL_IN),
-        "creating the VXLAN chain",
-    );
-    if let Some(port) = port {
-        let mut r = Rule::default();
-        r.meta(NFT_META_L4PROTO, NFT_REG_1)
-            .cmp(NFT_REG_1, NFT_CMP_EQ, &[17])
-            .payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG_1)
-            .cmp(NFT_REG_1, NFT_CMP_EQ, &port.to_be_bytes())
-            .payload(NFT_PAYLOAD_NETWORK_HEADER, 12, 4, NFT_REG_1)
-            .lookup(VTEP_SET, VTEP_SET_ID, NFT_REG_1, true)
-            .drop_counted();
-        s.nft_in(
-            ip,
-            NFT_MSG_NEWRULE,
-            NLM_F_CREATE | NLM_F_APPEND,
-            &rule_attrs(TABLE, VXLAN_CHAIN, &r),
-            "adding the VXLAN rule",
-        );
-    }
-
-    let ip6 = NFPROTO_IPV6;
-    fresh_table(&mut s, ip6);
+    vxlan_table(&mut s, NFPROTO_IPV4, port, &keys);
+    fresh_table(&mut s, NFPROTO_IPV6);
     if let Some(vteps6) = vteps6 {
-        s.nft_in(
-            ip6,
-            NFT_MSG_NEWTABLE,
-            NLM_F_CREATE,
-            &table_attrs(TABLE),
-            "creating the IPv6 guard table",
-        );
-        s.nft_in(
-            ip6,
-            NFT_MSG_NEWSET,
-            NLM_F_CREATE,
-            &set(TABLE, VTEP6_SET, VTEP_SET_ID, TYPE_IP6ADDR, 16),
-            "creating the IPv6 VTEP set",
-        );
         let keys: Vec<[u8; 16]> = vteps6.iter().map(|a| a.octets()).collect();
-        fill(
-            &mut s,
-            ip6,
-            VTEP6_SET,
-            VTEP_SET_ID,
-            &keys,
-            "filling the IPv6 VTEP set",
-        );
-        s.nft_in(
-            ip6,
-            NFT_MSG_NEWCHAIN,
-            NLM_F_CREATE,
-            &chain(TABLE, VXLAN_CHAIN, NF_INET_LOCAL_IN),
-            "creating the IPv6 VXLAN chain",
-        );
-        if let Some(port) = port {
-            let mut r = Rule::default();
-            r.meta(NFT_META_L4PROTO, NFT_REG_1)
-                .cmp(NFT_REG_1, NFT_CMP_EQ, &[17])
-                .payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG_1)
-                .cmp(NFT_REG_1, NFT_CMP_EQ, &port.to_be_bytes())
-                .payload(NFT_PAYLOAD_NETWORK_HEADER, 8, 16, NFT_REG_1)
-                .lookup(VTEP6_SET, VTEP_SET_ID, NFT_REG_1, true)
-                .drop_counted();
-            s.nft_in(
-                ip6,
-                NFT_MSG_NEWRULE,
-                NLM_F_CREATE | NLM_F_APPEND,
-                &rule_attrs(TABLE, VXLAN_CHAIN, &r),
-                "adding the IPv6 VXLAN rule",
-            );
-        }
+        vxlan_table(&mut s, NFPROTO_IPV6, port, &keys);
     }
 
     let br = NFPROTO_BRIDGE;

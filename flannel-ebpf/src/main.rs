@@ -435,8 +435,7 @@ fn encap6(
     h[O + 7] = parse::OUTER_TTL;
     h[O + 8..O + 24].copy_from_slice(&cfg.node_ip6);
     h[O + 24..O + 40].copy_from_slice(&remote.node_ip6);
-    let sport = (((u64::from(hash)) * u64::from(SPORT_MAX - SPORT_MIN)) >> 32) as u32 + SPORT_MIN;
-    h[UDP..UDP + 2].copy_from_slice(&(sport as u16).to_be_bytes());
+    h[UDP..UDP + 2].copy_from_slice(&outer_sport(hash).to_be_bytes());
     h[UDP + 2..UDP + 4].copy_from_slice(&cfg.udp_port.to_be_bytes());
     h[UDP + 4..UDP + 6].copy_from_slice(&udp_len.to_be_bytes());
     h[UDP + 6..UDP + 12].copy_from_slice(&[0, 0, 0x08, 0, 0, 0]);
@@ -452,16 +451,7 @@ fn encap6(
     let check = csum::vxlan6_udp_check(&cfg.node_ip6, &remote.node_ip6, block);
     h[UDP + 6..UDP + 8].copy_from_slice(&check.to_be_bytes());
 
-    let flags = u64::from(
-        BPF_F_ADJ_ROOM_FIXED_GSO
-            | BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
-            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
-            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
-    ) | ((EthHdr::LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
-    if ctx
-        .adjust_room(VXLAN6_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
-        .is_err()
-    {
+    if !encap_room(ctx, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, VXLAN6_ENCAP_LEN) {
         return (drop, POD_DROP_ENCAP_FAILED);
     }
     if ctx.store(0, h, 0).is_err() {
@@ -476,15 +466,7 @@ fn encap6(
             let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
             nh.nh_family = u32::from(AF_INET6);
             nh.__bindgen_anon_1.ipv6_nh = via;
-            let action = unsafe {
-                bpf_redirect_neigh(
-                    ifindex,
-                    &mut nh,
-                    core::mem::size_of::<bpf_redir_neigh>() as i32,
-                    0,
-                )
-            };
-            (action as i32, POD_ENCAP6_NEIGH)
+            (neigh_redirect(ifindex, nh), POD_ENCAP6_NEIGH)
         }
     }
 }
@@ -654,6 +636,12 @@ fn redirect_neigh(ifindex: u32, via: u32) -> i32 {
     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
     nh.nh_family = u32::from(AF_INET);
     nh.__bindgen_anon_1.ipv4_nh = via;
+    neigh_redirect(ifindex, nh)
+}
+
+/// `bpf_redirect_neigh` to `nh`, of either family.
+#[inline(always)]
+fn neigh_redirect(ifindex: u32, mut nh: bpf_redir_neigh) -> i32 {
     let action = unsafe {
         bpf_redirect_neigh(
             ifindex,
@@ -663,6 +651,23 @@ fn redirect_neigh(ifindex: u32, via: u32) -> i32 {
         )
     };
     action as i32
+}
+
+/// The outer UDP source port for a flow hash, spread over the kernel's
+/// ephemeral range as its VXLAN driver does.
+#[inline(always)]
+fn outer_sport(hash: u32) -> u16 {
+    ((((u64::from(hash)) * u64::from(SPORT_MAX - SPORT_MIN)) >> 32) as u32 + SPORT_MIN) as u16
+}
+
+/// Room for VXLAN headers of `len` bytes in front of the inner frame
+/// (`l3`: the outer family's `BPF_F_ADJ_ROOM_ENCAP_L3_*`), GSO kept.
+#[inline(always)]
+fn encap_room(ctx: &TcContext, l3: u32, len: u32) -> bool {
+    let flags = u64::from(
+        BPF_F_ADJ_ROOM_FIXED_GSO | l3 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+    ) | ((EthHdr::LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
+    ctx.adjust_room(len as i32, BPF_ADJ_ROOM_MAC, flags).is_ok()
 }
 
 /// Builds the outer headers Flannel's VXLAN device would build and hands the
@@ -684,18 +689,9 @@ fn encap(
         return (pass, POD_PASS_NO_ROUTE);
     };
     let (ifindex, headers) = (hop.ifindex, &hop.headers);
-    let sport = (((u64::from(hash)) * u64::from(SPORT_MAX - SPORT_MIN)) >> 32) as u32 + SPORT_MIN;
+    let sport = outer_sport(hash);
 
-    let flags = u64::from(
-        BPF_F_ADJ_ROOM_FIXED_GSO
-            | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
-            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
-            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
-    ) | ((EthHdr::LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
-    if ctx
-        .adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
-        .is_err()
-    {
+    if !encap_room(ctx, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, VXLAN_ENCAP_LEN) {
         return (drop, POD_DROP_ENCAP_FAILED);
     }
     // One copy of the template, then the per-packet fields in place: the
@@ -714,7 +710,7 @@ fn encap(
         out,
         outer_len,
         (unsafe { bpf_get_prandom_u32() } & 0xffff) as u16,
-        sport as u16,
+        sport,
     );
     // The inner packet is routed once by this node, as through flannel.1.
     let check = csum::ttl_decremented(

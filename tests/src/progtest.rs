@@ -97,17 +97,15 @@ impl Netns {
 
     /// The uplink's neighbour entry for the remote node: `mac`, or none.
     pub fn set_neigh_mac(&self, mac: Option<[u8; 6]>) -> Result<()> {
-        let n = self.0.as_str();
+        self.set_neigh_of(REMOTE_IP.into(), mac)
+    }
+
+    /// The uplink's neighbour entry for `addr` (either family): `mac`, or
+    /// none.
+    pub fn set_neigh_of(&self, addr: std::net::IpAddr, mac: Option<[u8; 6]>) -> Result<()> {
+        let (n, addr) = (self.0.as_str(), addr.to_string());
         let _ = Command::new("ip")
-            .args([
-                "-n",
-                n,
-                "neigh",
-                "del",
-                &REMOTE_IP.to_string(),
-                "dev",
-                "up0",
-            ])
+            .args(["-n", n, "neigh", "del", &addr, "dev", "up0"])
             .output();
         if let Some(lladdr) = mac {
             ip(&[
@@ -115,7 +113,7 @@ impl Netns {
                 n,
                 "neigh",
                 "replace",
-                &REMOTE_IP.to_string(),
+                &addr,
                 "lladdr",
                 &self::mac(lladdr),
                 "dev",

@@ -380,26 +380,8 @@ fn tc_from_pod_encapsulates_ipv6_like_flannel_v6() -> Result<()> {
             "up0",
             "nodad",
         ])?;
-        let neigh = |present: bool| -> Result<()> {
-            let remote = REMOTE_IP6.to_string();
-            let _ = ip(&["-n", n, "neigh", "del", &remote, "dev", "up0"]);
-            if present {
-                ip(&[
-                    "-n",
-                    n,
-                    "neigh",
-                    "replace",
-                    &remote,
-                    "lladdr",
-                    &mac(NEIGH_MAC),
-                    "dev",
-                    "up0",
-                    "nud",
-                    "permanent",
-                ])?;
-            }
-            Ok(())
-        };
+        let neigh =
+            |present: bool| ns.set_neigh_of(REMOTE_IP6.into(), present.then_some(NEIGH_MAC));
         neigh(true)?;
         let mut h = Harness::new(ns.uplink_index()?)?;
         h.set_ipv6()?;

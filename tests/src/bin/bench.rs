@@ -1349,10 +1349,7 @@ fn markdown(r: &Value) -> String {
     }
     for (section, title) in [
         ("direct", "cross-node, DirectRouting (no VXLAN)"),
-        (
-            "ipv6",
-            "cross-node over IPv6, dual-stack VXLAN",
-        ),
+        ("ipv6", "cross-node over IPv6, dual-stack VXLAN"),
     ] {
         let d = &r[section];
         s += &format!(
