@@ -332,29 +332,14 @@ impl NetConfig {
     }
 
     /// Refuses what is valid for Flannel but not carried by this version:
-    /// IPv6-only clusters, and IPv6 with host-gw or DirectRouting.
-    /// Dual-stack VXLAN is carried (IPv6 by the kernel's
-    /// `flannel-v6.<VNI>` on both data paths).
+    /// IPv6-only clusters. Dual-stack is carried with every backend and
+    /// DirectRouting.
     pub fn check_carried(&self) -> Result<(), ConfigError> {
         if self.enable_ipv6 && !self.enable_ipv4 {
             return Err(invalid(
                 "EnableIPv4",
                 false,
                 "IPv6-only clusters are not carried by this version; dual-stack is (EnableIPv4 and EnableIPv6 both true)",
-            ));
-        }
-        if self.enable_ipv6 && self.backend.kind == BackendType::HostGw {
-            return Err(invalid(
-                "EnableIPv6",
-                true,
-                "host-gw carries IPv4 only in this version; use the vxlan backend for dual-stack",
-            ));
-        }
-        if self.enable_ipv6 && self.backend.direct_routing {
-            return Err(invalid(
-                "Backend.DirectRouting",
-                true,
-                "DirectRouting is IPv4-only in this version; leave it out for dual-stack",
             ));
         }
         Ok(())
@@ -925,8 +910,8 @@ mod tests {
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::1/56","Backend":{"Type":"vxlan"}}"#, Err("IPv6Network: fd00::1/56 is invalid: host bits are set; did you mean fd00::/56?")),
             (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, ok(|c| !c.enable_ipv4 && c.enable_ipv6 && c.check_carried().unwrap_err().to_string().contains("IPv6-only clusters are not carried"))),
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, ok(|c| c.check_carried().is_ok())),
-            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#, ok(|c| c.check_carried().unwrap_err().to_string().contains("host-gw carries IPv4 only"))),
-            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#, ok(|c| c.check_carried().unwrap_err().to_string().contains("DirectRouting is IPv4-only"))),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#, ok(|c| c.check_carried().is_ok() && c.backend.kind == BackendType::HostGw)),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#, ok(|c| c.check_carried().is_ok() && c.backend.direct_routing)),
             (r#"{"Network":"10.244.0.0/16","IPv6Network":"nope","Backend":{"Type":"vxlan"}}"#, Err("IPv6Network: nope is invalid")),
             (r#"{"Network":"10.244.0.0/16","EnableIPv4":"true","Backend":{"Type":"vxlan"}}"#, Err("EnableIPv4: \"true\" is invalid: expected true or false")),
             // Not JSON objects.

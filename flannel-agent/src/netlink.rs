@@ -37,6 +37,8 @@ pub enum NetlinkError {
         target: String,
         source: rtnetlink::Error,
     },
+    #[error("route to {dst} via {gw}: the gateway is of the other family")]
+    MixedFamilies { dst: IpNet, gw: IpAddr },
     #[error("interface {0} not found")]
     NoSuchLink(String),
     #[error("no IPv4 default route to choose the uplink from (pass --iface)")]
@@ -560,6 +562,16 @@ impl Netlink {
             .map_err(req("add route", dst))
     }
 
+    /// Adds (or replaces) a route of either family through `index` via
+    /// `gw`, which must be of the same family.
+    pub async fn add_route_via(&self, index: u32, dst: IpNet, gw: IpAddr) -> Result<()> {
+        match (dst, gw) {
+            (IpNet::V4(dst), IpAddr::V4(gw)) => self.add_route(index, dst, Some(gw)).await,
+            (IpNet::V6(dst), IpAddr::V6(gw)) => self.add_route6(index, dst, Some(gw)).await,
+            _ => Err(NetlinkError::MixedFamilies { dst, gw }),
+        }
+    }
+
     /// Adds (or replaces) a route through `index`, via `gw` when given.
     pub async fn add_route(&self, index: u32, dst: Ipv4Net, gw: Option<Ipv4Addr>) -> Result<()> {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
@@ -596,9 +608,9 @@ impl Netlink {
             .collect())
     }
 
-    /// Destinations of the IPv6 routes of the main table through `index`
-    /// (`::/0` for the default route).
-    pub async fn routes6_via(&self, index: u32) -> Result<Vec<Ipv6Net>> {
+    /// IPv6 routes of the main table through `index`: (destination,
+    /// gateway), `::/0` for the default route.
+    pub async fn routes6_via(&self, index: u32) -> Result<Vec<(Ipv6Net, Option<Ipv6Addr>)>> {
         let filter = RouteMessageBuilder::<Ipv6Addr>::new().build();
         let mut stream = self.handle.route().get(filter).execute();
         let mut out = Vec::new();
@@ -610,16 +622,17 @@ impl Netlink {
             {
                 continue;
             }
-            let dst = route
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RouteAttribute::Destination(RouteAddress::Inet6(d)) => Some(*d),
-                    _ => None,
-                })
-                .unwrap_or(Ipv6Addr::UNSPECIFIED);
+            let mut dst = Ipv6Addr::UNSPECIFIED;
+            let mut gw = None;
+            for a in &route.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet6(d)) => dst = *d,
+                    RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gw = Some(*g),
+                    _ => {}
+                }
+            }
             if let Ok(net) = Ipv6Net::new(dst, route.header.destination_prefix_length) {
-                out.push(net);
+                out.push((net, gw));
             }
         }
         Ok(out)

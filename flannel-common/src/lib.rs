@@ -147,9 +147,13 @@ pub struct RemoteNode {
 pub struct RemoteNode6 {
     /// The remote node's public IPv6 (outer destination).
     pub node_ip6: [u8; 16],
-    /// The remote node's IPv6 VtepMAC (`backend-v6-data`).
+    /// The remote node's IPv6 VtepMAC (`backend-v6-data`); zero for a
+    /// direct remote.
     pub vtep_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `REMOTE_F_DIRECT`: routed to `node_ip6` without encapsulation
+    /// (DirectRouting or host-gw over IPv6).
+    pub flags: u8,
+    pub _pad: u8,
 }
 
 /// `RemoteNode::flags`: the remote is reached without encapsulation
@@ -353,6 +357,8 @@ macro_rules! counter_names {
             "pod_encap6_neigh",
             "pod_pass_gso6",
             "pod_pass_ext6",
+            "pod_direct6_redirect",
+            "pod_direct6_neigh",
         ];
     };
 }
@@ -439,8 +445,15 @@ pub mod counters {
     /// upper-layer header's, which must follow the IPv6 header).
     pub const POD_PASS_EXT6: u32 = UPLINK_REDIRECT + 16;
 
+    /// IPv6 for a direct remote (`RemoteNode6::flags`), routed to the
+    /// node's IPv6 (hop limit − 1) and redirected to the uplink with the
+    /// next hop's MAC.
+    pub const POD_DIRECT6_REDIRECT: u32 = UPLINK_REDIRECT + 17;
+    /// The same with the next hop's MAC unresolved (`bpf_redirect_neigh`).
+    pub const POD_DIRECT6_NEIGH: u32 = UPLINK_REDIRECT + 18;
+
     /// Size of the counter array.
-    pub const COUNT: u32 = POD_PASS_EXT6 + 1;
+    pub const COUNT: u32 = POD_DIRECT6_NEIGH + 1;
 
     /// The XDP counter of a decap reason.
     #[inline(always)]
@@ -485,7 +498,9 @@ pub mod counters {
                 | UPLINK_DROP_REDIRECT_FAILED => Action::Drop,
                 POD_LOCAL_REDIRECT | POD_ENCAP_REDIRECT | POD_ENCAP_NEIGH | POD_DIRECT_REDIRECT
                 | POD_DIRECT_NEIGH | POD_LOCAL_REDIRECT6 | POD_ENCAP6_REDIRECT
-                | POD_ENCAP6_NEIGH | UPLINK_REDIRECT => Action::Decap,
+                | POD_ENCAP6_NEIGH | POD_DIRECT6_REDIRECT | POD_DIRECT6_NEIGH | UPLINK_REDIRECT => {
+                    Action::Decap
+                }
                 _ => Action::Pass,
             }
         };
@@ -510,7 +525,9 @@ pub mod counters {
             | POD_ENCAP6_REDIRECT
             | POD_ENCAP6_NEIGH
             | POD_PASS_GSO6
-            | POD_PASS_EXT6 => super::programs::TC_FROM_POD,
+            | POD_PASS_EXT6
+            | POD_DIRECT6_REDIRECT
+            | POD_DIRECT6_NEIGH => super::programs::TC_FROM_POD,
             XDP_FIRST..=XDP_PASS_NO_META | XDP_PASS_NETFILTER => super::programs::XDP_UPLINK,
             _ => super::programs::TC_UPLINK_INGRESS,
         }

@@ -342,7 +342,19 @@ fn from_pod6(ctx: &TcContext) -> (i32, u32) {
     if ip6[7] <= 1 {
         return (pass, POD_PASS_TTL);
     }
-    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if remote.flags & REMOTE_F_DIRECT != 0 {
+        // Unencapsulated: up to the uplink's MTU (`inner_mtu` plus the
+        // IPv4 VXLAN headers), for a whole packet or a GSO segment (IPv6
+        // and TCP headers: the smallest a segment carries).
+        let len = u32::from(u16::from_be_bytes([ip6[4], ip6[5]])) + IPV6_HDR_LEN as u32;
+        let seg = if gso_size == 0 { len } else { gso_size + 60 };
+        if seg > cfg.inner_mtu + VXLAN_ENCAP_LEN {
+            return (pass, POD_PASS_TOO_BIG);
+        }
+        return route_direct6(ctx, cfg, remote);
+    }
+    if gso_size != 0 {
         return (pass, POD_PASS_GSO6);
     }
     if !matches!(ip6[6], IPPROTO_TCP | parse::IPPROTO_UDP | IPPROTO_ICMPV6) {
@@ -467,6 +479,61 @@ fn encap6(
             nh.nh_family = u32::from(AF_INET6);
             nh.__bindgen_anon_1.ipv6_nh = via;
             (neigh_redirect(ifindex, nh), POD_ENCAP6_NEIGH)
+        }
+    }
+}
+
+/// What the kernel's route `<IPv6 subnet> via <node IPv6> dev <uplink>`
+/// does (DirectRouting and host-gw over IPv6): the packet, hop limit − 1
+/// (IPv6 has no header checksum), leaves by the uplink to the next hop's
+/// MAC from the uplink's. Extension headers and GSO packets go as they
+/// are: nothing past the fixed header changes.
+#[inline(always)]
+fn route_direct6(ctx: &TcContext, cfg: &Config, remote: &RemoteNode6) -> (i32, u32) {
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET6;
+    fib.ifindex = cfg.uplink_ifindex;
+    fib.__bindgen_anon_3.ipv6_src = words6(&cfg.node_ip6);
+    fib.__bindgen_anon_4.ipv6_dst = words6(&remote.node_ip6);
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    } as u32;
+    let (dmac, via) = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => (fib.dmac, None),
+        BPF_FIB_LKUP_RET_NO_NEIGH => ([0; 6], Some(unsafe { fib.__bindgen_anon_4.ipv6_dst })),
+        _ => return (TC_ACT_OK, POD_PASS_NO_ROUTE),
+    };
+    let smac = if via.is_some() {
+        cfg.uplink_mac
+    } else {
+        fib.smac
+    };
+    let pkt = parse::Packet::new(ctx.data(), ctx.data_end());
+    let Some(p) = pkt.get_mut::<[u8; EthHdr::LEN + IPV6_HDR_LEN]>(0) else {
+        return (TC_ACT_OK, POD_PASS_MALFORMED);
+    };
+    // SAFETY: `get_mut` checked that the Ethernet and IPv6 headers are in
+    // the packet.
+    let p = unsafe { &mut *p };
+    p[0..6].copy_from_slice(&dmac);
+    p[6..12].copy_from_slice(&smac);
+    p[EthHdr::LEN + 7] = p[EthHdr::LEN + 7].wrapping_sub(1);
+    let ifindex = fib.ifindex;
+    match via {
+        None => {
+            let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
+            (action, POD_DIRECT6_REDIRECT)
+        }
+        Some(via) => {
+            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            nh.nh_family = u32::from(AF_INET6);
+            nh.__bindgen_anon_1.ipv6_nh = via;
+            (neigh_redirect(ifindex, nh), POD_DIRECT6_NEIGH)
         }
     }
 }

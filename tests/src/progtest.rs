@@ -263,18 +263,24 @@ impl Harness {
             c.node_ip6 = NODE_IP6.octets();
             c.vtep6_mac = VTEP6_MAC;
         })?;
-        let mut remotes: LpmTrie<_, [u8; 16], RemoteNode6> =
-            LpmTrie::try_from(self.bpf.map_mut(maps::REMOTE_SUBNETS6).unwrap())?;
-        let subnet: Ipv6Addr = "fd00:10:244:2::".parse()?;
-        let node = RemoteNode6 {
+        self.set_remote6(RemoteNode6 {
             node_ip6: REMOTE_IP6.octets(),
             vtep_mac: REMOTE_VTEP6_MAC,
-            _pad: [0; 2],
-        };
-        remotes.insert(&Key::new(64, subnet.octets()), node, 0)?;
+            flags: 0,
+            _pad: 0,
+        })?;
         let mut vteps: HashMap<_, [u8; 16], Vtep> =
             HashMap::try_from(self.bpf.map_mut(maps::VTEPS6).unwrap())?;
         vteps.insert(REMOTE_IP6.octets(), Vtep::default(), 0)?;
+        Ok(())
+    }
+
+    /// The remote IPv6 lease fd00:10:244:2::/64 as `node` says.
+    pub fn set_remote6(&mut self, node: RemoteNode6) -> Result<()> {
+        let mut remotes: LpmTrie<_, [u8; 16], RemoteNode6> =
+            LpmTrie::try_from(self.bpf.map_mut(maps::REMOTE_SUBNETS6).unwrap())?;
+        let subnet: Ipv6Addr = "fd00:10:244:2::".parse()?;
+        remotes.insert(&Key::new(64, subnet.octets()), node, 0)?;
         Ok(())
     }
 

@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 use flannel_common::{
-    decap, programs, RemoteNode, CONFIG_F_NETFILTER, CONFIG_F_READY, CONFIG_F_STRICT_SOURCE,
-    CONFIG_F_TC_DECAP, REMOTE_F_DIRECT, XDP_META_DECAPPED,
+    decap, programs, RemoteNode, RemoteNode6, CONFIG_F_NETFILTER, CONFIG_F_READY,
+    CONFIG_F_STRICT_SOURCE, CONFIG_F_TC_DECAP, REMOTE_F_DIRECT, XDP_META_DECAPPED,
 };
 use flannel_tests::progtest::*;
 
@@ -360,6 +360,100 @@ fn tc_from_pod_ipv6_verdicts() -> Result<()> {
     })
 }
 
+/// The lab namespace's uplink as an IPv6 node's: forwarding on, the
+/// node's IPv6 on it. The function sets or removes the remote node's
+/// neighbour entry.
+fn ipv6_uplink(ns: &Netns) -> Result<impl Fn(bool) -> Result<()> + '_> {
+    let n = ns.0.as_str();
+    flannel_tests::netns::exec(n, &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])?;
+    let addr = format!("{NODE_IP6}/64");
+    flannel_tests::netns::ip(&["-n", n, "addr", "add", &addr, "dev", "up0", "nodad"])?;
+    Ok(move |present: bool| ns.set_neigh_of(REMOTE_IP6.into(), present.then_some(NEIGH_MAC)))
+}
+
+/// IPv6 for a direct remote (DirectRouting or host-gw over IPv6) leaves
+/// as the kernel's route `<IPv6 subnet> via <node IPv6>` sends it: the
+/// same bytes with the next hop's MACs and the hop limit one less, up to
+/// the uplink's MTU, extension headers and GSO packets included.
+#[test]
+fn tc_from_pod_routes_ipv6_direct_remotes_without_encapsulation() -> Result<()> {
+    in_lab_netns(|ns| {
+        let neigh = ipv6_uplink(ns)?;
+        let mut h = Harness::new(ns.uplink_index()?)?;
+        h.set_ipv6()?;
+        h.set_remote6(RemoteNode6 {
+            node_ip6: REMOTE_IP6.octets(),
+            flags: REMOTE_F_DIRECT,
+            ..Default::default()
+        })?;
+        let tc = programs::TC_FROM_POD;
+        let pkt = pod_frame6(SOURCE_POD6, REMOTE_POD6);
+        neigh(false)?;
+        let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_direct6_neigh", "unresolved")?;
+        assert_eq!(out[14..], routed6(&pkt)[14..]);
+        neigh(true)?;
+        let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_direct6_redirect", "direct")?;
+        assert_eq!(out.len(), pkt.len(), "no headers added");
+        assert_eq!(out[0..6], NEIGH_MAC);
+        assert_eq!(out[6..12], UPLINK_MAC);
+        assert_eq!(out[12..], routed6(&pkt)[12..], "only the hop limit changes");
+        // The uplink's MTU (1450 + 50), not flannel-v6.1's 1430, is the
+        // limit: 1500 bytes of IPv6 go, 1501 are the kernel's.
+        let sized = |len: usize| sized_pod_frame6(SOURCE_POD6, REMOTE_POD6, len - 48);
+        let out = h.expect(
+            tc,
+            &sized(1500),
+            TC_ACT_REDIRECT,
+            "pod_direct6_redirect",
+            "1500",
+        )?;
+        assert_eq!(out[12..], routed6(&sized(1500))[12..]);
+        h.expect(tc, &sized(1501), TC_ACT_OK, "pod_pass_too_big", "1501")?;
+        let mut last_hop = pkt.clone();
+        last_hop[21] = 1;
+        h.expect(tc, &last_hop, TC_ACT_OK, "pod_pass_ttl", "hop limit 1")?;
+        // Extension headers and fragments go as they are: nothing past the
+        // fixed header is touched.
+        for next in [0u8, 44, 60] {
+            let mut ext = vec![58, 0, 0, 0, 0, 0, 0, 0];
+            ext.extend_from_slice(&[128, 0, 0, 0, 0, 1, 0, 1]);
+            let p = eth(
+                GATEWAY_MAC,
+                POD_MAC,
+                0x86dd,
+                &ipv6(SOURCE_POD6, REMOTE_POD6, next, 64, &ext),
+            );
+            let what = format!("next {next}");
+            let out = h.expect(tc, &p, TC_ACT_REDIRECT, "pod_direct6_redirect", &what)?;
+            assert_eq!(out[12..], routed6(&p)[12..], "{what}");
+        }
+        // A GSO packet is segmented by the uplink: its segments must fit.
+        h.gso_size = 1440;
+        h.expect(
+            tc,
+            &pkt,
+            TC_ACT_REDIRECT,
+            "pod_direct6_redirect",
+            "GSO 1440",
+        )?;
+        h.gso_size = 1441;
+        h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_too_big", "GSO 1441")?;
+        h.gso_size = 0;
+        // No route to the node: the stack gets it intact.
+        h.update_config(|c| c.uplink_ifindex = 999)?;
+        let out = h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_no_route", "no route")?;
+        assert_eq!(out, pkt);
+        Ok(())
+    })
+}
+
+/// `pkt` routed once: hop limit one less.
+fn routed6(pkt: &[u8]) -> Vec<u8> {
+    let mut p = pkt.to_vec();
+    p[21] -= 1;
+    p
+}
+
 /// IPv6 from a pod to a remote IPv6 lease (dual-stack) leaves as
 /// `flannel-v6.1` would send it, byte by byte: VXLAN over IPv6 with the
 /// outer UDP checksum a receiver verifies. What the kernel must do (hop
@@ -367,21 +461,7 @@ fn tc_from_pod_ipv6_verdicts() -> Result<()> {
 #[test]
 fn tc_from_pod_encapsulates_ipv6_like_flannel_v6() -> Result<()> {
     in_lab_netns(|ns| {
-        let n = ns.0.as_str();
-        flannel_tests::netns::exec(n, &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])?;
-        let ip = flannel_tests::netns::ip;
-        ip(&[
-            "-n",
-            n,
-            "addr",
-            "add",
-            &format!("{NODE_IP6}/64"),
-            "dev",
-            "up0",
-            "nodad",
-        ])?;
-        let neigh =
-            |present: bool| ns.set_neigh_of(REMOTE_IP6.into(), present.then_some(NEIGH_MAC));
+        let neigh = ipv6_uplink(ns)?;
         neigh(true)?;
         let mut h = Harness::new(ns.uplink_index()?)?;
         h.set_ipv6()?;

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use anyhow::{anyhow, bail, Context};
 use flannel_common::VXLAN_ENCAP_LEN;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
@@ -50,7 +50,7 @@ struct Agent {
     /// The last pass's usable remote leases, and the unusable ones
     /// (logged once each).
     remotes: usize,
-    ignored: BTreeMap<Ipv4Net, Ignored>,
+    ignored: BTreeMap<IpNet, Ignored>,
     /// What this process last wrote to the masquerade table.
     masq_written: Option<reconcile::desired::MasqSpec>,
     guard_written: Option<reconcile::desired::GuardSpec>,
@@ -146,6 +146,19 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             Some(mac) if mac.is_unicast() => mac,
             _ => MacAddr::for_vtep6(ip6, cfg.backend.vni),
         };
+        // Flannel's host-gw check for IPv6, as for IPv4 above.
+        if cfg.backend.kind == BackendType::HostGw
+            && !nl
+                .ipv6_addrs(uplink.index)
+                .await?
+                .iter()
+                .any(|n| n.addr() == ip6)
+        {
+            bail!(
+                "your PublicIPv6 {ip6} differs from interface IP (uplink {}), meaning that probably you're on a NAT, which is not supported by host-gw backend",
+                uplink.name
+            );
+        }
         (Some(ip6), mac6)
     } else {
         (
@@ -157,8 +170,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         BackendType::Vxlan => LeaseAttrs::vxlan(ip, cfg.backend.vni, vtep_mac),
         BackendType::HostGw => LeaseAttrs::host_gw(ip),
     };
-    if let Some(ip6) = ip6 {
-        attrs = attrs.with_v6(ip6, cfg.backend.vni, vtep6_mac);
+    // Flannel's host-gw lease has the public IPv6 and no BackendV6Data.
+    match (ip6, cfg.backend.kind) {
+        (Some(ip6), BackendType::Vxlan) => attrs = attrs.with_v6(ip6, cfg.backend.vni, vtep6_mac),
+        (Some(ip6), BackendType::HostGw) => attrs.public_ipv6 = Some(ip6),
+        (None, _) => {}
     }
     let previous = store::previous_subnet(&opts.subnet_file);
     let previous6 = store::previous_subnet6(&opts.subnet_file);
@@ -213,6 +229,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let bpf_dir = matches!(selected.active, Active::Ebpf { .. }).then(|| opts.bpf_dir.clone());
     metrics.set_datapath(selected.active.name(), selected.xdp_mode, bpf_dir);
 
+    let uplink_nets6 = nl.ipv6_addrs(uplink.index).await?;
     let mut agent = Agent {
         opts,
         cfg,
@@ -220,6 +237,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         node: Node {
             uplink,
             uplink_nets,
+            uplink_nets6,
             ip,
             ip6,
             lease,
@@ -494,6 +512,7 @@ impl Agent {
             }
             self.node.uplink = up.clone();
             self.node.uplink_nets = observed.uplink_addrs.clone();
+            self.node.uplink_nets6 = observed.uplink_addrs6.clone();
         }
         self.decide_netfilter();
         if let Err(err) = self.pods.adopt(

@@ -685,7 +685,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
             .await
             .map_err(nl_err("reading the container's IPv6 routes"))?;
         for r in &prev.routes6 {
-            if !routes6.contains(&r.dst) {
+            if !routes6.iter().any(|(dst, _)| *dst == r.dst) {
                 return Err(check_failed(format!(
                     "the container's IPv6 route to {} is gone",
                     r.dst

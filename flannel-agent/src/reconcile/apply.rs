@@ -264,7 +264,7 @@ async fn direct(nl: &Netlink, ops: Vec<DirectOp>, report: &mut Report) {
     let mut results = futures::stream::iter(ops)
         .map(|d| async move {
             let r = match d {
-                DirectOp::Route(r) => nl.add_route(r.uplink, r.subnet, Some(r.via)).await,
+                DirectOp::Route(r) => nl.add_route_via(r.uplink, r.subnet, r.via).await,
                 DirectOp::Delete { subnet, uplink } => nl.delete_route(uplink, subnet).await,
             };
             (d, r)

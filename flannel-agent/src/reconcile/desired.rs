@@ -31,6 +31,9 @@ pub struct Node {
     /// The uplink's IPv4 addresses with their prefixes: the L2 network a
     /// remote must be on to be routed to directly.
     pub uplink_nets: Vec<Ipv4Net>,
+    /// The uplink's global IPv6 addresses with their prefixes: the same
+    /// for a remote's IPv6 (DirectRouting and host-gw over IPv6).
+    pub uplink_nets6: Vec<Ipv6Net>,
     /// The public IP other nodes send VXLAN to.
     pub ip: Ipv4Addr,
     /// With IPv6: the public IPv6 other nodes send `flannel-v6.<VNI>`'s
@@ -87,6 +90,11 @@ impl Node {
     pub fn on_link(&self, ip: Ipv4Addr) -> bool {
         self.uplink_nets.iter().any(|n| n.trunc().contains(&ip))
     }
+
+    /// `on_link` for a remote's public IPv6.
+    pub fn on_link6(&self, ip: Ipv6Addr) -> bool {
+        self.uplink_nets6.iter().any(|n| n.trunc().contains(&ip))
+    }
 }
 
 /// Everything the desired state is computed from.
@@ -139,11 +147,12 @@ pub struct VtepSpec {
 }
 
 /// A remote lease routed without encapsulation: `<subnet> via <node IP>
-/// dev <uplink>` (Flannel's DirectRouting and host-gw).
+/// dev <uplink>` (Flannel's DirectRouting and host-gw), or its IPv6 side,
+/// `<IPv6 subnet> via <node IPv6> dev <uplink>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirectRoute {
-    pub subnet: Ipv4Net,
-    pub via: Ipv4Addr,
+    pub subnet: IpNet,
+    pub via: IpAddr,
     pub uplink: u32,
 }
 
@@ -193,7 +202,7 @@ pub struct MapsSpec {
 /// A lease left out of the data path, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ignored {
-    pub node: Ipv4Addr,
+    pub node: IpAddr,
     pub why: String,
 }
 
@@ -204,8 +213,9 @@ pub struct Desired {
     pub vtep: Option<VtepSpec>,
     /// Every usable remote lease (not ours) reached over VXLAN, by subnet.
     pub remotes: BTreeMap<Ipv4Net, RemoteEntry>,
-    /// Every usable remote lease routed directly, by subnet.
-    pub direct: BTreeMap<Ipv4Net, DirectRoute>,
+    /// Every usable remote lease routed directly, by subnet (IPv4 and,
+    /// with IPv6, each lease's IPv6 side that is routed directly).
+    pub direct: BTreeMap<IpNet, DirectRoute>,
     /// With IPv6: `flannel-v6.<VNI>`, and every remote lease's IPv6 side
     /// on it, by IPv6 subnet.
     pub vtep6: Option<VtepSpec>,
@@ -213,9 +223,12 @@ pub struct Desired {
     /// The cluster's `Network`: a route through the uplink (with a
     /// gateway) to a subnet inside it is a direct route of ours.
     pub network: Ipv4Net,
+    /// With IPv6: the `IPv6Network`, the same for IPv6 routes.
+    pub network6: Option<Ipv6Net>,
     /// The uplink's interface index.
     pub uplink: u32,
-    pub ignored: BTreeMap<Ipv4Net, Ignored>,
+    /// Leases (or a lease's IPv6 side) left out, by subnet.
+    pub ignored: BTreeMap<IpNet, Ignored>,
     /// `Some` with `--ip-masq`.
     pub masq: Option<MasqSpec>,
     pub pods: BTreeMap<Ipv4Addr, EndpointRecord>,
@@ -252,10 +265,14 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             Ipv4Net::new(node.lease.subnet.network(), 32).expect("/32 is a valid prefix"),
         ),
     });
-    // Flannel's IPv6 side: VXLAN over the IPv6 node network, when the
-    // config, the lease and the node all have IPv6.
-    let vtep6 = match (vxlan && i.cfg.enable_ipv6, node.ip6, node.lease.ipv6_subnet) {
-        (true, Some(ip6), Some(lease6)) => Some(VtepSpec {
+    // Flannel's IPv6 side, when the config, the lease and the node all
+    // have IPv6: with VXLAN over the IPv6 node network.
+    let v6 = match (i.cfg.enable_ipv6, node.ip6, node.lease.ipv6_subnet) {
+        (true, Some(ip6), Some(lease6)) => Some((ip6, lease6)),
+        _ => None,
+    };
+    let vtep6 = match v6.filter(|_| vxlan) {
+        Some((ip6, lease6)) => Some(VtepSpec {
             link: VxlanSpec {
                 name: format!("flannel-v6.{}", i.cfg.backend.vni),
                 vni: i.cfg.backend.vni,
@@ -267,17 +284,24 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             },
             addr: IpNet::V6(Ipv6Net::new(lease6.network(), 128).expect("/128 is a valid prefix")),
         }),
-        _ => None,
+        None => None,
     };
     let Remotes {
         vxlan: remotes,
-        direct,
-        ignored,
+        mut direct,
+        mut ignored,
+        with6,
     } = remotes(node, i.cfg, i.leases);
-    let remotes6 = match &vtep6 {
-        Some(_) => remotes6(node, &remotes, i.leases),
-        None => BTreeMap::new(),
+    let Remotes6 {
+        vxlan: remotes6,
+        direct: direct6,
+        ignored: ignored6,
+    } = match v6 {
+        Some(_) => remotes6(node, i.cfg, &with6, i.leases),
+        None => Remotes6::default(),
     };
+    direct.extend(direct6.iter().map(|d| (d.subnet, *d)));
+    ignored.extend(ignored6);
     // The largest packet a pod may send to a VXLAN remote; a direct one
     // takes VXLAN_ENCAP_LEN more, the uplink's MTU.
     // Who may send us VXLAN: with VXLAN every lease holder, the direct ones
@@ -287,7 +311,22 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         remotes
             .values()
             .map(|r| r.public_ip)
-            .chain(direct.values().map(|d| d.via))
+            .chain(direct.values().filter_map(|d| match d.via {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            }))
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let vteps6: BTreeSet<Ipv6Addr> = if vxlan {
+        remotes6
+            .values()
+            .map(|r| r.public_ip)
+            .chain(direct6.iter().filter_map(|d| match d.via {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(_) => None,
+            }))
             .collect()
     } else {
         BTreeSet::new()
@@ -321,16 +360,13 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             vtep_mac: node.vtep_mac.0,
             uplink_mac: node.uplink.mac.unwrap_or_default().0,
             gateway_mac: bridge.mac.0,
-            // With flannel-v6.<VNI> in place the programs encapsulate IPv6
-            // as it would.
-            node_ip6: match (&vtep6, node.ip6) {
-                (Some(_), Some(ip6)) => ip6.octets(),
-                _ => [0; 16],
-            },
+            // With IPv6 on the programs carry it: encapsulated as
+            // flannel-v6.<VNI> would, or routed directly.
+            node_ip6: v6.map_or([0; 16], |(ip6, _)| ip6.octets()),
             vtep6_mac: vtep6.as_ref().map_or([0; 6], |_| node.vtep6_mac.0),
             ..Default::default()
         },
-        vteps6: remotes6.values().map(|r| r.public_ip).collect(),
+        vteps6: vteps6.clone(),
         remotes6: remotes6
             .values()
             .map(|r| {
@@ -339,10 +375,23 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
                     RemoteNode6 {
                         node_ip6: r.public_ip.octets(),
                         vtep_mac: r.vtep_mac.0,
-                        _pad: [0; 2],
+                        flags: 0,
+                        _pad: 0,
                     },
                 )
             })
+            .chain(direct6.iter().filter_map(|d| match (d.subnet, d.via) {
+                (IpNet::V6(subnet), IpAddr::V6(via)) => Some((
+                    subnet,
+                    RemoteNode6 {
+                        node_ip6: via.octets(),
+                        vtep_mac: [0; 6],
+                        flags: REMOTE_F_DIRECT,
+                        _pad: 0,
+                    },
+                )),
+                _ => None,
+            }))
             .collect(),
         remotes: remotes
             .values()
@@ -357,16 +406,17 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
                     },
                 )
             })
-            .chain(direct.values().map(|d| {
-                (
-                    d.subnet,
+            .chain(direct.values().filter_map(|d| match (d.subnet, d.via) {
+                (IpNet::V4(subnet), IpAddr::V4(via)) => Some((
+                    subnet,
                     RemoteNode {
-                        node_ip: ip_key(d.via),
+                        node_ip: ip_key(via),
                         vtep_mac: [0; 6],
                         flags: REMOTE_F_DIRECT,
                         _pad: 0,
                     },
-                )
+                )),
+                _ => None,
             }))
             .collect(),
         vteps: vteps.clone(),
@@ -374,9 +424,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     let guard = GuardSpec {
         port: vxlan.then_some(i.cfg.backend.port),
         vteps,
-        vteps6: vtep6
-            .as_ref()
-            .map(|_| remotes6.values().map(|r| r.public_ip).collect()),
+        vteps6: vtep6.as_ref().map(|_| vteps6),
         pods: i.ebpf.is_none().then(|| {
             i.pods
                 .values()
@@ -401,6 +449,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         vtep6,
         remotes6,
         network: i.cfg.network,
+        network6: i.cfg.ipv6_network.filter(|_| i.cfg.enable_ipv6),
         uplink: node.uplink.index,
         ignored,
         masq: i.ip_masq.then_some(MasqSpec {
@@ -424,8 +473,20 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
 /// The remote leases, sorted by how they are reached.
 struct Remotes {
     vxlan: BTreeMap<Ipv4Net, RemoteEntry>,
-    direct: BTreeMap<Ipv4Net, DirectRoute>,
-    ignored: BTreeMap<Ipv4Net, Ignored>,
+    direct: BTreeMap<IpNet, DirectRoute>,
+    ignored: BTreeMap<IpNet, Ignored>,
+    /// The leases whose IPv6 side is to be decided: those of our backend
+    /// type with usable data (Flannel decides each family on its own, so
+    /// a host-gw lease whose IPv4 is off the network still counts).
+    with6: Vec<Ipv4Net>,
+}
+
+/// The remote leases' IPv6 sides, sorted the same way.
+#[derive(Default)]
+struct Remotes6 {
+    vxlan: BTreeMap<Ipv6Net, RemoteEntry6>,
+    direct: Vec<DirectRoute>,
+    ignored: Vec<(IpNet, Ignored)>,
 }
 
 /// Every other node's lease as data path state, as Flannel decides it:
@@ -442,6 +503,7 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
         vxlan: BTreeMap::new(),
         direct: BTreeMap::new(),
         ignored: BTreeMap::new(),
+        with6: Vec::new(),
     };
     for l in leases.values() {
         if l.attrs.public_ip == node.ip || l.subnet == own {
@@ -449,8 +511,8 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
         }
         let ip = l.attrs.public_ip;
         let direct = DirectRoute {
-            subnet: l.subnet,
-            via: ip,
+            subnet: IpNet::V4(l.subnet),
+            via: IpAddr::V4(ip),
             uplink: node.uplink.index,
         };
         let why = if own.contains(&l.subnet.network()) || l.subnet.contains(&own.network()) {
@@ -464,19 +526,25 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
         } else {
             match kind {
                 BackendType::HostGw if node.on_link(ip) => {
-                    out.direct.insert(l.subnet, direct);
+                    out.direct.insert(direct.subnet, direct);
+                    out.with6.push(l.subnet);
                     continue;
                 }
-                BackendType::HostGw => format!(
+                BackendType::HostGw => {
+                    out.with6.push(l.subnet);
+                    format!(
                     "node {ip} is not on this node's network ({}): host-gw routes only to nodes on one L2 network (Flannel's route add fails: network is unreachable)",
                     nets(&node.uplink_nets)
-                ),
+                )
+                }
                 BackendType::Vxlan => match l.attrs.vxlan_data() {
                     Ok(_) if cfg.backend.direct_routing && node.on_link(ip) => {
-                        out.direct.insert(l.subnet, direct);
+                        out.direct.insert(direct.subnet, direct);
+                        out.with6.push(l.subnet);
                         continue;
                     }
                     Ok(data) => {
+                        out.with6.push(l.subnet);
                         out.vxlan.insert(
                             l.subnet,
                             RemoteEntry {
@@ -491,39 +559,80 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
                 },
             }
         };
-        out.ignored.insert(l.subnet, Ignored { node: ip, why });
+        out.ignored.insert(
+            IpNet::V4(l.subnet),
+            Ignored {
+                node: IpAddr::V4(ip),
+                why,
+            },
+        );
     }
     out
 }
 
-/// The IPv6 side of every VXLAN remote whose lease has one: an IPv6
-/// subnet, a public IPv6 and the VtepMAC of its `flannel-v6.<VNI>`.
-/// A remote without them is reached over IPv4 only.
-fn remotes6(
-    node: &Node,
-    vxlan: &BTreeMap<Ipv4Net, RemoteEntry>,
-    leases: &LeaseSet,
-) -> BTreeMap<Ipv6Net, RemoteEntry6> {
+/// The IPv6 side of every remote lease in `with6` (by IPv4 subnet)
+/// that has one: an IPv6 subnet and a public IPv6. Each family is decided
+/// on its own, as Flannel does: routed directly when DirectRouting is on
+/// (or the backend is host-gw) and the node's IPv6 is on this node's IPv6
+/// network, else over `flannel-v6.<VNI>` with the lease's
+/// `backend-v6-data`. A host-gw remote off the network, or a VXLAN one
+/// without a usable VtepMAC, is set aside with the reason; a remote
+/// without an IPv6 side is reached over IPv4 only.
+fn remotes6(node: &Node, cfg: &NetConfig, with6: &[Ipv4Net], leases: &LeaseSet) -> Remotes6 {
     let own = node.lease.ipv6_subnet;
-    vxlan
-        .keys()
-        .filter_map(|subnet| leases.get(subnet))
-        .filter_map(|l| {
-            let subnet = l.ipv6_subnet?;
-            let public_ip = l.attrs.public_ipv6?;
-            let data = l.attrs.vxlan_v6_data().ok()?;
-            let overlaps =
-                own.is_some_and(|o| o.contains(&subnet.network()) || subnet.contains(&o.network()));
-            (!overlaps && Some(public_ip) != node.ip6).then_some((
-                subnet,
-                RemoteEntry6 {
-                    subnet,
-                    public_ip,
-                    vtep_mac: data.vtep_mac,
-                },
-            ))
-        })
-        .collect()
+    let mut out = Remotes6::default();
+    for l in with6.iter().filter_map(|subnet| leases.get(subnet)) {
+        let (Some(subnet), Some(public_ip)) = (l.ipv6_subnet, l.attrs.public_ipv6) else {
+            continue;
+        };
+        let overlaps =
+            own.is_some_and(|o| o.contains(&subnet.network()) || subnet.contains(&o.network()));
+        if overlaps || Some(public_ip) == node.ip6 {
+            continue;
+        }
+        let on_link = node.on_link6(public_ip);
+        let why = match cfg.backend.kind {
+            BackendType::HostGw if !on_link => format!(
+                "node {public_ip} is not on this node's IPv6 network ({}): host-gw routes only to nodes on one L2 network (Flannel's route add fails: network is unreachable)",
+                nets6(&node.uplink_nets6)
+            ),
+            BackendType::Vxlan if !(cfg.backend.direct_routing && on_link) => {
+                match l.attrs.vxlan_v6_data() {
+                    Ok(data) => {
+                        let entry = RemoteEntry6 {
+                            subnet,
+                            public_ip,
+                            vtep_mac: data.vtep_mac,
+                        };
+                        out.vxlan.insert(subnet, entry);
+                        continue;
+                    }
+                    Err(why) => format!("IPv6: {why}"),
+                }
+            }
+            _ => {
+                out.direct.push(DirectRoute {
+                    subnet: IpNet::V6(subnet),
+                    via: IpAddr::V6(public_ip),
+                    uplink: node.uplink.index,
+                });
+                continue;
+            }
+        };
+        let node = IpAddr::V6(public_ip);
+        out.ignored.push((IpNet::V6(subnet), Ignored { node, why }));
+    }
+    out
+}
+
+fn nets6(nets: &[Ipv6Net]) -> String {
+    if nets.is_empty() {
+        return "no global IPv6 address on the uplink".into();
+    }
+    nets.iter()
+        .map(|n| n.trunc().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn nets(nets: &[Ipv4Net]) -> String {

@@ -109,7 +109,7 @@ pub enum DirectOp {
     Route(DirectRoute),
     /// A route through the uplink to a subnet of the cluster network that
     /// no direct remote wants.
-    Delete { subnet: Ipv4Net, uplink: u32 },
+    Delete { subnet: IpNet, uplink: u32 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -400,14 +400,16 @@ fn direct_routes(want: &Desired, have: &Observed) -> (Vec<Op>, Vec<Op>) {
         .filter(|d| !routes.contains(&(d.subnet, d.via)))
         .map(|d| Op::Direct(DirectOp::Route(*d)))
         .collect();
-    let mut stale: Vec<Ipv4Net> = routes
+    // Inside the cluster network of its family, and longer than it.
+    let ours = |dst: &IpNet| match (dst, want.network6) {
+        (IpNet::V4(d), _) => want.network.contains(d) && d.prefix_len() > want.network.prefix_len(),
+        (IpNet::V6(d), Some(n)) => n.contains(d) && d.prefix_len() > n.prefix_len(),
+        (IpNet::V6(_), None) => false,
+    };
+    let mut stale: Vec<IpNet> = routes
         .iter()
         .map(|(dst, _)| *dst)
-        .filter(|dst| {
-            want.network.contains(dst)
-                && dst.prefix_len() > want.network.prefix_len()
-                && !want.direct.contains_key(dst)
-        })
+        .filter(|dst| ours(dst) && !want.direct.contains_key(dst))
         .collect();
     stale.sort();
     stale.dedup();

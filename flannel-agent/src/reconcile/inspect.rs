@@ -3,6 +3,7 @@
 //! the diff it leans on for the devices and for what the next pass would
 //! change.
 
+use ipnet::IpNet;
 use std::net::IpAddr;
 
 use flannel_common::REMOTE_F_DIRECT;
@@ -129,16 +130,36 @@ pub fn inspect(
                 }
             }
             if let (Some(maps), Some(seen)) = (&want.maps, &have.maps) {
-                let entry = seen.remotes.get(&d.subnet);
-                c.map = entry.map(|e| {
-                    let how = if e.flags & REMOTE_F_DIRECT != 0 {
+                let how = |flags: u8, mac: [u8; 6]| {
+                    if flags & REMOTE_F_DIRECT != 0 {
                         "direct".to_string()
                     } else {
-                        MacAddr(e.vtep_mac).to_string()
-                    };
-                    format!("{} {how}", key_ip(e.node_ip))
-                });
-                if entry != maps.remotes.get(&d.subnet) {
+                        MacAddr(mac).to_string()
+                    }
+                };
+                let (seen_entry, wanted) = match d.subnet {
+                    IpNet::V4(subnet) => {
+                        let e = seen.remotes.get(&subnet);
+                        (
+                            e.map(|e| {
+                                format!("{} {}", key_ip(e.node_ip), how(e.flags, e.vtep_mac))
+                            }),
+                            e == maps.remotes.get(&subnet),
+                        )
+                    }
+                    IpNet::V6(subnet) => {
+                        let e = seen.remotes6.get(&subnet);
+                        (
+                            e.map(|e| {
+                                let ip = std::net::Ipv6Addr::from(e.node_ip6);
+                                format!("{ip} {}", how(e.flags, e.vtep_mac))
+                            }),
+                            e == maps.remotes6.get(&subnet),
+                        )
+                    }
+                };
+                c.map = seen_entry;
+                if !wanted {
                     c.problems.push(format!(
                         "map: entry is {}, the lease says {} direct",
                         c.map.as_deref().unwrap_or("missing"),

@@ -8,7 +8,7 @@ use std::{
 };
 
 use flannel_common::{Config, Endpoint, RemoteNode, RemoteNode6};
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::desired::{GuardSpec, MasqSpec};
 use crate::{
@@ -27,9 +27,12 @@ pub struct Observed {
     pub vtep_addrs: Vec<Ipv4Net>,
     /// IPv4 addresses on the uplink (with their prefixes).
     pub uplink_addrs: Vec<Ipv4Net>,
-    /// Main-table routes through the uplink that have a gateway:
-    /// (destination, gateway). `None` when they could not be read.
-    pub uplink_routes: Option<Vec<(Ipv4Net, Ipv4Addr)>>,
+    /// Global IPv6 addresses on the uplink (with their prefixes).
+    pub uplink_addrs6: Vec<Ipv6Net>,
+    /// Main-table routes through the uplink that have a gateway, of both
+    /// families: (destination, gateway). `None` when they could not be
+    /// read.
+    pub uplink_routes: Option<Vec<(IpNet, IpAddr)>>,
     /// What hangs on the VTEP device (empty when it does not exist);
     /// `None` when it could not be read.
     pub vtep: Option<VtepEntries>,
@@ -174,13 +177,19 @@ pub async fn observe(
         },
     };
     let uplink_addrs = addrs(devices.uplink).await?;
+    let uplink_addrs6 = addrs6(devices.uplink).await?;
     let uplink_routes = match links.get(devices.uplink) {
         None => Some(Vec::new()),
-        Some(l) => match nl.routes_via(l.index).await {
-            Ok(routes) => Some(
+        Some(l) => match futures::try_join!(nl.routes_via(l.index), nl.routes6_via(l.index)) {
+            Ok((routes, routes6)) => Some(
                 routes
                     .into_iter()
-                    .filter_map(|(dst, gw)| Some((dst, gw?)))
+                    .filter_map(|(dst, gw)| Some((IpNet::V4(dst), IpAddr::V4(gw?))))
+                    .chain(
+                        routes6
+                            .into_iter()
+                            .filter_map(|(dst, gw)| Some((IpNet::V6(dst), IpAddr::V6(gw?)))),
+                    )
                     .collect(),
             ),
             Err(err) => {
@@ -242,6 +251,7 @@ pub async fn observe(
         vtep6_addrs,
         vtep6,
         uplink_addrs,
+        uplink_addrs6,
         uplink_routes,
         vtep,
         masq,

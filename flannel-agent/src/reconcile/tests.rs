@@ -39,6 +39,15 @@ fn net(s: &str) -> Ipv4Net {
     s.parse().unwrap()
 }
 
+/// An address or subnet of either family.
+fn aip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn anet(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
 fn mac(last: u8) -> MacAddr {
     MacAddr([0x0e, 0, 0, 0, 0, last])
 }
@@ -108,6 +117,7 @@ impl World {
             node: Node {
                 uplink: link(UPLINK, "eth0", Some(InfoKind::Veth)),
                 uplink_nets: vec![net("10.0.0.1/24")],
+                uplink_nets6: Vec::new(),
                 ip: ip("10.0.0.1"),
                 ip6: None,
                 vtep6_mac: mac(0x61),
@@ -270,6 +280,7 @@ fn converged(w: &World) -> Observed {
         vtep6_addrs: want.vtep6.iter().filter_map(|v| v6(v.addr)).collect(),
         vtep6: Some(entries_of(&want.remotes6)),
         uplink_addrs: w.node.uplink_nets.clone(),
+        uplink_addrs6: w.node.uplink_nets6.clone(),
         uplink_routes: Some(want.direct.values().map(|d| (d.subnet, d.via)).collect()),
         vtep: Some(entries),
         masq: match want.masq {
@@ -733,13 +744,13 @@ const ROWS: &[Row] = &[
         "a stale direct route in the cluster network goes; other routes on the uplink stay",
         |w| {
             let up = w.have.uplink_routes.as_mut().unwrap();
-            up.push((net("10.244.9.0/24"), ip("10.0.0.9")));
-            up.push((net("192.168.0.0/16"), ip("10.0.0.254")));
-            up.push((net("0.0.0.0/0"), ip("10.0.0.254")));
+            up.push((anet("10.244.9.0/24"), aip("10.0.0.9")));
+            up.push((anet("192.168.0.0/16"), aip("10.0.0.254")));
+            up.push((anet("0.0.0.0/0"), aip("10.0.0.254")));
         },
         |_| {
             vec![Op::Direct(DirectOp::Delete {
-                subnet: net("10.244.9.0/24"),
+                subnet: anet("10.244.9.0/24"),
                 uplink: UPLINK,
             })]
         },
@@ -750,8 +761,8 @@ const ROWS: &[Row] = &[
             w.cfg.backend.direct_routing = true;
             w.have = converged(w);
             let up = w.have.uplink_routes.as_mut().unwrap();
-            up.retain(|(d, _)| *d != net("10.244.2.0/24"));
-            up.push((net("10.244.2.0/24"), ip("10.0.0.99")));
+            up.retain(|(d, _)| *d != anet("10.244.2.0/24"));
+            up.push((anet("10.244.2.0/24"), aip("10.0.0.99")));
         },
         |_| vec![direct("10.244.2.0/24", "10.0.0.2")],
     ),
@@ -765,11 +776,11 @@ const ROWS: &[Row] = &[
         |_| {
             vec![
                 Op::Direct(DirectOp::Delete {
-                    subnet: net("10.244.2.0/24"),
+                    subnet: anet("10.244.2.0/24"),
                     uplink: UPLINK,
                 }),
                 Op::Direct(DirectOp::Delete {
-                    subnet: net("10.244.3.0/24"),
+                    subnet: anet("10.244.3.0/24"),
                     uplink: UPLINK,
                 }),
                 program(r2()),
@@ -793,8 +804,8 @@ const ROWS: &[Row] = &[
 
 fn direct(subnet: &str, via: &str) -> Op {
     Op::Direct(DirectOp::Route(DirectRoute {
-        subnet: net(subnet),
-        via: ip(via),
+        subnet: anet(subnet),
+        via: aip(via),
         uplink: UPLINK,
     }))
 }
@@ -914,7 +925,7 @@ fn simulate(ops: &[Op], w: &mut World) {
                         // One main table: a replace takes the destination
                         // from whichever device had it.
                         if let Some(up) = have.uplink_routes.as_mut() {
-                            up.retain(|(d, _)| *d != r.subnet);
+                            up.retain(|(d, _)| *d != IpNet::V4(r.subnet));
                         }
                     }
                     VtepOp::DeleteRoute(d) => e.routes.retain(|(x, _)| *x != d),
@@ -933,8 +944,17 @@ fn simulate(ops: &[Op], w: &mut World) {
                     .expect("no route op on unread routes");
                 up.retain(|(x, _)| *x != d.subnet);
                 up.push((d.subnet, d.via));
-                if let Some(e) = have.vtep.as_mut() {
-                    e.routes.retain(|(x, _)| *x != d.subnet);
+                match d.subnet {
+                    IpNet::V4(n) => {
+                        if let Some(e) = have.vtep.as_mut() {
+                            e.routes.retain(|(x, _)| *x != n);
+                        }
+                    }
+                    IpNet::V6(n) => {
+                        if let Some(e) = have.vtep6.as_mut() {
+                            e.routes.retain(|(x, _)| *x != n);
+                        }
+                    }
                 }
             }
             Op::Direct(DirectOp::Delete { subnet, .. }) => {
@@ -1020,15 +1040,15 @@ fn desired_state_from_node_config_and_leases() {
         want.remotes.keys().copied().collect::<Vec<_>>(),
         [net("10.244.2.0/24"), net("10.244.3.0/24")]
     );
-    let why: Vec<(Ipv4Net, &str)> = want
+    let why: Vec<(IpNet, &str)> = want
         .ignored
         .iter()
         .map(|(n, i)| (*n, i.why.as_str()))
         .collect();
     assert_eq!(why.len(), 3, "{why:?}");
-    assert!(why[0].0 == net("10.244.0.0/16") && why[0].1.contains("overlaps"));
-    assert!(why[1].0 == net("10.244.5.0/24") && why[1].1.contains("not vxlan"));
-    assert!(why[2].0 == net("10.244.7.0/24") && why[2].1.contains("not unicast"));
+    assert!(why[0].0 == anet("10.244.0.0/16") && why[0].1.contains("overlaps"));
+    assert!(why[1].0 == anet("10.244.5.0/24") && why[1].1.contains("not vxlan"));
+    assert!(why[2].0 == anet("10.244.7.0/24") && why[2].1.contains("not unicast"));
     // Flannel's devices: gateway .1 on the bridge, the lease's .0/32 on
     // flannel.1, MTU = uplink − 50, the port from the config.
     assert_eq!(want.bridge.gateway, net("10.244.1.1/24"));
@@ -1082,6 +1102,222 @@ fn desired_state_from_node_config_and_leases() {
     assert_eq!(w.want().maps, None);
 }
 
+/// A dual-stack world with nodes 2, 3 and 4: node 2 on this node's IPv4
+/// and IPv6 networks, node 3 on the IPv4 one only, node 4 on the IPv6 one
+/// only. `host_gw` gives Flannel's host-gw leases (public IPv6, no
+/// BackendV6Data), else VXLAN ones with both VtepMACs.
+fn dual_stack_world(config: &str, host_gw: bool) -> World {
+    let mut w = World::new();
+    w.cfg = NetConfig::parse(config).unwrap();
+    w.node.ip6 = Some(aip6("fd00:30::1"));
+    w.node.uplink_nets6 = vec!["fd00:30::1/64".parse().unwrap()];
+    w.node.lease.ipv6_subnet = Some("fd00:10:244:1::/64".parse().unwrap());
+    w.leases.clear();
+    for (n, node4, node6) in [
+        (1u8, "10.0.0.1", "fd00:30::1"),
+        (2, "10.0.0.2", "fd00:30::2"),
+        (3, "10.0.0.3", "fd00:31::3"),
+        (4, "10.0.1.4", "fd00:30::4"),
+    ] {
+        let mut l = lease(&format!("10.244.{n}.0/24"), node4, mac(n * 0x11));
+        l.ipv6_subnet = Some(format!("fd00:10:244:{n}::/64").parse().unwrap());
+        l.attrs = if host_gw {
+            LeaseAttrs {
+                public_ipv6: Some(aip6(node6)),
+                ..LeaseAttrs::host_gw(ip(node4))
+            }
+        } else {
+            l.attrs.with_v6(aip6(node6), 1, mac(0x60 + n))
+        };
+        w.add_lease(l);
+    }
+    w.have = converged(&w);
+    w
+}
+
+fn aip6(s: &str) -> std::net::Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// The direct routes wanted, as (subnet, via) text.
+fn direct_routes(want: &Desired) -> Vec<(String, String)> {
+    want.direct
+        .values()
+        .map(|d| (d.subnet.to_string(), d.via.to_string()))
+        .collect()
+}
+
+/// Flannel decides each family on its own: with DirectRouting a remote
+/// whose IPv6 is on this node's IPv6 network gets `<IPv6 subnet> via <node
+/// IPv6> dev <uplink>`, whatever its IPv4 side does, and one off it keeps
+/// `flannel-v6.<VNI>`. The programs get the same split (`REMOTE_F_DIRECT`
+/// in the IPv6 trie); every lease holder's IPv6 may still send VXLAN.
+#[test]
+fn dual_stack_direct_routing_decides_each_family_on_its_own() {
+    let mut w = dual_stack_world(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+        false,
+    );
+    let want = w.want();
+    let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        direct_routes(&want),
+        [
+            s("10.244.2.0/24", "10.0.0.2"),
+            s("10.244.3.0/24", "10.0.0.3"),
+            s("fd00:10:244:2::/64", "fd00:30::2"),
+            s("fd00:10:244:4::/64", "fd00:30::4"),
+        ]
+    );
+    assert_eq!(
+        want.remotes.keys().copied().collect::<Vec<_>>(),
+        [net("10.244.4.0/24")]
+    );
+    assert_eq!(
+        want.remotes6
+            .values()
+            .map(|r| r.public_ip)
+            .collect::<Vec<_>>(),
+        [aip6("fd00:31::3")]
+    );
+    assert!(
+        want.vtep6.is_some() && want.ignored.is_empty(),
+        "{:?}",
+        want.ignored
+    );
+    let maps = want.maps.as_ref().unwrap();
+    let flags = |n: &str| maps.remotes6[&n.parse::<Ipv6Net>().unwrap()].flags;
+    assert_eq!(flags("fd00:10:244:2::/64"), REMOTE_F_DIRECT);
+    assert_eq!(flags("fd00:10:244:3::/64"), 0);
+    assert_eq!(flags("fd00:10:244:4::/64"), REMOTE_F_DIRECT);
+    assert_eq!(
+        maps.remotes6[&"fd00:10:244:4::/64".parse::<Ipv6Net>().unwrap()].node_ip6,
+        aip6("fd00:30::4").octets()
+    );
+    assert_eq!(maps.vteps6.len(), 3);
+    assert_eq!(want.guard.vteps6.as_ref(), Some(&maps.vteps6));
+    assert_eq!(maps.config.node_ip6, aip6("fd00:30::1").octets());
+    // The observed state built from it needs nothing more.
+    assert_eq!(diff(&want, &w.have), vec![]);
+
+    // A stale IPv6 route through the uplink inside the IPv6 network goes
+    // (with a wrong gateway, replaced); one outside it, or an IPv4-only
+    // agent's view, is left alone.
+    let up = w.have.uplink_routes.as_mut().unwrap();
+    up.retain(|(d, _)| *d != anet("fd00:10:244:4::/64"));
+    up.push((anet("fd00:10:244:4::/64"), aip("fd00:30::99")));
+    up.push((anet("fd00:10:244:9::/64"), aip("fd00:30::9")));
+    up.push((anet("fd00:99::/64"), aip("fd00:30::9")));
+    let ops = diff(&w.want(), &w.have);
+    assert_eq!(
+        ops,
+        [
+            Op::Direct(DirectOp::Delete {
+                subnet: anet("fd00:10:244:9::/64"),
+                uplink: UPLINK
+            }),
+            direct("fd00:10:244:4::/64", "fd00:30::4"),
+        ]
+    );
+    simulate(&ops, &mut w);
+    assert_eq!(diff(&w.want(), &w.have), vec![]);
+
+    // Node 4 moves its IPv6 off our network: back to flannel-v6.1, the
+    // direct route going first.
+    let l4 = w.leases.get_mut(&net("10.244.4.0/24")).unwrap();
+    l4.attrs.public_ipv6 = Some(aip6("fd00:31::4"));
+    let ops = diff(&w.want(), &w.have);
+    let r4 = RemoteEntry6 {
+        subnet: "fd00:10:244:4::/64".parse().unwrap(),
+        public_ip: aip6("fd00:31::4"),
+        vtep_mac: mac(0x64),
+    };
+    let del = ops
+        .iter()
+        .position(|o| {
+            *o == Op::Direct(DirectOp::Delete {
+                subnet: anet("fd00:10:244:4::/64"),
+                uplink: UPLINK,
+            })
+        })
+        .expect("the direct route goes");
+    let add = ops
+        .iter()
+        .position(|o| *o == Op::Vtep6(VtepOp::Program(r4)))
+        .expect("flannel-v6.1 entries come");
+    assert!(del < add, "{ops:?}");
+    simulate(&ops, &mut w);
+    assert_eq!(diff(&w.want(), &w.have), vec![]);
+
+    // IPv6 off: the IPv6 routes are no longer the agent's business.
+    w.cfg = NetConfig::parse(
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+    )
+    .unwrap();
+    let ops = diff(&w.want(), &w.have);
+    assert!(
+        !ops.iter().any(|o| matches!(
+            o,
+            Op::Direct(DirectOp::Delete {
+                subnet: IpNet::V6(_),
+                ..
+            })
+        )),
+        "{ops:?}"
+    );
+}
+
+/// Dual-stack host-gw: every remote's IPv6 side routed via its node's
+/// IPv6, decided apart from its IPv4 side; one off the IPv6 network set
+/// aside with Flannel's reason. No VXLAN device of either family.
+#[test]
+fn dual_stack_host_gw_routes_ipv6_via_each_node() {
+    let w = dual_stack_world(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}"#,
+        true,
+    );
+    let want = w.want();
+    let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        direct_routes(&want),
+        [
+            s("10.244.2.0/24", "10.0.0.2"),
+            s("10.244.3.0/24", "10.0.0.3"),
+            s("fd00:10:244:2::/64", "fd00:30::2"),
+            s("fd00:10:244:4::/64", "fd00:30::4"),
+        ]
+    );
+    assert_eq!((want.vtep.clone(), want.vtep6.clone()), (None, None));
+    assert!(want.remotes.is_empty() && want.remotes6.is_empty());
+    let why: BTreeMap<String, &str> = want
+        .ignored
+        .iter()
+        .map(|(n, i)| (n.to_string(), i.why.as_str()))
+        .collect();
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(why["10.244.4.0/24"].contains("network is unreachable"));
+    assert!(
+        why["fd00:10:244:3::/64"]
+            .contains("node fd00:31::3 is not on this node's IPv6 network (fd00:30::/64)"),
+        "{why:?}"
+    );
+    let maps = want.maps.as_ref().unwrap();
+    assert_eq!(maps.config.node_ip6, aip6("fd00:30::1").octets());
+    assert_eq!(maps.config.vtep6_mac, [0; 6]);
+    assert!(maps.remotes6.values().all(|r| r.flags == REMOTE_F_DIRECT));
+    assert_eq!(maps.remotes6.len(), 2);
+    assert!(maps.vteps6.is_empty() && want.guard.vteps6.is_none());
+    let mut w = w;
+    assert_eq!(diff(&want, &w.have), vec![]);
+    // From a node with nothing: the IPv6 routes come with the IPv4 ones.
+    w.have.uplink_routes = Some(Vec::new());
+    let ops = diff(&w.want(), &w.have);
+    assert!(ops.contains(&direct("fd00:10:244:2::/64", "fd00:30::2")));
+    assert!(ops.contains(&direct("fd00:10:244:4::/64", "fd00:30::4")));
+    simulate(&ops, &mut w);
+    assert_eq!(diff(&w.want(), &w.have), vec![]);
+}
+
 /// Flannel's host-gw: no VXLAN device, every on-link remote routed via its
 /// node, a remote off the L2 network and a VXLAN lease ignored with the
 /// reason, pods at the uplink's MTU, no VXLAN guard rule.
@@ -1115,23 +1351,23 @@ fn host_gw_routes_every_on_link_remote_directly() {
             .map(|d| (d.subnet, d.via))
             .collect::<Vec<_>>(),
         [
-            (net("10.244.2.0/24"), ip("10.0.0.2")),
-            (net("10.244.3.0/24"), ip("10.0.0.3"))
+            (anet("10.244.2.0/24"), aip("10.0.0.2")),
+            (anet("10.244.3.0/24"), aip("10.0.0.3"))
         ]
     );
-    let why: BTreeMap<Ipv4Net, &str> = want
+    let why: BTreeMap<IpNet, &str> = want
         .ignored
         .iter()
         .map(|(n, i)| (*n, i.why.as_str()))
         .collect();
     assert!(
-        why[&net("10.244.4.0/24")]
+        why[&anet("10.244.4.0/24")]
             .contains("node 10.0.1.4 is not on this node's network (10.0.0.0/24)")
-            && why[&net("10.244.4.0/24")].contains("network is unreachable"),
+            && why[&anet("10.244.4.0/24")].contains("network is unreachable"),
         "{why:?}"
     );
     assert!(
-        why[&net("10.244.5.0/24")].contains("\"vxlan\" is not host-gw"),
+        why[&anet("10.244.5.0/24")].contains("\"vxlan\" is not host-gw"),
         "{why:?}"
     );
     assert_eq!(want.bridge.mtu, 1500);
@@ -1173,7 +1409,7 @@ fn host_gw_routes_every_on_link_remote_directly() {
     let ops = diff(&w.want(), &w.have);
     for subnet in ["10.244.2.0/24", "10.244.3.0/24"] {
         assert!(ops.contains(&Op::Direct(DirectOp::Delete {
-            subnet: net(subnet),
+            subnet: anet(subnet),
             uplink: UPLINK
         })));
         assert!(ops.contains(&del_remote(subnet)));
@@ -1253,7 +1489,8 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
         let entry = RemoteNode6 {
             node_ip6: ip6(&format!("fd00:30::{node}")).octets(),
             vtep_mac: mac(0x60 + node).0,
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
         };
         assert_eq!(maps.remotes6[&net6(subnet)], entry);
         assert!(ops.contains(&Op::Map(MapOp::PutRemote6(net6(subnet), entry))));

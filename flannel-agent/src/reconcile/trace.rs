@@ -4,9 +4,9 @@
 //! hold, or as the kernel does on the kernel data path. Pure: the agent
 //! feeds it what it has just observed.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 
 use super::{
     desired::{Desired, DirectRoute},
@@ -41,7 +41,7 @@ enum Source<'a> {
     /// A pod on another node, behind this lease.
     RemotePod(Ipv4Net, Ipv4Addr),
     /// A pod on another node routed to directly (DirectRouting, host-gw).
-    DirectPod(Ipv4Net, Ipv4Addr),
+    DirectPod(IpNet, IpAddr),
     /// This node itself.
     Node,
     Other,
@@ -435,7 +435,7 @@ fn remote_lease(want: &Desired, ip: Ipv4Addr) -> Option<&RemoteEntry> {
 fn direct_lease(want: &Desired, ip: Ipv4Addr) -> Option<&DirectRoute> {
     want.direct
         .values()
-        .filter(|d| d.subnet.contains(&ip))
+        .filter(|d| d.subnet.contains(&IpAddr::V4(ip)))
         .max_by_key(|d| d.subnet.prefix_len())
 }
 
