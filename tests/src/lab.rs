@@ -78,6 +78,10 @@ pub const NODE_NET6: &str = "fd00:30::/64";
 pub const FABRIC_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, 0xfe);
 /// The fabric's address on [`FAR_NET`], the far nodes' default gateway.
 pub const FAR_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 30, 1, 254);
+/// Dual-stack labs: the far nodes' IPv6 network (node `n` is
+/// `fd00:31::n`) and the fabric's address on it, their gateway.
+pub const FAR_NET6: u16 = 0x31;
+pub const FAR_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, FAR_NET6, 0, 0, 0, 0, 0, 0xfe);
 /// The CNI network name (Flannel's conflist calls it `cbr0`).
 pub const CNI_NETWORK: &str = "cbr0";
 /// The lab's net-conf.json.
@@ -569,7 +573,8 @@ impl Lab {
 
     /// Whether nodes `i` and `j` route pod traffic to each other directly
     /// (unencapsulated), as Flannel decides it: host-gw, or DirectRouting
-    /// between nodes on one L2 network.
+    /// between nodes on one L2 network. Both families alike: a far node
+    /// is far on its IPv4 and its IPv6 network.
     pub fn direct_between(&self, i: usize, j: usize) -> bool {
         let cfg = self.net_config();
         let same_link = self.nodes[i].far == self.nodes[j].far;
@@ -688,16 +693,11 @@ impl Lab {
         ])?;
         sysctl(&fab, "net.ipv4.ip_forward", "1")?;
         if self.dual() {
-            ip(&[
-                "-n",
-                &fab,
-                "addr",
-                "add",
-                &format!("{FABRIC_IP6}/64"),
-                "dev",
-                "br0",
-                "nodad",
-            ])?;
+            for addr in [FABRIC_IP6, FAR_GATEWAY6] {
+                let addr = format!("{addr}/64");
+                ip(&["-n", &fab, "addr", "add", &addr, "dev", "br0", "nodad"])?;
+            }
+            sysctl(&fab, "net.ipv6.conf.all.forwarding", "1")?;
         }
         // A bridge port's packets routed back out of the same bridge would
         // otherwise draw ICMP redirects, which nodes would then follow.
@@ -800,8 +800,14 @@ impl Lab {
             "onlink",
         ])?;
         sysctl(&ns, "net.ipv4.ip_forward", "1")?;
-        let (ip6, subnet6) = if self.dual() && !far {
-            let ip6 = Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, n as u16);
+        let (ip6, subnet6) = if self.dual() {
+            // The far nodes on their own IPv6 network too; each network
+            // reaches the other through the fabric.
+            let (net6, other, gateway6) = match far {
+                true => (FAR_NET6, 0x30, FAR_GATEWAY6),
+                false => (0x30, FAR_NET6, FABRIC_IP6),
+            };
+            let ip6 = Ipv6Addr::new(0xfd00, net6, 0, 0, 0, 0, 0, n as u16);
             ip(&[
                 "-n",
                 &ns,
@@ -811,6 +817,10 @@ impl Lab {
                 "dev",
                 "eth0",
                 "nodad",
+            ])?;
+            let (gw6, other6) = (gateway6.to_string(), format!("fd00:{other:x}::/64"));
+            ip(&[
+                "-n", &ns, "-6", "route", "add", &other6, "via", &gw6, "dev", "eth0",
             ])?;
             sysctl(&ns, "net.ipv6.conf.all.forwarding", "1")?;
             let subnet6 =
@@ -1338,6 +1348,11 @@ impl Lab {
         ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
         ip(&["-n", ns, "addr", "add", &gw, "dev", "cni0"])?;
         ip(&["-n", ns, "link", "set", "cni0", "mtu", &pod_mtu, "up"])?;
+        // Dual-stack: the IPv6 gateway on cni0.
+        if let (Some(s6), Some(gw6)) = (node.subnet6, node.gateway6()) {
+            let gw6 = format!("{gw6}/{}", s6.prefix_len());
+            ip(&["-n", ns, "addr", "add", &gw6, "dev", "cni0", "nodad"])?;
+        }
         // host-gw has no VXLAN device at all.
         if self.backend() == BackendType::HostGw {
             return self.program_stock_remotes(i);
@@ -1382,14 +1397,11 @@ impl Lab {
             "flannel.1",
         ])?;
         ip(&["-n", ns, "link", "set", "flannel.1", "up"])?;
-        // Dual-stack: Flannel's flannel-v6.1, VXLAN over the node's IPv6,
-        // and the IPv6 gateway on cni0.
-        if let (Some(ip6), Some(s6), Some(gw6)) = (node.ip6, node.subnet6, node.gateway6()) {
+        // Dual-stack: Flannel's flannel-v6.1, VXLAN over the node's IPv6.
+        if let (Some(ip6), Some(s6)) = (node.ip6, node.subnet6) {
             let mtu6 = (self.uplink_mtu() - 70).to_string();
             let mac6 = node.vtep6_mac.to_string();
             let local6 = ip6.to_string();
-            let gw6 = format!("{gw6}/{}", s6.prefix_len());
-            ip(&["-n", ns, "addr", "add", &gw6, "dev", "cni0", "nodad"])?;
             ip(&[
                 "-n",
                 ns,
@@ -1437,26 +1449,25 @@ impl Lab {
     /// Stock-Flannel node `i`'s entries for every other node (replace: run
     /// again once the agents' leases are known, as flanneld follows its
     /// watch): a direct route `<subnet> via <node IP>` to a node it routes
-    /// to directly (host-gw, DirectRouting on one L2 network); with VXLAN
-    /// otherwise the neighbour, FDB entry and route, in Flannel's order;
-    /// with host-gw nothing for a node off its network (Flannel's route
-    /// add fails there).
+    /// to directly (host-gw, DirectRouting on one L2 network), and
+    /// `<IPv6 subnet> via <node IPv6>` beside it in a dual-stack lab; with
+    /// VXLAN otherwise the neighbour, FDB entry and route, in Flannel's
+    /// order; with host-gw nothing for a node off its network (Flannel's
+    /// route add fails there).
     fn program_stock_remotes(&self, i: usize) -> Result<()> {
         let node = &self.nodes[i];
         let ns = node.ns.as_str();
         for (j, other) in self.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
             if self.direct_between(i, j) {
-                ip(&[
-                    "-n",
-                    ns,
-                    "route",
-                    "replace",
-                    &other.subnet.to_string(),
-                    "via",
-                    &other.ip.to_string(),
-                    "dev",
-                    "eth0",
-                ])?;
+                let mut routes = vec![(other.subnet.to_string(), other.ip.to_string())];
+                if let (Some(_), Some(ip6), Some(s6)) = (node.subnet6, other.ip6, other.subnet6) {
+                    routes.push((s6.to_string(), ip6.to_string()));
+                }
+                for (dst, via) in routes {
+                    ip(&[
+                        "-n", ns, "route", "replace", &dst, "via", &via, "dev", "eth0",
+                    ])?;
+                }
                 continue;
             }
             if self.backend() == BackendType::HostGw {
@@ -1802,9 +1813,13 @@ impl Lab {
     }
 
     /// One ordered pod pair over IPv6 (dual-stack labs): ICMPv6, TCP and
-    /// UDP, carried by the kernel's `flannel-v6.1` across nodes on every
-    /// kind of node (the eBPF programs leave IPv6 to the kernel:
-    /// `pod_pass_not_ipv4`), by the bridge on one node.
+    /// UDP. Across nodes over VXLAN an eBPF node encapsulates and
+    /// decapsulates itself, another node with `flannel-v6.1`; between
+    /// nodes routed to directly ([`Lab::direct_between`]) an eBPF node
+    /// routes its side itself (`pod_direct6_*`) and receives plain packets
+    /// (`uplink_pass*`, nothing decapsulated), and no node's
+    /// `flannel-v6.1` carries anything. On one node the bridge (or the
+    /// eBPF local redirect) carries it.
     fn ipv6_pair(
         &self,
         a: (usize, usize),
@@ -1815,18 +1830,28 @@ impl Lab {
         let (pa, pb) = (self.pod(a), self.pod(b));
         let pair = format!("{} -> {}", pa.ip6.unwrap_or(Ipv6Addr::UNSPECIFIED), to);
         let ebpf = |n: usize| self.nodes[n].kind == NodeKind::Ebpf;
+        let direct = a.0 != b.0 && self.direct_between(a.0, b.0);
+        let host_gw = self.backend() == BackendType::HostGw;
         // Per node: flannel-v6.1's (tx, rx) packets, and on an eBPF node
-        // its local redirects, encapsulations and decapsulations of IPv6.
-        type Snap = (Option<(u64, u64)>, [u64; 3]);
+        // its local redirects, encapsulations, decapsulations, direct
+        // routes and plain arrivals of IPv6 (the last counts IPv4 too).
+        type Snap = (Option<(u64, u64)>, [u64; 5]);
         let snap = |n: usize| -> Result<Snap> {
-            let dev = crate::netns::link_packets(&self.nodes[n].ns, "flannel-v6.1").ok();
+            let dev = match crate::netns::link_packets(&self.nodes[n].ns, "flannel-v6.1") {
+                Ok(d) => Some(d),
+                // host-gw has none: nothing crosses it.
+                Err(_) if host_gw => Some((0, 0)),
+                Err(_) => None,
+            };
             if !ebpf(n) {
-                return Ok((dev, [0; 3]));
+                return Ok((dev, [0; 5]));
             }
             let c = self.nodes[n].counters()?;
             let encap = c["pod_encap6_redirect"] + c["pod_encap6_neigh"];
             let decap = c["uplink_decap6"] + c["xdp_decap6"];
-            Ok((dev, [c["pod_local_redirect6"], encap, decap]))
+            let direct = c["pod_direct6_redirect"] + c["pod_direct6_neigh"];
+            let plain = c["uplink_pass"] + c["uplink_pass_other_host"];
+            Ok((dev, [c["pod_local_redirect6"], encap, decap, direct, plain]))
         };
         let before = [snap(a.0)?, snap(b.0)?];
         if !self.ping6(a, to, 3)? {
@@ -1841,7 +1866,7 @@ impl Lab {
                 bail!("{pair}: {ns} has no flannel-v6.1");
             };
             let (tx, rx) = (t1 - t0, r1 - r0);
-            let [local, encap, decap] = [0, 1, 2].map(|i| c1[i] - c0[i]);
+            let [local, encap, decap, routed, plain] = [0, 1, 2, 3, 4].map(|i| c1[i] - c0[i]);
             if a.0 == b.0 {
                 // Bridged (or on an eBPF node redirected) on the node.
                 if (tx, rx) != (0, 0) {
@@ -1854,6 +1879,20 @@ impl Lab {
                     bail!("{pair}: pod_local_redirect6 counted {local} on {ns}");
                 }
                 break;
+            }
+            if direct {
+                if (tx, rx) != (0, 0) {
+                    bail!(
+                        "{pair}: flannel-v6.1 of {ns} carried {:?} of a direct pair",
+                        (tx, rx)
+                    );
+                }
+                if ebpf(n) && (routed < 3 || plain < 3 || encap + decap != 0) {
+                    bail!(
+                        "{pair}: {ns} routed {routed} IPv6 packets directly and got {plain} plain, encapsulated {encap}, decapsulated {decap}"
+                    );
+                }
+                continue;
             }
             // Across nodes an eBPF node encapsulates (GSO aside) and
             // decapsulates in its programs, flannel-v6.1 receiving nothing;

@@ -364,6 +364,156 @@ fn dual_stack_vxlan_carries_both_families_between_every_kind_of_node() -> Result
     Ok(())
 }
 
+const DUAL_STACK_DIRECT_ROUTING: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1,"Port":4789,"DirectRouting":true}}"#;
+const DUAL_STACK_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}"#;
+
+/// `ip -6 route show <dst>` in node `i`'s namespace, one line.
+fn route6(lab: &Lab, i: usize, dst: &str) -> Result<String> {
+    Ok(ip(&["-n", &lab.nodes[i].ns, "-6", "route", "show", dst])?
+        .trim()
+        .to_string())
+}
+
+/// The IPv6 MTU edge between the first pods of nodes `i` and `j`, both
+/// ways: an IPv6 packet of `mtu` bytes (DF, as IPv6 always is) passes, one
+/// byte more does not.
+fn mtu_edge6(lab: &Lab, i: usize, j: usize, mtu: usize) -> Result<()> {
+    let fits = mtu - 48;
+    for (a, b) in [((i, 0), (j, 0)), ((j, 0), (i, 0))] {
+        let to = IpAddr::V6(lab.pod(b).ip6.context("no IPv6")?);
+        assert!(df_ping(lab, a, to, fits)?, "ping -6 -s {fits} -> {to}");
+        assert!(
+            !df_ping(lab, a, to, fits + 1)?,
+            "ping -6 -s {} -> {to} must not fit {mtu}",
+            fits + 1
+        );
+    }
+    Ok(())
+}
+
+/// Dual-stack DirectRouting: both families routed directly between the
+/// nodes of one L2 network (`<IPv6 subnet> via <node IPv6> dev eth0`, the
+/// eBPF nodes' `pod_direct6_*`), both over VXLAN to a node one routed hop
+/// away on each family (`flannel-v6.1` entries, `pod_encap6_*`), on eBPF,
+/// kernel-path and stock-Flannel nodes, every ordered pod pair over both
+/// families; the IPv6 MTU edges of each kind of remote.
+#[test]
+fn dual_stack_direct_routing_routes_both_families_directly_on_link() -> Result<()> {
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 2),
+            NodeSpec::new(NodeKind::Kernel, 1),
+            NodeSpec::new(NodeKind::StockFlannel, 1),
+            NodeSpec::new(NodeKind::Ebpf, 1).far(),
+        ],
+        with_conf(DUAL_STACK_DIRECT_ROUTING),
+    )?;
+    for i in [0, 1] {
+        for j in (0..lab.nodes.len()).filter(|j| *j != i) {
+            let o = &lab.nodes[j];
+            let (s6, ip6) = (
+                o.subnet6.context("no IPv6 lease")?,
+                o.ip6.context("no IPv6")?,
+            );
+            let r = route6(&lab, i, &s6.to_string())?;
+            if o.far {
+                assert!(
+                    r.contains(&format!("via {} dev flannel-v6.1", s6.network()))
+                        && r.contains("onlink"),
+                    "node {i} to far node {j}: {r}"
+                );
+            } else {
+                assert!(
+                    r.contains(&format!("via {ip6} dev eth0")),
+                    "node {i} to node {j}: {r}"
+                );
+            }
+        }
+    }
+    lab.every_pair(25500)?;
+    // Direct: the pod MTU (1450) is the limit; over flannel-v6.1, 1430.
+    mtu_edge6(&lab, 0, 2, lab.pod_mtu() as usize)?;
+    mtu_edge6(&lab, 0, 3, 1430)?;
+    Ok(())
+}
+
+/// Dual-stack host-gw: every node's IPv6 subnet routed via its node's
+/// IPv6, no VXLAN device of either family anywhere, pods at the uplink's
+/// MTU on both families, every ordered pod pair over both families
+/// between eBPF, kernel-path and stock-Flannel nodes; a node off the
+/// network is set aside on both families with Flannel's reason.
+#[test]
+fn dual_stack_host_gw_routes_both_families_via_each_node() -> Result<()> {
+    let mut lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 2),
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+            NodeSpec::new(NodeKind::StockFlannel, 1),
+        ],
+        with_conf(DUAL_STACK_HOST_GW),
+    )?;
+    for (i, n) in lab.nodes.iter().enumerate() {
+        for dev in ["flannel.1", "flannel-v6.1"] {
+            assert!(
+                ip(&["-n", &n.ns, "link", "show", dev]).is_err(),
+                "{} has {dev}",
+                n.ns
+            );
+        }
+        if n.kind == NodeKind::StockFlannel {
+            continue;
+        }
+        for (j, o) in lab.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+            let (s6, ip6) = (
+                o.subnet6.context("no IPv6 lease")?,
+                o.ip6.context("no IPv6")?,
+            );
+            let r = route6(&lab, i, &s6.to_string())?;
+            assert!(
+                r.contains(&format!("via {ip6} dev eth0")),
+                "node {i} to node {j}: {r}"
+            );
+        }
+    }
+    lab.every_pair(25600)?;
+    mtu_edge6(&lab, 0, 1, 1500)?;
+    mtu_edge6(&lab, 0, 3, 1500)?;
+
+    // A node off both networks: its IPv4 and IPv6 sides are set aside on
+    // every node, with Flannel's reason for each.
+    let far = lab.join_node_on(NodeKind::Ebpf, true)?;
+    let far_subnet6 = lab.nodes[far].subnet6.context("no IPv6 lease")?;
+    lab.wait_for(
+        std::time::Duration::from_secs(10),
+        "every node to set the far node's leases aside",
+        |lab| {
+            (0..3).all(|i| lab.nodes[i].status().is_ok_and(|s| s.ignored_leases == 2))
+                && lab.nodes[far]
+                    .status()
+                    .is_ok_and(|s| s.ignored_leases == 8 && s.remote_leases == 0)
+        },
+    )?;
+    let inspect = flannel_agent::api::call(
+        &lab.nodes[0].socket(),
+        &flannel_agent::api::Request::Inspect {},
+    )?
+    .inspect
+    .context("no inspect answer")?;
+    let why = inspect
+        .ignored
+        .iter()
+        .find(|c| c.name.starts_with(&far_subnet6.to_string()))
+        .with_context(|| format!("{:?}", inspect.ignored))?;
+    assert!(
+        why.problems[0].contains("is not on this node's IPv6 network"),
+        "{:?}",
+        why.problems
+    );
+    assert!(route6(&lab, 0, &far_subnet6.to_string())?.is_empty());
+    Ok(())
+}
+
 /// `--ip-masq` in a dual-stack cluster: Flannel's rules for both families
 /// (`ip flannel-ipv4` and `ip6 flannel-ipv6`), pods' IPv6 to outside the
 /// cluster leaves with the node's IPv6, pod-to-pod IPv6 keeps the pod's,

@@ -529,7 +529,10 @@ impl Agent {
                 tracing::warn!(%subnet, node = %i.node, why = %i.why, "ignoring a lease");
             }
         }
-        self.remotes = want.remotes.len() + want.direct.len();
+        // Remote leases, each once: over VXLAN or routed directly (its
+        // IPv6 side, routed either way, is the same lease).
+        self.remotes =
+            want.remotes.len() + want.direct.keys().filter(|n| n.addr().is_ipv4()).count();
         self.ignored = want.ignored.clone();
         let ops = reconcile::diff(&want, &observed);
         let report = reconcile::apply(
