@@ -271,21 +271,18 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         (true, Some(ip6), Some(lease6)) => Some((ip6, lease6)),
         _ => None,
     };
-    let vtep6 = match v6.filter(|_| vxlan) {
-        Some((ip6, lease6)) => Some(VtepSpec {
-            link: VxlanSpec {
-                name: format!("flannel-v6.{}", i.cfg.backend.vni),
-                vni: i.cfg.backend.vni,
-                local: IpAddr::V6(ip6),
-                uplink: node.uplink.index,
-                port: i.cfg.backend.port,
-                mtu: node.uplink.mtu.saturating_sub(VXLAN6_ENCAP_LEN),
-                mac: node.vtep6_mac,
-            },
-            addr: IpNet::V6(Ipv6Net::new(lease6.network(), 128).expect("/128 is a valid prefix")),
-        }),
-        None => None,
-    };
+    let vtep6 = v6.filter(|_| vxlan).map(|(ip6, lease6)| VtepSpec {
+        link: VxlanSpec {
+            name: format!("flannel-v6.{}", i.cfg.backend.vni),
+            vni: i.cfg.backend.vni,
+            local: IpAddr::V6(ip6),
+            uplink: node.uplink.index,
+            port: i.cfg.backend.port,
+            mtu: node.uplink.mtu.saturating_sub(VXLAN6_ENCAP_LEN),
+            mac: node.vtep6_mac,
+        },
+        addr: IpNet::V6(Ipv6Net::new(lease6.network(), 128).expect("/128 is a valid prefix")),
+    });
     let Remotes {
         vxlan: remotes,
         mut direct,

@@ -48,10 +48,11 @@ impl Opts {
                 "--out" => out = args.next().context("--out needs a directory")?.into(),
                 "--only" => match args.next().as_deref() {
                     Some(
-                        part @ ("data" | "jumbo" | "direct" | "ipv6" | "programs" | "control"),
+                        part @ ("data" | "jumbo" | "direct" | "ipv6" | "ipv6-direct" | "programs"
+                        | "control"),
                     ) => only = Some(part.to_string()),
                     other => bail!(
-                        "--only takes data, jumbo, direct, ipv6, programs or control, not {other:?}"
+                        "--only takes data, jumbo, direct, ipv6, ipv6-direct, programs or control, not {other:?}"
                     ),
                 },
                 other => bail!("unknown argument {other:?} (use --quick, --out DIR, --only PART)"),
@@ -847,6 +848,28 @@ fn ipv6(o: &Opts) -> Result<Value> {
     )
 }
 
+/// The IPv6 path of a dual-stack DirectRouting lab: pods over IPv6 routed
+/// directly by the eBPF programs (`pod_direct6_redirect`) and by the
+/// kernel's routes via the node's IPv6, against node-to-node over IPv6.
+fn ipv6_direct(o: &Opts) -> Result<Value> {
+    side_lab(
+        o,
+        SideLab {
+            title: "IPv6 DirectRouting (dual-stack)",
+            opts: flannel_tests::lab::LabOptions {
+                net_conf: Some(
+                    r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1,"Port":4789,"DirectRouting":true}}"#
+                        .into(),
+                ),
+                ..Default::default()
+            },
+            metrics: &DIRECT_METRICS,
+            port: 5410,
+            ipv6: true,
+        },
+    )
+}
+
 fn side_lab(o: &Opts, side: SideLab) -> Result<Value> {
     println!(
         "building the {} lab: 2 eBPF nodes, 2 kernel-path nodes ...",
@@ -961,6 +984,7 @@ fn side_lab(o: &Opts, side: SideLab) -> Result<Value> {
             "node1_pod_direct_redirect": c0["pod_direct_redirect"],
             "node1_pod_pass_not_ipv4": c0["pod_pass_not_ipv4"],
             "node1_pod_encap6_redirect": c0["pod_encap6_redirect"],
+            "node1_pod_direct6_redirect": c0["pod_direct6_redirect"],
             "node1_pod_pass_gso6": c0["pod_pass_gso6"],
             "node2_uplink_decap6": c["uplink_decap6"],
             "node2_xdp_decap6": c["xdp_decap6"],
@@ -1350,6 +1374,10 @@ fn markdown(r: &Value) -> String {
     for (section, title) in [
         ("direct", "cross-node, DirectRouting (no VXLAN)"),
         ("ipv6", "cross-node over IPv6, dual-stack VXLAN"),
+        (
+            "ipv6_direct",
+            "cross-node over IPv6, dual-stack DirectRouting (no VXLAN)",
+        ),
     ] {
         let d = &r[section];
         s += &format!(
@@ -1527,6 +1555,7 @@ fn main() -> Result<()> {
             "jumbo" => jumbo(&o)?,
             "direct" => direct(&o)?,
             "ipv6" => ipv6(&o)?,
+            "ipv6-direct" => ipv6_direct(&o)?,
             "programs" => program_costs(&o)?,
             _ => control_plane(&o)?,
         };
@@ -1543,6 +1572,7 @@ fn main() -> Result<()> {
     let jumbo = jumbo(&o)?;
     let direct = direct(&o)?;
     let ipv6 = ipv6(&o)?;
+    let ipv6_direct = ipv6_direct(&o)?;
     println!("program costs ({} runs per case) ...", o.test_runs);
     let progs = program_costs(&o)?;
     println!("control plane ({:?} leases) ...", o.leases);
@@ -1583,6 +1613,10 @@ fn main() -> Result<()> {
             paired_ratios.insert(
                 format!("ipv6_{metric}_ebpf_over_{vs}"),
                 paired(&ipv6, metric, "ebpf", vs),
+            );
+            paired_ratios.insert(
+                format!("ipv6_direct_{metric}_ebpf_over_{vs}"),
+                paired(&ipv6_direct, metric, "ebpf", vs),
             );
         }
     }
@@ -1653,6 +1687,7 @@ fn main() -> Result<()> {
         "jumbo": jumbo,
         "direct": direct,
         "ipv6": ipv6,
+        "ipv6_direct": ipv6_direct,
         "same_node": same,
         "monitor": monitor,
         "programs": progs,
