@@ -406,31 +406,16 @@ fn encap6(
     len: u32,
     hash: u32,
 ) -> (i32, u32) {
-    let pass = TC_ACT_OK;
     let drop = TC_ACT_SHOT;
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET6;
-    fib.ifindex = cfg.uplink_ifindex;
-    fib.__bindgen_anon_3.ipv6_src = words6(&cfg.node_ip6);
-    fib.__bindgen_anon_4.ipv6_dst = words6(&remote.node_ip6);
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut fib,
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    } as u32;
-    let (dmac, smac, via) = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => (fib.dmac, fib.smac, None),
-        BPF_FIB_LKUP_RET_NO_NEIGH => (
-            [0; 6],
-            cfg.uplink_mac,
-            Some(unsafe { fib.__bindgen_anon_4.ipv6_dst }),
-        ),
-        _ => return (pass, POD_PASS_NO_ROUTE),
+    let Some(Hop6 {
+        ifindex,
+        dmac,
+        smac,
+        via,
+    }) = hop6(ctx, cfg, &remote.node_ip6)
+    else {
+        return (TC_ACT_OK, POD_PASS_NO_ROUTE);
     };
-    let ifindex = fib.ifindex;
 
     // Outer Ethernet, IPv6, UDP, VXLAN, inner Ethernet, then the inner
     // IPv6 header again with its hop limit one less.
@@ -469,16 +454,69 @@ fn encap6(
     if ctx.store(0, h, 0).is_err() {
         return (drop, POD_DROP_ENCAP_FAILED);
     }
+    redirect6(ifindex, via, (POD_ENCAP6_REDIRECT, POD_ENCAP6_NEIGH))
+}
+
+/// The FIB's answer for IPv6 from this node to `dst`, as the kernel
+/// would route it.
+struct Hop6 {
+    ifindex: u32,
+    /// The next hop's MAC (zero while unresolved) and ours.
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    /// The next hop's address while its MAC is unresolved: the kernel's
+    /// neighbour layer is to resolve it.
+    via: Option<[u32; 4]>,
+}
+
+/// Asks the FIB for `dst`; `None`: no route, or the node does not
+/// forward, and the stack decides.
+#[inline(always)]
+fn hop6(ctx: &TcContext, cfg: &Config, dst: &[u8; 16]) -> Option<Hop6> {
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET6;
+    fib.ifindex = cfg.uplink_ifindex;
+    fib.__bindgen_anon_3.ipv6_src = words6(&cfg.node_ip6);
+    fib.__bindgen_anon_4.ipv6_dst = words6(dst);
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    } as u32;
+    let (dmac, smac, via) = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => (fib.dmac, fib.smac, None),
+        BPF_FIB_LKUP_RET_NO_NEIGH => (
+            [0; 6],
+            cfg.uplink_mac,
+            Some(unsafe { fib.__bindgen_anon_4.ipv6_dst }),
+        ),
+        _ => return None,
+    };
+    Some(Hop6 {
+        ifindex: fib.ifindex,
+        dmac,
+        smac,
+        via,
+    })
+}
+
+/// Redirects to `ifindex`, or through its neighbour layer to `via`;
+/// counted as `counters.0` or `counters.1`.
+#[inline(always)]
+fn redirect6(ifindex: u32, via: Option<[u32; 4]>, counters: (u32, u32)) -> (i32, u32) {
     match via {
         None => {
             let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
-            (action, POD_ENCAP6_REDIRECT)
+            (action, counters.0)
         }
         Some(via) => {
             let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
             nh.nh_family = u32::from(AF_INET6);
             nh.__bindgen_anon_1.ipv6_nh = via;
-            (neigh_redirect(ifindex, nh), POD_ENCAP6_NEIGH)
+            (neigh_redirect(ifindex, nh), counters.1)
         }
     }
 }
@@ -490,28 +528,8 @@ fn encap6(
 /// are: nothing past the fixed header changes.
 #[inline(always)]
 fn route_direct6(ctx: &TcContext, cfg: &Config, remote: &RemoteNode6) -> (i32, u32) {
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET6;
-    fib.ifindex = cfg.uplink_ifindex;
-    fib.__bindgen_anon_3.ipv6_src = words6(&cfg.node_ip6);
-    fib.__bindgen_anon_4.ipv6_dst = words6(&remote.node_ip6);
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut fib,
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    } as u32;
-    let (dmac, via) = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => (fib.dmac, None),
-        BPF_FIB_LKUP_RET_NO_NEIGH => ([0; 6], Some(unsafe { fib.__bindgen_anon_4.ipv6_dst })),
-        _ => return (TC_ACT_OK, POD_PASS_NO_ROUTE),
-    };
-    let smac = if via.is_some() {
-        cfg.uplink_mac
-    } else {
-        fib.smac
+    let Some(hop) = hop6(ctx, cfg, &remote.node_ip6) else {
+        return (TC_ACT_OK, POD_PASS_NO_ROUTE);
     };
     let pkt = parse::Packet::new(ctx.data(), ctx.data_end());
     let Some(p) = pkt.get_mut::<[u8; EthHdr::LEN + IPV6_HDR_LEN]>(0) else {
@@ -520,22 +538,14 @@ fn route_direct6(ctx: &TcContext, cfg: &Config, remote: &RemoteNode6) -> (i32, u
     // SAFETY: `get_mut` checked that the Ethernet and IPv6 headers are in
     // the packet.
     let p = unsafe { &mut *p };
-    p[0..6].copy_from_slice(&dmac);
-    p[6..12].copy_from_slice(&smac);
+    p[0..6].copy_from_slice(&hop.dmac);
+    p[6..12].copy_from_slice(&hop.smac);
     p[EthHdr::LEN + 7] = p[EthHdr::LEN + 7].wrapping_sub(1);
-    let ifindex = fib.ifindex;
-    match via {
-        None => {
-            let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
-            (action, POD_DIRECT6_REDIRECT)
-        }
-        Some(via) => {
-            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-            nh.nh_family = u32::from(AF_INET6);
-            nh.__bindgen_anon_1.ipv6_nh = via;
-            (neigh_redirect(ifindex, nh), POD_DIRECT6_NEIGH)
-        }
-    }
+    redirect6(
+        hop.ifindex,
+        hop.via,
+        (POD_DIRECT6_REDIRECT, POD_DIRECT6_NEIGH),
+    )
 }
 
 /// Whether `ip` is the address registered for the pod behind `ifindex`.

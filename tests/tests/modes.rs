@@ -63,6 +63,43 @@ fn mtu_edge(lab: &Lab, i: usize, j: usize) -> Result<()> {
     Ok(())
 }
 
+/// A host-gw lab's fifth node, an eBPF one off the node network: each of
+/// the first three nodes sets aside its `sides` (1 per family), and it
+/// sets aside every one of theirs and routes to none. Returns its index.
+fn join_far_node(lab: &mut Lab, sides: usize) -> Result<usize> {
+    let far = lab.join_node_on(NodeKind::Ebpf, true)?;
+    lab.wait_for(
+        std::time::Duration::from_secs(10),
+        "every node to set the far node's leases aside",
+        |lab| {
+            (0..3).all(|i| {
+                lab.nodes[i]
+                    .status()
+                    .is_ok_and(|s| s.ignored_leases == sides)
+            }) && lab.nodes[far]
+                .status()
+                .is_ok_and(|s| s.ignored_leases == 4 * sides && s.remote_leases == 0)
+        },
+    )?;
+    Ok(far)
+}
+
+/// Why node 0 sets the lease `subnet` aside, as `inspect` says.
+fn set_aside_because(lab: &Lab, subnet: &str) -> Result<String> {
+    let inspect = flannel_agent::api::call(
+        &lab.nodes[0].socket(),
+        &flannel_agent::api::Request::Inspect {},
+    )?
+    .inspect
+    .context("no inspect answer")?;
+    let why = inspect
+        .ignored
+        .iter()
+        .find(|c| c.name.starts_with(subnet))
+        .with_context(|| format!("{subnet} not in {:?}", inspect.ignored))?;
+    Ok(why.problems.join("; "))
+}
+
 #[test]
 fn direct_routing_routes_on_link_nodes_and_encapsulates_the_far_one() -> Result<()> {
     let lab = Lab::with(
@@ -201,34 +238,10 @@ fn host_gw_routes_every_pair_directly_and_refuses_a_node_off_the_network() -> Re
 
     // A node off the L2 network cannot be routed to: every node leaves
     // its lease out with Flannel's reason, and the far node all of theirs.
-    let far = lab.join_node_on(NodeKind::Ebpf, true)?;
+    let far = join_far_node(&mut lab, 1)?;
     let far_subnet = lab.nodes[far].subnet;
-    lab.wait_for(
-        std::time::Duration::from_secs(10),
-        "every node to set the far lease aside",
-        |lab| {
-            (0..3).all(|i| lab.nodes[i].status().is_ok_and(|s| s.ignored_leases == 1))
-                && lab.nodes[far]
-                    .status()
-                    .is_ok_and(|s| s.ignored_leases == 4 && s.remote_leases == 0)
-        },
-    )?;
-    let inspect = flannel_agent::api::call(
-        &lab.nodes[0].socket(),
-        &flannel_agent::api::Request::Inspect {},
-    )?
-    .inspect
-    .context("no inspect answer")?;
-    let why = inspect
-        .ignored
-        .iter()
-        .find(|c| c.name.starts_with(&far_subnet.to_string()))
-        .with_context(|| format!("{:?}", inspect.ignored))?;
-    assert!(
-        why.problems[0].contains("network is unreachable"),
-        "{:?}",
-        why.problems
-    );
+    let why = set_aside_because(&lab, &far_subnet.to_string())?;
+    assert!(why.contains("network is unreachable"), "{why}");
     assert!(
         route(&lab, 0, &far_subnet.to_string())?.is_empty(),
         "no route to a lease set aside"
@@ -482,34 +495,10 @@ fn dual_stack_host_gw_routes_both_families_via_each_node() -> Result<()> {
 
     // A node off both networks: its IPv4 and IPv6 sides are set aside on
     // every node, with Flannel's reason for each.
-    let far = lab.join_node_on(NodeKind::Ebpf, true)?;
+    let far = join_far_node(&mut lab, 2)?;
     let far_subnet6 = lab.nodes[far].subnet6.context("no IPv6 lease")?;
-    lab.wait_for(
-        std::time::Duration::from_secs(10),
-        "every node to set the far node's leases aside",
-        |lab| {
-            (0..3).all(|i| lab.nodes[i].status().is_ok_and(|s| s.ignored_leases == 2))
-                && lab.nodes[far]
-                    .status()
-                    .is_ok_and(|s| s.ignored_leases == 8 && s.remote_leases == 0)
-        },
-    )?;
-    let inspect = flannel_agent::api::call(
-        &lab.nodes[0].socket(),
-        &flannel_agent::api::Request::Inspect {},
-    )?
-    .inspect
-    .context("no inspect answer")?;
-    let why = inspect
-        .ignored
-        .iter()
-        .find(|c| c.name.starts_with(&far_subnet6.to_string()))
-        .with_context(|| format!("{:?}", inspect.ignored))?;
-    assert!(
-        why.problems[0].contains("is not on this node's IPv6 network"),
-        "{:?}",
-        why.problems
-    );
+    let why = set_aside_because(&lab, &far_subnet6.to_string())?;
+    assert!(why.contains("is not on this node's IPv6 network"), "{why}");
     assert!(route6(&lab, 0, &far_subnet6.to_string())?.is_empty());
     Ok(())
 }

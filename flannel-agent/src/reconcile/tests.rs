@@ -1139,6 +1139,15 @@ fn aip6(s: &str) -> std::net::Ipv6Addr {
     s.parse().unwrap()
 }
 
+/// What [`dual_stack_world`] routes directly with DirectRouting or
+/// host-gw: nodes 2 and 3 over IPv4, nodes 2 and 4 over IPv6.
+const DIRECT_BOTH_FAMILIES: [(&str, &str); 4] = [
+    ("10.244.2.0/24", "10.0.0.2"),
+    ("10.244.3.0/24", "10.0.0.3"),
+    ("fd00:10:244:2::/64", "fd00:30::2"),
+    ("fd00:10:244:4::/64", "fd00:30::4"),
+];
+
 /// The direct routes wanted, as (subnet, via) text.
 fn direct_routes(want: &Desired) -> Vec<(String, String)> {
     want.direct
@@ -1159,15 +1168,9 @@ fn dual_stack_direct_routing_decides_each_family_on_its_own() {
         false,
     );
     let want = w.want();
-    let s = |a: &str, b: &str| (a.to_string(), b.to_string());
     assert_eq!(
         direct_routes(&want),
-        [
-            s("10.244.2.0/24", "10.0.0.2"),
-            s("10.244.3.0/24", "10.0.0.3"),
-            s("fd00:10:244:2::/64", "fd00:30::2"),
-            s("fd00:10:244:4::/64", "fd00:30::4"),
-        ]
+        DIRECT_BOTH_FAMILIES.map(|(a, b)| (a.to_string(), b.to_string()))
     );
     assert_eq!(
         want.remotes.keys().copied().collect::<Vec<_>>(),
@@ -1277,15 +1280,9 @@ fn dual_stack_host_gw_routes_ipv6_via_each_node() {
         true,
     );
     let want = w.want();
-    let s = |a: &str, b: &str| (a.to_string(), b.to_string());
     assert_eq!(
         direct_routes(&want),
-        [
-            s("10.244.2.0/24", "10.0.0.2"),
-            s("10.244.3.0/24", "10.0.0.3"),
-            s("fd00:10:244:2::/64", "fd00:30::2"),
-            s("fd00:10:244:4::/64", "fd00:30::4"),
-        ]
+        DIRECT_BOTH_FAMILIES.map(|(a, b)| (a.to_string(), b.to_string()))
     );
     assert_eq!((want.vtep.clone(), want.vtep6.clone()), (None, None));
     assert!(want.remotes.is_empty() && want.remotes6.is_empty());
