@@ -11,12 +11,13 @@ use flannel_common::REMOTE_F_DIRECT;
 use super::{
     desired::Desired,
     diff::{diff, DeviceOp, Op},
-    observe::Observed,
+    observe::{Entries, Observed},
 };
 use crate::{
     api::{Check, Inspect, PodCheck, RemoteCheck, Status},
     datapath::ebpf::key_ip,
     mac::MacAddr,
+    netlink::Remote,
 };
 
 /// The comparison; `node` and `counters` are passed through.
@@ -40,78 +41,40 @@ pub fn inspect(
         ops.iter()
             .any(|o| matches!(o, Op::Device(DeviceOp::Bridge(_)))),
     )];
-    if let Some(vtep) = &want.vtep {
+    for vtep in [&want.vtep, &want.vtep6].into_iter().flatten() {
         devices.push(device(
             &vtep.link.name,
-            ops.iter()
-                .any(|o| matches!(o, Op::Device(DeviceOp::Vtep(_)))),
+            ops.iter().any(
+                |o| matches!(o, Op::Device(DeviceOp::Vtep(v)) if v.link.name == vtep.link.name),
+            ),
         ));
     }
     let remotes = want
         .remotes
         .values()
         .map(|r| {
-            let mut c = RemoteCheck {
-                subnet: r.subnet.to_string(),
-                public_ip: r.public_ip.to_string(),
-                vtep_mac: r.vtep_mac.to_string(),
-                ..Default::default()
-            };
-            match &have.vtep {
-                None => c.problems.push("kernel entries could not be read".into()),
-                Some(e) => {
-                    c.route = e.routes.contains(&(r.subnet, true));
-                    c.neighbour = e
-                        .neighbours
-                        .get(&r.subnet.network())
-                        .map(MacAddr::to_string);
-                    let fdb: Vec<String> = e
-                        .fdb
-                        .iter()
-                        .filter(|(m, _)| *m == r.vtep_mac)
-                        .filter_map(|(_, d)| d.map(|d| d.to_string()))
-                        .collect();
-                    c.fdb = (!fdb.is_empty()).then(|| fdb.join(","));
-                    if !c.route {
-                        c.problems.push("kernel: no onlink route".into());
-                    }
-                    if c.neighbour.as_deref() != Some(c.vtep_mac.as_str()) {
-                        c.problems.push(format!(
-                            "kernel: neighbour {} is {}, the lease says {}",
-                            r.subnet.network(),
-                            c.neighbour.as_deref().unwrap_or("missing"),
-                            c.vtep_mac
-                        ));
-                    }
-                    if !e.fdb.contains(&(r.vtep_mac, Some(IpAddr::V4(r.public_ip)))) {
-                        c.problems.push(format!(
-                            "kernel: FDB sends {} to {}, the lease says {}",
-                            c.vtep_mac,
-                            c.fdb.as_deref().unwrap_or("nowhere"),
-                            c.public_ip
-                        ));
-                    }
-                }
-            }
+            let mut c = vxlan_check(r, have.vtep.as_ref());
             if let (Some(maps), Some(seen)) = (&want.maps, &have.maps) {
                 let entry = seen.remotes.get(&r.subnet);
                 c.map = entry.map(|e| format!("{} {}", key_ip(e.node_ip), MacAddr(e.vtep_mac)));
                 c.map_vtep = Some(seen.vteps.contains(&r.public_ip));
-                if entry != maps.remotes.get(&r.subnet) {
-                    c.problems.push(format!(
-                        "map: entry is {}, the lease says {} {}",
-                        c.map.as_deref().unwrap_or("missing"),
-                        c.public_ip,
-                        c.vtep_mac
-                    ));
-                }
-                if c.map_vtep == Some(false) {
-                    c.problems
-                        .push(format!("map: {} is not a known VTEP", c.public_ip));
-                }
+                map_problems(&mut c, entry != maps.remotes.get(&r.subnet));
             }
             c
         })
+        .chain(want.remotes6.values().map(|r| {
+            let mut c = vxlan_check(r, have.vtep6.as_ref());
+            if let (Some(maps), Some(seen)) = (&want.maps, &have.maps) {
+                let entry = seen.remotes6.get(&r.subnet);
+                c.map = entry.map(|e| {
+                    let ip = std::net::Ipv6Addr::from(e.node_ip6);
+                    format!("{ip} {}", MacAddr(e.vtep_mac))
+                });
+                c.map_vtep = Some(seen.vteps6.contains(&r.public_ip));
+                map_problems(&mut c, entry != maps.remotes6.get(&r.subnet));
+            }
+            c
+        }))
         .chain(want.direct.values().map(|d| {
             let mut c = RemoteCheck {
                 subnet: d.subnet.to_string(),
@@ -224,5 +187,67 @@ pub fn inspect(
         ignored,
         pending: ops.iter().map(Op::to_string).collect(),
         counters,
+    }
+}
+
+/// A VXLAN remote of either family beside its VXLAN device's entries
+/// (`None`: they could not be read): the onlink route, the neighbour for
+/// its gateway and the FDB entry to its node.
+fn vxlan_check<R: Remote>(r: &R, entries: Option<&Entries<R::Net, R::Addr>>) -> RemoteCheck {
+    let mut c = RemoteCheck {
+        subnet: r.subnet().to_string(),
+        public_ip: r.public().to_string(),
+        vtep_mac: r.vtep_mac().to_string(),
+        ..Default::default()
+    };
+    let Some(e) = entries else {
+        c.problems.push("kernel entries could not be read".into());
+        return c;
+    };
+    c.route = e.routes.contains(&(r.subnet(), true));
+    c.neighbour = e.neighbours.get(&r.gateway()).map(MacAddr::to_string);
+    let fdb: Vec<String> = e
+        .fdb
+        .iter()
+        .filter(|(m, _)| *m == r.vtep_mac())
+        .filter_map(|(_, d)| d.map(|d| d.to_string()))
+        .collect();
+    c.fdb = (!fdb.is_empty()).then(|| fdb.join(","));
+    if !c.route {
+        c.problems.push("kernel: no onlink route".into());
+    }
+    if c.neighbour.as_deref() != Some(c.vtep_mac.as_str()) {
+        c.problems.push(format!(
+            "kernel: neighbour {} is {}, the lease says {}",
+            r.gateway(),
+            c.neighbour.as_deref().unwrap_or("missing"),
+            c.vtep_mac
+        ));
+    }
+    if !e.fdb.contains(&(r.vtep_mac(), Some(r.public()))) {
+        c.problems.push(format!(
+            "kernel: FDB sends {} to {}, the lease says {}",
+            c.vtep_mac,
+            c.fdb.as_deref().unwrap_or("nowhere"),
+            c.public_ip
+        ));
+    }
+    c
+}
+
+/// The map's problems for a VXLAN remote: its entry differs from the
+/// lease's (`wrong`), or its node is not a known VTEP.
+fn map_problems(c: &mut RemoteCheck, wrong: bool) {
+    if wrong {
+        c.problems.push(format!(
+            "map: entry is {}, the lease says {} {}",
+            c.map.as_deref().unwrap_or("missing"),
+            c.public_ip,
+            c.vtep_mac
+        ));
+    }
+    if c.map_vtep == Some(false) {
+        c.problems
+            .push(format!("map: {} is not a known VTEP", c.public_ip));
     }
 }

@@ -1643,6 +1643,91 @@ fn inspect_names_every_disagreement() {
         .any(|p| p == "ensure VXLAN device flannel.1"));
 }
 
+/// `inspect` in a dual-stack DirectRouting cluster: each remote's IPv6
+/// side is listed beside its IPv4 one, over `flannel-v6.1` or routed
+/// directly, and a broken IPv6 neighbour, FDB entry, map entry or direct
+/// route is named; `flannel-v6.1` is a device of its own.
+#[test]
+fn inspect_covers_the_ipv6_side() {
+    use super::inspect::inspect;
+    let mut w = dual_stack_world(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+        false,
+    );
+    let i = inspect(Default::default(), &w.want(), &w.have, BTreeMap::new());
+    let listed = |i: &crate::api::Inspect| -> Vec<(String, bool, Vec<String>)> {
+        i.remotes
+            .iter()
+            .map(|r| (r.subnet.clone(), r.direct, r.problems.clone()))
+            .collect()
+    };
+    let ok = |s: &str, direct: bool| (s.to_string(), direct, Vec::<String>::new());
+    assert_eq!(
+        listed(&i),
+        [
+            ok("10.244.4.0/24", false),
+            ok("fd00:10:244:3::/64", false),
+            ok("10.244.2.0/24", true),
+            ok("10.244.3.0/24", true),
+            ok("fd00:10:244:2::/64", true),
+            ok("fd00:10:244:4::/64", true),
+        ]
+    );
+    assert_eq!(
+        i.devices
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>(),
+        ["cni0", "flannel.1", "flannel-v6.1"]
+    );
+    let v6 = w.have.vtep6.as_mut().unwrap();
+    v6.neighbours.clear();
+    v6.fdb.clear();
+    let maps = w.have.maps.as_mut().unwrap();
+    maps.remotes6
+        .remove(&"fd00:10:244:4::/64".parse::<Ipv6Net>().unwrap());
+    maps.vteps6.remove(&aip6("fd00:31::3"));
+    w.have
+        .uplink_routes
+        .as_mut()
+        .unwrap()
+        .retain(|(d, _)| *d != anet("fd00:10:244:2::/64"));
+    w.have.links.get_mut("flannel-v6.1").unwrap().mtu = 1400;
+    let i = inspect(Default::default(), &w.want(), &w.have, BTreeMap::new());
+    let problems = |subnet: &str| {
+        i.remotes
+            .iter()
+            .find(|r| r.subnet == subnet)
+            .unwrap()
+            .problems
+            .clone()
+    };
+    assert_eq!(
+        problems("fd00:10:244:3::/64"),
+        [
+            "kernel: neighbour fd00:10:244:3:: is missing, the lease says 0e:00:00:00:00:63",
+            "kernel: FDB sends 0e:00:00:00:00:63 to nowhere, the lease says fd00:31::3",
+            "map: fd00:31::3 is not a known VTEP",
+        ]
+    );
+    assert_eq!(
+        problems("fd00:10:244:2::/64"),
+        ["kernel: no route via fd00:30::2 on the uplink"]
+    );
+    assert_eq!(
+        problems("fd00:10:244:4::/64"),
+        ["map: entry is missing, the lease says fd00:30::4 direct"]
+    );
+    assert!(problems("10.244.4.0/24").is_empty());
+    assert_eq!(
+        i.devices
+            .iter()
+            .map(|d| (d.name.as_str(), d.problems.len()))
+            .collect::<Vec<_>>(),
+        [("cni0", 0), ("flannel.1", 0), ("flannel-v6.1", 1)]
+    );
+}
+
 #[test]
 fn every_operation_kind_is_listed() {
     let w = World::new();
