@@ -4,7 +4,6 @@
 //! change.
 
 use ipnet::IpNet;
-use std::net::IpAddr;
 
 use flannel_common::REMOTE_F_DIRECT;
 
