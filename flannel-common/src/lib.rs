@@ -181,7 +181,11 @@ pub struct NextHop {
     /// `Config::uplink_ifindex` when the FIB answered: a new uplink makes
     /// the entry stale at once.
     pub uplink_ifindex: u32,
-    pub _pad: u32,
+    /// The outer IPv4 identification of the next packet to this node from
+    /// this CPU: a counter started at a random value by the FIB lookup, as
+    /// the kernel counts identifications per destination (no helper call
+    /// per packet).
+    pub ip_id: u32,
     /// The headers with the next hop's and the leaving interface's MACs as
     /// outer Ethernet, and zero in the outer IPv4 total length,
     /// identification, the UDP source port and length (the IPv4 checksum
@@ -196,11 +200,18 @@ impl Default for NextHop {
             ifindex: 0,
             node_ip: 0,
             uplink_ifindex: 0,
-            _pad: 0,
+            ip_id: 0,
             headers: [0; VXLAN_HEADERS_LEN],
         }
     }
 }
+
+// `tc_from_pod` checks a cached template with 16-bit loads: the headers
+// start 8-aligned, and the MACs it compares them with are 2-aligned.
+const _: () = assert!(core::mem::align_of::<NextHop>() == 8);
+const _: () = assert!(core::mem::offset_of!(NextHop, headers) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(Config, vtep_mac) % 2 == 0);
+const _: () = assert!(core::mem::offset_of!(RemoteNode, vtep_mac) % 2 == 0);
 
 /// How long `tc_from_pod` trusts a cached FIB answer before asking again:
 /// a changed route or neighbour MAC takes effect within this long (the

@@ -14,6 +14,7 @@
 //! and the counter that records it; every verdict is counted.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod monitor;
 mod parse;
@@ -584,16 +585,20 @@ fn from_pod_arp(ctx: &TcContext, ifindex: u32) -> (i32, u32) {
 /// encapsulation (about 75 ns of 290 through `BPF_PROG_TEST_RUN`), and its
 /// answer for a node changes rarely.
 #[inline(always)]
-fn cached_hop(cfg: &Config, remote: &RemoteNode, now: u64) -> Option<&'static NextHop> {
-    let h = NEXT_HOPS.get(next_hop_slot(remote.node_ip))?;
+fn cached_hop(cfg: &Config, remote: &RemoteNode, now: u64) -> Option<(&'static NextHop, u16)> {
+    let h = NEXT_HOPS.get_ptr_mut(next_hop_slot(remote.node_ip))?;
+    // SAFETY: this CPU's slot; only this CPU touches it while we run.
+    let h = unsafe { &mut *h };
     if h.node_ip != remote.node_ip
         || h.uplink_ifindex != cfg.uplink_ifindex
         || now.wrapping_sub(h.stamp_ns) >= NEXT_HOP_TTL_NS
-        || !Headers::current(&h.headers, cfg, remote)
+        || !Headers::current(h, cfg, remote)
     {
         return None;
     }
-    Some(h)
+    let id = h.ip_id;
+    h.ip_id = id.wrapping_add(1);
+    Some((h, id as u16))
 }
 
 /// Asks the FIB for the outer packet to `remote`, as the kernel would route
@@ -626,15 +631,21 @@ fn resolve_hop(
         ifindex: fib.ifindex,
         node_ip: remote.node_ip,
         uplink_ifindex: cfg.uplink_ifindex,
-        _pad: 0,
+        ip_id: unsafe { bpf_get_prandom_u32() },
         headers: Headers::vxlan(cfg, remote, dmac, smac),
     };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
             let h = hop(&fib.dmac, &fib.smac);
             if let Some(slot) = NEXT_HOPS.get_ptr_mut(next_hop_slot(remote.node_ip)) {
-                // SAFETY: this CPU's slot; only this CPU touches it.
-                unsafe { *slot = h };
+                // SAFETY: this CPU's slot; only this CPU touches it. This
+                // packet takes the first identification.
+                unsafe {
+                    *slot = NextHop {
+                        ip_id: h.ip_id.wrapping_add(1),
+                        ..h
+                    }
+                };
             }
             Some((h, None))
         }
@@ -649,21 +660,23 @@ fn resolve_hop(
 }
 
 /// The next hop for `remote`'s node: the cached FIB answer while it holds,
-/// else a new lookup, kept in `fresh` (no copy of a cached entry).
-/// `None`: no route, the stack decides.
+/// else a new lookup, kept in `fresh` (no copy of a cached entry); and the
+/// outer IPv4 identification for this packet. `None`: no route, the stack
+/// decides.
 #[inline(always)]
 fn next_hop<'a>(
     ctx: &TcContext,
     cfg: &Config,
     remote: &RemoteNode,
     fresh: &'a mut core::mem::MaybeUninit<NextHop>,
-) -> Option<(&'a NextHop, Option<u32>)> {
+) -> Option<(&'a NextHop, Option<u32>, u16)> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     match cached_hop(cfg, remote, now) {
-        Some(h) => Some((h, None)),
+        Some((h, id)) => Some((h, None, id)),
         None => {
             let (h, via) = resolve_hop(ctx, cfg, remote, now)?;
-            Some((fresh.write(h), via))
+            let h = fresh.write(h);
+            Some((h, via, h.ip_id as u16))
         }
     }
 }
@@ -676,7 +689,7 @@ fn next_hop<'a>(
 #[inline(always)]
 fn route_direct(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, remote: &RemoteNode) -> (i32, u32) {
     let mut fresh = core::mem::MaybeUninit::uninit();
-    let Some((hop, via)) = next_hop(ctx, cfg, remote, &mut fresh) else {
+    let Some((hop, via, _)) = next_hop(ctx, cfg, remote, &mut fresh) else {
         return (TC_ACT_OK, POD_PASS_NO_ROUTE);
     };
     // The helper calls above left the packet as it was, but the verifier
@@ -762,7 +775,7 @@ fn encap(
     let drop = TC_ACT_SHOT;
 
     let mut fresh = core::mem::MaybeUninit::uninit();
-    let Some((hop, via)) = next_hop(ctx, cfg, remote, &mut fresh) else {
+    let Some((hop, via, ip_id)) = next_hop(ctx, cfg, remote, &mut fresh) else {
         return (pass, POD_PASS_NO_ROUTE);
     };
     let (ifindex, headers) = (hop.ifindex, &hop.headers);
@@ -774,21 +787,15 @@ fn encap(
     // One copy of the template, then the per-packet fields in place: the
     // new headers and the inner IPv4 header are in the linear part (the
     // room was made in front of headers that were).
-    if ctx.store(0, headers, 0).is_err() {
-        return (drop, POD_DROP_ENCAP_FAILED);
-    }
     let outer_len = (ctx.len() - EthHdr::LEN as u32) as u16;
     let pkt = parse::Packet::new(ctx.data(), ctx.data_end());
     let Some(out) = pkt.get_mut::<[u8; parse::HEADERS_LEN + Ipv4Hdr::LEN]>(0) else {
         return (drop, POD_DROP_ENCAP_FAILED);
     };
     let out = out as *mut u8;
-    Headers::fill(
-        out,
-        outer_len,
-        (unsafe { bpf_get_prandom_u32() } & 0xffff) as u16,
-        sport,
-    );
+    // SAFETY: `get_mut` checked the bytes; the template is 8-aligned.
+    unsafe { parse::copy_template(out, headers) };
+    Headers::fill(out, outer_len, ip_id, sport);
     // The inner packet is routed once by this node, as through flannel.1.
     let check = csum::ttl_decremented(
         u16::from_be_bytes(ip.check),

@@ -1,7 +1,7 @@
 //! Bounds-checked packet access for XDP and the VXLAN header block that
 //! `tc_from_pod` writes in front of a pod packet.
 
-use flannel_common::{csum, Config, RemoteNode, VXLAN_HEADERS_LEN};
+use flannel_common::{csum, Config, NextHop, RemoteNode, VXLAN_HEADERS_LEN};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 
 /// `ETH_P_IP` as it appears in a packet read into a native-endian `u16`.
@@ -127,18 +127,24 @@ impl Headers {
         h
     }
 
-    /// Whether a cached template still says what `vxlan` would build now
-    /// for `remote` (the next hop's MACs aside, which the cache's age
-    /// bounds).
+    /// Whether a cached hop's template still says what `vxlan` would
+    /// build now for `remote` (the next hop's MACs aside, which the cache's
+    /// age bounds; the outer destination is the hop's own `node_ip`, which
+    /// the caller compares). Read in 16-bit words, all at even offsets of
+    /// the 8-aligned template (see the layout assertions by `NextHop`).
     #[inline(always)]
-    pub fn current(h: &[u8; HEADERS_LEN], cfg: &Config, remote: &RemoteNode) -> bool {
-        let at = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-        at(OUTER_IP + 12) == cfg.node_ip
-            && at(OUTER_IP + 16) == remote.node_ip
-            && u16::from_be_bytes([h[OUTER_UDP + 2], h[OUTER_UDP + 3]]) == cfg.udp_port
-            && u32::from_be_bytes([0, h[VXLAN + 4], h[VXLAN + 5], h[VXLAN + 6]]) == cfg.vni
-            && h[INNER_ETH..INNER_ETH + 6] == remote.vtep_mac
-            && h[INNER_ETH + 6..INNER_ETH + 12] == cfg.vtep_mac
+    pub fn current(hop: &NextHop, cfg: &Config, remote: &RemoteNode) -> bool {
+        let h = hop.headers.as_ptr() as *const u16;
+        // SAFETY: every offset below is even and inside the template.
+        let w = |i: usize| u64::from(unsafe { h.add(i / 2).read() });
+        let w32 = |i: usize| (w(i) | w(i + 2) << 16) as u32;
+        let w48 = |i: usize| w(i) | w(i + 2) << 16 | w(i + 4) << 32;
+        w32(OUTER_IP + 12) == cfg.node_ip
+            && w(OUTER_UDP + 2) == u64::from(cfg.udp_port.to_be())
+            // The VNI's three bytes and the reserved zero after them.
+            && w32(VXLAN + 4) == (cfg.vni << 8).to_be()
+            && w48(INNER_ETH) == mac48(&remote.vtep_mac)
+            && w48(INNER_ETH + 6) == mac48(&cfg.vtep_mac)
     }
 
     /// Completes a template written at the start of `out`: the outer
@@ -158,6 +164,42 @@ impl Headers {
             put16(out.add(udp), sport);
             put16(out.add(udp + 4), outer_len - Ipv4Hdr::LEN as u16);
         }
+    }
+}
+
+/// A MAC address as the 48-bit number its bytes make in memory order.
+/// `mac` must be 2-aligned, as the MACs in `Config` and `RemoteNode` are.
+#[inline(always)]
+fn mac48(mac: &[u8; 6]) -> u64 {
+    let p = mac.as_ptr() as *const u16;
+    // SAFETY: three 16-bit words of the six bytes, at a 2-aligned address.
+    let w = |i: usize| u64::from(unsafe { p.add(i).read() });
+    w(0) | w(1) << 16 | w(2) << 32
+}
+
+/// Copies a next hop's template (8-aligned, in `NextHop`) to the start
+/// of the packet, eight bytes at a time: one 64-bit store per word where a
+/// plain copy would be compiled to a store per byte (the packet's alignment
+/// is unknown to the compiler, while the kernel allows unaligned packet
+/// stores on the architectures it runs these programs on).
+///
+/// # Safety
+/// `out` must hold `HEADERS_LEN` checked packet bytes, and `h` be 8-aligned.
+#[inline(always)]
+pub unsafe fn copy_template(out: *mut u8, h: &[u8; HEADERS_LEN]) {
+    let src = h.as_ptr() as *const u64;
+    let mut i = 0;
+    while i < HEADERS_LEN / 8 {
+        unsafe {
+            let v = src.add(i).read();
+            core::arch::asm!(
+                "*(u64 *)({p} + 0) = {v}",
+                p = in(reg) out.add(i * 8),
+                v = in(reg) v,
+                options(nostack, preserves_flags),
+            );
+        }
+        i += 1;
     }
 }
 
