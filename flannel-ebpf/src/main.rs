@@ -213,7 +213,7 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
     if eth_type != ETH_P_IP_BE {
         return (pass, POD_PASS_NOT_IPV4);
     }
-    let Some(ip) = pkt.read::<Ipv4Hdr>(EthHdr::LEN) else {
+    let Some(ip) = pkt.read_ipv4(EthHdr::LEN) else {
         return (pass, POD_PASS_MALFORMED);
     };
     if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
@@ -924,7 +924,7 @@ struct Direct {
 impl decap::Frame for Direct {
     #[inline(always)]
     fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        self.pkt.read::<[u8; N]>(offset)
+        self.pkt.read_words::<N>(offset)
     }
 
     #[inline(always)]
@@ -1128,8 +1128,9 @@ fn uplink_ingress(ctx: &TcContext) -> (i32, u32) {
         return (TC_ACT_SHOT, UPLINK_DROP_REDIRECT_FAILED);
     };
     let p = p as *mut u8;
-    // SAFETY: `get_mut` checked that these bytes are in the packet.
-    let ip = unsafe { core::ptr::read_unaligned(p.add(EthHdr::LEN) as *const Ipv4Hdr) };
+    let Some(ip) = pkt.read_ipv4(EthHdr::LEN) else {
+        return (TC_ACT_SHOT, UPLINK_DROP_REDIRECT_FAILED);
+    };
     let decapped = found.is_some();
     let ep = match found {
         Some(ep) => ep,
