@@ -64,33 +64,32 @@ impl Packet {
         let mut out = Buf([0u8; N]);
         let o = out.0.as_mut_ptr();
         let mut i = 0;
-        // SAFETY: `get` checked the `N` bytes from `p`; `out` is 8-aligned,
-        // so every store below is aligned.
-        unsafe {
-            while i + 8 <= N {
-                let v: u64;
-                core::arch::asm!("{v} = *(u64 *)({p} + 0)", v = out(reg) v, p = in(reg) p.add(i),
-                    options(nostack, preserves_flags, readonly));
-                (o.add(i) as *mut u64).write(v);
-                i += 8;
-            }
-            while i + 4 <= N {
-                let v: u64;
-                core::arch::asm!("{v} = *(u32 *)({p} + 0)", v = out(reg) v, p = in(reg) p.add(i),
-                    options(nostack, preserves_flags, readonly));
-                (o.add(i) as *mut u32).write(v as u32);
-                i += 4;
-            }
-            while i + 2 <= N {
-                let v: u64;
-                core::arch::asm!("{v} = *(u16 *)({p} + 0)", v = out(reg) v, p = in(reg) p.add(i),
-                    options(nostack, preserves_flags, readonly));
-                (o.add(i) as *mut u16).write(v as u16);
-                i += 2;
-            }
-            if i < N {
-                *o.add(i) = *p.add(i);
-            }
+        // Loads as many `$ty`s as fit from `p + i` into `out`.
+        macro_rules! words {
+            ($ty:ty, $load:literal) => {
+                while i + core::mem::size_of::<$ty>() <= N {
+                    let v: u64;
+                    // SAFETY: `get` checked the `N` bytes from `p`; `out`
+                    // is 8-aligned, so the store is aligned.
+                    unsafe {
+                        core::arch::asm!(
+                            $load,
+                            v = out(reg) v,
+                            p = in(reg) p.add(i),
+                            options(nostack, preserves_flags, readonly),
+                        );
+                        (o.add(i) as *mut $ty).write(v as $ty);
+                    }
+                    i += core::mem::size_of::<$ty>();
+                }
+            };
+        }
+        words!(u64, "{v} = *(u64 *)({p} + 0)");
+        words!(u32, "{v} = *(u32 *)({p} + 0)");
+        words!(u16, "{v} = *(u16 *)({p} + 0)");
+        if i < N {
+            // SAFETY: as above.
+            unsafe { *o.add(i) = *p.add(i) };
         }
         Some(out.0)
     }

@@ -1605,14 +1605,7 @@ fn inspect_names_every_disagreement() {
     w.maps().pod_links.insert(POD_B, false);
     w.have.links.get_mut("flannel.1").unwrap().mtu = 1400;
     let i = inspect(Default::default(), &w.want(), &w.have, BTreeMap::new());
-    let problems = |subnet: &str| {
-        i.remotes
-            .iter()
-            .find(|r| r.subnet == subnet)
-            .unwrap()
-            .problems
-            .clone()
-    };
+    let problems = |subnet: &str| remote_problems(&i, subnet);
     assert_eq!(
         problems("10.244.2.0/24"),
         [
@@ -1694,14 +1687,7 @@ fn inspect_covers_the_ipv6_side() {
         .retain(|(d, _)| *d != anet("fd00:10:244:2::/64"));
     w.have.links.get_mut("flannel-v6.1").unwrap().mtu = 1400;
     let i = inspect(Default::default(), &w.want(), &w.have, BTreeMap::new());
-    let problems = |subnet: &str| {
-        i.remotes
-            .iter()
-            .find(|r| r.subnet == subnet)
-            .unwrap()
-            .problems
-            .clone()
-    };
+    let problems = |subnet: &str| remote_problems(&i, subnet);
     assert_eq!(
         problems("fd00:10:244:3::/64"),
         [
@@ -1809,4 +1795,14 @@ fn guard_tables_follow_leases_pods_and_drift() {
         w.have.guard = have.clone();
         assert_eq!(guard_ops(&w), vec![w.want().guard], "{have:?}");
     }
+}
+
+/// What `inspect` found wrong with the remote lease for `subnet`.
+fn remote_problems(i: &crate::api::Inspect, subnet: &str) -> Vec<String> {
+    i.remotes
+        .iter()
+        .find(|r| r.subnet == subnet)
+        .unwrap_or_else(|| panic!("no remote {subnet} in the inspection"))
+        .problems
+        .clone()
 }
