@@ -778,7 +778,7 @@ fn encap(
     let Some((hop, via, ip_id)) = next_hop(ctx, cfg, remote, &mut fresh) else {
         return (pass, POD_PASS_NO_ROUTE);
     };
-    let (ifindex, headers) = (hop.ifindex, &hop.headers);
+    let ifindex = hop.ifindex;
     let sport = outer_sport(hash);
 
     if !encap_room(ctx, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, VXLAN_ENCAP_LEN) {
@@ -793,8 +793,8 @@ fn encap(
         return (drop, POD_DROP_ENCAP_FAILED);
     };
     let out = out as *mut u8;
-    // SAFETY: `get_mut` checked the bytes; the template is 8-aligned.
-    unsafe { parse::copy_template(out, headers) };
+    // SAFETY: `get_mut` checked the bytes.
+    unsafe { parse::copy_template(out, hop) };
     Headers::fill(out, outer_len, ip_id, sport);
     // The inner packet is routed once by this node, as through flannel.1.
     let check = csum::ttl_decremented(

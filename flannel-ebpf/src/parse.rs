@@ -194,8 +194,9 @@ impl Headers {
             && w(OUTER_UDP + 2) == u64::from(cfg.udp_port.to_be())
             // The VNI's three bytes and the reserved zero after them.
             && w32(VXLAN + 4) == (cfg.vni << 8).to_be()
-            && w48(INNER_ETH) == mac48(&remote.vtep_mac)
-            && w48(INNER_ETH + 6) == mac48(&cfg.vtep_mac)
+            // SAFETY: both MACs are 2-aligned (the assertions by `NextHop`).
+            && w48(INNER_ETH) == unsafe { mac48(&remote.vtep_mac) }
+            && w48(INNER_ETH + 6) == unsafe { mac48(&cfg.vtep_mac) }
     }
 
     /// Completes a template written at the start of `out`: the outer
@@ -219,26 +220,28 @@ impl Headers {
 }
 
 /// A MAC address as the 48-bit number its bytes make in memory order.
+///
+/// # Safety
 /// `mac` must be 2-aligned, as the MACs in `Config` and `RemoteNode` are.
 #[inline(always)]
-fn mac48(mac: &[u8; 6]) -> u64 {
+unsafe fn mac48(mac: &[u8; 6]) -> u64 {
     let p = mac.as_ptr() as *const u16;
     // SAFETY: three 16-bit words of the six bytes, at a 2-aligned address.
     let w = |i: usize| u64::from(unsafe { p.add(i).read() });
     w(0) | w(1) << 16 | w(2) << 32
 }
 
-/// Copies a next hop's template (8-aligned, in `NextHop`) to the start
+/// Copies a next hop's template (8-aligned in `NextHop`) to the start
 /// of the packet, eight bytes at a time: one 64-bit store per word where a
 /// plain copy would be compiled to a store per byte (the packet's alignment
 /// is unknown to the compiler, while the kernel allows unaligned packet
 /// stores on the architectures it runs these programs on).
 ///
 /// # Safety
-/// `out` must hold `HEADERS_LEN` checked packet bytes, and `h` be 8-aligned.
+/// `out` must hold `HEADERS_LEN` checked packet bytes.
 #[inline(always)]
-pub unsafe fn copy_template(out: *mut u8, h: &[u8; HEADERS_LEN]) {
-    let src = h.as_ptr() as *const u64;
+pub unsafe fn copy_template(out: *mut u8, hop: &NextHop) {
+    let src = hop.headers.as_ptr() as *const u64;
     let mut i = 0;
     while i < HEADERS_LEN / 8 {
         unsafe {
