@@ -345,6 +345,18 @@ impl NetConfig {
         Ok(())
     }
 
+    /// How many lease slots the eBPF maps give this network (see
+    /// `flannel_common::Config::lease_slot`): one per subnet of
+    /// `SubnetLen` in `Network`, or 0 when that is more than
+    /// `MAX_LEASE_SLOTS` (every lookup then walks the trie).
+    pub fn lease_slots(&self) -> u32 {
+        let bits = u32::from(self.subnet_len).saturating_sub(u32::from(self.network.prefix_len()));
+        match 1u32.checked_shl(bits) {
+            Some(n) if n <= flannel_common::MAX_LEASE_SLOTS && self.subnet_len <= 32 => n,
+            _ => 0,
+        }
+    }
+
     /// Size of one node subnet, in addresses.
     pub fn subnet_size(&self) -> u32 {
         1u32 << (32 - self.subnet_len)

@@ -14,6 +14,12 @@ pub mod maps {
     /// LPM trie of remote IPv6 leases (dual-stack): IPv6 subnet →
     /// [`crate::RemoteNode6`].
     pub const REMOTE_SUBNETS6: &str = "FLANNEL_REMOTES6";
+    /// Array of [`crate::RemoteNode`]s, one slot per lease-sized block of
+    /// the IPv4 `Network` (see [`crate::Config::lease_slot`]): the remote
+    /// leases of exactly `SubnetLen` that no other lease overlaps, found
+    /// with one array index instead of the trie's walk. The trie holds
+    /// every lease still; an empty slot sends the lookup there.
+    pub const LEASE_SLOTS: &str = "FLANNEL_LEASE_SLOTS";
     pub const ENDPOINTS: &str = "FLANNEL_ENDPOINTS";
     /// Pod IPv6 (the 16 address bytes) → [`crate::Endpoint`], for pods
     /// with an IPv6 address (dual-stack).
@@ -34,10 +40,11 @@ pub mod maps {
     /// Per-CPU [`crate::MonitorState`] at index 0: the rate limiter.
     pub const MONITOR_STATE: &str = "FLANNEL_MONITOR_STATE";
     /// Every map the agent pins, in the order it pins them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         CONFIG,
         REMOTE_SUBNETS,
         REMOTE_SUBNETS6,
+        LEASE_SLOTS,
         ENDPOINTS,
         ENDPOINTS6,
         VTEPS,
@@ -63,6 +70,11 @@ pub mod programs {
 pub const MAX_REMOTE_SUBNETS: u32 = 16_384;
 pub const MAX_ENDPOINTS: u32 = 16_384;
 pub const MAX_VTEPS: u32 = 16_384;
+/// The most lease slots a network may have (`2^(SubnetLen − prefix)`);
+/// the object declares this many and the agent creates the map with as
+/// many as its network has. A larger network (a /8 of /26 leases, say)
+/// gets no slots: every lookup walks the trie.
+pub const MAX_LEASE_SLOTS: u32 = 65_536;
 
 /// VXLAN overhead added in front of the inner Ethernet frame:
 /// outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
@@ -124,6 +136,32 @@ pub struct Config {
     /// MAC of `flannel-v6.<VNI>`, the inner source MAC over IPv6.
     pub vtep6_mac: [u8; 6],
     pub _pad2: [u8; 2],
+    /// The IPv4 `Network` (network order bytes) and its mask: the range
+    /// the lease slots cover.
+    pub network: u32,
+    pub network_mask: u32,
+    /// `32 − SubnetLen`: an address's slot is its offset in the network
+    /// shifted right by this much.
+    pub lease_shift: u32,
+    /// How many slots `FLANNEL_LEASE_SLOTS` has; 0: none (every lookup
+    /// walks the trie).
+    pub lease_slots: u32,
+}
+
+impl Config {
+    /// The slot of `FLANNEL_LEASE_SLOTS` that covers `ip` (network order
+    /// bytes, as the programs read it from a packet), or `None` outside
+    /// the network or without slots. The programs and the agent both
+    /// place leases with this, so they cannot disagree.
+    #[inline(always)]
+    pub fn lease_slot(&self, ip: u32) -> Option<u32> {
+        if ip & self.network_mask != self.network {
+            return None;
+        }
+        let offset = u32::from_be(ip).wrapping_sub(u32::from_be(self.network));
+        let slot = offset.checked_shr(self.lease_shift)?;
+        (slot < self.lease_slots).then_some(slot)
+    }
 }
 
 /// Value of the remote-subnet LPM trie: where a remote lease lives.
@@ -567,8 +605,41 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    fn lease_slots_are_the_offset_in_the_network_by_lease() {
+        let ip = |a: [u8; 4]| u32::from_ne_bytes(a);
+        // 10.244.0.0/16 of /24 leases.
+        let mut c = Config {
+            network: ip([10, 244, 0, 0]),
+            network_mask: ip([255, 255, 0, 0]),
+            lease_shift: 8,
+            lease_slots: 256,
+            ..Default::default()
+        };
+        assert_eq!(c.lease_slot(ip([10, 244, 0, 0])), Some(0));
+        assert_eq!(c.lease_slot(ip([10, 244, 2, 11])), Some(2));
+        assert_eq!(c.lease_slot(ip([10, 244, 255, 255])), Some(255));
+        assert_eq!(c.lease_slot(ip([10, 245, 2, 11])), None);
+        assert_eq!(c.lease_slot(ip([172, 30, 9, 50])), None);
+        // Fewer slots than the network's leases (a map sized for less):
+        // the rest are not slotted.
+        c.lease_slots = 3;
+        assert_eq!(c.lease_slot(ip([10, 244, 2, 11])), Some(2));
+        assert_eq!(c.lease_slot(ip([10, 244, 3, 0])), None);
+        // No slots; a shift past the word (never written) finds none.
+        c.lease_slots = 0;
+        assert_eq!(c.lease_slot(ip([10, 244, 0, 1])), None);
+        c.lease_slots = 256;
+        c.lease_shift = 32;
+        assert_eq!(c.lease_slot(ip([10, 244, 0, 1])), None);
+        // /30 leases: four addresses a slot.
+        c.lease_shift = 2;
+        c.lease_slots = 1 << 14;
+        assert_eq!(c.lease_slot(ip([10, 244, 1, 7])), Some(65));
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 68);
+        assert_eq!(size_of::<Config>(), 84);
         assert_eq!(size_of::<RemoteNode>(), 12);
         assert_eq!(size_of::<RemoteNode6>(), 24);
         assert_eq!(size_of::<Endpoint>(), 12);

@@ -40,8 +40,8 @@ use flannel_common::{
     csum,
     decap::{self, Action},
     next_hop_slot, Config, Endpoint, NextHop, RemoteNode, RemoteNode6, Vtep, CONFIG_F_NETFILTER,
-    CONFIG_F_READY, CONFIG_F_TC_DECAP, MAX_ENDPOINTS, MAX_REMOTE_SUBNETS, MAX_VTEPS,
-    NEXT_HOP_SLOTS, NEXT_HOP_TTL_NS, REMOTE_F_DIRECT, VXLAN6_ENCAP_LEN, VXLAN_ENCAP_LEN,
+    CONFIG_F_READY, CONFIG_F_TC_DECAP, MAX_ENDPOINTS, MAX_LEASE_SLOTS, MAX_REMOTE_SUBNETS,
+    MAX_VTEPS, NEXT_HOP_SLOTS, NEXT_HOP_TTL_NS, REMOTE_F_DIRECT, VXLAN6_ENCAP_LEN, VXLAN_ENCAP_LEN,
     XDP_META_DECAPPED,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -59,6 +59,28 @@ static REMOTES: LpmTrie<u32, RemoteNode> =
 #[map(name = "FLANNEL_REMOTES6")]
 static REMOTES6: LpmTrie<[u8; 16], RemoteNode6> =
     LpmTrie::with_max_entries(MAX_REMOTE_SUBNETS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// The remote leases of the network's `SubnetLen` by slot (see
+/// `Config::lease_slot`); an empty slot (node IP 0) sends the lookup to
+/// `REMOTES`. The agent sizes it to the network when it creates it.
+#[map(name = "FLANNEL_LEASE_SLOTS")]
+static LEASE_SLOTS: Array<RemoteNode> = Array::with_max_entries(MAX_LEASE_SLOTS, 0);
+
+/// The remote lease that holds `ip`: its slot when it has one (an array
+/// index, no trie walk), else the trie's longest match. The agent fills a
+/// slot only for a lease no other lease overlaps, so both give the same
+/// answer.
+#[inline(always)]
+fn remote_of(cfg: &Config, ip: u32) -> Option<&'static RemoteNode> {
+    if let Some(slot) = cfg.lease_slot(ip) {
+        if let Some(r) = LEASE_SLOTS.get(slot) {
+            if r.node_ip != 0 {
+                return Some(r);
+            }
+        }
+    }
+    REMOTES.get(Key::new(32, ip))
+}
 
 #[map(name = "FLANNEL_ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
@@ -239,7 +261,7 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
         return (action, POD_LOCAL_REDIRECT);
     }
 
-    let Some(remote) = REMOTES.get(Key::new(32, dst)) else {
+    let Some(remote) = remote_of(cfg, dst) else {
         return (pass, POD_PASS_NOT_POD_DST);
     };
     // Let the stack send "time exceeded" and "fragmentation needed".
@@ -840,7 +862,7 @@ impl decap::Tables for Maps<'_> {
 
     #[inline(always)]
     fn lease_node(&self, ip: u32) -> Option<u32> {
-        REMOTES.get(Key::new(32, ip)).map(|r| r.node_ip)
+        remote_of(self.cfg, ip).map(|r| r.node_ip)
     }
 
     #[inline(always)]

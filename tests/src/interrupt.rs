@@ -58,7 +58,10 @@ pub fn clean_up_on_signals() -> Result<()> {
 }
 
 /// Kills this process's descendants and removes every namespace, pin
-/// directory and lab directory named after this run's ids.
+/// directory and lab directory named after this run's ids. The run's
+/// other threads go on meanwhile and may start a process (a ping into a
+/// pod) after the first kill; once the namespaces are gone such a start
+/// fails at once, so the descendants are killed again until none is left.
 pub fn clean_up_run() {
     kill_descendants();
     let ids = RUN_IDS.lock().map(|v| v.clone()).unwrap_or_default();
@@ -77,6 +80,19 @@ pub fn clean_up_run() {
         }
         let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("flannel-lab-{id}")));
     }
+    // Two quiet looks in a row, 20 ms apart (at most about 2 s in all).
+    let mut quiet = 0;
+    for _ in 0..100 {
+        if kill_descendants() == 0 {
+            quiet += 1;
+            if quiet == 2 {
+                break;
+            }
+        } else {
+            quiet = 0;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn names_with_prefix(dir: &Path, prefix: &str) -> Vec<String> {
@@ -90,8 +106,8 @@ fn names_with_prefix(dir: &Path, prefix: &str) -> Vec<String> {
 }
 
 /// SIGKILLs every process below this one, deepest first, and reaps the
-/// direct children.
-fn kill_descendants() {
+/// direct children; returns how many there were.
+fn kill_descendants() -> usize {
     let mut parent_of = HashMap::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -135,6 +151,7 @@ fn kill_descendants() {
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         }
     }
+    below.len()
 }
 
 /// The parent pid from `/proc/<pid>/stat`: the fourth field, counted

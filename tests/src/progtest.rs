@@ -52,6 +52,12 @@ pub const POD_MAC: [u8; 6] = [0x0e, 0x99, 0, 0, 0, 11];
 pub const GATEWAY_MAC: [u8; 6] = [0x0e, 0xb7, 10, 244, 1, 1];
 pub const VNI: u32 = 1;
 pub const PORT: u16 = 4789;
+/// The harness's `Network`, 10.0.0.0/8 with /24 leases: 65,536 lease
+/// slots, as many as the object declares, so that every lease the cases
+/// and `fill` use (10.244.x and 10.128.x up) has one.
+pub const NETWORK: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 0);
+pub const NETWORK_PREFIX: u8 = 8;
+pub const SUBNET_LEN: u8 = 24;
 
 /// A private namespace with an "uplink" that can route to REMOTE_IP.
 pub struct Netns(pub String);
@@ -223,6 +229,14 @@ impl Harness {
                 )?;
             }
         }
+        for i in 0..remotes {
+            let node = RemoteNode {
+                node_ip: ip_key(nth([172, 100], i, 1)),
+                vtep_mac: REMOTE_VTEP_MAC,
+                ..Default::default()
+            };
+            self.set_slot(nth([10, 128], i, 0), node)?;
+        }
         {
             let mut vteps: HashMap<_, u32, Vtep> =
                 HashMap::try_from(self.bpf.map_mut(maps::VTEPS).unwrap())?;
@@ -284,11 +298,39 @@ impl Harness {
         Ok(())
     }
 
-    /// The remote lease 10.244.2.0/24 as `node` says.
+    /// The remote lease 10.244.2.0/24 as `node` says, in the trie and in
+    /// its slot, as the agent writes it.
     pub fn set_remote(&mut self, node: RemoteNode) -> Result<()> {
+        self.set_remote_trie(node)?;
+        self.set_slot(Ipv4Addr::new(10, 244, 2, 0), node)
+    }
+
+    /// The remote lease 10.244.2.0/24 as `node` says, in the trie only.
+    pub fn set_remote_trie(&mut self, node: RemoteNode) -> Result<()> {
         let mut remotes: LpmTrie<_, u32, RemoteNode> =
             LpmTrie::try_from(self.bpf.map_mut(maps::REMOTE_SUBNETS).unwrap())?;
         remotes.insert(&Key::new(24, ip_key(Ipv4Addr::new(10, 244, 2, 0))), node, 0)?;
+        Ok(())
+    }
+
+    /// Takes 10.244.2.0/24 out of the trie (its slot stays as it is).
+    pub fn remove_remote_trie(&mut self) -> Result<()> {
+        let mut remotes: LpmTrie<_, u32, RemoteNode> =
+            LpmTrie::try_from(self.bpf.map_mut(maps::REMOTE_SUBNETS).unwrap())?;
+        remotes.remove(&Key::new(24, ip_key(Ipv4Addr::new(10, 244, 2, 0))))?;
+        Ok(())
+    }
+
+    /// The lease slot of the /24 at `subnet` holds `node` (all zero: empty).
+    pub fn set_slot(&mut self, subnet: Ipv4Addr, node: RemoteNode) -> Result<()> {
+        let cfg: Array<_, Config> = Array::try_from(self.bpf.map(maps::CONFIG).unwrap())?;
+        let slot = cfg
+            .get(&0, 0)?
+            .lease_slot(ip_key(subnet))
+            .context("no lease slot for the subnet")?;
+        let mut slots: Array<_, RemoteNode> =
+            Array::try_from(self.bpf.map_mut(maps::LEASE_SLOTS).unwrap())?;
+        slots.set(slot, node, 0)?;
         Ok(())
     }
 
@@ -315,6 +357,10 @@ impl Harness {
                 vtep_mac: VTEP_MAC,
                 uplink_mac: UPLINK_MAC,
                 gateway_mac: GATEWAY_MAC,
+                network: ip_key(NETWORK),
+                network_mask: ip_key(Ipv4Addr::from(u32::MAX << (32 - NETWORK_PREFIX))),
+                lease_shift: u32::from(32 - SUBNET_LEN),
+                lease_slots: 1 << (SUBNET_LEN - NETWORK_PREFIX),
                 ..Default::default()
             },
             0,

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData};
+use aya::maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData};
 use flannel_agent::{mac::MacAddr, subnet::LeaseAttrs};
 use flannel_common::{maps, RemoteNode};
 use flannel_tests::{
@@ -109,6 +109,21 @@ fn delete_map_entry(lab: &Lab, i: usize, s: Ipv4Net) {
     trie.remove(&key).unwrap();
 }
 
+/// What node `i`'s pinned lease slot for subnet `s` (a /24 of the lab's
+/// 10.244.0.0/16: slot = third byte) holds: the remote node's IP, or
+/// `None` when empty. `clear` empties it first, as bpftool would.
+fn lease_slot(lab: &Lab, i: usize, s: Ipv4Net, clear: bool) -> Option<Ipv4Addr> {
+    let data =
+        MapData::from_pin(lab.nodes[i].bpf_dir.join("maps").join(maps::LEASE_SLOTS)).unwrap();
+    let mut slots: Array<_, RemoteNode> = Array::try_from(Map::Array(data)).unwrap();
+    let slot = u32::from(s.network().octets()[2]);
+    if clear {
+        slots.set(slot, RemoteNode::default(), 0).unwrap();
+    }
+    let node = slots.get(&slot, 0).unwrap();
+    (node.node_ip != 0).then(|| Ipv4Addr::from(node.node_ip.to_ne_bytes()))
+}
+
 #[test]
 fn drift_is_repaired_and_masquerade_follows_flannel() {
     let lab = Lab::with(
@@ -194,6 +209,15 @@ fn drift_is_repaired_and_masquerade_follows_flannel() {
     delete_map_entry(&lab, 0, remote);
     assert!(!lab.holds(0, remote));
     repaired(&lab, "map entry deleted");
+    // The lease's slot holds the remote node; emptied by hand, it is
+    // filled again.
+    assert_eq!(lease_slot(&lab, 0, remote, false), Some(lab.nodes[1].ip));
+    assert_eq!(lease_slot(&lab, 0, remote, true), None);
+    lab.wait_for(Duration::from_secs(5), "lease slot refilled", |lab| {
+        lease_slot(lab, 0, remote, false) == Some(lab.nodes[1].ip)
+    })
+    .unwrap();
+    repaired(&lab, "lease slot emptied");
     ip(&["-n", &ns, "link", "del", "flannel.1"]).unwrap();
     repaired(&lab, "flannel.1 deleted");
     ip(&["-n", &ns, "link", "set", "eth0", "down"]).unwrap();

@@ -729,6 +729,72 @@ fn tc_from_pod_routes_direct_remotes_without_encapsulation() -> Result<()> {
     })
 }
 
+/// The lease slots come before the trie: a filled slot is the answer
+/// (the trie is not asked), an empty one or a config without slots sends
+/// the lookup to the trie. The agent keeps both saying the same; here
+/// they are made to differ so that the outer destination shows which one
+/// answered, for encapsulation and for decapsulation's source check.
+#[test]
+fn remote_leases_are_found_by_slot_before_the_trie() -> Result<()> {
+    in_lab_netns(|ns| {
+        flannel_tests::netns::pin_thread(0)?;
+        let mut h = Harness::new(ns.uplink_index()?)?;
+        const OTHER_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 9, 3);
+        const OTHER_MAC: [u8; 6] = [0x0e, 0xaa, 0, 0, 0, 3];
+        ns.set_neigh(true)?;
+        ns.set_neigh_of(OTHER_IP.into(), Some(OTHER_MAC))?;
+        let subnet = Ipv4Addr::new(10, 244, 2, 0);
+        let other = RemoteNode {
+            node_ip: u32::from_ne_bytes(OTHER_IP.octets()),
+            vtep_mac: REMOTE_VTEP_MAC,
+            ..Default::default()
+        };
+        let tc = programs::TC_FROM_POD;
+        let pkt = pod_frame(REMOTE_POD, 64);
+        let outer_dst = |out: &[u8]| Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_encap_redirect", "both")?;
+        assert_eq!(outer_dst(&out), REMOTE_IP);
+        // The slot says another node, the trie REMOTE_IP: the slot wins.
+        h.set_slot(subnet, other)?;
+        let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_encap_redirect", "slot")?;
+        assert_eq!(outer_dst(&out), OTHER_IP);
+        assert_eq!(&out[0..6], &OTHER_MAC);
+        // VXLAN from REMOTE_IP for a pod in that lease is now spoofed:
+        // decapsulation's source check reads the slot too.
+        let vx = vxlan_frame(REMOTE_IP, PORT, VNI, 0x08, &inner_frame(LOCAL_POD));
+        h.expect(
+            programs::XDP_UPLINK,
+            &vx,
+            XDP_DROP,
+            "xdp_drop_inner_source",
+            "slot says another node",
+        )?;
+        // An empty slot: the trie answers, for both.
+        h.set_slot(subnet, RemoteNode::default())?;
+        let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_encap_redirect", "trie")?;
+        assert_eq!(outer_dst(&out), REMOTE_IP);
+        h.expect(programs::XDP_UPLINK, &vx, XDP_PASS, "xdp_decap", "trie")?;
+        // Neither: no remote.
+        h.remove_remote_trie()?;
+        h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_not_pod_dst", "neither")?;
+        // The slot alone is enough...
+        h.set_slot(subnet, other)?;
+        let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_encap_redirect", "slot only")?;
+        assert_eq!(outer_dst(&out), OTHER_IP);
+        // ...while the config has slots: without them, only the trie counts.
+        h.update_config(|c| c.lease_slots = 0)?;
+        h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_not_pod_dst", "slots off")?;
+        // A network that does not hold the address: the same.
+        h.update_config(|c| {
+            c.lease_slots = 1 << 16;
+            c.network = u32::from_ne_bytes([10, 128, 0, 0]);
+            c.network_mask = u32::from_ne_bytes([255, 128, 0, 0]);
+        })?;
+        h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_not_pod_dst", "off network")?;
+        Ok(())
+    })
+}
+
 /// `tc_from_pod` keeps the FIB's answer per remote node and CPU for up to
 /// `NEXT_HOP_TTL_NS`: a changed neighbour MAC, or a vanished neighbour,
 /// takes effect once that long has passed; a changed remote VTEP MAC or

@@ -225,7 +225,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         metrics.clone(),
     );
     let (pods, mut attached_rx) = Pods::load(opts.endpoints_file())?;
-    let selected = datapath::select(opts.datapath, opts.xdp_mode, &opts.bpf_dir, &uplink)?;
+    let selected = datapath::select(
+        opts.datapath,
+        opts.xdp_mode,
+        &opts.bpf_dir,
+        &uplink,
+        cfg.lease_slots(),
+    )?;
     let bpf_dir = matches!(selected.active, Active::Ebpf { .. }).then(|| opts.bpf_dir.clone());
     metrics.set_datapath(selected.active.name(), selected.xdp_mode, bpf_dir);
 

@@ -110,12 +110,29 @@ pub fn pinned_shape(path: &Path) -> Option<MapShape> {
     })
 }
 
+/// The shapes the maps are created with: as `object` declares them, but
+/// `FLANNEL_LEASE_SLOTS` sized to the network's `lease_slots` (at least
+/// one slot; an array cannot be empty).
+pub fn wanted_shapes(object: &[u8], lease_slots: u32) -> Result<BTreeMap<String, MapShape>> {
+    let mut shapes = object_shapes(object)?;
+    if let Some(s) = shapes.get_mut(maps::LEASE_SLOTS) {
+        s.max_entries = lease_slots.max(1);
+    }
+    Ok(shapes)
+}
+
 /// Unpins every map under `<dir>/maps` whose shape differs from the one
-/// `object` declares, so that loading creates it anew; returns their
-/// names. The programs still attached keep their own reference to the old
-/// map until their links are swapped to the new programs.
-pub fn replace_incompatible_pins(dir: &Path, object: &[u8]) -> Result<Vec<String>> {
-    let want = object_shapes(object)?;
+/// it is to have (`wanted_shapes`), so that loading creates it anew;
+/// returns their names. The programs still attached keep their own
+/// reference to the old map until their links are swapped to the new
+/// programs. A network of another size thus gets new lease slots, filled
+/// by the next reconcile pass; until then lookups walk the trie.
+pub fn replace_incompatible_pins(
+    dir: &Path,
+    object: &[u8],
+    lease_slots: u32,
+) -> Result<Vec<String>> {
+    let want = wanted_shapes(object, lease_slots)?;
     let mut replaced = Vec::new();
     for name in maps::ALL {
         let path = dir.join("maps").join(name);
@@ -160,17 +177,20 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the programs; maps are reused from `dir` when pinned there.
-    pub fn load(dir: &Path) -> Result<Self> {
+    /// `lease_slots`: how many lease slots the network has (see
+    /// `Config::lease_slot`; 0 when it has too many for the map).
+    pub fn load(dir: &Path, lease_slots: u32) -> Result<Self> {
         for sub in ["maps", "links"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| EbpfError::PinDir { path, source })?;
         }
-        replace_incompatible_pins(dir, OBJECT)?;
+        replace_incompatible_pins(dir, OBJECT, lease_slots)?;
         let map_paths: Vec<(&str, PathBuf)> = maps::ALL
             .iter()
             .map(|m| (*m, dir.join("maps").join(m)))
             .collect();
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::LEASE_SLOTS, lease_slots.max(1));
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -394,6 +414,10 @@ impl Datapath {
             .map_err(map_err(maps::REMOTE_SUBNETS))
     }
 
+    fn slot_map(&mut self) -> Result<Array<&mut MapData, RemoteNode>> {
+        Array::try_from(self.map_mut(maps::LEASE_SLOTS)?).map_err(map_err(maps::LEASE_SLOTS))
+    }
+
     fn remote6_map(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 16], RemoteNode6>> {
         LpmTrie::try_from(self.map_mut(maps::REMOTE_SUBNETS6)?)
             .map_err(map_err(maps::REMOTE_SUBNETS6))
@@ -444,6 +468,30 @@ impl Datapath {
     pub fn remove_remote(&mut self, net: Ipv4Net) -> Result<()> {
         absent_is_fine(self.remote_map()?.remove(&trie_key(net)))
             .map_err(map_err(maps::REMOTE_SUBNETS))
+    }
+
+    /// The lease slots that hold a remote (node IP not 0), by slot.
+    pub fn lease_slots(&mut self) -> Result<BTreeMap<u32, RemoteNode>> {
+        let slots = self.slot_map()?;
+        let mut out = BTreeMap::new();
+        for i in 0..slots.len() {
+            let node = slots.get(&i, 0).map_err(map_err(maps::LEASE_SLOTS))?;
+            if node.node_ip != 0 {
+                out.insert(i, node);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_lease_slot(&mut self, slot: u32, node: &RemoteNode) -> Result<()> {
+        self.slot_map()?
+            .set(slot, node, 0)
+            .map_err(map_err(maps::LEASE_SLOTS))
+    }
+
+    /// Empties a slot: its addresses are looked up in the trie again.
+    pub fn clear_lease_slot(&mut self, slot: u32) -> Result<()> {
+        self.put_lease_slot(slot, &RemoteNode::default())
     }
 
     /// The IPv6 remote-subnet trie: IPv6 subnet → remote node.

@@ -121,13 +121,15 @@ pub enum SelectError {
 }
 
 /// Starts the data path `mode` asks for on `uplink`, with maps and links
-/// pinned under `bpf_dir`. In `auto`, an eBPF data path that cannot load
+/// pinned under `bpf_dir` (`lease_slots` sizes the lease slots: see
+/// `NetConfig::lease_slots`). In `auto`, an eBPF data path that cannot load
 /// leaves the kernel path in charge, and the reason says why.
 pub fn select(
     mode: DatapathMode,
     xdp: XdpMode,
     bpf_dir: &Path,
     uplink: &Link,
+    lease_slots: u32,
 ) -> Result<Selected, SelectError> {
     let remove_pins = || {
         ebpf::remove_pins(bpf_dir).map_err(|source| SelectError::RemovePins {
@@ -136,7 +138,7 @@ pub fn select(
         })
     };
     let start = || -> Result<(ebpf::Datapath, &'static str, bool), ebpf::EbpfError> {
-        let mut dp = ebpf::Datapath::load(bpf_dir)?;
+        let mut dp = ebpf::Datapath::load(bpf_dir, lease_slots)?;
         let attach = xdp.attach(uplink);
         let mode = dp.attach_uplink(&uplink.name, uplink.index, attach)?;
         Ok((dp, mode, attach.is_none()))

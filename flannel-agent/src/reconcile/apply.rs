@@ -239,6 +239,8 @@ fn on_maps(dp: &mut Datapath, op: &MapOp) -> Result<(), EbpfError> {
         MapOp::SetConfig(cfg) => dp.set_config(cfg),
         MapOp::PutRemote(net, node) => dp.put_remote(*net, node),
         MapOp::DeleteRemote(net) => dp.remove_remote(*net),
+        MapOp::PutSlot(slot, node) => dp.put_lease_slot(*slot, node),
+        MapOp::ClearSlot(slot) => dp.clear_lease_slot(*slot),
         MapOp::PutRemote6(net, node) => dp.put_remote6(*net, node),
         MapOp::DeleteRemote6(net) => dp.remove_remote6(*net),
         MapOp::PutVtep(ip) => dp.put_vtep(*ip),

@@ -190,6 +190,8 @@ pub struct GuardSpec {
 pub struct MapsSpec {
     pub config: Config,
     pub remotes: BTreeMap<Ipv4Net, RemoteNode>,
+    /// The same leases' slots, where they have one (`lease_slots`).
+    pub slots: BTreeMap<u32, RemoteNode>,
     /// Dual-stack: the remote IPv6 leases, as `flannel-v6.<VNI>` has them.
     pub remotes6: BTreeMap<Ipv6Net, RemoteNode6>,
     /// Node IPv6 addresses allowed to send VXLAN over IPv6: those of the
@@ -197,6 +199,43 @@ pub struct MapsSpec {
     pub vteps6: BTreeSet<Ipv6Addr>,
     /// Node IPs allowed to send VXLAN: every remote lease's public IP.
     pub vteps: BTreeSet<Ipv4Addr>,
+}
+
+/// The lease slots (`FLANNEL_LEASE_SLOTS`) for `remotes`: each lease of
+/// exactly `SubnetLen` inside the network, in the slot `config` places it
+/// in, unless another lease overlaps it (one inside it, or one holding
+/// it). The programs take a filled slot's answer without asking the trie,
+/// so a slot may only hold what the trie's longest match would give for
+/// every address in it; the leases left out are found in the trie.
+pub fn lease_slots(
+    config: &Config,
+    remotes: &BTreeMap<Ipv4Net, RemoteNode>,
+) -> BTreeMap<u32, RemoteNode> {
+    if config.lease_slots == 0 {
+        return BTreeMap::new();
+    }
+    let subnet_len = 32 - config.lease_shift;
+    // As the trie has them: the prefix's network address.
+    let nets: BTreeSet<Ipv4Net> = remotes.keys().map(|n| n.trunc()).collect();
+    let overlapped = |net: &Ipv4Net| {
+        let inside = nets
+            .range(*net..)
+            .take_while(|n| net.contains(&n.network()))
+            .any(|n| n != net);
+        let holding = (0..net.prefix_len())
+            .any(|p| Ipv4Net::new(net.network(), p).is_ok_and(|s| nets.contains(&s.trunc())));
+        inside || holding
+    };
+    remotes
+        .iter()
+        .filter(|(net, node)| {
+            u32::from(net.prefix_len()) == subnet_len
+                && net.addr() == net.network()
+                && node.node_ip != 0
+                && !overlapped(net)
+        })
+        .filter_map(|(net, node)| Some((config.lease_slot(ip_key(net.network()))?, *node)))
+        .collect()
 }
 
 /// A lease left out of the data path, and why.
@@ -332,92 +371,103 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         BackendType::Vxlan => mtu,
         BackendType::HostGw => node.uplink.mtu.saturating_sub(VXLAN_ENCAP_LEN),
     };
-    let maps = i.ebpf.map(|mode| MapsSpec {
-        config: Config {
-            vni: i.cfg.backend.vni,
-            // host-gw carries no VXLAN: port 0 (which no sender uses)
-            // makes the uplink programs leave every UDP packet alone
-            // (`pass_not_vxlan`) instead of judging another VXLAN user's.
-            udp_port: if vxlan { i.cfg.backend.port } else { 0 },
-            node_ip: ip_key(node.ip),
-            uplink_ifindex: node.uplink.index,
-            inner_mtu,
-            flags: CONFIG_F_READY
-                | if mode.tc_decap { CONFIG_F_TC_DECAP } else { 0 }
-                | if mode.strict_source {
-                    CONFIG_F_STRICT_SOURCE
-                } else {
-                    0
-                }
-                | if mode.netfilter {
-                    CONFIG_F_NETFILTER
-                } else {
-                    0
-                },
-            vtep_mac: node.vtep_mac.0,
-            uplink_mac: node.uplink.mac.unwrap_or_default().0,
-            gateway_mac: bridge.mac.0,
-            // With IPv6 on the programs carry it: encapsulated as
-            // flannel-v6.<VNI> would, or routed directly.
-            node_ip6: v6.map_or([0; 16], |(ip6, _)| ip6.octets()),
-            vtep6_mac: vtep6.as_ref().map_or([0; 6], |_| node.vtep6_mac.0),
-            ..Default::default()
-        },
-        vteps6: vteps6.clone(),
-        remotes6: remotes6
-            .values()
-            .map(|r| {
-                (
-                    r.subnet,
-                    RemoteNode6 {
-                        node_ip6: r.public_ip.octets(),
-                        vtep_mac: r.vtep_mac.0,
-                        flags: 0,
-                        _pad: 0,
+    let maps = i
+        .ebpf
+        .map(|mode| MapsSpec {
+            slots: BTreeMap::new(),
+            config: Config {
+                vni: i.cfg.backend.vni,
+                // host-gw carries no VXLAN: port 0 (which no sender uses)
+                // makes the uplink programs leave every UDP packet alone
+                // (`pass_not_vxlan`) instead of judging another VXLAN user's.
+                udp_port: if vxlan { i.cfg.backend.port } else { 0 },
+                node_ip: ip_key(node.ip),
+                uplink_ifindex: node.uplink.index,
+                inner_mtu,
+                flags: CONFIG_F_READY
+                    | if mode.tc_decap { CONFIG_F_TC_DECAP } else { 0 }
+                    | if mode.strict_source {
+                        CONFIG_F_STRICT_SOURCE
+                    } else {
+                        0
+                    }
+                    | if mode.netfilter {
+                        CONFIG_F_NETFILTER
+                    } else {
+                        0
                     },
-                )
-            })
-            .chain(direct6.iter().filter_map(|d| match (d.subnet, d.via) {
-                (IpNet::V6(subnet), IpAddr::V6(via)) => Some((
-                    subnet,
-                    RemoteNode6 {
-                        node_ip6: via.octets(),
-                        vtep_mac: [0; 6],
-                        flags: REMOTE_F_DIRECT,
-                        _pad: 0,
-                    },
-                )),
-                _ => None,
-            }))
-            .collect(),
-        remotes: remotes
-            .values()
-            .map(|r| {
-                (
-                    r.subnet,
-                    RemoteNode {
-                        node_ip: ip_key(r.public_ip),
-                        vtep_mac: r.vtep_mac.0,
-                        flags: 0,
-                        _pad: 0,
-                    },
-                )
-            })
-            .chain(direct.values().filter_map(|d| match (d.subnet, d.via) {
-                (IpNet::V4(subnet), IpAddr::V4(via)) => Some((
-                    subnet,
-                    RemoteNode {
-                        node_ip: ip_key(via),
-                        vtep_mac: [0; 6],
-                        flags: REMOTE_F_DIRECT,
-                        _pad: 0,
-                    },
-                )),
-                _ => None,
-            }))
-            .collect(),
-        vteps: vteps.clone(),
-    });
+                vtep_mac: node.vtep_mac.0,
+                uplink_mac: node.uplink.mac.unwrap_or_default().0,
+                gateway_mac: bridge.mac.0,
+                // With IPv6 on the programs carry it: encapsulated as
+                // flannel-v6.<VNI> would, or routed directly.
+                node_ip6: v6.map_or([0; 16], |(ip6, _)| ip6.octets()),
+                vtep6_mac: vtep6.as_ref().map_or([0; 6], |_| node.vtep6_mac.0),
+                network: ip_key(i.cfg.network.network()),
+                network_mask: ip_key(i.cfg.network.netmask()),
+                lease_shift: 32 - u32::from(i.cfg.subnet_len.min(32)),
+                lease_slots: i.cfg.lease_slots(),
+                ..Default::default()
+            },
+            vteps6: vteps6.clone(),
+            remotes6: remotes6
+                .values()
+                .map(|r| {
+                    (
+                        r.subnet,
+                        RemoteNode6 {
+                            node_ip6: r.public_ip.octets(),
+                            vtep_mac: r.vtep_mac.0,
+                            flags: 0,
+                            _pad: 0,
+                        },
+                    )
+                })
+                .chain(direct6.iter().filter_map(|d| match (d.subnet, d.via) {
+                    (IpNet::V6(subnet), IpAddr::V6(via)) => Some((
+                        subnet,
+                        RemoteNode6 {
+                            node_ip6: via.octets(),
+                            vtep_mac: [0; 6],
+                            flags: REMOTE_F_DIRECT,
+                            _pad: 0,
+                        },
+                    )),
+                    _ => None,
+                }))
+                .collect(),
+            remotes: remotes
+                .values()
+                .map(|r| {
+                    (
+                        r.subnet,
+                        RemoteNode {
+                            node_ip: ip_key(r.public_ip),
+                            vtep_mac: r.vtep_mac.0,
+                            flags: 0,
+                            _pad: 0,
+                        },
+                    )
+                })
+                .chain(direct.values().filter_map(|d| match (d.subnet, d.via) {
+                    (IpNet::V4(subnet), IpAddr::V4(via)) => Some((
+                        subnet,
+                        RemoteNode {
+                            node_ip: ip_key(via),
+                            vtep_mac: [0; 6],
+                            flags: REMOTE_F_DIRECT,
+                            _pad: 0,
+                        },
+                    )),
+                    _ => None,
+                }))
+                .collect(),
+            vteps: vteps.clone(),
+        })
+        .map(|mut m| {
+            m.slots = lease_slots(&m.config, &m.remotes);
+            m
+        });
     let guard = GuardSpec {
         port: vxlan.then_some(i.cfg.backend.port),
         vteps,

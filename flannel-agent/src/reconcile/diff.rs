@@ -126,6 +126,11 @@ pub enum MasqOp {
 pub enum MapOp {
     SetConfig(Config),
     PutRemote(Ipv4Net, RemoteNode),
+    /// A lease slot filled with its lease's remote (see
+    /// `desired::lease_slots`).
+    PutSlot(u32, RemoteNode),
+    /// A slot no lease should have emptied: its addresses go to the trie.
+    ClearSlot(u32),
     PutRemote6(Ipv6Net, RemoteNode6),
     DeleteRemote6(Ipv6Net),
     DeleteRemote(Ipv4Net),
@@ -214,6 +219,12 @@ impl fmt::Display for Op {
             Op::Map(MapOp::SetConfig(_)) => write!(f, "write the data path config"),
             Op::Map(MapOp::PutRemote(n, _)) => write!(f, "map remote subnet {n}"),
             Op::Map(MapOp::DeleteRemote(n)) => write!(f, "unmap remote subnet {n}"),
+            Op::Map(MapOp::PutSlot(i, node)) => write!(
+                f,
+                "map lease slot {i} to node {}",
+                crate::datapath::ebpf::key_ip(node.node_ip)
+            ),
+            Op::Map(MapOp::ClearSlot(i)) => write!(f, "clear lease slot {i}"),
             Op::Map(MapOp::PutRemote6(n, _)) => write!(f, "map remote subnet {n}"),
             Op::Map(MapOp::DeleteRemote6(n)) => write!(f, "unmap remote subnet {n}"),
             Op::Map(MapOp::PutVtep(ip)) => write!(f, "map VTEP {ip}"),
@@ -469,7 +480,13 @@ fn guard(want: &GuardSpec, have: &Observed, ops: &mut Vec<Op>) {
     }
 }
 
+/// Slots go before the config and the trie entries they stand in for (a
+/// slot no longer wanted must not outlive its lease, nor be read with
+/// another network's layout), and are filled after them.
 fn map_entries(want: &MapsSpec, have: &Maps, ops: &mut Vec<Op>) {
+    for slot in have.slots.keys().filter(|i| !want.slots.contains_key(i)) {
+        ops.push(Op::Map(MapOp::ClearSlot(*slot)));
+    }
     if have.config != Some(want.config) {
         ops.push(Op::Map(MapOp::SetConfig(want.config)));
     }
@@ -496,6 +513,11 @@ fn map_entries(want: &MapsSpec, have: &Maps, ops: &mut Vec<Op>) {
         .filter(|n| !want.remotes6.contains_key(n))
     {
         ops.push(Op::Map(MapOp::DeleteRemote6(*net)));
+    }
+    for (slot, node) in &want.slots {
+        if have.slots.get(slot) != Some(node) {
+            ops.push(Op::Map(MapOp::PutSlot(*slot, *node)));
+        }
     }
     for ip in want.vteps.difference(&have.vteps) {
         ops.push(Op::Map(MapOp::PutVtep(*ip)));

@@ -109,6 +109,8 @@ pub enum MasqTable {
 pub struct Maps {
     pub config: Option<Config>,
     pub remotes: BTreeMap<Ipv4Net, RemoteNode>,
+    /// The filled lease slots, by slot.
+    pub slots: BTreeMap<u32, RemoteNode>,
     pub remotes6: BTreeMap<Ipv6Net, RemoteNode6>,
     pub vteps: BTreeSet<Ipv4Addr>,
     pub vteps6: BTreeSet<Ipv6Addr>,
@@ -281,6 +283,7 @@ fn read_maps(dp: &mut Datapath) -> Result<Maps, EbpfError> {
     Ok(Maps {
         config: dp.config()?,
         remotes: dp.remotes()?,
+        slots: dp.lease_slots()?,
         remotes6: dp.remotes6()?,
         vteps: dp.vteps()?,
         vteps6: dp.vteps6()?,

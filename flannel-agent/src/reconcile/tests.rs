@@ -257,6 +257,7 @@ fn converged(w: &World) -> Observed {
     let maps = want.maps.as_ref().map(|m| Maps {
         config: Some(m.config),
         remotes: m.remotes.clone(),
+        slots: m.slots.clone(),
         remotes6: m.remotes6.clone(),
         vteps: m.vteps.clone(),
         vteps6: m.vteps6.clone(),
@@ -324,6 +325,16 @@ fn node_of(r: RemoteEntry) -> RemoteNode {
 }
 fn put_remote(r: RemoteEntry) -> Op {
     Op::Map(MapOp::PutRemote(r.subnet, node_of(r)))
+}
+/// The slot of a /24 in the tests' 10.244.0.0/16: its third byte.
+fn slot_of(subnet: Ipv4Net) -> u32 {
+    u32::from(subnet.network().octets()[2])
+}
+fn put_slot(r: RemoteEntry) -> Op {
+    Op::Map(MapOp::PutSlot(slot_of(r.subnet), node_of(r)))
+}
+fn clear_slot(n: &str) -> Op {
+    Op::Map(MapOp::ClearSlot(slot_of(net(n))))
 }
 fn del_remote(n: &str) -> Op {
     Op::Map(MapOp::DeleteRemote(net(n)))
@@ -404,6 +415,8 @@ const ROWS: &[Row] = &[
                 Op::Map(MapOp::SetConfig(w.want().maps.unwrap().config)),
                 put_remote(r2()),
                 put_remote(r3()),
+                put_slot(r2()),
+                put_slot(r3()),
                 put_vtep("10.0.0.2"),
                 put_vtep("10.0.0.3"),
             ]
@@ -414,7 +427,12 @@ const ROWS: &[Row] = &[
         |w| w.add_lease(lease("10.244.4.0/24", "10.0.0.4", mac(0x44))),
         |_| {
             let r4 = remote("10.244.4.0/24", "10.0.0.4", mac(0x44));
-            vec![program(r4), put_remote(r4), put_vtep("10.0.0.4")]
+            vec![
+                program(r4),
+                put_remote(r4),
+                put_slot(r4),
+                put_vtep("10.0.0.4"),
+            ]
         },
     ),
     (
@@ -427,6 +445,7 @@ const ROWS: &[Row] = &[
                 del_route("10.244.3.0/24"),
                 del_neigh("10.244.3.0"),
                 del_fdb(mac(0x33), "10.0.0.3"),
+                clear_slot("10.244.3.0/24"),
                 del_remote("10.244.3.0/24"),
                 del_vtep("10.0.0.3"),
             ]
@@ -443,6 +462,8 @@ const ROWS: &[Row] = &[
                 del_neigh("10.244.3.0"),
                 del_fdb(mac(0x22), "10.0.0.2"),
                 del_fdb(mac(0x33), "10.0.0.3"),
+                clear_slot("10.244.2.0/24"),
+                clear_slot("10.244.3.0/24"),
                 del_remote("10.244.2.0/24"),
                 del_remote("10.244.3.0/24"),
                 del_vtep("10.0.0.2"),
@@ -455,7 +476,12 @@ const ROWS: &[Row] = &[
         |w| w.add_lease(lease("10.244.2.0/24", "10.0.0.2", mac(0x2f))),
         |_| {
             let r = remote("10.244.2.0/24", "10.0.0.2", mac(0x2f));
-            vec![program(r), del_fdb(mac(0x22), "10.0.0.2"), put_remote(r)]
+            vec![
+                program(r),
+                del_fdb(mac(0x22), "10.0.0.2"),
+                put_remote(r),
+                put_slot(r),
+            ]
         },
     ),
     (
@@ -467,6 +493,7 @@ const ROWS: &[Row] = &[
                 program(r),
                 del_fdb(mac(0x22), "10.0.0.2"),
                 put_remote(r),
+                put_slot(r),
                 put_vtep("10.0.0.12"),
                 del_vtep("10.0.0.2"),
             ]
@@ -510,8 +537,9 @@ const ROWS: &[Row] = &[
             e.neighbours.insert(ip("10.244.9.0"), mac(0x99));
             e.fdb.insert((mac(0x99), Some(IpAddr::V4(ip("10.0.0.9")))));
             let m = w.maps();
-            m.remotes
-                .insert(net("10.244.9.0/24"), RemoteNode::default());
+            let stray = node_of(remote("10.244.9.0/24", "10.0.0.9", mac(0x99)));
+            m.remotes.insert(net("10.244.9.0/24"), stray);
+            m.slots.insert(9, stray);
             m.vteps.insert(ip("10.0.0.9"));
         },
         |_| {
@@ -519,6 +547,7 @@ const ROWS: &[Row] = &[
                 del_route("10.244.9.0/24"),
                 del_neigh("10.244.9.0"),
                 del_fdb(mac(0x99), "10.0.0.9"),
+                clear_slot("10.244.9.0/24"),
                 del_remote("10.244.9.0/24"),
                 del_vtep("10.0.0.9"),
             ]
@@ -530,6 +559,15 @@ const ROWS: &[Row] = &[
             w.maps().remotes.remove(&net("10.244.3.0/24"));
         },
         |_| vec![put_remote(r3())],
+    ),
+    (
+        "lease slot emptied or changed by hand",
+        |w| {
+            let m = w.maps();
+            m.slots.remove(&3);
+            m.slots.insert(2, node_of(r3()));
+        },
+        |_| vec![put_slot(r2()), put_slot(r3())],
     ),
     (
         "pod added",
@@ -693,7 +731,13 @@ const ROWS: &[Row] = &[
             w.have.vtep = None;
             w.leases.remove(&net("10.244.3.0/24"));
         },
-        |_| vec![del_remote("10.244.3.0/24"), del_vtep("10.0.0.3")],
+        |_| {
+            vec![
+                clear_slot("10.244.3.0/24"),
+                del_remote("10.244.3.0/24"),
+                del_vtep("10.0.0.3"),
+            ]
+        },
     ),
     (
         "unusable and overlapping leases are left out",
@@ -733,6 +777,9 @@ const ROWS: &[Row] = &[
                     direct_node("10.0.0.3"),
                 )),
                 put_remote(r4),
+                Op::Map(MapOp::PutSlot(2, direct_node("10.0.0.2"))),
+                Op::Map(MapOp::PutSlot(3, direct_node("10.0.0.3"))),
+                put_slot(r4),
                 put_vtep("10.0.1.4"),
             ]
             .into_iter()
@@ -787,6 +834,8 @@ const ROWS: &[Row] = &[
                 program(r3()),
                 put_remote(r2()),
                 put_remote(r3()),
+                put_slot(r2()),
+                put_slot(r3()),
             ]
         },
     ),
@@ -798,7 +847,13 @@ const ROWS: &[Row] = &[
             w.have.uplink_routes = None;
             w.leases.remove(&net("10.244.3.0/24"));
         },
-        |_| vec![del_remote("10.244.3.0/24"), del_vtep("10.0.0.3")],
+        |_| {
+            vec![
+                clear_slot("10.244.3.0/24"),
+                del_remote("10.244.3.0/24"),
+                del_vtep("10.0.0.3"),
+            ]
+        },
     ),
 ];
 
@@ -977,6 +1032,12 @@ fn simulate(ops: &[Op], w: &mut World) {
                     MapOp::DeleteRemote(n) => {
                         maps.remotes.remove(n);
                     }
+                    MapOp::PutSlot(i, r) => {
+                        maps.slots.insert(*i, *r);
+                    }
+                    MapOp::ClearSlot(i) => {
+                        maps.slots.remove(i);
+                    }
                     MapOp::PutRemote6(n, r) => {
                         maps.remotes6.insert(*n, *r);
                     }
@@ -1073,8 +1134,19 @@ fn desired_state_from_node_config_and_leases() {
             vtep_mac: mac(0x11).0,
             uplink_mac: mac(UPLINK as u8).0,
             gateway_mac: MacAddr::for_bridge(ip("10.244.1.1")).0,
+            // 10.244.0.0/16 of /24 leases: 256 slots, by the third byte.
+            network: ip_key(ip("10.244.0.0")),
+            network_mask: ip_key(ip("255.255.0.0")),
+            lease_shift: 8,
+            lease_slots: 256,
             ..Default::default()
         }
+    );
+    assert_eq!(
+        maps.slots,
+        [(2, node_of(r2())), (3, node_of(r3()))]
+            .into_iter()
+            .collect()
     );
     assert_eq!(
         maps.vteps,
@@ -1805,4 +1877,106 @@ fn remote_problems(i: &crate::api::Inspect, subnet: &str) -> Vec<String> {
         .unwrap_or_else(|| panic!("no remote {subnet} in the inspection"))
         .problems
         .clone()
+}
+
+/// What the trie answers for `ip`: the longest prefix that holds it.
+fn longest_match(remotes: &BTreeMap<Ipv4Net, RemoteNode>, ip: Ipv4Addr) -> Option<RemoteNode> {
+    remotes
+        .iter()
+        .filter(|(n, _)| n.trunc().contains(&ip))
+        .max_by_key(|(n, _)| n.prefix_len())
+        .map(|(_, r)| *r)
+}
+
+/// A config placing /`subnet_len` leases of `network` in slots, as
+/// `desired` writes it.
+fn slot_config(network: &str, subnet_len: u8) -> Config {
+    let cfg = NetConfig::parse(&format!(
+        r#"{{"Network":"{network}","SubnetLen":{subnet_len},"Backend":{{"Type":"vxlan"}}}}"#
+    ))
+    .unwrap();
+    Config {
+        network: ip_key(cfg.network.network()),
+        network_mask: ip_key(cfg.network.netmask()),
+        lease_shift: 32 - u32::from(cfg.subnet_len),
+        lease_slots: cfg.lease_slots(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn lease_slots_hold_only_leases_the_trie_would_answer_alike() {
+    let cfg = slot_config("10.244.0.0/16", 24);
+    assert_eq!(cfg.lease_slots, 256);
+    let node = |last: u8| RemoteNode {
+        node_ip: ip_key(Ipv4Addr::new(10, 0, 0, last)),
+        ..Default::default()
+    };
+    let remotes: BTreeMap<Ipv4Net, RemoteNode> = [
+        ("10.244.2.0/24", node(2)),
+        // Another length: the trie only.
+        ("10.244.4.0/23", node(4)),
+        ("10.244.8.128/25", node(8)),
+        // Overlapping: a /24 holding a /26, a /22 holding a /24.
+        ("10.244.9.0/24", node(9)),
+        ("10.244.9.64/26", node(19)),
+        ("10.244.12.0/22", node(12)),
+        ("10.244.13.0/24", node(13)),
+        // Outside the network, and a node IP of 0 (an empty slot).
+        ("10.245.1.0/24", node(45)),
+        ("10.244.20.0/24", RemoteNode::default()),
+        ("10.244.255.0/24", node(255)),
+    ]
+    .into_iter()
+    .map(|(n, r)| (net(n), r))
+    .collect();
+    let slots = super::desired::lease_slots(&cfg, &remotes);
+    assert_eq!(
+        slots,
+        [(2, node(2)), (255, node(255))].into_iter().collect(),
+    );
+    // No slots in a network with more than the map holds (a /8 of /28s),
+    // nor for a config without them.
+    let huge = slot_config("10.0.0.0/8", 28);
+    assert_eq!(huge.lease_slots, 0);
+    assert!(super::desired::lease_slots(&huge, &remotes).is_empty());
+    assert_eq!(slot_config("10.0.0.0/8", 24).lease_slots, 65_536);
+    assert_eq!(slot_config("10.244.0.0/16", 30).lease_slots, 16_384);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+    /// For any set of leases (any lengths, overlapping or not, inside the
+    /// network or not) and any address, the programs' lookup (the slot
+    /// when filled, else the trie) answers what the trie alone would.
+    #[test]
+    fn slot_then_trie_is_the_trie(
+        subnet_len in 18u8..=28,
+        leases in proptest::collection::vec((0u32..1 << 14, 14u8..=30, 1u8..=255), 0..40),
+        probes in proptest::collection::vec(0u32..1 << 14, 64),
+    ) {
+        let cfg = slot_config("10.244.0.0/16", subnet_len);
+        // Addresses around 10.244.0.0/16 (and a little past it), 8 apart,
+        // so that short prefixes meet; a quarter of the leases have the
+        // network's SubnetLen, to fill slots.
+        let addr = |x: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 243, 192, 0)) + x * 8);
+        let remotes: BTreeMap<Ipv4Net, RemoteNode> = leases
+            .iter()
+            .map(|&(at, len, last)| {
+                let len = if len >= 27 { subnet_len } else { len };
+                let n = Ipv4Net::new(addr(at), len).unwrap().trunc();
+                let r = RemoteNode { node_ip: ip_key(Ipv4Addr::new(10, 0, 0, last)), ..Default::default() };
+                (n, r)
+            })
+            .collect();
+        let slots = super::desired::lease_slots(&cfg, &remotes);
+        for ip in probes.iter().map(|&p| addr(p)).chain(remotes.keys().map(|n| n.network())) {
+            let by_slot = cfg
+                .lease_slot(ip_key(ip))
+                .and_then(|s| slots.get(&s).copied())
+                .or_else(|| longest_match(&remotes, ip));
+            proptest::prop_assert_eq!(by_slot, longest_match(&remotes, ip), "{}", ip);
+        }
+    }
 }
