@@ -40,6 +40,11 @@ impl Frame for [u8] {
 
 /// What the maps (and, for the strict source check, the neighbour table)
 /// know. Addresses as network-order bytes in a `u32`, as in the maps.
+///
+/// Every node `lease_node` names must be a known VTEP (the agent writes
+/// every lease holder's IP into `FLANNEL_VTEPS`): a packet whose inner
+/// source lies in its sender's lease is taken without `known_vtep` being
+/// asked, which is asked only for the packets not taken.
 pub trait Tables {
     /// `ip` holds a lease (is a known VTEP).
     fn known_vtep(&self, ip: u32) -> bool;
@@ -234,7 +239,8 @@ pub fn classify<F: Frame + ?Sized, T: Tables>(
     let Some(udp) = f.load::<8>(OUTER_UDP) else {
         return verdict(PASS_MALFORMED);
     };
-    if be16(&udp, 2) != usize::from(cfg.udp_port) {
+    // Port 0: no VXLAN on this node (host-gw).
+    if be16(&udp, 2) != usize::from(cfg.udp_port) || cfg.udp_port == 0 {
         return verdict(PASS_NOT_VXLAN);
     }
     // From here on it is VXLAN for us: judged, as the kernel would.
@@ -255,9 +261,27 @@ pub fn classify<F: Frame + ?Sized, T: Tables>(
         return verdict(PASS_WRONG_VNI);
     }
     let src = addr(&ip, 12);
-    if !t.known_vtep(src) {
+    // Whether the sender is a known VTEP is asked only of what is not
+    // taken (see `Tables`); the verdicts are those of asking it here.
+    let v = from_node(f, &eth, cfg, t, gso_size, src, ip_len);
+    if v.action != Action::Decap && !t.known_vtep(src) {
         return verdict(DROP_UNKNOWN_VTEP);
     }
+    v
+}
+
+/// `classify` from the strict source check on, for VXLAN from `src` with
+/// outer IP length `ip_len`, as if `src` were a known VTEP.
+#[inline(always)]
+fn from_node<F: Frame + ?Sized, T: Tables>(
+    f: &F,
+    eth: &[u8; 14],
+    cfg: &Config,
+    t: &T,
+    gso_size: u32,
+    src: u32,
+    ip_len: usize,
+) -> Verdict {
     if cfg.flags & CONFIG_F_STRICT_SOURCE != 0 {
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&eth[6..12]);
@@ -340,7 +364,7 @@ fn classify6<F: Frame + ?Sized, T: Tables>(
     let Some(udp) = f.load::<8>(OUTER_UDP6) else {
         return verdict(PASS_MALFORMED);
     };
-    if be16(&udp, 2) != usize::from(cfg.udp_port) {
+    if be16(&udp, 2) != usize::from(cfg.udp_port) || cfg.udp_port == 0 {
         return verdict(PASS_NOT_VXLAN);
     }
     let (payload_len, udp_len) = (be16(&ip, 4), be16(&udp, 4));
@@ -361,13 +385,30 @@ fn classify6<F: Frame + ?Sized, T: Tables>(
     }
     let mut src = [0u8; 16];
     src.copy_from_slice(&ip[8..24]);
-    if !t.known_vtep6(&src) {
+    // As over IPv4: the VTEP is asked only of what is not taken.
+    let v = from_node6(f, eth, cfg, t, gso_size, &src, udp_len);
+    if v.action != Action::Decap && !t.known_vtep6(&src) {
         return verdict(DROP_UNKNOWN_VTEP);
     }
+    v
+}
+
+/// `classify6` from the strict source check on, for VXLAN from `src` with
+/// UDP length `udp_len`, as if `src` were a known VTEP.
+#[inline(always)]
+fn from_node6<F: Frame + ?Sized, T: Tables>(
+    f: &F,
+    eth: &[u8; 14],
+    cfg: &Config,
+    t: &T,
+    gso_size: u32,
+    src: &[u8; 16],
+    udp_len: usize,
+) -> Verdict {
     if cfg.flags & CONFIG_F_STRICT_SOURCE != 0 {
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&eth[6..12]);
-        if !t.neighbour_is6(&src, &mac) {
+        if !t.neighbour_is6(src, &mac) {
             return verdict(DROP_SOURCE_MAC);
         }
     }
@@ -389,7 +430,7 @@ fn classify6<F: Frame + ?Sized, T: Tables>(
     }
     let mut a = [0u8; 16];
     a.copy_from_slice(&inner[8..24]);
-    if t.lease_node6(&a) != Some(src) {
+    if t.lease_node6(&a) != Some(*src) {
         return verdict(DROP_INNER_SOURCE);
     }
     a.copy_from_slice(&inner[24..40]);
@@ -893,6 +934,105 @@ mod tests {
         f[6] = 6;
         assert_eq!(run_with(&f, &c, 0).reason, DROP_SOURCE_MAC);
         assert_eq!(run_with(&f, &cfg(), 0).reason, DECAP, "off by default");
+    }
+
+    /// `Fake`, counting how often the VTEP set is asked.
+    struct Counting(Fake, core::cell::Cell<u32>);
+
+    impl Tables for Counting {
+        fn known_vtep(&self, ip: u32) -> bool {
+            self.1.set(self.1.get() + 1);
+            self.0.known_vtep(ip)
+        }
+        fn lease_node(&self, ip: u32) -> Option<u32> {
+            self.0.lease_node(ip)
+        }
+        fn local_pod(&self, ip: u32) -> bool {
+            self.0.local_pod(ip)
+        }
+        fn neighbour_is(&self, ip: u32, mac: &[u8; 6]) -> bool {
+            self.0.neighbour_is(ip, mac)
+        }
+        fn known_vtep6(&self, ip: &[u8; 16]) -> bool {
+            self.1.set(self.1.get() + 1);
+            self.0.known_vtep6(ip)
+        }
+        fn lease_node6(&self, ip: &[u8; 16]) -> Option<[u8; 16]> {
+            self.0.lease_node6(ip)
+        }
+        fn local_pod6(&self, ip: &[u8; 16]) -> bool {
+            self.0.local_pod6(ip)
+        }
+        fn neighbour_is6(&self, ip: &[u8; 16], mac: &[u8; 6]) -> bool {
+            self.0.neighbour_is6(ip, mac)
+        }
+    }
+
+    /// The verdict and how many VTEP lookups it took.
+    fn counted(f: &[u8], c: &Config) -> (u32, u32) {
+        let t = Counting(
+            Fake {
+                strict_mac: PEER_MAC,
+            },
+            Default::default(),
+        );
+        (classify(f, c, &t, 0).reason, t.1.get())
+    }
+
+    #[test]
+    fn the_vtep_set_is_asked_only_of_what_is_not_taken() {
+        let (c, c6) = (cfg(), cfg6());
+        assert_eq!(counted(&good(), &c), (DECAP, 0));
+        assert_eq!(counted(&good6(), &c6), (DECAP6, 0));
+        let not_local = frame(PEER_POD, [10, 244, 1, 6], 16);
+        assert_eq!(counted(&not_local, &c), (PASS_NOT_LOCAL, 1));
+        // From a stranger, whatever else is wrong, the verdict is the one
+        // asking first would give.
+        let from = |src: [u8; 4], edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut f = good();
+            f[OUTER_IP + 12..OUTER_IP + 16].copy_from_slice(&src);
+            edit(&mut f);
+            csum(&mut f[OUTER_IP..OUTER_IP + 20]);
+            f
+        };
+        let mut strict = cfg();
+        strict.flags |= crate::CONFIG_F_STRICT_SOURCE;
+        for (what, f, c) in [
+            ("valid inner", from(STRANGER, &|_| {}), &c),
+            ("inner version 5", from(STRANGER, &|f| f[INNER_IP] = 0x55), &c),
+            ("inner MAC", from(STRANGER, &|f| f[INNER_ETH] ^= 1), &c),
+            ("inner not IPv4", from(STRANGER, &|f| f[INNER_IP - 1] = 0), &c),
+            ("source MAC", from(STRANGER, &|f| f[6] = 6), &strict),
+        ] {
+            assert_eq!(
+                counted(&f, c),
+                (DROP_UNKNOWN_VTEP, 1),
+                "{what}: {}",
+                name(run_with(&f, c, 0))
+            );
+        }
+        // The same frames from the peer get their own reasons.
+        let f = from(PEER, &|f| f[INNER_IP] = 0x55);
+        assert_eq!(counted(&f, &c), (DROP_INNER_MALFORMED, 1));
+        let mut f6 = good6();
+        f6[OUTER_IP + 8..OUTER_IP + 24].copy_from_slice(&STRANGER6);
+        assert_eq!(counted(&f6, &c6), (DROP_UNKNOWN_VTEP, 1));
+    }
+
+    /// host-gw writes port 0: no UDP packet is VXLAN, not even one sent to
+    /// port 0.
+    #[test]
+    fn port_zero_means_no_vxlan() {
+        let mut f = good();
+        f[OUTER_UDP + 2..OUTER_UDP + 4].copy_from_slice(&[0, 0]);
+        let mut c = cfg();
+        c.udp_port = 0;
+        assert_eq!(counted(&f, &c), (PASS_NOT_VXLAN, 0));
+        let mut f6 = good6();
+        f6[OUTER_UDP6 + 2..OUTER_UDP6 + 4].copy_from_slice(&[0, 0]);
+        let mut c6 = cfg6();
+        c6.udp_port = 0;
+        assert_eq!(counted(&f6, &c6), (PASS_NOT_VXLAN, 0));
     }
 
     #[test]

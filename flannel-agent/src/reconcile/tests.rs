@@ -880,6 +880,7 @@ fn diff_table() {
     for (name, setup, expect) in ROWS {
         let mut w = World::new();
         setup(&mut w);
+        holders_are_vteps(&w.want(), name);
         let got = diff(&w.want(), &w.have);
         // The guard tables are rewritten whenever what they hold changes
         // (the rows below check when); the rest is each row's own list.
@@ -904,6 +905,24 @@ fn diff_table() {
         // has nothing to do.
         simulate(&got, &mut w);
         assert_eq!(diff(&w.want(), &w.have), vec![], "row after apply: {name}");
+    }
+}
+
+/// With VXLAN, every node a remote-lease entry names is a known VTEP,
+/// which the programs' decapsulation relies on (`decap::Tables`): it asks
+/// the VTEP set only of packets it does not take.
+fn holders_are_vteps(want: &Desired, what: &str) {
+    let Some(m) = &want.maps else { return };
+    if m.config.udp_port == 0 {
+        return;
+    }
+    for r in m.remotes.values() {
+        let ip = crate::datapath::ebpf::key_ip(r.node_ip);
+        assert!(m.vteps.contains(&ip), "{what}: {ip} not a VTEP");
+    }
+    for r in m.remotes6.values() {
+        let ip = std::net::Ipv6Addr::from(r.node_ip6);
+        assert!(m.vteps6.contains(&ip), "{what}: {ip} not a VTEP");
     }
 }
 
@@ -1240,6 +1259,7 @@ fn dual_stack_direct_routing_decides_each_family_on_its_own() {
         false,
     );
     let want = w.want();
+    holders_are_vteps(&want, "dual-stack DirectRouting");
     assert_eq!(
         direct_routes(&want),
         DIRECT_BOTH_FAMILIES.map(|(a, b)| (a.to_string(), b.to_string()))
