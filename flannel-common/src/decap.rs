@@ -999,9 +999,17 @@ mod tests {
         strict.flags |= crate::CONFIG_F_STRICT_SOURCE;
         for (what, f, c) in [
             ("valid inner", from(STRANGER, &|_| {}), &c),
-            ("inner version 5", from(STRANGER, &|f| f[INNER_IP] = 0x55), &c),
+            (
+                "inner version 5",
+                from(STRANGER, &|f| f[INNER_IP] = 0x55),
+                &c,
+            ),
             ("inner MAC", from(STRANGER, &|f| f[INNER_ETH] ^= 1), &c),
-            ("inner not IPv4", from(STRANGER, &|f| f[INNER_IP - 1] = 0), &c),
+            (
+                "inner not IPv4",
+                from(STRANGER, &|f| f[INNER_IP - 1] = 0),
+                &c,
+            ),
             ("source MAC", from(STRANGER, &|f| f[6] = 6), &strict),
         ] {
             assert_eq!(

@@ -72,14 +72,14 @@ static LEASE_SLOTS: Array<RemoteNode> = Array::with_max_entries(MAX_LEASE_SLOTS,
 /// answer.
 #[inline(always)]
 fn remote_of(cfg: &Config, ip: u32) -> Option<&'static RemoteNode> {
-    if let Some(slot) = cfg.lease_slot(ip) {
-        if let Some(r) = LEASE_SLOTS.get(slot) {
-            if r.node_ip != 0 {
-                return Some(r);
-            }
-        }
-    }
-    REMOTES.get(Key::new(32, ip))
+    slotted_remote(cfg, ip).or_else(|| REMOTES.get(Key::new(32, ip)))
+}
+
+/// The remote lease in `ip`'s slot, if the slot is filled.
+#[inline(always)]
+fn slotted_remote(cfg: &Config, ip: u32) -> Option<&'static RemoteNode> {
+    let r = LEASE_SLOTS.get(cfg.lease_slot(ip)?)?;
+    (r.node_ip != 0).then_some(r)
 }
 
 #[map(name = "FLANNEL_ENDPOINTS")]
@@ -251,18 +251,27 @@ fn from_pod(ctx: &TcContext) -> (i32, u32) {
     }
     let dst = u32::from_ne_bytes(ip.dst_addr);
 
-    // Same node: what the bridge would do, without the bridge. No routing
-    // happens on a bridged path, so the TTL is left alone.
-    if let Some(ep) = unsafe { ENDPOINTS.get(dst) } {
-        if ctx.store(0, &ep.pod_mac, 0).is_err() {
-            return (TC_ACT_SHOT, POD_DROP_ENCAP_FAILED);
+    // A filled lease slot is another node's lease, which holds no pod of
+    // this node (our own lease is never a remote one, nor is a lease that
+    // overlaps it): no need to ask the endpoints first, as the kernel's
+    // route to that lease would win over `cni0`'s too.
+    let remote = match slotted_remote(cfg, dst) {
+        Some(r) => r,
+        None => {
+            // Same node: what the bridge would do, without the bridge. No
+            // routing happens on a bridged path, so the TTL is left alone.
+            if let Some(ep) = unsafe { ENDPOINTS.get(dst) } {
+                if ctx.store(0, &ep.pod_mac, 0).is_err() {
+                    return (TC_ACT_SHOT, POD_DROP_ENCAP_FAILED);
+                }
+                let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) } as i32;
+                return (action, POD_LOCAL_REDIRECT);
+            }
+            let Some(r) = REMOTES.get(Key::new(32, dst)) else {
+                return (pass, POD_PASS_NOT_POD_DST);
+            };
+            r
         }
-        let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) } as i32;
-        return (action, POD_LOCAL_REDIRECT);
-    }
-
-    let Some(remote) = remote_of(cfg, dst) else {
-        return (pass, POD_PASS_NOT_POD_DST);
     };
     // Let the stack send "time exceeded" and "fragmentation needed".
     if ip.ttl <= 1 {

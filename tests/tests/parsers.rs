@@ -730,8 +730,8 @@ fn tc_from_pod_routes_direct_remotes_without_encapsulation() -> Result<()> {
 }
 
 /// The lease slots come before the trie: a filled slot is the answer
-/// (the trie is not asked), an empty one or a config without slots sends
-/// the lookup to the trie. The agent keeps both saying the same; here
+/// (neither the trie nor the local endpoints are asked), an empty one or a
+/// config without slots sends the lookup to the endpoints and the trie. The agent keeps both saying the same; here
 /// they are made to differ so that the outer destination shows which one
 /// answered, for encapsulation and for decapsulation's source check.
 #[test]
@@ -774,6 +774,17 @@ fn remote_leases_are_found_by_slot_before_the_trie() -> Result<()> {
         let out = h.expect(tc, &pkt, TC_ACT_REDIRECT, "pod_encap_redirect", "trie")?;
         assert_eq!(outer_dst(&out), REMOTE_IP);
         h.expect(programs::XDP_UPLINK, &vx, XDP_PASS, "xdp_decap", "trie")?;
+        // A filled slot is another node's lease: it wins over an endpoint
+        // in it (a pod left from a lease this node no longer holds), as
+        // the kernel's route to that lease wins over cni0's.
+        let local = pod_frame(LOCAL_POD, 64);
+        let here = Ipv4Addr::new(10, 244, 1, 0);
+        h.expect(tc, &local, TC_ACT_REDIRECT, "pod_local_redirect", "local")?;
+        h.set_slot(here, other)?;
+        let out = h.expect(tc, &local, TC_ACT_REDIRECT, "pod_encap_redirect", "slot")?;
+        assert_eq!(outer_dst(&out), OTHER_IP);
+        h.set_slot(here, RemoteNode::default())?;
+        h.expect(tc, &local, TC_ACT_REDIRECT, "pod_local_redirect", "again")?;
         // Neither: no remote.
         h.remove_remote_trie()?;
         h.expect(tc, &pkt, TC_ACT_OK, "pod_pass_not_pod_dst", "neither")?;

@@ -112,6 +112,13 @@ fn trace_explains_each_path_and_live_probes_confirm_it() -> Result<()> {
         "{s}"
     );
     assert!(s.contains("tcp") && s.contains(":8080"), "{s}");
+    // The lab's 10.244.0.0/16 of /24s: found by its lease slot.
+    let slot = format!(
+        "(lease slot {}): {remote} is in {}",
+        n1.subnet.network().octets()[2],
+        n1.subnet
+    );
+    assert!(s.contains(&slot), "{s}");
     assert_eq!(t["live"]["confirmed"], true, "{t:#}");
 
     // To the node itself, ICMP.

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     api::{Step, Trace},
-    datapath::ebpf::key_ip,
+    datapath::ebpf::{ip_key, key_ip},
     mac::MacAddr,
     netlink::RemoteEntry,
 };
@@ -225,7 +225,16 @@ fn from_pod(
         kernel_beyond(want, q, steps);
         return;
     }
-    if let Some(ep) = maps.endpoints.get(&q.dst) {
+    // A filled lease slot answers first, before the endpoints and the
+    // trie (see `remote_of` in the programs).
+    let slotted = cfg
+        .lease_slot(ip_key(q.dst))
+        .and_then(|i| Some((i, *maps.slots.get(&i)?)));
+    let endpoint = match slotted {
+        Some(_) => None,
+        None => maps.endpoints.get(&q.dst),
+    };
+    if let Some(ep) = endpoint {
         let ifname = want
             .pods
             .get(&q.dst)
@@ -244,12 +253,18 @@ fn from_pod(
         expect.push("pod_local_redirect".into());
         return;
     }
-    let hit = maps
-        .remotes
-        .iter()
-        .filter(|(n, _)| n.contains(&q.dst))
-        .max_by_key(|(n, _)| n.prefix_len());
-    let Some((subnet, remote)) = hit else {
+    let hit = match slotted {
+        Some((i, r)) => Ipv4Net::new(q.dst, (32 - cfg.lease_shift) as u8)
+            .ok()
+            .map(|n| (n.trunc(), r, format!(" (lease slot {i})"))),
+        None => maps
+            .remotes
+            .iter()
+            .filter(|(n, _)| n.contains(&q.dst))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(n, r)| (*n, *r, String::new())),
+    };
+    let Some((subnet, remote, slot)) = hit else {
         steps.push(step(
             "tc_from_pod",
             format!("{} is in no pod subnet the maps know: pod_pass_not_pod_dst, handed to the kernel unchanged", q.dst),
@@ -268,7 +283,7 @@ fn from_pod(
         steps.push(step(
             "tc_from_pod",
             format!(
-                "remote-subnet map: {} is in {subnet}, on node {node_ip}, routed directly (no VXLAN)",
+                "remote-subnet map{slot}: {} is in {subnet}, on node {node_ip}, routed directly (no VXLAN)",
                 q.dst
             ),
         ));
@@ -294,7 +309,7 @@ fn from_pod(
     steps.push(step(
         "tc_from_pod",
         format!(
-            "remote-subnet map: {} is in {subnet}, on node {node_ip} (VtepMAC {vtep_mac})",
+            "remote-subnet map{slot}: {} is in {subnet}, on node {node_ip} (VtepMAC {vtep_mac})",
             q.dst
         ),
     ));
