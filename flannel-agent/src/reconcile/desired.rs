@@ -371,103 +371,100 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         BackendType::Vxlan => mtu,
         BackendType::HostGw => node.uplink.mtu.saturating_sub(VXLAN_ENCAP_LEN),
     };
-    let maps = i
-        .ebpf
-        .map(|mode| MapsSpec {
-            slots: BTreeMap::new(),
-            config: Config {
-                vni: i.cfg.backend.vni,
-                // host-gw carries no VXLAN: port 0 (which no sender uses)
-                // makes the uplink programs leave every UDP packet alone
-                // (`pass_not_vxlan`) instead of judging another VXLAN user's.
-                udp_port: if vxlan { i.cfg.backend.port } else { 0 },
-                node_ip: ip_key(node.ip),
-                uplink_ifindex: node.uplink.index,
-                inner_mtu,
-                flags: CONFIG_F_READY
-                    | if mode.tc_decap { CONFIG_F_TC_DECAP } else { 0 }
-                    | if mode.strict_source {
-                        CONFIG_F_STRICT_SOURCE
-                    } else {
-                        0
-                    }
-                    | if mode.netfilter {
-                        CONFIG_F_NETFILTER
-                    } else {
-                        0
+    let mut maps = i.ebpf.map(|mode| MapsSpec {
+        slots: BTreeMap::new(),
+        config: Config {
+            vni: i.cfg.backend.vni,
+            // host-gw carries no VXLAN: port 0 (which no sender uses)
+            // makes the uplink programs leave every UDP packet alone
+            // (`pass_not_vxlan`) instead of judging another VXLAN user's.
+            udp_port: if vxlan { i.cfg.backend.port } else { 0 },
+            node_ip: ip_key(node.ip),
+            uplink_ifindex: node.uplink.index,
+            inner_mtu,
+            flags: CONFIG_F_READY
+                | if mode.tc_decap { CONFIG_F_TC_DECAP } else { 0 }
+                | if mode.strict_source {
+                    CONFIG_F_STRICT_SOURCE
+                } else {
+                    0
+                }
+                | if mode.netfilter {
+                    CONFIG_F_NETFILTER
+                } else {
+                    0
+                },
+            vtep_mac: node.vtep_mac.0,
+            uplink_mac: node.uplink.mac.unwrap_or_default().0,
+            gateway_mac: bridge.mac.0,
+            // With IPv6 on the programs carry it: encapsulated as
+            // flannel-v6.<VNI> would, or routed directly.
+            node_ip6: v6.map_or([0; 16], |(ip6, _)| ip6.octets()),
+            vtep6_mac: vtep6.as_ref().map_or([0; 6], |_| node.vtep6_mac.0),
+            network: ip_key(i.cfg.network.network()),
+            network_mask: ip_key(i.cfg.network.netmask()),
+            lease_shift: 32 - u32::from(i.cfg.subnet_len.min(32)),
+            lease_slots: i.cfg.lease_slots(),
+            ..Default::default()
+        },
+        vteps6: vteps6.clone(),
+        remotes6: remotes6
+            .values()
+            .map(|r| {
+                (
+                    r.subnet,
+                    RemoteNode6 {
+                        node_ip6: r.public_ip.octets(),
+                        vtep_mac: r.vtep_mac.0,
+                        flags: 0,
+                        _pad: 0,
                     },
-                vtep_mac: node.vtep_mac.0,
-                uplink_mac: node.uplink.mac.unwrap_or_default().0,
-                gateway_mac: bridge.mac.0,
-                // With IPv6 on the programs carry it: encapsulated as
-                // flannel-v6.<VNI> would, or routed directly.
-                node_ip6: v6.map_or([0; 16], |(ip6, _)| ip6.octets()),
-                vtep6_mac: vtep6.as_ref().map_or([0; 6], |_| node.vtep6_mac.0),
-                network: ip_key(i.cfg.network.network()),
-                network_mask: ip_key(i.cfg.network.netmask()),
-                lease_shift: 32 - u32::from(i.cfg.subnet_len.min(32)),
-                lease_slots: i.cfg.lease_slots(),
-                ..Default::default()
-            },
-            vteps6: vteps6.clone(),
-            remotes6: remotes6
-                .values()
-                .map(|r| {
-                    (
-                        r.subnet,
-                        RemoteNode6 {
-                            node_ip6: r.public_ip.octets(),
-                            vtep_mac: r.vtep_mac.0,
-                            flags: 0,
-                            _pad: 0,
-                        },
-                    )
-                })
-                .chain(direct6.iter().filter_map(|d| match (d.subnet, d.via) {
-                    (IpNet::V6(subnet), IpAddr::V6(via)) => Some((
-                        subnet,
-                        RemoteNode6 {
-                            node_ip6: via.octets(),
-                            vtep_mac: [0; 6],
-                            flags: REMOTE_F_DIRECT,
-                            _pad: 0,
-                        },
-                    )),
-                    _ => None,
-                }))
-                .collect(),
-            remotes: remotes
-                .values()
-                .map(|r| {
-                    (
-                        r.subnet,
-                        RemoteNode {
-                            node_ip: ip_key(r.public_ip),
-                            vtep_mac: r.vtep_mac.0,
-                            flags: 0,
-                            _pad: 0,
-                        },
-                    )
-                })
-                .chain(direct.values().filter_map(|d| match (d.subnet, d.via) {
-                    (IpNet::V4(subnet), IpAddr::V4(via)) => Some((
-                        subnet,
-                        RemoteNode {
-                            node_ip: ip_key(via),
-                            vtep_mac: [0; 6],
-                            flags: REMOTE_F_DIRECT,
-                            _pad: 0,
-                        },
-                    )),
-                    _ => None,
-                }))
-                .collect(),
-            vteps: vteps.clone(),
-        })
-        .map(|mut m| {
-            m.slots = lease_slots(&m.config, &m.remotes);
-            m
-        });
+                )
+            })
+            .chain(direct6.iter().filter_map(|d| match (d.subnet, d.via) {
+                (IpNet::V6(subnet), IpAddr::V6(via)) => Some((
+                    subnet,
+                    RemoteNode6 {
+                        node_ip6: via.octets(),
+                        vtep_mac: [0; 6],
+                        flags: REMOTE_F_DIRECT,
+                        _pad: 0,
+                    },
+                )),
+                _ => None,
+            }))
+            .collect(),
+        remotes: remotes
+            .values()
+            .map(|r| {
+                (
+                    r.subnet,
+                    RemoteNode {
+                        node_ip: ip_key(r.public_ip),
+                        vtep_mac: r.vtep_mac.0,
+                        flags: 0,
+                        _pad: 0,
+                    },
+                )
+            })
+            .chain(direct.values().filter_map(|d| match (d.subnet, d.via) {
+                (IpNet::V4(subnet), IpAddr::V4(via)) => Some((
+                    subnet,
+                    RemoteNode {
+                        node_ip: ip_key(via),
+                        vtep_mac: [0; 6],
+                        flags: REMOTE_F_DIRECT,
+                        _pad: 0,
+                    },
+                )),
+                _ => None,
+            }))
+            .collect(),
+        vteps: vteps.clone(),
+    });
+    if let Some(m) = &mut maps {
+        m.slots = lease_slots(&m.config, &m.remotes);
+    }
     let guard = GuardSpec {
         port: vxlan.then_some(i.cfg.backend.port),
         vteps,

@@ -129,7 +129,8 @@ pub enum MapOp {
     /// A lease slot filled with its lease's remote (see
     /// `desired::lease_slots`).
     PutSlot(u32, RemoteNode),
-    /// A slot no lease should have emptied: its addresses go to the trie.
+    /// A slot that no lease should fill, emptied: its addresses go to the
+    /// trie.
     ClearSlot(u32),
     PutRemote6(Ipv6Net, RemoteNode6),
     DeleteRemote6(Ipv6Net),
@@ -480,14 +481,20 @@ fn guard(want: &GuardSpec, have: &Observed, ops: &mut Vec<Op>) {
     }
 }
 
-/// Slots go before the config and the trie entries they stand in for (a
-/// slot no longer wanted must not outlive its lease, nor be read with
-/// another network's layout), and are filled after them.
+/// Slots are emptied before the config and the trie entries they stand
+/// in for (a slot no longer wanted must not outlive its lease, nor be read
+/// with another network's layout: with a new config every slot that is to
+/// change is emptied first), and are filled after them.
 fn map_entries(want: &MapsSpec, have: &Maps, ops: &mut Vec<Op>) {
-    for slot in have.slots.keys().filter(|i| !want.slots.contains_key(i)) {
-        ops.push(Op::Map(MapOp::ClearSlot(*slot)));
+    let new_config = have.config != Some(want.config);
+    for (slot, node) in &have.slots {
+        match want.slots.get(slot) {
+            None => ops.push(Op::Map(MapOp::ClearSlot(*slot))),
+            Some(w) if new_config && w != node => ops.push(Op::Map(MapOp::ClearSlot(*slot))),
+            Some(_) => {}
+        }
     }
-    if have.config != Some(want.config) {
+    if new_config {
         ops.push(Op::Map(MapOp::SetConfig(want.config)));
     }
     for (net, node) in &want.remotes {

@@ -570,6 +570,21 @@ const ROWS: &[Row] = &[
         |_| vec![put_slot(r2()), put_slot(r3())],
     ),
     (
+        "a new config: a slot that changes is emptied before it, filled after",
+        |w| {
+            let m = w.maps();
+            m.config.as_mut().unwrap().vni = 7;
+            m.slots.insert(2, node_of(r3()));
+        },
+        |w| {
+            vec![
+                clear_slot("10.244.2.0/24"),
+                Op::Map(MapOp::SetConfig(w.want().maps.unwrap().config)),
+                put_slot(r2()),
+            ]
+        },
+    ),
+    (
         "pod added",
         |w| {
             let p = pod("10.244.1.4", "vethfl-c", 0xc);
