@@ -352,7 +352,7 @@ impl NetConfig {
     pub fn lease_slots(&self) -> u32 {
         let bits = u32::from(self.subnet_len).saturating_sub(u32::from(self.network.prefix_len()));
         match 1u32.checked_shl(bits) {
-            Some(n) if n <= flannel_common::MAX_LEASE_SLOTS && self.subnet_len <= 32 => n,
+            Some(n) if n <= flannel_common::MAX_LEASE_SLOTS => n,
             _ => 0,
         }
     }

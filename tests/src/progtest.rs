@@ -214,28 +214,20 @@ impl Harness {
         let nth = |base: [u8; 2], i: u32, last: u8| {
             Ipv4Addr::new(base[0], base[1] + (i / 256) as u8, (i % 256) as u8, last)
         };
+        let node = |i: u32| RemoteNode {
+            node_ip: ip_key(nth([172, 100], i, 1)),
+            vtep_mac: REMOTE_VTEP_MAC,
+            ..Default::default()
+        };
         {
             let mut trie: LpmTrie<_, u32, RemoteNode> =
                 LpmTrie::try_from(self.bpf.map_mut(maps::REMOTE_SUBNETS).unwrap())?;
             for i in 0..remotes {
-                trie.insert(
-                    &Key::new(24, ip_key(nth([10, 128], i, 0))),
-                    RemoteNode {
-                        node_ip: ip_key(nth([172, 100], i, 1)),
-                        vtep_mac: REMOTE_VTEP_MAC,
-                        ..Default::default()
-                    },
-                    0,
-                )?;
+                trie.insert(&Key::new(24, ip_key(nth([10, 128], i, 0))), node(i), 0)?;
             }
         }
         for i in 0..remotes {
-            let node = RemoteNode {
-                node_ip: ip_key(nth([172, 100], i, 1)),
-                vtep_mac: REMOTE_VTEP_MAC,
-                ..Default::default()
-            };
-            self.set_slot(nth([10, 128], i, 0), node)?;
+            self.set_slot(nth([10, 128], i, 0), node(i))?;
         }
         {
             let mut vteps: HashMap<_, u32, Vtep> =
@@ -327,7 +319,7 @@ impl Harness {
         let slot = cfg
             .get(&0, 0)?
             .lease_slot(ip_key(subnet))
-            .context("no lease slot for the subnet")?;
+            .with_context(|| format!("{subnet} has no lease slot in the harness's network"))?;
         let mut slots: Array<_, RemoteNode> =
             Array::try_from(self.bpf.map_mut(maps::LEASE_SLOTS).unwrap())?;
         slots.set(slot, node, 0)?;

@@ -201,6 +201,18 @@ pub struct MapsSpec {
     pub vteps: BTreeSet<Ipv4Addr>,
 }
 
+/// A config holding only `cfg`'s lease-slot layout (see
+/// `Config::lease_slot`): the network, its mask, the shift and the count.
+pub fn lease_layout(cfg: &NetConfig) -> Config {
+    Config {
+        network: ip_key(cfg.network.network()),
+        network_mask: ip_key(cfg.network.netmask()),
+        lease_shift: 32 - u32::from(cfg.subnet_len),
+        lease_slots: cfg.lease_slots(),
+        ..Default::default()
+    }
+}
+
 /// The lease slots (`FLANNEL_LEASE_SLOTS`) for `remotes`: each lease of
 /// exactly `SubnetLen` inside the network, in the slot `config` places it
 /// in, unless another lease overlaps it (one inside it, or one holding
@@ -401,11 +413,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             // flannel-v6.<VNI> would, or routed directly.
             node_ip6: v6.map_or([0; 16], |(ip6, _)| ip6.octets()),
             vtep6_mac: vtep6.as_ref().map_or([0; 6], |_| node.vtep6_mac.0),
-            network: ip_key(i.cfg.network.network()),
-            network_mask: ip_key(i.cfg.network.netmask()),
-            lease_shift: 32 - u32::from(i.cfg.subnet_len.min(32)),
-            lease_slots: i.cfg.lease_slots(),
-            ..Default::default()
+            ..lease_layout(i.cfg)
         },
         vteps6: vteps6.clone(),
         remotes6: remotes6

@@ -1930,13 +1930,7 @@ fn slot_config(network: &str, subnet_len: u8) -> Config {
         r#"{{"Network":"{network}","SubnetLen":{subnet_len},"Backend":{{"Type":"vxlan"}}}}"#
     ))
     .unwrap();
-    Config {
-        network: ip_key(cfg.network.network()),
-        network_mask: ip_key(cfg.network.netmask()),
-        lease_shift: 32 - u32::from(cfg.subnet_len),
-        lease_slots: cfg.lease_slots(),
-        ..Default::default()
-    }
+    super::desired::lease_layout(&cfg)
 }
 
 #[test]
