@@ -350,6 +350,9 @@ impl NetConfig {
     /// `SubnetLen` in `Network`, or 0 when that is more than
     /// `MAX_LEASE_SLOTS` (every lookup then walks the trie).
     pub fn lease_slots(&self) -> u32 {
+        if !self.enable_ipv4 {
+            return 0;
+        }
         let bits = u32::from(self.subnet_len).saturating_sub(u32::from(self.network.prefix_len()));
         match 1u32.checked_shl(bits) {
             Some(n) if n <= flannel_common::MAX_LEASE_SLOTS => n,

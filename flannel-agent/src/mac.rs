@@ -37,6 +37,14 @@ impl MacAddr {
         MacAddr([0x0e, 0xb7, o[0], o[1], o[2], o[3]])
     }
 
+    /// The bridge's MAC in an IPv6-only cluster, from its IPv6 gateway:
+    /// the address's bits 32 to 63 (where the node's lease sits in a
+    /// network of /64 leases).
+    pub fn for_bridge6(gateway: std::net::Ipv6Addr) -> Self {
+        let o = gateway.octets();
+        MacAddr([0x0e, 0xb6, o[4], o[5], o[6], o[7]])
+    }
+
     pub fn is_unicast(&self) -> bool {
         self.0[0] & 1 == 0 && self.0 != [0; 6]
     }

@@ -166,17 +166,17 @@ fn replace_table(s: &mut Socket, family: u8, table: &'static str, nets: Option<N
     }
 }
 
-/// Installs (or atomically replaces) the masquerade rules: IPv4's, and
+/// Installs (or atomically replaces) the masquerade rules: IPv4's when `v4`
+/// (the network and lease) is given (not in an IPv6-only cluster), and
 /// IPv6's when `v6` (the IPv6 network and lease) is given; without it an
 /// IPv6 table an earlier run left goes, in the same transaction.
 pub fn ensure(
-    network: Ipv4Net,
-    lease: Ipv4Net,
+    v4: Option<(Ipv4Net, Ipv4Net)>,
     v6: Option<(Ipv6Net, Ipv6Net)>,
 ) -> Result<(), MasqError> {
     let mut s = Socket::open()?;
     s.batch(NFNL_MSG_BATCH_BEGIN);
-    replace_table(&mut s, NFPROTO_IPV4, TABLE, Some(Nets::V4(network, lease)));
+    replace_table(&mut s, NFPROTO_IPV4, TABLE, v4.map(|(n, l)| Nets::V4(n, l)));
     replace_table(
         &mut s,
         NFPROTO_IPV6,
@@ -218,14 +218,16 @@ pub fn pod_present() -> Result<bool, MasqError> {
     Ok(table_present(NFPROTO_IPV4, POD_TABLE)? || table_present(NFPROTO_IPV6, POD_TABLE)?)
 }
 
-/// Makes sure pods of `lease` are masqueraded when leaving `network`, and
-/// with `v6` (the IPv6 network and lease) their IPv6 traffic too.
+/// Makes sure pods of the lease in `v4` (the network and lease) are
+/// masqueraded when leaving the network, and with `v6` (the IPv6 network
+/// and lease) their IPv6 traffic too.
 pub fn pod_ensure(
-    network: Ipv4Net,
-    lease: Ipv4Net,
+    v4: Option<(Ipv4Net, Ipv4Net)>,
     v6: Option<(Ipv6Net, Ipv6Net)>,
 ) -> Result<(), MasqError> {
-    pod_ensure_family(Nets::V4(network, lease))?;
+    if let Some((network, lease)) = v4 {
+        pod_ensure_family(Nets::V4(network, lease))?;
+    }
     match v6 {
         Some((n, l)) => pod_ensure_family(Nets::V6(n, l)),
         None => Ok(()),

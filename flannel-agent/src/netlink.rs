@@ -313,8 +313,14 @@ impl Netlink {
     }
 
     /// The interface of the IPv4 default route, as Flannel picks its uplink.
-    pub async fn default_route_link(&self) -> Result<Link> {
-        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    /// The interface of the IPv4 default route, or with `v6` of the IPv6
+    /// one.
+    pub async fn default_route_link(&self, v6: bool) -> Result<Link> {
+        let filter = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
         let mut stream = self.handle.route().get(filter).execute();
         while let Some(route) = stream
             .try_next()
@@ -671,7 +677,7 @@ impl Netlink {
     pub async fn ensure_bridge(
         &self,
         name: &str,
-        gateway: Ipv4Net,
+        gateway: Option<Ipv4Net>,
         gateway6: Option<Ipv6Net>,
         mtu: u32,
         mac: MacAddr,
@@ -689,7 +695,8 @@ impl Netlink {
         if link.mtu != mtu || link.mac != Some(mac) {
             self.set_mtu_mac(link.index, mtu, Some(mac)).await?;
         }
-        self.ensure_only_addrs(link.index, &[gateway]).await?;
+        self.ensure_only_addrs(link.index, gateway.as_slice())
+            .await?;
         if let Some(g) = gateway6 {
             self.ensure_only_addrs6(link.index, &[g]).await?;
         }

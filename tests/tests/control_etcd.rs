@@ -13,7 +13,7 @@ use flannel_tests::{
     netns::exec,
     Lab, NodeKind, NodeSpec,
 };
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 const CONF: &str = r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.7.0","Backend":{"Type":"vxlan","VNI":1,"Port":4789}}"#;
 
@@ -155,7 +155,7 @@ fn etcd_store_end_to_end() {
         "10.244.6.0/24",
     ] {
         assert!(
-            keys.contains(&net(want)),
+            keys.contains(&IpNet::V4(net(want))),
             "{want} missing from etcd: {keys:?}"
         );
     }
@@ -265,7 +265,11 @@ fn dual_stack_leases_use_flannels_etcd_keys() {
             (net("10.244.6.0/24"), "fd00:10:244:6::/64".parse()?);
         s.put_dual(stock, Some(stock6), &attrs(0x60), None).await?;
         let listed = s.list_subnets().await?;
-        let l = &listed.iter().find(|(n, _)| *n == stock).unwrap().1;
+        let l = &listed
+            .iter()
+            .find(|(n, _)| *n == IpNet::V4(stock))
+            .unwrap()
+            .1;
         assert_eq!(l.ipv6_subnet, Some(stock6));
         assert_eq!(l.key(), "10.244.6.0-24&fd00:10:244:6::-64");
 
@@ -311,7 +315,11 @@ fn dual_stack_leases_use_flannels_etcd_keys() {
         assert!(!s.holds_oldest_key(race, Some(r2)).await?);
         // Deleting by the IPv4 subnet removes the dual key.
         s.delete(stock).await?;
-        assert!(!s.list_subnets().await?.iter().any(|(n, _)| *n == stock));
+        assert!(!s
+            .list_subnets()
+            .await?
+            .iter()
+            .any(|(n, _)| *n == IpNet::V4(stock)));
         Ok(())
     })
     .unwrap();

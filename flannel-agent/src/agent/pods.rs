@@ -262,12 +262,15 @@ fn check(
     rec: &EndpointRecord,
 ) -> anyhow::Result<u32> {
     let subnet = node.lease.subnet;
+    let Some(gateway) = node.gateway() else {
+        bail!("pod IP {} given, but this node has no IPv4 lease", rec.ip);
+    };
     if !subnet.contains(&rec.ip) {
         bail!("pod IP {} is not in this node's lease {subnet}", rec.ip);
     }
     for (addr, what) in [
         (subnet.network(), "network"),
-        (node.gateway().addr(), "gateway"),
+        (gateway.addr(), "gateway"),
         (subnet.broadcast(), "broadcast"),
     ] {
         if rec.ip == addr {

@@ -103,15 +103,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         })
         .await;
     }
-    let (uplink, ip) = uplink::choose(&nl, &opts.iface, &opts.iface_regex, public_ip).await?;
+    let (uplink, ip) = uplink::choose(
+        &nl,
+        &opts.iface,
+        &opts.iface_regex,
+        public_ip,
+        cfg.enable_ipv4,
+    )
+    .await?;
     // Pod routes must not shadow the node network.
     let uplink_nets = nl.ipv4_addrs(uplink.index).await?;
-    for addr in &uplink_nets {
+    for addr in uplink_nets.iter().filter(|_| cfg.enable_ipv4) {
         crate::config::check_uplink_overlap(cfg.network, *addr)?;
     }
     // Flannel's host-gw check: other nodes route to the public IP as a
     // gateway, so it must be the uplink's own.
-    if cfg.backend.kind == BackendType::HostGw && !uplink_nets.iter().any(|n| n.addr() == ip) {
+    if cfg.enable_ipv4
+        && cfg.backend.kind == BackendType::HostGw
+        && !uplink_nets.iter().any(|n| n.addr() == ip)
+    {
         bail!(
             "your PublicIP {ip} differs from interface IP (uplink {}: {:?}), meaning that probably you're on a NAT, which is not supported by host-gw backend",
             uplink.name,
@@ -170,6 +180,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         BackendType::Vxlan => LeaseAttrs::vxlan(ip, cfg.backend.vni, vtep_mac),
         BackendType::HostGw => LeaseAttrs::host_gw(ip),
     };
+    // An IPv6-only node has no IPv4 side: Flannel leaves its VXLAN
+    // BackendData out (null) and its PublicIP empty.
+    if !cfg.enable_ipv4 {
+        attrs.backend_data = serde_json::Value::Null;
+    }
     // Flannel's host-gw lease has the public IPv6 and no BackendV6Data.
     match (ip6, cfg.backend.kind) {
         (Some(ip6), BackendType::Vxlan) => attrs = attrs.with_v6(ip6, cfg.backend.vni, vtep6_mac),
@@ -187,8 +202,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     tracing::info!(
         store = store.name(),
         uplink = %uplink.name,
-        %ip,
-        subnet = %lease.subnet,
+        ip = %lease.public_addr(),
+        subnet = %lease.id(),
         vtep_mac = %vtep_mac,
         "lease acquired"
     );
@@ -275,15 +290,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         bail!("{op}: {err}");
     }
     // subnet.env last: the CNI plugin may create pods once it exists.
-    let mut env = SubnetEnv::new(
-        agent.cfg.network,
-        agent.node.lease.subnet,
-        agent.node.pod_mtu(&agent.cfg),
-        agent.opts.ip_masq,
-    );
-    if let (Some(net6), Some(lease6)) = (agent.cfg.ipv6_network, agent.node.lease.ipv6_subnet) {
-        env = env.with_ipv6(net6, lease6);
-    }
+    let (mtu, ip_masq) = (agent.node.pod_mtu(&agent.cfg), agent.opts.ip_masq);
+    let v6 = agent.cfg.ipv6_network.zip(agent.node.lease.ipv6_subnet);
+    let env = match v6 {
+        Some((net6, lease6)) if !agent.cfg.enable_ipv4 => {
+            SubnetEnv::ipv6_only(net6, lease6, mtu, ip_masq)
+        }
+        Some((net6, lease6)) => {
+            SubnetEnv::new(agent.cfg.network, agent.node.lease.subnet, mtu, ip_masq)
+                .with_ipv6(net6, lease6)
+        }
+        None => SubnetEnv::new(agent.cfg.network, agent.node.lease.subnet, mtu, ip_masq),
+    };
     env.write(&agent.opts.subnet_file)
         .with_context(|| format!("writing {}", agent.opts.subnet_file.display()))?;
     // The conflist goes in last: a runtime that sees it may ADD at once.

@@ -164,21 +164,21 @@ pub fn spawn_renew(
                 // and then that ours is still there.
                 None => Duration::from_secs(60),
             };
-            let (subnet, ip) = (lease.subnet, lease.attrs.public_ip);
+            let (id, ip) = (lease.id(), lease.public_addr());
             let missing = move |set: &Option<LeaseSet>| {
                 set.as_ref()
-                    .is_some_and(|s| s.get(&subnet).map(|l| l.attrs.public_ip) != Some(ip))
+                    .is_some_and(|s| s.get(&id).map(Lease::public_addr) != Some(ip))
             };
             tokio::select! {
                 _ = tokio::time::sleep(due) => {}
                 r = feed.wait_for(missing) => {
                     if r.is_err() { return; }
-                    tracing::warn!(subnet = %lease.subnet, "this node's lease is gone from the store; writing it back");
+                    tracing::warn!(subnet = %id, "this node's lease is gone from the store; writing it back");
                 }
             }
             match counted(&metrics, store.name(), "renew", store.renew(&lease)).await {
                 Ok(l) => {
-                    tracing::debug!(subnet = %l.subnet, "lease renewed");
+                    tracing::debug!(subnet = %l.id(), "lease renewed");
                     lease = l;
                     backoff.reset();
                     // Let the store's watch catch up before checking again.
@@ -209,7 +209,7 @@ pub fn spawn_renew(
 
 /// The lease subnet in an existing subnet.env (Flannel reuses it if free).
 pub fn previous_subnet(path: &std::path::Path) -> Option<Ipv4Net> {
-    crate::subnet::env::SubnetEnv::read(path).map(|e| e.lease())
+    crate::subnet::env::SubnetEnv::read(path).and_then(|e| e.lease())
 }
 
 /// The IPv6 subnet of the last subnet.env, to keep it across restarts.

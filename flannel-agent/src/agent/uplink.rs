@@ -9,12 +9,15 @@ use anyhow::{anyhow, Context};
 
 use crate::netlink::{Link, Netlink};
 
-/// The uplink and the IP other nodes reach this one at.
+/// The uplink and the IP other nodes reach this one at. Without `ipv4`
+/// (an IPv6-only cluster) the default route is the IPv6 one, and the IP is
+/// Flannel's empty one (`0.0.0.0`) unless given.
 pub async fn choose(
     nl: &Netlink,
     ifaces: &[String],
     regexes: &[String],
     public_ip: Option<Ipv4Addr>,
+    ipv4: bool,
 ) -> anyhow::Result<(Link, Ipv4Addr)> {
     let links = nl.links().await?;
     let mut addrs = Vec::new();
@@ -26,11 +29,14 @@ pub async fn choose(
     let (link, addr) = match pick(&links, &addrs, ifaces, regexes, public_ip)? {
         Some(found) => found,
         None => {
-            let l = nl.default_route_link().await?;
+            let l = nl.default_route_link(!ipv4).await?;
             let a = first_addr(&addrs, &l);
             (l, a)
         }
     };
+    if !ipv4 {
+        return Ok((link, Ipv4Addr::UNSPECIFIED));
+    }
     let ip = public_ip
         .or(addr)
         .ok_or_else(|| anyhow!("uplink {} has no IPv4 address; pass --public-ip", link.name))?;

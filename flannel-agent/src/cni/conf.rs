@@ -9,7 +9,6 @@
 
 use std::path::PathBuf;
 
-use ipnet::Ipv4Net;
 use serde_json::{json, Map, Value};
 
 use super::spec::{check_version, code, CniError, CniResult};
@@ -254,8 +253,11 @@ impl NetConf {
         ipam.insert("type".into(), json!(self.ipam_type()));
         // As Flannel's plugin: one range per family, from subnet.env.
         if !ipam.contains_key("subnet") && !ipam.contains_key("ranges") {
-            let lease: Ipv4Net = env.lease();
-            let mut ranges = vec![json!([{"subnet": lease.to_string()}])];
+            let mut ranges: Vec<Value> = env
+                .lease()
+                .map(|lease| json!([{"subnet": lease.to_string()}]))
+                .into_iter()
+                .collect();
             if let Some(lease6) = env.lease6() {
                 ranges.push(json!([{"subnet": lease6.to_string()}]));
             }
@@ -266,8 +268,11 @@ impl NetConf {
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let nets =
-            std::iter::once(env.network.to_string()).chain(env.ipv6_network.map(|n| n.to_string()));
+        let nets = env
+            .network
+            .map(|n| n.to_string())
+            .into_iter()
+            .chain(env.ipv6_network.map(|n| n.to_string()));
         for net in nets {
             if !routes.iter().any(|r| r["dst"] == json!(net)) {
                 routes.push(json!({ "dst": net }));

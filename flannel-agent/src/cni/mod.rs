@@ -187,7 +187,7 @@ async fn pod_bridge(nl: &Netlink, name: &str, gateway: Ipv4Net, mtu: u32) -> Cni
         None => nl
             .ensure_bridge(
                 name,
-                gateway,
+                Some(gateway),
                 None,
                 mtu,
                 MacAddr::for_bridge(gateway.addr()),
@@ -341,7 +341,15 @@ async fn wire(
 ) -> CniResult<CniOutput> {
     use std::os::fd::AsRawFd;
     let mtu = conf.mtu(senv);
-    let gateway = ipc.gateway.unwrap_or(senv.subnet.addr());
+    let gateway = ipc
+        .gateway
+        .or(senv.subnet.map(|s| s.addr()))
+        .ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "IPAM gave an IPv4 address but neither it nor subnet.env names an IPv4 gateway",
+            )
+        })?;
     let gw_net = Ipv4Net::new(gateway, ipc.address.prefix_len())
         .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("gateway: {e}")))?;
     let bridge = pod_bridge(host, conf.bridge(), gw_net, mtu).await?;
@@ -457,7 +465,7 @@ async fn wire(
             .ipv6_network
             .zip(senv.lease6())
             .filter(|_| ip6.is_some());
-        masq::pod_ensure(senv.network, senv.lease(), v6)
+        masq::pod_ensure(senv.network.zip(senv.lease()), v6)
             .map_err(|e| CniError::io("installing the pods' masquerade rule", e))?;
     }
     let mac = plink.mac.unwrap_or_default();

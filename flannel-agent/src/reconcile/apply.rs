@@ -142,7 +142,7 @@ pub async fn apply(ops: Vec<Op>, t: Target<'_>) -> Report {
     direct(nl, direct_adds, &mut report).await;
     for m in masq_ops {
         let r = match m {
-            MasqOp::Install(spec) => masq::ensure(spec.network, spec.lease, spec.v6).map(|()| {
+            MasqOp::Install(spec) => masq::ensure(spec.v4, spec.v6).map(|()| {
                 *masq_written = Some(spec);
             }),
             MasqOp::Remove => masq::remove().map(|()| *masq_written = None),

@@ -62,14 +62,16 @@ impl Node {
     }
 
     /// The pods' gateway: the lease's first address (`10.244.1.1/24`), on
-    /// the bridge.
-    pub fn gateway(&self) -> Ipv4Net {
+    /// the bridge; `None` in an IPv6-only cluster.
+    pub fn gateway(&self) -> Option<Ipv4Net> {
         let subnet = self.lease.subnet;
-        Ipv4Net::new(
-            Ipv4Addr::from(u32::from(subnet.network()) + 1),
-            subnet.prefix_len(),
-        )
-        .expect("prefix length comes from a valid subnet")
+        self.lease.has_ipv4().then(|| {
+            Ipv4Net::new(
+                Ipv4Addr::from(u32::from(subnet.network()) + 1),
+                subnet.prefix_len(),
+            )
+            .expect("prefix length comes from a valid subnet")
+        })
     }
 
     /// Pod MTU: `Backend.MTU`, or the uplink's less the VXLAN headers;
@@ -129,7 +131,8 @@ pub struct EbpfMode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BridgeSpec {
     pub name: String,
-    pub gateway: Ipv4Net,
+    /// The IPv4 gateway address; `None` in an IPv6-only cluster.
+    pub gateway: Option<Ipv4Net>,
     /// With IPv6: the IPv6 gateway address.
     pub gateway6: Option<Ipv6Net>,
     pub mtu: u32,
@@ -159,8 +162,9 @@ pub struct DirectRoute {
 /// Flannel's masquerade rules for this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MasqSpec {
-    pub network: Ipv4Net,
-    pub lease: Ipv4Net,
+    /// The network and lease, when IPv4 is on (not in an IPv6-only
+    /// cluster).
+    pub v4: Option<(Ipv4Net, Ipv4Net)>,
     /// The IPv6 network and lease, when IPv6 is on: the same rules in
     /// `ip6 flannel-ipv6`.
     pub v6: Option<(Ipv6Net, Ipv6Net)>,
@@ -202,7 +206,8 @@ pub struct MapsSpec {
 }
 
 /// A config holding only `cfg`'s lease-slot layout (see
-/// `Config::lease_slot`): the network, its mask, the shift and the count.
+/// `Config::lease_slot`): the network, its mask, the shift and the count
+/// (none in an IPv6-only cluster, see `NetConfig::lease_slots`).
 pub fn lease_layout(cfg: &NetConfig) -> Config {
     Config {
         network: ip_key(cfg.network.network()),
@@ -272,8 +277,9 @@ pub struct Desired {
     pub vtep6: Option<VtepSpec>,
     pub remotes6: BTreeMap<Ipv6Net, RemoteEntry6>,
     /// The cluster's `Network`: a route through the uplink (with a
-    /// gateway) to a subnet inside it is a direct route of ours.
-    pub network: Ipv4Net,
+    /// gateway) to a subnet inside it is a direct route of ours. `None` in
+    /// an IPv6-only cluster.
+    pub network: Option<Ipv4Net>,
     /// With IPv6: the `IPv6Network`, the same for IPv6 routes.
     pub network6: Option<Ipv6Net>,
     /// The uplink's interface index.
@@ -292,17 +298,23 @@ pub struct Desired {
 /// The state the node should be in.
 pub fn desired(i: &Inputs<'_>) -> Desired {
     let node = i.node;
-    let gateway = node.gateway();
+    let ipv4 = i.cfg.enable_ipv4;
+    let gateway = node.gateway().filter(|_| ipv4);
+    let gateway6 = node.gateway6().filter(|_| i.cfg.enable_ipv6);
     let mtu = node.pod_mtu(i.cfg);
     let bridge = BridgeSpec {
         name: i.bridge.to_string(),
         gateway,
-        gateway6: node.gateway6().filter(|_| i.cfg.enable_ipv6),
+        gateway6,
         mtu,
-        mac: MacAddr::for_bridge(gateway.addr()),
+        mac: match (gateway, gateway6) {
+            (None, Some(g6)) => MacAddr::for_bridge6(g6.addr()),
+            (g, _) => MacAddr::for_bridge(g.map_or(Ipv4Addr::UNSPECIFIED, |g| g.addr())),
+        },
     };
     let vxlan = i.cfg.backend.kind == BackendType::Vxlan;
-    let vtep = vxlan.then(|| VtepSpec {
+    // flannel.<VNI> carries IPv4 only: none in an IPv6-only cluster.
+    let vtep = (vxlan && ipv4).then(|| VtepSpec {
         link: VxlanSpec {
             name: format!("flannel.{}", i.cfg.backend.vni),
             vni: i.cfg.backend.vni,
@@ -339,7 +351,11 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         mut direct,
         mut ignored,
         with6,
-    } = remotes(node, i.cfg, i.leases);
+    } = if ipv4 {
+        remotes(node, i.cfg, i.leases)
+    } else {
+        remotes_ipv6_only(node, i.cfg, i.leases)
+    };
     let Remotes6 {
         vxlan: remotes6,
         direct: direct6,
@@ -500,13 +516,12 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         direct,
         vtep6,
         remotes6,
-        network: i.cfg.network,
+        network: Some(i.cfg.network).filter(|_| ipv4),
         network6: i.cfg.ipv6_network.filter(|_| i.cfg.enable_ipv6),
         uplink: node.uplink.index,
         ignored,
         masq: i.ip_masq.then_some(MasqSpec {
-            network: i.cfg.network,
-            lease: node.lease.subnet,
+            v4: Some((i.cfg.network, node.lease.subnet)).filter(|_| ipv4),
             v6: match (
                 i.cfg.enable_ipv6,
                 i.cfg.ipv6_network,
@@ -530,7 +545,7 @@ struct Remotes {
     /// The leases whose IPv6 side is to be decided: those of our backend
     /// type with usable data (Flannel decides each family on its own, so
     /// a host-gw lease whose IPv4 is off the network still counts).
-    with6: Vec<Ipv4Net>,
+    with6: Vec<IpNet>,
 }
 
 /// The remote leases' IPv6 sides, sorted the same way.
@@ -562,6 +577,17 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
             continue;
         }
         let ip = l.attrs.public_ip;
+        if !l.has_ipv4() {
+            let why = "no IPv4 subnet (an IPv6-only node in a cluster with EnableIPv4; Flannel cannot read its lease either)".to_string();
+            out.ignored.insert(
+                l.id(),
+                Ignored {
+                    node: l.public_addr(),
+                    why,
+                },
+            );
+            continue;
+        }
         let direct = DirectRoute {
             subnet: IpNet::V4(l.subnet),
             via: IpAddr::V4(ip),
@@ -579,11 +605,11 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
             match kind {
                 BackendType::HostGw if node.on_link(ip) => {
                     out.direct.insert(direct.subnet, direct);
-                    out.with6.push(l.subnet);
+                    out.with6.push(l.id());
                     continue;
                 }
                 BackendType::HostGw => {
-                    out.with6.push(l.subnet);
+                    out.with6.push(l.id());
                     format!(
                     "node {ip} is not on this node's network ({}): host-gw routes only to nodes on one L2 network (Flannel's route add fails: network is unreachable)",
                     nets(&node.uplink_nets)
@@ -592,11 +618,11 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
                 BackendType::Vxlan => match l.attrs.vxlan_data() {
                     Ok(_) if cfg.backend.direct_routing && node.on_link(ip) => {
                         out.direct.insert(direct.subnet, direct);
-                        out.with6.push(l.subnet);
+                        out.with6.push(l.id());
                         continue;
                     }
                     Ok(data) => {
-                        out.with6.push(l.subnet);
+                        out.with6.push(l.id());
                         out.vxlan.insert(
                             l.subnet,
                             RemoteEntry {
@@ -622,7 +648,42 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
     out
 }
 
-/// The IPv6 side of every remote lease in `with6` (by IPv4 subnet)
+/// An IPv6-only cluster's remote leases: no IPv4 side to decide, so every
+/// other node's lease of our backend type has its IPv6 side decided (by
+/// `remotes6`); one of another type is set aside.
+fn remotes_ipv6_only(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
+    let kind = cfg.backend.kind;
+    let mut out = Remotes {
+        vxlan: BTreeMap::new(),
+        direct: BTreeMap::new(),
+        ignored: BTreeMap::new(),
+        with6: Vec::new(),
+    };
+    for l in leases.values() {
+        if l.id() == node.lease.id() {
+            continue;
+        }
+        if l.attrs.backend_type == kind.lease_name() {
+            out.with6.push(l.id());
+            continue;
+        }
+        let why = format!(
+            "backend type {:?} is not {} (Flannel ignores it too)",
+            l.attrs.backend_type,
+            kind.lease_name()
+        );
+        out.ignored.insert(
+            l.id(),
+            Ignored {
+                node: l.public_addr(),
+                why,
+            },
+        );
+    }
+    out
+}
+
+/// The IPv6 side of every remote lease in `with6` (by `Lease::id`)
 /// that has one: an IPv6 subnet and a public IPv6. Each family is decided
 /// on its own, as Flannel does: routed directly when DirectRouting is on
 /// (or the backend is host-gw) and the node's IPv6 is on this node's IPv6
@@ -630,10 +691,10 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
 /// `backend-v6-data`. A host-gw remote off the network, or a VXLAN one
 /// without a usable VtepMAC, is set aside with the reason; a remote
 /// without an IPv6 side is reached over IPv4 only.
-fn remotes6(node: &Node, cfg: &NetConfig, with6: &[Ipv4Net], leases: &LeaseSet) -> Remotes6 {
+fn remotes6(node: &Node, cfg: &NetConfig, with6: &[IpNet], leases: &LeaseSet) -> Remotes6 {
     let own = node.lease.ipv6_subnet;
     let mut out = Remotes6::default();
-    for l in with6.iter().filter_map(|subnet| leases.get(subnet)) {
+    for l in with6.iter().filter_map(|id| leases.get(id)) {
         let (Some(subnet), Some(public_ip)) = (l.ipv6_subnet, l.attrs.public_ipv6) else {
             continue;
         };

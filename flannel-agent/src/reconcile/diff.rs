@@ -190,7 +190,11 @@ impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Op::Device(DeviceOp::Bridge(b)) => {
-                write!(f, "ensure bridge {} ({})", b.name, b.gateway)
+                let gateways: Vec<String> = (b.gateway.map(IpNet::V4).into_iter())
+                    .chain(b.gateway6.map(IpNet::V6))
+                    .map(|g| g.to_string())
+                    .collect();
+                write!(f, "ensure bridge {} ({})", b.name, gateways.join(", "))
             }
             Op::Device(DeviceOp::Vtep(v)) => write!(f, "ensure VXLAN device {}", v.link.name),
             Op::Direct(DirectOp::Route(d)) => {
@@ -202,7 +206,12 @@ impl fmt::Display for Op {
             Op::Vtep(v) => write!(f, "{v}"),
             Op::Vtep6(v) => write!(f, "{v} (IPv6)"),
             Op::Masq(MasqOp::Install(m)) => {
-                write!(f, "install ip-masq rules ({} / {})", m.network, m.lease)
+                let nets: Vec<String> = (m.v4.map(|(n, l)| (IpNet::V4(n), IpNet::V4(l))))
+                    .into_iter()
+                    .chain(m.v6.map(|(n, l)| (IpNet::V6(n), IpNet::V6(l))))
+                    .map(|(n, l)| format!("{n} / {l}"))
+                    .collect();
+                write!(f, "install ip-masq rules ({})", nets.join(", "))
             }
             Op::Masq(MasqOp::Remove) => write!(f, "remove the ip-masq table"),
             Op::Guard(g) => write!(
@@ -312,7 +321,7 @@ pub fn diff(want: &Desired, have: &Observed) -> Vec<Op> {
 fn bridge_in_order(want: &BridgeSpec, have: &Observed) -> bool {
     have.links.get(&want.name).is_some_and(|l| {
         l.kind == Some(InfoKind::Bridge) && l.up && l.mtu == want.mtu && l.mac == Some(want.mac)
-    }) && have.bridge_addrs == [want.gateway]
+    }) && have.bridge_addrs == want.gateway.as_slice()
         // IPv6 addresses are the agent's only with IPv6 on: an IPv4-only
         // node leaves any it finds alone.
         && want
@@ -414,7 +423,9 @@ fn direct_routes(want: &Desired, have: &Observed) -> (Vec<Op>, Vec<Op>) {
         .collect();
     // Inside the cluster network of its family, and longer than it.
     let ours = |dst: &IpNet| match (dst, want.network6) {
-        (IpNet::V4(d), _) => want.network.contains(d) && d.prefix_len() > want.network.prefix_len(),
+        (IpNet::V4(d), _) => want
+            .network
+            .is_some_and(|n| n.contains(d) && d.prefix_len() > n.prefix_len()),
         (IpNet::V6(d), Some(n)) => n.contains(d) && d.prefix_len() > n.prefix_len(),
         (IpNet::V6(_), None) => false,
     };

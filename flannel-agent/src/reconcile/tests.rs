@@ -103,7 +103,7 @@ fn pod(addr: &str, ifname: &str, last: u8) -> EndpointRecord {
 struct World {
     node: Node,
     cfg: NetConfig,
-    leases: BTreeMap<Ipv4Net, Lease>,
+    leases: BTreeMap<IpNet, Lease>,
     pods: BTreeMap<Ipv4Addr, EndpointRecord>,
     attaching: BTreeSet<u32>,
     ebpf: Option<EbpfMode>,
@@ -144,7 +144,7 @@ impl World {
             lease("10.244.2.0/24", "10.0.0.2", mac(0x22)),
             lease("10.244.3.0/24", "10.0.0.3", mac(0x33)),
         ] {
-            w.leases.insert(l.subnet, l);
+            w.leases.insert(l.id(), l);
         }
         for p in [
             pod("10.244.1.2", "vethfl-a", 0xa),
@@ -170,7 +170,7 @@ impl World {
     }
 
     fn add_lease(&mut self, l: Lease) {
-        self.leases.insert(l.subnet, l);
+        self.leases.insert(l.id(), l);
     }
 
     fn maps(&mut self) -> &mut Maps {
@@ -275,7 +275,7 @@ fn converged(w: &World) -> Observed {
     });
     Observed {
         links,
-        bridge_addrs: vec![want.bridge.gateway],
+        bridge_addrs: want.bridge.gateway.into_iter().collect(),
         vtep_addrs: want.vtep.iter().filter_map(|v| v4(v.addr)).collect(),
         bridge_addrs6: want.bridge.gateway6.into_iter().collect(),
         vtep6_addrs: want.vtep6.iter().filter_map(|v| v6(v.addr)).collect(),
@@ -375,8 +375,7 @@ fn ensure_vtep(w: &World) -> Op {
 }
 fn masq_spec() -> MasqSpec {
     MasqSpec {
-        network: net("10.244.0.0/16"),
-        lease: net("10.244.1.0/24"),
+        v4: Some((net("10.244.0.0/16"), net("10.244.1.0/24"))),
         v6: None,
     }
 }
@@ -438,7 +437,7 @@ const ROWS: &[Row] = &[
     (
         "remote gone",
         |w| {
-            w.leases.remove(&net("10.244.3.0/24"));
+            w.leases.remove(&IpNet::V4(net("10.244.3.0/24")));
         },
         |_| {
             vec![
@@ -744,7 +743,7 @@ const ROWS: &[Row] = &[
         "VTEP entries unreadable: they are left for the next pass",
         |w| {
             w.have.vtep = None;
-            w.leases.remove(&net("10.244.3.0/24"));
+            w.leases.remove(&IpNet::V4(net("10.244.3.0/24")));
         },
         |_| {
             vec![
@@ -860,7 +859,7 @@ const ROWS: &[Row] = &[
             w.cfg.backend.direct_routing = true;
             w.have = converged(w);
             w.have.uplink_routes = None;
-            w.leases.remove(&net("10.244.3.0/24"));
+            w.leases.remove(&IpNet::V4(net("10.244.3.0/24")));
         },
         |_| {
             vec![
@@ -961,7 +960,7 @@ fn simulate(ops: &[Op], w: &mut World) {
                 l.mtu = b.mtu;
                 l.mac = Some(b.mac);
                 have.links.insert(b.name.clone(), l);
-                have.bridge_addrs = vec![b.gateway];
+                have.bridge_addrs = b.gateway.into_iter().collect();
                 have.bridge_addrs6 = b.gateway6.into_iter().collect();
             }
             Op::Device(DeviceOp::Vtep(v)) => {
@@ -1146,7 +1145,7 @@ fn desired_state_from_node_config_and_leases() {
     assert!(why[2].0 == anet("10.244.7.0/24") && why[2].1.contains("not unicast"));
     // Flannel's devices: gateway .1 on the bridge, the lease's .0/32 on
     // flannel.1, MTU = uplink − 50, the port from the config.
-    assert_eq!(want.bridge.gateway, net("10.244.1.1/24"));
+    assert_eq!(want.bridge.gateway, Some(net("10.244.1.1/24")));
     assert_eq!(want.bridge.mtu, 1450);
     assert_eq!(
         want.vtep.as_ref().unwrap().addr,
@@ -1334,7 +1333,7 @@ fn dual_stack_direct_routing_decides_each_family_on_its_own() {
 
     // Node 4 moves its IPv6 off our network: back to flannel-v6.1, the
     // direct route going first.
-    let l4 = w.leases.get_mut(&net("10.244.4.0/24")).unwrap();
+    let l4 = w.leases.get_mut(&IpNet::V4(net("10.244.4.0/24"))).unwrap();
     l4.attrs.public_ipv6 = Some(aip6("fd00:31::4"));
     let ops = diff(&w.want(), &w.have);
     let r4 = RemoteEntry6 {
@@ -1525,6 +1524,106 @@ fn host_gw_routes_every_on_link_remote_directly() {
 /// node network (MTU uplink − 70, `<IPv6 lease>/128`), the IPv6 gateway on
 /// the bridge, and per remote with an IPv6 side its neighbour, FDB entry
 /// and route on that device.
+/// An IPv6-only cluster (`EnableIPv4: false`): leases with Flannel's empty
+/// IPv4 subnet, no `flannel.<VNI>`, no IPv4 address on the bridge, no
+/// IPv4 map entries or lease slots, every remote over `flannel-v6.<VNI>`;
+/// and in a cluster with IPv4 such a lease is set aside, with the reason.
+#[test]
+fn ipv6_only_programs_every_remote_over_ipv6_and_nothing_of_ipv4() {
+    let ip6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+    let net6 = |s: &str| s.parse::<Ipv6Net>().unwrap();
+    let only6 = |n: u8, kind: &str| {
+        let attrs = LeaseAttrs {
+            backend_data: serde_json::Value::Null,
+            ..LeaseAttrs::vxlan(Ipv4Addr::UNSPECIFIED, 1, mac(n * 0x11))
+        }
+        .with_v6(ip6(&format!("fd00:30::{n}")), 1, mac(0x60 + n));
+        Lease {
+            subnet: Ipv4Net::default(),
+            ipv6_subnet: Some(net6(&format!("fd00:10:244:{n}::/64"))),
+            attrs: LeaseAttrs {
+                backend_type: kind.into(),
+                ..attrs
+            },
+            expiration: None,
+        }
+    };
+    let mut w = World::new();
+    w.cfg = NetConfig::parse(
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","Port":4789}}"#,
+    )
+    .unwrap();
+    w.node.ip = Ipv4Addr::UNSPECIFIED;
+    w.node.uplink_nets = Vec::new();
+    w.node.ip6 = Some(ip6("fd00:30::1"));
+    w.node.uplink_nets6 = vec!["fd00:30::1/64".parse().unwrap()];
+    w.node.lease = only6(1, "vxlan");
+    w.leases.clear();
+    w.pods.clear();
+    w.ip_masq = true;
+    for (n, kind) in [(1, "vxlan"), (2, "vxlan"), (3, "vxlan"), (4, "host-gw")] {
+        w.add_lease(only6(n, kind));
+    }
+    let want = w.want();
+    assert_eq!(want.vtep, None, "no flannel.1 without IPv4");
+    assert_eq!(want.network, None);
+    assert!(want.remotes.is_empty() && want.direct.is_empty());
+    assert_eq!(want.bridge.gateway, None);
+    assert_eq!(want.bridge.gateway6, Some(net6("fd00:10:244:1::1/64")));
+    assert_eq!(want.bridge.mac, MacAddr([0x0e, 0xb6, 0x02, 0x44, 0, 0x01]));
+    assert_eq!(want.vtep6.as_ref().unwrap().link.name, "flannel-v6.1");
+    assert_eq!(
+        want.remotes6
+            .keys()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>(),
+        ["fd00:10:244:2::/64", "fd00:10:244:3::/64"]
+    );
+    assert_eq!(
+        want.remotes6[&net6("fd00:10:244:3::/64")].vtep_mac,
+        mac(0x63)
+    );
+    // The host-gw lease: set aside under its IPv6 subnet and node.
+    let aside = &want.ignored[&IpNet::V6(net6("fd00:10:244:4::/64"))];
+    assert_eq!(aside.node, IpAddr::V6(ip6("fd00:30::4")));
+    assert!(aside.why.contains("not vxlan"), "{}", aside.why);
+    assert_eq!(
+        want.masq.unwrap(),
+        MasqSpec {
+            v4: None,
+            v6: Some((net6("fd00:10:244::/56"), net6("fd00:10:244:1::/64")))
+        }
+    );
+    let maps = want.maps.clone().unwrap();
+    assert_eq!(maps.config.node_ip, 0);
+    assert_eq!(maps.config.lease_slots, 0);
+    assert!(maps.remotes.is_empty() && maps.slots.is_empty() && maps.vteps.is_empty());
+    assert_eq!(maps.config.node_ip6, ip6("fd00:30::1").octets());
+    assert_eq!(maps.vteps6.len(), 2);
+    assert!(want.guard.vteps.is_empty());
+    // From an empty node: nothing of IPv4 is created.
+    let ops = diff(&want, &Observed::default());
+    assert!(
+        !ops.iter().any(|op| matches!(op, Op::Vtep(_))
+            || matches!(op, Op::Device(DeviceOp::Vtep(v)) if v.link.name == "flannel.1")
+            || matches!(op, Op::Map(MapOp::PutRemote(..) | MapOp::PutSlot(..)))),
+        "{ops:?}"
+    );
+    assert!(ops.contains(&Op::Device(DeviceOp::Vtep(want.vtep6.clone().unwrap()))));
+
+    // A cluster with IPv4 cannot use such a lease: set aside, IPv6 too.
+    let mut dual = dual_stack_world(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","Port":4789}}"#,
+        false,
+    );
+    dual.add_lease(only6(5, "vxlan"));
+    let want = dual.want();
+    let aside = &want.ignored[&IpNet::V6(net6("fd00:10:244:5::/64"))];
+    assert!(aside.why.contains("no IPv4 subnet"), "{}", aside.why);
+    assert!(!want.remotes6.contains_key(&net6("fd00:10:244:5::/64")));
+    assert_eq!(want.remotes.len(), 3);
+}
+
 #[test]
 fn dual_stack_adds_flannels_ipv6_device_and_entries() {
     let mut w = World::new();
@@ -1642,7 +1741,7 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
     assert_eq!(diff(&w.want(), &w.have), vec![]);
     // A remote's IPv6 side goes: its entries on flannel-v6.1 go with it.
     w.leases
-        .get_mut(&net("10.244.3.0/24"))
+        .get_mut(&IpNet::V4(net("10.244.3.0/24")))
         .unwrap()
         .attrs
         .public_ipv6 = None;

@@ -56,7 +56,7 @@ pub fn trace(want: &Desired, have: &Observed, node_ip: Ipv4Addr, q: &Query) -> T
         Source::RemotePod(r.subnet, r.public_ip)
     } else if let Some(d) = direct_lease(want, q.src) {
         Source::DirectPod(d.subnet, d.via)
-    } else if q.src == node_ip || q.src == want.bridge.gateway.addr() {
+    } else if q.src == node_ip || want.bridge.gateway.is_some_and(|g| q.src == g.addr()) {
         Source::Node
     } else {
         Source::Other
@@ -515,7 +515,8 @@ fn kernel_from_pod(want: &Desired, have: &Observed, q: &Query, local: bool, step
 fn kernel_beyond(want: &Desired, q: &Query, steps: &mut Vec<Step>) {
     let masqueraded = want
         .masq
-        .is_some_and(|m| !m.network.contains(&q.dst) && !q.dst.is_multicast());
+        .and_then(|m| m.v4)
+        .is_some_and(|(network, _)| !network.contains(&q.dst) && !q.dst.is_multicast());
     steps.push(step(
         "kernel",
         if masqueraded {

@@ -9,9 +9,11 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetEnv {
-    pub network: Ipv4Net,
+    /// `FLANNEL_NETWORK`; `None` in an IPv6-only cluster (as
+    /// `FLANNEL_SUBNET`: Flannel writes neither there).
+    pub network: Option<Ipv4Net>,
     /// The lease with the gateway address: `10.244.1.1/24`.
-    pub subnet: Ipv4Net,
+    pub subnet: Option<Ipv4Net>,
     /// With IPv6: `FLANNEL_IPV6_NETWORK` and `FLANNEL_IPV6_SUBNET` (the
     /// IPv6 lease with its gateway address, `fd00:10:244:1::1/64`).
     pub ipv6_network: Option<Ipv6Net>,
@@ -24,8 +26,8 @@ impl SubnetEnv {
     pub fn new(network: Ipv4Net, lease: Ipv4Net, mtu: u32, ipmasq: bool) -> Self {
         let gw = Ipv4Addr::from(u32::from(lease.network()) + 1);
         SubnetEnv {
-            network,
-            subnet: Ipv4Net::new(gw, lease.prefix_len()).expect("prefix from a valid net"),
+            network: Some(network),
+            subnet: Some(Ipv4Net::new(gw, lease.prefix_len()).expect("prefix from a valid net")),
             ipv6_network: None,
             ipv6_subnet: None,
             mtu,
@@ -43,13 +45,26 @@ impl SubnetEnv {
         self
     }
 
+    /// An IPv6-only cluster's file: the IPv6 pair alone.
+    pub fn ipv6_only(network: Ipv6Net, lease: Ipv6Net, mtu: u32, ipmasq: bool) -> Self {
+        SubnetEnv {
+            network: None,
+            subnet: None,
+            ipv6_network: None,
+            ipv6_subnet: None,
+            mtu,
+            ipmasq,
+        }
+        .with_ipv6(network, lease)
+    }
+
     /// Flannel's file, in its order: the IPv4 pair, the IPv6 pair, MTU,
     /// masquerading.
     pub fn render(&self) -> String {
-        let mut out = format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}\n",
-            self.network, self.subnet
-        );
+        let mut out = String::new();
+        if let (Some(n), Some(s)) = (self.network, self.subnet) {
+            out += &format!("FLANNEL_NETWORK={n}\nFLANNEL_SUBNET={s}\n");
+        }
         if let (Some(n), Some(s)) = (self.ipv6_network, self.ipv6_subnet) {
             out += &format!("FLANNEL_IPV6_NETWORK={n}\nFLANNEL_IPV6_SUBNET={s}\n");
         }
@@ -94,9 +109,15 @@ impl SubnetEnv {
                 "FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET go together: one is missing".into(),
             );
         }
+        // IPv4 or not at all (an IPv6-only cluster's file has the IPv6
+        // pair alone).
+        if ipv6_network.is_none() || network.is_some() || subnet.is_some() {
+            network.ok_or("FLANNEL_NETWORK is missing")?;
+            subnet.ok_or("FLANNEL_SUBNET is missing")?;
+        }
         Ok(SubnetEnv {
-            network: network.ok_or("FLANNEL_NETWORK is missing")?,
-            subnet: subnet.ok_or("FLANNEL_SUBNET is missing")?,
+            network,
+            subnet,
             ipv6_network,
             ipv6_subnet,
             mtu: mtu.ok_or("FLANNEL_MTU is missing")?,
@@ -104,9 +125,10 @@ impl SubnetEnv {
         })
     }
 
-    /// The lease subnet this file names (`10.244.1.0/24`).
-    pub fn lease(&self) -> Ipv4Net {
-        self.subnet.trunc()
+    /// The lease subnet this file names (`10.244.1.0/24`); `None` in an
+    /// IPv6-only cluster.
+    pub fn lease(&self) -> Option<Ipv4Net> {
+        self.subnet.map(|s| s.trunc())
     }
 
     pub fn read(path: &Path) -> Option<Self> {
@@ -139,7 +161,10 @@ mod tests {
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
         );
         assert_eq!(SubnetEnv::parse(&env.render()).unwrap(), env);
-        assert_eq!(env.lease(), "10.244.7.0/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(
+            env.lease(),
+            Some("10.244.7.0/24".parse::<Ipv4Net>().unwrap())
+        );
         let dir = std::env::temp_dir().join(format!("subnet-env-{}", std::process::id()));
         let path = dir.join("subnet.env");
         env.write(&path).unwrap();
@@ -157,6 +182,19 @@ mod tests {
         assert_eq!(SubnetEnv::parse(&dual.render()).unwrap(), dual);
         assert_eq!(dual.lease6(), Some("fd00:10:244:7::/64".parse().unwrap()));
         assert_eq!(env.lease6(), None);
+        // IPv6-only: Flannel writes the IPv6 pair alone.
+        let only6 = SubnetEnv::ipv6_only(
+            "fd00:10:244::/56".parse().unwrap(),
+            "fd00:10:244:7::/64".parse().unwrap(),
+            1430,
+            false,
+        );
+        assert_eq!(
+            only6.render(),
+            "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+        );
+        assert_eq!(SubnetEnv::parse(&only6.render()).unwrap(), only6);
+        assert_eq!((only6.lease(), only6.network), (None, None));
         for (bad, want) in [
             (
                 "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPV6_SUBNET=10.0.0.1/24\nFLANNEL_MTU=1",
@@ -175,6 +213,10 @@ mod tests {
                 "FLANNEL_SUBNET=x is not a CIDR",
             ),
             ("garbage", "not KEY=VALUE"),
+            (
+                "FLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPV6_NETWORK=fd00::/56\nFLANNEL_IPV6_SUBNET=fd00::1/64\nFLANNEL_MTU=1",
+                "FLANNEL_NETWORK is missing",
+            ),
         ] {
             assert!(SubnetEnv::parse(bad).unwrap_err().contains(want), "{bad}");
         }

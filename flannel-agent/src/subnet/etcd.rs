@@ -20,12 +20,12 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     KeyValue, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::sync::Mutex;
 
 use super::{
-    choose_subnet, choose_subnet6, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs,
-    LeaseTiming, LeaseTx, Result, SubnetError,
+    choose_subnet, choose_subnet6, lease_id, parse_subnet_key, publish, subnet_key, Lease,
+    LeaseAttrs, LeaseTiming, LeaseTx, Result, SubnetError,
 };
 use crate::config::NetConfig;
 
@@ -44,7 +44,7 @@ pub struct EtcdOptions {
 }
 
 /// The last revision a watch delivered, and the lease set at it.
-type Seen = Option<(i64, BTreeMap<Ipv4Net, Lease>)>;
+type Seen = Option<(i64, BTreeMap<IpNet, Lease>)>;
 
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -167,7 +167,7 @@ impl EtcdStore {
         })
     }
 
-    async fn list(&self) -> Result<(i64, BTreeMap<Ipv4Net, Lease>, Vec<KeyValue>)> {
+    async fn list(&self) -> Result<(i64, BTreeMap<IpNet, Lease>, Vec<KeyValue>)> {
         let resp = timed(
             "listing subnets",
             self.client
@@ -180,7 +180,7 @@ impl EtcdStore {
         let set = kvs
             .iter()
             .filter_map(|kv| self.decode(kv))
-            .map(|l| (l.subnet, l))
+            .map(|l| (l.id(), l))
             .collect();
         Ok((rev, set, kvs))
     }
@@ -198,7 +198,7 @@ impl EtcdStore {
     }
 
     /// Every lease in the store now.
-    pub async fn list_subnets(&self) -> Result<Vec<(Ipv4Net, Lease)>> {
+    pub async fn list_subnets(&self) -> Result<Vec<(IpNet, Lease)>> {
         Ok(self.list().await?.1.into_iter().collect())
     }
 
@@ -259,6 +259,11 @@ impl EtcdStore {
         previous: Option<Ipv4Net>,
         previous6: Option<Ipv6Net>,
     ) -> Result<Lease> {
+        if !cfg.enable_ipv4 {
+            return Err(SubnetError::Config(
+                "IPv6-only clusters (EnableIPv4 false) need --kube-subnet-mgr: Flannel's etcd registry gives every lease an IPv4 subnet, and cannot hold a second IPv6-only one".into(),
+            ));
+        }
         // The IPv6 subnet a lease should have under this config.
         let v6_fits = |l: &Lease| match l.ipv6_subnet {
             Some(n) => cfg.in_range6(n),
@@ -289,7 +294,7 @@ impl EtcdStore {
                     .await?;
                 continue;
             }
-            let taken = |n: Ipv4Net| set.contains_key(&n);
+            let taken = |n: Ipv4Net| set.contains_key(&IpNet::V4(n));
             let taken6 = |n: Ipv6Net| {
                 set.values()
                     .filter_map(|l| l.ipv6_subnet)
@@ -355,8 +360,8 @@ impl EtcdStore {
             match self.decode(kv) {
                 Some(l) if l.attrs.public_ip != lease.attrs.public_ip => {
                     return Err(SubnetError::LeaseLost {
-                        subnet: lease.subnet,
-                        holder: l.attrs.public_ip,
+                        subnet: lease.id(),
+                        holder: l.public_addr(),
                     })
                 }
                 Some(l) if kv.lease() == 0 => return Ok(l),
@@ -426,7 +431,7 @@ impl EtcdStore {
     /// key names.
     pub async fn delete(&self, subnet: Ipv4Net) -> Result<()> {
         let (_, set, _) = self.list().await?;
-        let v6 = set.get(&subnet).and_then(|l| l.ipv6_subnet);
+        let v6 = set.get(&IpNet::V4(subnet)).and_then(|l| l.ipv6_subnet);
         self.delete_key(&self.key(subnet, v6)).await
     }
 
@@ -476,17 +481,18 @@ impl EtcdStore {
                         .and_then(|k| k.strip_prefix(&self.subnets_prefix()))
                         .and_then(parse_subnet_key);
                     let Some((subnet, v6)) = subnet else { continue };
+                    let id = lease_id(subnet, v6);
                     // A key gone takes its lease with it, not a newer key's
                     // for the same IPv4 subnet.
-                    let remove = |set: &mut BTreeMap<Ipv4Net, Lease>| {
-                        if set.get(&subnet).is_some_and(|l| l.ipv6_subnet == v6) {
-                            set.remove(&subnet);
+                    let remove = |set: &mut BTreeMap<IpNet, Lease>| {
+                        if set.get(&id).is_some_and(|l| l.ipv6_subnet == v6) {
+                            set.remove(&id);
                         }
                     };
                     match ev.event_type() {
                         EventType::Put => match self.decode(kv) {
                             Some(l) => {
-                                set.insert(subnet, l);
+                                set.insert(id, l);
                             }
                             None => remove(&mut set),
                         },

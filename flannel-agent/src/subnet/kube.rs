@@ -79,21 +79,11 @@ pub fn pod_cidr(node: &Node) -> Option<Ipv4Net> {
 /// for nodes that run no Flannel (yet), with the reason.
 pub fn node_lease(node: &Node) -> std::result::Result<Lease, String> {
     let name = node.metadata.name.as_deref().unwrap_or("?");
-    let subnet = pod_cidr(node).ok_or_else(|| format!("node {name} has no IPv4 podCIDR"))?;
     let ann = annotations(node);
     let get = |k: &str| {
         ann.get(k)
             .ok_or_else(|| format!("node {name} has no {k} annotation"))
     };
-    let ip_text = match ann.get(PUBLIC_IP_OVERWRITE).filter(|v| !v.is_empty()) {
-        Some(v) => v,
-        None => get(PUBLIC_IP)?,
-    };
-    let public_ip: Ipv4Addr = ip_text
-        .parse()
-        .map_err(|_| format!("node {name}: public IP {ip_text:?} is not IPv4"))?;
-    let backend_data: serde_json::Value = serde_json::from_str(get(BACKEND_DATA)?)
-        .map_err(|e| format!("node {name}: {BACKEND_DATA} is not JSON: {e}"))?;
     // IPv6: the address (overwritten as the IPv4 one is) and the VXLAN
     // data of `flannel-v6.<VNI>`, when the node has them.
     let public_ipv6 = match ann
@@ -112,6 +102,32 @@ pub fn node_lease(node: &Node) -> std::result::Result<Lease, String> {
         Some(text) => serde_json::from_str(text)
             .map_err(|e| format!("node {name}: {BACKEND_V6_DATA} is not JSON: {e}"))?,
     };
+    let ipv6_subnet = pod_cidr6(node);
+    // The IPv4 side: the IPv4 podCIDR and the public IP. A node of an
+    // IPv6-only cluster has neither (Flannel writes no `public-ip` for
+    // VXLAN there): its lease carries Flannel's empty IPv4 subnet.
+    let ip_overwrite = ann.get(PUBLIC_IP_OVERWRITE).filter(|v| !v.is_empty());
+    let v6_only = ipv6_subnet.is_some()
+        && public_ipv6.is_some()
+        && (pod_cidr(node).is_none() || ip_overwrite.or(ann.get(PUBLIC_IP)).is_none());
+    let (subnet, public_ip) = if v6_only {
+        (Ipv4Net::default(), Ipv4Addr::UNSPECIFIED)
+    } else {
+        let subnet = pod_cidr(node).ok_or_else(|| format!("node {name} has no IPv4 podCIDR"))?;
+        let ip_text = match ip_overwrite {
+            Some(v) => v,
+            None => get(PUBLIC_IP)?,
+        };
+        let ip: Ipv4Addr = ip_text
+            .parse()
+            .map_err(|_| format!("node {name}: public IP {ip_text:?} is not IPv4"))?;
+        (subnet, ip)
+    };
+    let backend_data: serde_json::Value = match ann.get(BACKEND_DATA) {
+        None if v6_only => serde_json::Value::Null,
+        _ => serde_json::from_str(get(BACKEND_DATA)?)
+            .map_err(|e| format!("node {name}: {BACKEND_DATA} is not JSON: {e}"))?,
+    };
     let attrs = LeaseAttrs {
         public_ip,
         public_ipv6,
@@ -122,6 +138,11 @@ pub fn node_lease(node: &Node) -> std::result::Result<Lease, String> {
     // A VXLAN lease must carry usable data; a host-gw one carries none
     // (Flannel writes "null").
     match attrs.backend_type.as_str() {
+        "vxlan" if v6_only => drop(
+            attrs
+                .vxlan_v6_data()
+                .map_err(|e| format!("node {name}: {e}"))?,
+        ),
         "vxlan" => drop(
             attrs
                 .vxlan_data()
@@ -136,7 +157,7 @@ pub fn node_lease(node: &Node) -> std::result::Result<Lease, String> {
     }
     Ok(Lease {
         subnet,
-        ipv6_subnet: pod_cidr6(node),
+        ipv6_subnet,
         attrs,
         expiration: None,
     })
@@ -198,13 +219,18 @@ impl KubeStore {
 
     pub async fn acquire(&self, cfg: &NetConfig, attrs: &LeaseAttrs) -> Result<Lease> {
         let node = self.node().await?;
-        let subnet = pod_cidr(&node).ok_or_else(|| {
-            SubnetError::Config(format!(
-                "node {} has no spec.podCIDR yet: kube-controller-manager assigns it with --allocate-node-cidrs and --cluster-cidr={}",
-                self.node_name, cfg.network
-            ))
-        })?;
-        if !cfg.network.contains(&subnet) {
+        // An IPv6-only cluster's lease has Flannel's empty IPv4 subnet.
+        let subnet = match pod_cidr(&node) {
+            _ if !cfg.enable_ipv4 => Ipv4Net::default(),
+            Some(subnet) => subnet,
+            None => {
+                return Err(SubnetError::Config(format!(
+                    "node {} has no spec.podCIDR yet: kube-controller-manager assigns it with --allocate-node-cidrs and --cluster-cidr={}",
+                    self.node_name, cfg.network
+                )))
+            }
+        };
+        if cfg.enable_ipv4 && !cfg.network.contains(&subnet) {
             return Err(SubnetError::Config(format!(
                 "node {}'s podCIDR {subnet} is outside Network {}: make --cluster-cidr and net-conf.json agree",
                 self.node_name, cfg.network
@@ -230,7 +256,11 @@ impl KubeStore {
         };
         let mut attrs = attrs.clone();
         let ann = annotations(&node);
-        if let Some(ip) = ann.get(PUBLIC_IP_OVERWRITE).and_then(|v| v.parse().ok()) {
+        if let Some(ip) = ann
+            .get(PUBLIC_IP_OVERWRITE)
+            .and_then(|v| v.parse().ok())
+            .filter(|_| cfg.enable_ipv4)
+        {
             attrs.public_ip = ip;
         }
         if let Some(ip) = ann.get(PUBLIC_IPV6_OVERWRITE).and_then(|v| v.parse().ok()) {
@@ -247,11 +277,15 @@ impl KubeStore {
 
     async fn write_annotations(&self, node: &Node, attrs: &LeaseAttrs) -> Result<()> {
         let mut want = vec![
-            (BACKEND_DATA, attrs.backend_data.to_string()),
             (BACKEND_TYPE, attrs.backend_type.clone()),
             (SUBNET_MANAGER, "true".to_string()),
-            (PUBLIC_IP, attrs.public_ip.to_string()),
         ];
+        // As Flannel: a VXLAN node of an IPv6-only cluster (no IPv4
+        // BackendData) writes neither the IPv4 data nor the public IP.
+        if attrs.backend_type != "vxlan" || !attrs.backend_data.is_null() {
+            want.push((BACKEND_DATA, attrs.backend_data.to_string()));
+            want.push((PUBLIC_IP, attrs.public_ip.to_string()));
+        }
         // Flannel writes the IPv6 pair only when the node has IPv6.
         if let Some(ip) = attrs.public_ipv6 {
             want.push((BACKEND_V6_DATA, attrs.backend_v6_data.to_string()));
@@ -317,7 +351,7 @@ impl KubeStore {
             }
         };
         let publish_nodes = |nodes: &BTreeMap<String, Lease>| {
-            publish(tx, nodes.values().map(|l| (l.subnet, l.clone())).collect());
+            publish(tx, nodes.values().map(|l| (l.id(), l.clone())).collect());
         };
         while let Some(ev) = stream.next().await {
             match ev.map_err(|e| err("watching nodes", e))? {
@@ -450,6 +484,54 @@ mod tests {
             let e = node_lease(&node(n)).unwrap_err();
             assert!(e.contains(want), "{what}: {e}");
         }
+    }
+
+    /// A node of an IPv6-only cluster, as Flannel annotates it: the IPv6
+    /// pair only (no `public-ip`, no `backend-data` with VXLAN).
+    #[test]
+    fn ipv6_only_nodes_become_leases_without_an_ipv4_side() {
+        let v6only = serde_json::json!({
+            "metadata": {"name": "n3", "annotations": {
+                BACKEND_TYPE: "vxlan",
+                SUBNET_MANAGER: "true",
+                PUBLIC_IPV6: "fd00:30::3",
+                BACKEND_V6_DATA: "{\"VNI\":1,\"VtepMAC\":\"0e:00:00:00:06:03\"}",
+            }},
+            "spec": {"podCIDR": "fd00:10:244:3::/64", "podCIDRs": ["fd00:10:244:3::/64"]},
+        });
+        let l = node_lease(&node(v6only.clone())).unwrap();
+        assert!(!l.has_ipv4(), "{l:?}");
+        assert_eq!(l.subnet, Ipv4Net::default());
+        assert_eq!(l.attrs.public_ip, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(l.ipv6_subnet, Some("fd00:10:244:3::/64".parse().unwrap()));
+        assert_eq!(
+            l.id(),
+            ipnet::IpNet::V6("fd00:10:244:3::/64".parse().unwrap())
+        );
+        assert_eq!(
+            l.public_addr(),
+            "fd00:30::3".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(l.key(), "0.0.0.0-0&fd00:10:244:3::-64");
+        // Its VXLAN data is the IPv6 one, and must be usable.
+        let mut bad = v6only.clone();
+        bad["metadata"]["annotations"][BACKEND_V6_DATA] =
+            "{\"VNI\":1,\"VtepMAC\":\"ff:ff:ff:ff:ff:ff\"}".into();
+        assert!(node_lease(&node(bad)).unwrap_err().contains("not unicast"));
+        // A dual-stack podCIDR list without the IPv4 annotations is read
+        // the same way (an IPv6-only cluster on dual-stack nodes).
+        let mut both = v6only.clone();
+        both["spec"]["podCIDRs"] = serde_json::json!(["10.244.3.0/24", "fd00:10:244:3::/64"]);
+        assert!(!node_lease(&node(both)).unwrap().has_ipv4());
+        // Without the IPv6 pair it is neither: the IPv4 reason is given.
+        let mut none = v6only;
+        none["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove(PUBLIC_IPV6);
+        assert!(node_lease(&node(none))
+            .unwrap_err()
+            .contains("no IPv4 podCIDR"));
     }
 
     #[test]

@@ -13,17 +13,18 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::Write,
+    net::IpAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    choose_subnet, choose_subnet6, parse_subnet_key, publish, subnet_key, Lease, LeaseAttrs,
-    LeaseTiming, LeaseTx, Result, SubnetError,
+    choose_subnet, choose_subnet6, has_ipv4, lease_id, parse_subnet_key, publish, subnet_key,
+    Lease, LeaseAttrs, LeaseTiming, LeaseTx, Result, SubnetError,
 };
 use crate::config::NetConfig;
 
@@ -61,23 +62,24 @@ fn store_err(what: &str, path: &Path, e: impl std::fmt::Display) -> SubnetError 
 }
 
 impl StoreFile {
-    fn live(&self, now: u64) -> BTreeMap<Ipv4Net, Lease> {
+    fn live(&self, now: u64) -> BTreeMap<IpNet, Lease> {
         self.subnets
             .iter()
             .filter(|(_, r)| r.expires_ms.is_none_or(|e| e > now))
             .filter_map(|(k, r)| {
                 let (subnet, v6) = parse_subnet_key(k)?;
-                Some((subnet, lease_of(subnet, v6, r)))
+                Some((lease_id(subnet, v6), lease_of(subnet, v6, r)))
             })
             .collect()
     }
 
-    /// The key holding the lease of IPv4 subnet `subnet`, whatever its
-    /// IPv6 part.
-    fn key_of(&self, subnet: Ipv4Net) -> Option<String> {
+    /// The key holding the lease `id` names (see `Lease::id`): of an IPv4
+    /// subnet whatever its IPv6 part, or an IPv6-only lease.
+    fn key_of(&self, id: impl Into<IpNet>) -> Option<String> {
+        let id = id.into();
         self.subnets
             .keys()
-            .find(|k| parse_subnet_key(k).is_some_and(|(n, _)| n == subnet))
+            .find(|k| parse_subnet_key(k).is_some_and(|(n, v6)| lease_id(n, v6) == id))
             .cloned()
     }
 
@@ -156,7 +158,7 @@ impl LocalStore {
     }
 
     /// Every live lease (expired ones are treated as gone).
-    pub fn leases(&self) -> Result<BTreeMap<Ipv4Net, Lease>> {
+    pub fn leases(&self) -> Result<BTreeMap<IpNet, Lease>> {
         Ok(self.read()?.live(now_ms()))
     }
 
@@ -181,16 +183,26 @@ impl LocalStore {
                     .filter_map(|k| parse_subnet_key(k)?.1)
                     .any(|t| t.contains(&n.network()) || n.contains(&t.network()))
             };
-            // Reuse this node's lease: same public IP. It gains an IPv6
-            // subnet when the config asks for one and it has none (or one
-            // out of range), and loses it when the config has no IPv6.
+            // Reuse this node's lease: same public IP (IPv6 in an
+            // IPv6-only cluster). It gains an IPv6 subnet when the config
+            // asks for one and it has none (or one out of range), and
+            // loses it when the config has no IPv6.
             let own = s
                 .subnets
                 .iter()
-                .find(|(_, r)| r.attrs.public_ip == attrs.public_ip)
+                .find(|(k, r)| {
+                    if cfg.enable_ipv4 {
+                        r.attrs.public_ip == attrs.public_ip
+                    } else {
+                        r.attrs.public_ipv6.is_some()
+                            && r.attrs.public_ipv6 == attrs.public_ipv6
+                            && parse_subnet_key(k).is_some_and(|(n, _)| !has_ipv4(n))
+                    }
+                })
                 .map(|(k, _)| k.clone());
             if let Some(key) = own {
-                if let Some((subnet, v6)) = parse_subnet_key(&key).filter(|(s, _)| cfg.in_range(*s))
+                if let Some((subnet, v6)) = parse_subnet_key(&key)
+                    .filter(|(s, _)| cfg.in_range(*s) || !(cfg.enable_ipv4 || has_ipv4(*s)))
                 {
                     let v6 = match v6.filter(|n| cfg.in_range6(*n)) {
                         Some(n) => Some(n),
@@ -208,6 +220,7 @@ impl LocalStore {
             }
             let taken = |n: Ipv4Net| {
                 keys.iter()
+                    .filter(|(t, _)| has_ipv4(*t))
                     .any(|(t, _)| t.contains(&n.network()) || n.contains(&t.network()))
             };
             let subnet = choose_subnet(cfg, &taken, previous)?;
@@ -225,12 +238,20 @@ impl LocalStore {
     pub fn renew(&self, lease: &Lease) -> Result<Lease> {
         let expires = self.expiry();
         self.update(|s| {
-            let key = s.key_of(lease.subnet).unwrap_or_else(|| lease.key());
+            let key = s.key_of(lease.id()).unwrap_or_else(|| lease.key());
             match s.subnets.get_mut(&key) {
-                Some(rec) if rec.attrs.public_ip != lease.attrs.public_ip => {
+                Some(rec)
+                    if rec.attrs.public_ip != lease.attrs.public_ip
+                        || (!lease.has_ipv4()
+                            && rec.attrs.public_ipv6 != lease.attrs.public_ipv6) =>
+                {
+                    let holder = match (lease.has_ipv4(), rec.attrs.public_ipv6) {
+                        (false, Some(ip6)) => IpAddr::V6(ip6),
+                        _ => IpAddr::V4(rec.attrs.public_ip),
+                    };
                     Err(SubnetError::LeaseLost {
-                        subnet: lease.subnet,
-                        holder: rec.attrs.public_ip,
+                        subnet: lease.id(),
+                        holder,
                     })
                 }
                 Some(rec) => {
@@ -260,7 +281,8 @@ impl LocalStore {
         self.put_dual(subnet, None, attrs, ttl)
     }
 
-    /// [`LocalStore::put`] with an IPv6 subnet beside the IPv4 one.
+    /// [`LocalStore::put`] with an IPv6 subnet beside the IPv4 one (or,
+    /// with `subnet` `0.0.0.0/0`, an IPv6-only lease).
     pub fn put_dual(
         &self,
         subnet: Ipv4Net,
@@ -273,7 +295,7 @@ impl LocalStore {
                 attrs: attrs.clone(),
                 expires_ms: ttl.map(|t| now_ms() + t.as_millis() as u64),
             };
-            if let Some(old) = s.key_of(subnet) {
+            if let Some(old) = s.key_of(lease_id(subnet, v6)) {
                 s.subnets.remove(&old);
             }
             s.subnets.insert(subnet_key(subnet, v6), rec);
@@ -312,11 +334,12 @@ impl LocalStore {
         })
     }
 
-    /// Deletes a lease; true when it existed.
-    pub fn delete(&self, subnet: Ipv4Net) -> Result<bool> {
+    /// Deletes a lease (by `Lease::id`); true when it existed.
+    pub fn delete(&self, id: impl Into<IpNet>) -> Result<bool> {
+        let id = id.into();
         self.update(|s| {
             let gone = s
-                .key_of(subnet)
+                .key_of(id)
                 .is_some_and(|key| s.subnets.remove(&key).is_some());
             Ok((gone, gone))
         })
@@ -433,8 +456,8 @@ mod tests {
         s.renew(&a).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         let live = s.leases().unwrap();
-        assert!(live.contains_key(&a.subnet), "renewed lease expired");
-        assert!(!live.contains_key(&b.subnet), "unrenewed lease still live");
+        assert!(live.contains_key(&a.id()), "renewed lease expired");
+        assert!(!live.contains_key(&b.id()), "unrenewed lease still live");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -473,7 +496,10 @@ mod tests {
             async move {
                 tokio::time::timeout(
                     Duration::from_secs(3),
-                    rx.wait_for(|s| s.as_ref().is_some_and(|s| s.contains_key(&subnet) == want)),
+                    rx.wait_for(|s| {
+                        s.as_ref()
+                            .is_some_and(|s| s.contains_key(&IpNet::V4(subnet)) == want)
+                    }),
                 )
                 .await
                 .expect("watch did not deliver")
@@ -488,6 +514,48 @@ mod tests {
         s.delete(subnet).unwrap();
         wait(&mut rx, false).await;
         task.abort();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// IPv6-only: leases with Flannel's empty IPv4 subnet, told apart and
+    /// reused by the node's public IPv6.
+    #[test]
+    fn ipv6_only_leases_are_keyed_and_reused_by_their_ipv6_side() {
+        let (s, dir) = store("v6only", Duration::from_secs(60));
+        let c = cfg(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:6::/48","IPv6SubnetMin":"fd00:6:0:1::","IPv6SubnetMax":"fd00:6:0:2::","Backend":{"Type":"vxlan"}}"#,
+        );
+        let node = |n: u8| {
+            LeaseAttrs::vxlan(Ipv4Addr::UNSPECIFIED, 1, MacAddr([0x0e, 0, 0, 0, 0, n])).with_v6(
+                format!("fd00:99::{n}").parse().unwrap(),
+                1,
+                MacAddr([0x0e, 0, 0, 0, 6, n]),
+            )
+        };
+        let a = s.acquire(&c, &node(1), None, None).unwrap();
+        let b = s.acquire(&c, &node(2), None, None).unwrap();
+        for l in [&a, &b] {
+            assert!(!l.has_ipv4() && l.ipv6_subnet.is_some(), "{l:?}");
+            assert!(l.key().starts_with("0.0.0.0-0&"), "{}", l.key());
+        }
+        assert_ne!(a.ipv6_subnet, b.ipv6_subnet);
+        let all = s.leases().unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[&a.id()], a);
+        // The same node again: its lease, not a third one (there is none).
+        assert_eq!(
+            s.acquire(&c, &node(1), None, None).unwrap().ipv6_subnet,
+            a.ipv6_subnet
+        );
+        let err = s.acquire(&c, &node(3), None, None).unwrap_err().to_string();
+        assert!(err.contains("out of IPv6 subnets"), "{err}");
+        // Renewal keeps it; a lease taken by another node says by whom.
+        assert_eq!(s.renew(&a).unwrap().ipv6_subnet, a.ipv6_subnet);
+        assert!(s.delete(a.id()).unwrap());
+        let c3 = s.acquire(&c, &node(3), None, None).unwrap();
+        assert_eq!(c3.ipv6_subnet, a.ipv6_subnet);
+        let err = s.renew(&a).unwrap_err().to_string();
+        assert!(err.contains("taken by fd00:99::3"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -513,12 +581,12 @@ mod tests {
         assert!(text.contains(&format!("\"{}\"", a.key())), "{text}");
         assert!(a.key().contains('&'), "{}", a.key());
         let all = s.leases().unwrap();
-        assert_eq!(all[&a.subnet].ipv6_subnet, Some(prev6));
+        assert_eq!(all[&a.id()].ipv6_subnet, Some(prev6));
         // Renewal and a restart of the node keep both.
         assert_eq!(s.renew(&a).unwrap().ipv6_subnet, Some(prev6));
         assert_eq!(
             s.acquire(&c, &attrs(1), None, None).unwrap(),
-            s.leases().unwrap()[&a.subnet]
+            s.leases().unwrap()[&a.id()]
         );
         // A lease taken before IPv6 was on gains an IPv6 subnet at the
         // next acquire, and loses it when IPv6 is off again.

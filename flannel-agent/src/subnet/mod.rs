@@ -17,12 +17,12 @@ pub mod local;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{config::NetConfig, mac::MacAddr};
@@ -125,6 +125,8 @@ impl LeaseAttrs {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
+    /// The IPv4 subnet; `0.0.0.0/0` (Flannel's empty `IP4Net`) for a lease
+    /// of an IPv6-only cluster, which has none.
     pub subnet: Ipv4Net,
     /// With `EnableIPv6`: the node's IPv6 subnet (Flannel's `IPv6Subnet`,
     /// the part after `&` in its etcd key).
@@ -134,8 +136,8 @@ pub struct Lease {
     pub expiration: Option<SystemTime>,
 }
 
-/// Every lease in the store, by subnet.
-pub type LeaseSet = Arc<BTreeMap<Ipv4Net, Lease>>;
+/// Every lease in the store, by [`Lease::id`].
+pub type LeaseSet = Arc<BTreeMap<IpNet, Lease>>;
 
 /// Where a store publishes: `None` until its first full listing.
 pub type LeaseTx = tokio::sync::watch::Sender<Option<LeaseSet>>;
@@ -144,6 +146,40 @@ impl Lease {
     /// Flannel's key for this lease (see [`subnet_key`]).
     pub fn key(&self) -> String {
         subnet_key(self.subnet, self.ipv6_subnet)
+    }
+
+    /// Whether the lease has an IPv4 subnet (not Flannel's empty one).
+    pub fn has_ipv4(&self) -> bool {
+        has_ipv4(self.subnet)
+    }
+
+    /// What names the lease in a [`LeaseSet`]: its IPv4 subnet, or in an
+    /// IPv6-only cluster its IPv6 one.
+    pub fn id(&self) -> IpNet {
+        lease_id(self.subnet, self.ipv6_subnet)
+    }
+
+    /// The node's public address: the IPv4 one, or in an IPv6-only
+    /// cluster the IPv6 one.
+    pub fn public_addr(&self) -> IpAddr {
+        match (self.has_ipv4(), self.attrs.public_ipv6) {
+            (false, Some(ip6)) => IpAddr::V6(ip6),
+            _ => IpAddr::V4(self.attrs.public_ip),
+        }
+    }
+}
+
+/// Whether `subnet` is a real IPv4 subnet, not Flannel's empty `IP4Net`
+/// (`0.0.0.0/0`), which an IPv6-only lease carries.
+pub fn has_ipv4(subnet: Ipv4Net) -> bool {
+    subnet != Ipv4Net::default()
+}
+
+/// The [`Lease::id`] of a lease with these subnets.
+pub fn lease_id(subnet: Ipv4Net, v6: Option<Ipv6Net>) -> IpNet {
+    match v6 {
+        Some(v6) if !has_ipv4(subnet) => IpNet::V6(v6),
+        _ => IpNet::V4(subnet),
     }
 }
 
@@ -160,7 +196,8 @@ pub fn decode_lease(
 }
 
 /// Flannel's key for a lease: `10.244.1.0-24`, or with an IPv6 subnet
-/// `10.244.1.0-24&fd00:10:244:1::-64` (its `MakeSubnetKey`).
+/// `10.244.1.0-24&fd00:10:244:1::-64` (its `MakeSubnetKey`); in an
+/// IPv6-only cluster `0.0.0.0-0&fd00:10:244:1::-64`.
 pub fn subnet_key(subnet: Ipv4Net, v6: Option<Ipv6Net>) -> String {
     match v6 {
         None => format!("{}-{}", subnet.network(), subnet.prefix_len()),
@@ -175,7 +212,8 @@ pub fn subnet_key(subnet: Ipv4Net, v6: Option<Ipv6Net>) -> String {
 }
 
 /// The subnets a Flannel key names (its `ParseSubnetKey`); `None` for a
-/// key that names none, or names one with host bits set.
+/// key that names none (`0.0.0.0-0` alone), or names one with host bits
+/// set.
 pub fn parse_subnet_key(key: &str) -> Option<(Ipv4Net, Option<Ipv6Net>)> {
     let (v4, v6) = match key.split_once('&') {
         Some((v4, v6)) => (v4, Some(v6)),
@@ -192,7 +230,7 @@ pub fn parse_subnet_key(key: &str) -> Option<(Ipv4Net, Option<Ipv6Net>)> {
             Some(net6)
         }
     };
-    (net.trunc() == net).then_some((net, v6))
+    (net.trunc() == net && (has_ipv4(net) || v6.is_some())).then_some((net, v6))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +244,7 @@ pub enum SubnetError {
     #[error("out of IPv6 subnets: every subnet from {min} to {max} is leased or reserved; widen IPv6Network/IPv6SubnetMin/IPv6SubnetMax or remove stale leases")]
     OutOfSubnets6 { min: Ipv6Addr, max: Ipv6Addr },
     #[error("lease for {subnet} was taken by {holder}")]
-    LeaseLost { subnet: Ipv4Net, holder: Ipv4Addr },
+    LeaseLost { subnet: IpNet, holder: IpAddr },
     #[error("{0}")]
     Store(String),
     #[error("{0}")]
@@ -235,12 +273,16 @@ impl Default for LeaseTiming {
 
 /// Picks a subnet the way Flannel does: the subnet from the last
 /// subnet.env if it is in range and free, else one at random among the
-/// first 100 free ones.
+/// first 100 free ones. Without `EnableIPv4`, Flannel's empty subnet
+/// (`0.0.0.0/0`, see [`has_ipv4`]).
 pub fn choose_subnet(
     cfg: &NetConfig,
     taken: &dyn Fn(Ipv4Net) -> bool,
     previous: Option<Ipv4Net>,
 ) -> Result<Ipv4Net> {
+    if !cfg.enable_ipv4 {
+        return Ok(Ipv4Net::default());
+    }
     if let Some(prev) = previous.filter(|p| cfg.in_range(*p) && !taken(*p)) {
         return Ok(prev);
     }
@@ -353,7 +395,7 @@ impl SubnetManager {
 }
 
 /// Publishes `set` unless it equals what was last sent.
-pub(crate) fn publish(tx: &LeaseTx, set: BTreeMap<Ipv4Net, Lease>) {
+pub(crate) fn publish(tx: &LeaseTx, set: BTreeMap<IpNet, Lease>) {
     tx.send_if_modified(|cur| {
         if cur.as_deref() == Some(&set) {
             false
@@ -404,8 +446,20 @@ mod tests {
             parse_subnet_key("10.244.3.0-24&fd00:10:244:3::-64"),
             Some((s, Some(s6)))
         );
+        // An IPv6-only cluster's key: Flannel's empty IPv4 subnet first.
+        // Alone, the empty subnet names no lease.
+        assert_eq!(
+            subnet_key(Ipv4Net::default(), Some(s6)),
+            "0.0.0.0-0&fd00:10:244:3::-64"
+        );
+        assert_eq!(
+            parse_subnet_key("0.0.0.0-0&fd00:10:244:3::-64"),
+            Some((Ipv4Net::default(), Some(s6)))
+        );
+        assert_eq!(lease_id(Ipv4Net::default(), Some(s6)), IpNet::V6(s6));
+        assert_eq!(lease_id(s, Some(s6)), IpNet::V4(s));
         for bad in [
-            "10.244.3.0/24",
+            "0.0.0.0-0",
             "10.244.3.1-24",
             "x-24",
             "10.244.3.0-33",
@@ -441,6 +495,14 @@ mod tests {
         assert!(
             err.contains("out of IPv6 subnets") && err.contains("fd00:5:0:12::"),
             "{err}"
+        );
+        // IPv6-only: Flannel's empty IPv4 subnet.
+        let only6 = cfg(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert_eq!(
+            choose_subnet(&only6, &|_| true, None).unwrap(),
+            Ipv4Net::default()
         );
         // Without EnableIPv6: no IPv6 subnet.
         let v4 = cfg(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#);
