@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::net::UnixStream,
     path::Path,
     time::Duration,
@@ -18,7 +18,9 @@ use crate::mac::MacAddr;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointRecord {
-    pub ip: Ipv4Addr,
+    /// The pod's IPv4 address; `None` in an IPv6-only cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
     pub mac: MacAddr,
     /// The host side of the pod's veth, in the agent's network namespace.
     pub host_ifname: String,
@@ -28,12 +30,21 @@ pub struct EndpointRecord {
     pub ip6: Option<Ipv6Addr>,
 }
 
+impl EndpointRecord {
+    /// What names the pod among the registered ones: its IPv4 address, or
+    /// in an IPv6-only cluster its IPv6 one (`None`: it has neither).
+    pub fn key(&self) -> Option<IpAddr> {
+        self.ip.map(IpAddr::V4).or(self.ip6.map(IpAddr::V6))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Add(EndpointRecord),
+    /// Removes the pod of this [`EndpointRecord::key`].
     Del {
-        ip: Ipv4Addr,
+        ip: IpAddr,
     },
     // Struct variants (not unit) so that unknown fields are refused here too.
     List {},
@@ -236,7 +247,7 @@ mod tests {
             (
                 r#"{"op":"add","ip":"10.244.1.2","mac":"0e:00:00:00:00:02","host_ifname":"veth1"}"#,
                 Request::Add(EndpointRecord {
-                    ip: "10.244.1.2".parse().unwrap(),
+                    ip: Some("10.244.1.2".parse().unwrap()),
                     mac: "0e:00:00:00:00:02".parse().unwrap(),
                     host_ifname: "veth1".into(),
                     ip6: None,
@@ -245,7 +256,18 @@ mod tests {
             (
                 r#"{"op":"add","ip":"10.244.1.2","mac":"0e:00:00:00:00:02","host_ifname":"veth1","ip6":"fd00:10:244:1::2"}"#,
                 Request::Add(EndpointRecord {
-                    ip: "10.244.1.2".parse().unwrap(),
+                    ip: Some("10.244.1.2".parse().unwrap()),
+                    mac: "0e:00:00:00:00:02".parse().unwrap(),
+                    host_ifname: "veth1".into(),
+                    ip6: Some("fd00:10:244:1::2".parse().unwrap()),
+                }),
+            ),
+            // An IPv6-only cluster's pod: no IPv4 address, named by its
+            // IPv6 one.
+            (
+                r#"{"op":"add","mac":"0e:00:00:00:00:02","host_ifname":"veth1","ip6":"fd00:10:244:1::2"}"#,
+                Request::Add(EndpointRecord {
+                    ip: None,
                     mac: "0e:00:00:00:00:02".parse().unwrap(),
                     host_ifname: "veth1".into(),
                     ip6: Some("fd00:10:244:1::2".parse().unwrap()),
@@ -255,6 +277,12 @@ mod tests {
                 r#"{"op":"del","ip":"10.244.1.2"}"#,
                 Request::Del {
                     ip: "10.244.1.2".parse().unwrap(),
+                },
+            ),
+            (
+                r#"{"op":"del","ip":"fd00:10:244:1::2"}"#,
+                Request::Del {
+                    ip: "fd00:10:244:1::2".parse().unwrap(),
                 },
             ),
             (r#"{"op":"list"}"#, Request::List {}),

@@ -52,7 +52,7 @@ enum Cmd {
         #[arg(long, default_value = defaults::SOCKET)]
         socket: PathBuf,
         #[arg(long)]
-        ip: Ipv4Addr,
+        ip: std::net::IpAddr,
     },
     /// Print the agent's status (data path and why) as JSON.
     Status {
@@ -397,7 +397,7 @@ fn main() -> anyhow::Result<()> {
             api::call(
                 &socket,
                 &Request::Add(EndpointRecord {
-                    ip,
+                    ip: Some(ip),
                     mac,
                     host_ifname: host_if,
                     ip6: None,

@@ -92,7 +92,7 @@ fn traces(lab: &Lab, i: usize) -> Traces {
         .and_then(|r| r.endpoints)
         .unwrap_or_default()
         .into_iter()
-        .map(|e| e.ip)
+        .filter_map(|e| e.ip)
         .collect();
     Traces {
         host_veths: host_veths(lab, i),

@@ -711,7 +711,7 @@ fn pod_ipv6_is_checked_and_carried_on_both_data_paths() -> Result<()> {
         (gateway6, "is the network or gateway address"),
     ] {
         let req = Request::Add(EndpointRecord {
-            ip: a.ip,
+            ip: Some(a.ip),
             mac: a.mac,
             host_ifname: a.host_if.clone(),
             ip6: Some(ip6),

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -33,7 +33,7 @@ pub struct Attached {
 
 pub struct Pods {
     file: PathBuf,
-    records: BTreeMap<Ipv4Addr, EndpointRecord>,
+    records: BTreeMap<IpAddr, EndpointRecord>,
     /// Pod interfaces whose TC program is being attached right now.
     attaching: BTreeSet<u32>,
     /// Where attach workers report back.
@@ -55,7 +55,7 @@ impl Pods {
         Ok((pods, rx))
     }
 
-    pub fn records(&self) -> &BTreeMap<Ipv4Addr, EndpointRecord> {
+    pub fn records(&self) -> &BTreeMap<IpAddr, EndpointRecord> {
         &self.records
     }
 
@@ -143,28 +143,39 @@ impl Pods {
                 pod_mac: rec.mac.0,
                 _pad: [0; 2],
             };
-            dp.put_endpoint(rec.ip, &ep)?;
+            if let Some(ip) = rec.ip {
+                dp.put_endpoint(ip, &ep)?;
+            }
             if let Some(ip6) = rec.ip6 {
                 dp.put_endpoint6(ip6, &ep)?;
             }
         }
-        self.records.insert(rec.ip, rec);
+        let key = rec.key().context("a pod with no address")?;
+        self.records.insert(key, rec);
         self.save()
     }
 
-    /// Removes a pod: its record, map entry and pinned link.
-    pub fn delete(&mut self, dp: Option<&mut Datapath>, ip: Ipv4Addr) -> anyhow::Result<()> {
+    /// Removes a pod (by `EndpointRecord::key`): its record, map entries
+    /// and pinned link.
+    pub fn delete(&mut self, dp: Option<&mut Datapath>, ip: IpAddr) -> anyhow::Result<()> {
         let rec = self.records.remove(&ip);
         if let Some(dp) = dp {
+            let (v4, v6) = match ip {
+                IpAddr::V4(a) => (Some(a), rec.as_ref().and_then(|r| r.ip6)),
+                IpAddr::V6(a) => (None, Some(a)),
+            };
             // The interface may be gone already (its namespace deleted
             // before DEL): the map entry still names the ifindex its
             // pinned link was made for.
-            let index = dp
-                .endpoint(ip)?
-                .map(|ep| ep.host_ifindex)
-                .or_else(|| rec.as_ref().and_then(|r| ebpf::ifindex(&r.host_ifname)));
-            dp.remove_endpoint(ip)?;
-            if let Some(ip6) = rec.as_ref().and_then(|r| r.ip6) {
+            let index = match v4 {
+                Some(a) => dp.endpoint(a)?.map(|ep| ep.host_ifindex),
+                None => None,
+            }
+            .or_else(|| rec.as_ref().and_then(|r| ebpf::ifindex(&r.host_ifname)));
+            if let Some(a) = v4 {
+                dp.remove_endpoint(a)?;
+            }
+            if let Some(ip6) = v6 {
                 dp.remove_endpoint6(ip6)?;
             }
             if let Some(index) = index {
@@ -175,7 +186,7 @@ impl Pods {
     }
 
     /// Drops the records of pods whose interface the reconciler found gone.
-    pub fn forget(&mut self, ips: &[Ipv4Addr]) -> anyhow::Result<()> {
+    pub fn forget(&mut self, ips: &[IpAddr]) -> anyhow::Result<()> {
         if ips.is_empty() {
             return Ok(());
         }
@@ -215,16 +226,21 @@ impl Pods {
         let mut adopted = 0;
         for rec in records {
             let want = rec.endpoint();
+            let Some(key) = want.key() else { continue };
+            let in_lease = match key {
+                IpAddr::V4(ip) => node.lease.has_ipv4() && node.lease.subnet.contains(&ip),
+                IpAddr::V6(ip) => node.lease.ipv6_subnet.is_some_and(|l| l.contains(&ip)),
+            };
             if rec.deleting
-                || self.records.get(&want.ip) == Some(&want)
-                || !node.lease.subnet.contains(&want.ip)
+                || self.records.get(&key) == Some(&want)
+                || !in_lease
                 || !on_bridge(&rec)
                 || !rec.ipam_holds()
             {
                 continue;
             }
-            tracing::info!(pod = %want.ip, container = %rec.container_id, host_if = %want.host_ifname, "registering a pod from the CNI plugin's records");
-            self.records.insert(want.ip, want);
+            tracing::info!(pod = %key, container = %rec.container_id, host_if = %want.host_ifname, "registering a pod from the CNI plugin's records");
+            self.records.insert(key, want);
             adopted += 1;
         }
         if adopted > 0 {
@@ -256,30 +272,37 @@ pub struct HostLink {
 /// Returns the host interface's index.
 fn check(
     node: &Node,
-    records: &BTreeMap<Ipv4Addr, EndpointRecord>,
+    records: &BTreeMap<IpAddr, EndpointRecord>,
     bridge: Option<u32>,
     host: Option<&HostLink>,
     rec: &EndpointRecord,
 ) -> anyhow::Result<u32> {
     let subnet = node.lease.subnet;
-    let Some(gateway) = node.gateway() else {
-        bail!("pod IP {} given, but this node has no IPv4 lease", rec.ip);
-    };
-    if !subnet.contains(&rec.ip) {
-        bail!("pod IP {} is not in this node's lease {subnet}", rec.ip);
-    }
-    for (addr, what) in [
-        (subnet.network(), "network"),
-        (gateway.addr(), "gateway"),
-        (subnet.broadcast(), "broadcast"),
-    ] {
-        if rec.ip == addr {
-            bail!(
-                "pod IP {} is the {what} address of this node's lease {subnet}",
-                rec.ip
-            );
+    // An IPv4 address exactly when the node's lease has IPv4; in an
+    // IPv6-only cluster the pod is named by its IPv6 address.
+    let key = match (rec.ip, node.gateway()) {
+        (Some(ip), None) => bail!("pod IP {ip} given, but this node has no IPv4 lease"),
+        (None, Some(_)) => bail!("pod has no IPv4 address, but this node's lease {subnet} is IPv4"),
+        (None, None) => match rec.ip6 {
+            Some(ip6) => IpAddr::V6(ip6),
+            None => bail!("pod has no IPv6 address, which an IPv6-only node needs"),
+        },
+        (Some(ip), Some(gateway)) => {
+            if !subnet.contains(&ip) {
+                bail!("pod IP {ip} is not in this node's lease {subnet}");
+            }
+            for (addr, what) in [
+                (subnet.network(), "network"),
+                (gateway.addr(), "gateway"),
+                (subnet.broadcast(), "broadcast"),
+            ] {
+                if ip == addr {
+                    bail!("pod IP {ip} is the {what} address of this node's lease {subnet}");
+                }
+            }
+            IpAddr::V4(ip)
         }
-    }
+    };
     if let Some(ip6) = rec.ip6 {
         let Some(lease6) = node.lease.ipv6_subnet else {
             bail!("pod IPv6 {ip6} given, but this node has no IPv6 lease");
@@ -313,11 +336,10 @@ fn check(
     }
     // Another endpoint with this address whose interface is still there
     // holds it (a stale record, its veth gone, gives way).
-    if let Some(other) = records.get(&rec.ip) {
+    if let Some(other) = records.get(&key) {
         if other.host_ifname != *name && ebpf::ifindex(&other.host_ifname).is_some() {
             bail!(
-                "pod IP {} is held by the endpoint on {}; delete it first",
-                rec.ip,
+                "pod IP {key} is held by the endpoint on {}; delete it first",
                 other.host_ifname
             );
         }
@@ -325,14 +347,112 @@ fn check(
     Ok(host.index)
 }
 
-fn read_records(path: &Path) -> anyhow::Result<BTreeMap<Ipv4Addr, EndpointRecord>> {
+fn read_records(path: &Path) -> anyhow::Result<BTreeMap<IpAddr, EndpointRecord>> {
     match std::fs::read(path) {
         Ok(bytes) => {
             let list: Vec<EndpointRecord> = serde_json::from_slice(&bytes)
                 .with_context(|| format!("reading pod records {}", path.display()))?;
-            Ok(list.into_iter().map(|e| (e.ip, e)).collect())
+            Ok(list
+                .into_iter()
+                .filter_map(|e| Some((e.key()?, e)))
+                .collect())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
         Err(e) => Err(e).with_context(|| format!("reading pod records {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{mac::MacAddr, subnet::Lease, subnet::LeaseAttrs};
+
+    fn node(v4: bool) -> Node {
+        let subnet = if v4 {
+            "10.244.1.0/24".parse().unwrap()
+        } else {
+            ipnet::Ipv4Net::default()
+        };
+        Node {
+            uplink: Link {
+                index: 2,
+                name: "eth0".into(),
+                mac: None,
+                mtu: 1500,
+                up: true,
+                kind: None,
+                controller: None,
+                vxlan: Vec::new(),
+            },
+            uplink_nets: Vec::new(),
+            uplink_nets6: Vec::new(),
+            ip: std::net::Ipv4Addr::UNSPECIFIED,
+            ip6: Some("fd00:30::1".parse().unwrap()),
+            lease: Lease {
+                subnet,
+                ipv6_subnet: Some("fd00:10:244:1::/64".parse().unwrap()),
+                attrs: LeaseAttrs::host_gw(std::net::Ipv4Addr::UNSPECIFIED),
+                expiration: None,
+            },
+            vtep_mac: MacAddr([0x0e, 0, 0, 0, 0, 1]),
+            vtep6_mac: MacAddr([0x0e, 0, 0, 0, 6, 1]),
+        }
+    }
+
+    /// A pod has an IPv4 address exactly when its node's lease has IPv4;
+    /// on an IPv6-only node it is named by its IPv6 address, and another
+    /// live endpoint holding that address refuses it.
+    #[test]
+    fn ipv6_only_pods_are_checked_by_their_ipv6_address() {
+        let host = HostLink {
+            index: 9,
+            controller: Some(5),
+        };
+        let rec = |ip: Option<&str>, ip6: Option<&str>| EndpointRecord {
+            ip: ip.map(|s| s.parse().unwrap()),
+            mac: MacAddr([0x0e, 0, 0, 0, 0, 9]),
+            host_ifname: "vethtest".into(),
+            ip6: ip6.map(|s| s.parse().unwrap()),
+        };
+        let none = BTreeMap::new();
+        let only6 = node(false);
+        let pod6 = rec(None, Some("fd00:10:244:1::9"));
+        assert_eq!(
+            check(&only6, &none, Some(5), Some(&host), &pod6).unwrap(),
+            9
+        );
+        assert_eq!(pod6.key(), Some("fd00:10:244:1::9".parse().unwrap()));
+        for (bad, why) in [
+            (
+                rec(Some("10.244.1.9"), Some("fd00:10:244:1::9")),
+                "this node has no IPv4 lease",
+            ),
+            (rec(None, None), "no IPv6 address"),
+            (
+                rec(None, Some("fd00:10:244:2::9")),
+                "not in this node's IPv6 lease",
+            ),
+            (rec(None, Some("fd00:10:244:1::1")), "gateway address"),
+        ] {
+            let err = check(&only6, &none, Some(5), Some(&host), &bad).unwrap_err();
+            assert!(err.to_string().contains(why), "{bad:?}: {err}");
+        }
+        // A node with IPv4 wants the pod's IPv4 address.
+        let err = check(&node(true), &none, Some(5), Some(&host), &pod6).unwrap_err();
+        assert!(err.to_string().contains("has no IPv4 address"), "{err}");
+        // The address is held by a live endpoint (`lo` always exists).
+        let held: BTreeMap<IpAddr, EndpointRecord> = [(
+            pod6.key().unwrap(),
+            EndpointRecord {
+                host_ifname: "lo".into(),
+                ..pod6.clone()
+            },
+        )]
+        .into();
+        let err = check(&only6, &held, Some(5), Some(&host), &pod6).unwrap_err();
+        assert!(
+            err.to_string().contains("is held by the endpoint on lo"),
+            "{err}"
+        );
     }
 }

@@ -243,6 +243,7 @@ impl Teardown<'_> {
             }
         }
         if let Some(ip) = self.ip {
+            let ip = std::net::IpAddr::V4(ip);
             match api::call(&self.conf.agent_socket, &Request::Del { ip }) {
                 Ok(_) => {}
                 Err(e) => log(format_args!(

@@ -58,7 +58,7 @@ impl Record {
     /// The pod as the agent registers it.
     pub fn endpoint(&self) -> crate::api::EndpointRecord {
         crate::api::EndpointRecord {
-            ip: self.ip.addr(),
+            ip: Some(self.ip.addr()),
             mac: self.mac,
             host_ifname: self.host_ifname.clone(),
             ip6: self.ip6.map(|n| n.addr()),

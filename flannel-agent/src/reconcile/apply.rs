@@ -5,7 +5,7 @@
 //! rather than one netlink round trip after another. Every operation is
 //! tried; each failure is logged naming its object and reported.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::collections::BTreeMap;
 
 use super::{
     desired::{GuardSpec, MasqSpec},
@@ -43,7 +43,7 @@ pub struct Report {
     /// Operations that failed, with the error.
     pub failed: Vec<(Op, String)>,
     /// Pods whose records are to go (their interface is gone).
-    pub forgotten: Vec<Ipv4Addr>,
+    pub forgotten: Vec<std::net::IpAddr>,
 }
 
 impl Report {

@@ -106,8 +106,8 @@ pub struct Inputs<'a> {
     /// The pod bridge's name (`cni0`).
     pub bridge: &'a str,
     pub leases: &'a LeaseSet,
-    /// Registered pods, by IP.
-    pub pods: &'a BTreeMap<Ipv4Addr, EndpointRecord>,
+    /// Registered pods, by `EndpointRecord::key`.
+    pub pods: &'a BTreeMap<IpAddr, EndpointRecord>,
     /// Pod interfaces whose TC program is being attached right now.
     pub attaching: &'a BTreeSet<u32>,
     /// `Some` when the eBPF data path runs.
@@ -288,7 +288,7 @@ pub struct Desired {
     pub ignored: BTreeMap<IpNet, Ignored>,
     /// `Some` with `--ip-masq`.
     pub masq: Option<MasqSpec>,
-    pub pods: BTreeMap<Ipv4Addr, EndpointRecord>,
+    pub pods: BTreeMap<IpAddr, EndpointRecord>,
     pub attaching: BTreeSet<u32>,
     /// `Some` when the eBPF data path runs.
     pub maps: Option<MapsSpec>,
@@ -496,7 +496,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         pods: i.ebpf.is_none().then(|| {
             i.pods
                 .values()
-                .map(|p| (p.host_ifname.clone(), p.ip))
+                .filter_map(|p| Some((p.host_ifname.clone(), p.ip?)))
                 .collect()
         }),
         pods6: match i.ebpf {

@@ -44,7 +44,7 @@ pub enum Op {
     Guard(GuardSpec),
     Map(MapOp),
     /// A registered pod whose host interface is gone: drop its record.
-    ForgetPod(Ipv4Addr),
+    ForgetPod(IpAddr),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -554,8 +554,8 @@ fn map_entries(want: &MapsSpec, have: &Maps, ops: &mut Vec<Op>) {
 /// Live pods get this process's program and their map entry; entries and
 /// pinned links of anything else go, except links being attached now.
 fn pod_entries(
-    live: &BTreeMap<Ipv4Addr, (&str, Endpoint)>,
-    pods: &BTreeMap<Ipv4Addr, EndpointRecord>,
+    live: &BTreeMap<IpAddr, (&str, Endpoint)>,
+    pods: &BTreeMap<IpAddr, EndpointRecord>,
     attaching: &BTreeSet<u32>,
     have: &Maps,
     ops: &mut Vec<Op>,
@@ -568,18 +568,23 @@ fn pod_entries(
             }));
         }
     }
-    for (ip, (_, ep)) in live {
+    // Each pod's IPv4 entry and, dual-stack or IPv6-only, its IPv6 one:
+    // the same endpoint.
+    let live4: BTreeMap<Ipv4Addr, Endpoint> = live
+        .iter()
+        .filter_map(|(key, (_, ep))| Some((pods.get(key)?.ip?, *ep)))
+        .collect();
+    for (ip, ep) in &live4 {
         if have.endpoints.get(ip) != Some(ep) {
             ops.push(Op::Map(MapOp::PutEndpoint(*ip, *ep)));
         }
     }
-    for ip in have.endpoints.keys().filter(|ip| !live.contains_key(ip)) {
+    for ip in have.endpoints.keys().filter(|ip| !live4.contains_key(ip)) {
         ops.push(Op::Map(MapOp::DeleteEndpoint(*ip)));
     }
-    // Dual-stack pods' IPv6 entries: the same endpoints.
     let live6: BTreeMap<Ipv6Addr, Endpoint> = live
         .iter()
-        .filter_map(|(ip, (_, ep))| Some((*pods.get(ip)?.ip6.as_ref()?, *ep)))
+        .filter_map(|(key, (_, ep))| Some((pods.get(key)?.ip6?, *ep)))
         .collect();
     for (ip, ep) in &live6 {
         if have.endpoints6.get(ip) != Some(ep) {

@@ -138,7 +138,7 @@ pub fn inspect(
         .map(|p| {
             let link = have.links.get(&p.host_ifname);
             let mut c = PodCheck {
-                ip: p.ip.to_string(),
+                ip: p.key().map_or_else(String::new, |k| k.to_string()),
                 mac: p.mac.to_string(),
                 host_ifname: p.host_ifname.clone(),
                 ifindex: link.map(|l| l.index),
@@ -149,7 +149,11 @@ pub fn inspect(
                 c.problems.push("host interface is gone".into());
             }
             if let (Some(_), Some(seen)) = (&want.maps, &have.maps) {
-                let entry = seen.endpoints.get(&p.ip);
+                let entry = match (p.ip, p.ip6) {
+                    (Some(ip), _) => seen.endpoints.get(&ip),
+                    (None, Some(ip6)) => seen.endpoints6.get(&ip6),
+                    (None, None) => None,
+                };
                 c.map = entry.map(|e| format!("ifindex {} {}", e.host_ifindex, MacAddr(e.pod_mac)));
                 if entry.map(|e| (Some(e.host_ifindex), e.pod_mac)) != Some((c.ifindex, p.mac.0)) {
                     c.problems.push(format!(

@@ -91,7 +91,7 @@ fn remote(subnet: &str, node: &str, vtep_mac: MacAddr) -> RemoteEntry {
 
 fn pod(addr: &str, ifname: &str, last: u8) -> EndpointRecord {
     EndpointRecord {
-        ip: ip(addr),
+        ip: Some(ip(addr)),
         mac: mac(last),
         host_ifname: ifname.into(),
         ip6: None,
@@ -104,7 +104,7 @@ struct World {
     node: Node,
     cfg: NetConfig,
     leases: BTreeMap<IpNet, Lease>,
-    pods: BTreeMap<Ipv4Addr, EndpointRecord>,
+    pods: BTreeMap<IpAddr, EndpointRecord>,
     attaching: BTreeSet<u32>,
     ebpf: Option<EbpfMode>,
     ip_masq: bool,
@@ -150,7 +150,7 @@ impl World {
             pod("10.244.1.2", "vethfl-a", 0xa),
             pod("10.244.1.3", "vethfl-b", 0xb),
         ] {
-            w.pods.insert(p.ip, p);
+            w.pods.insert(p.key().unwrap(), p);
         }
         w.have = converged(&w);
         w
@@ -261,7 +261,11 @@ fn converged(w: &World) -> Observed {
         remotes6: m.remotes6.clone(),
         vteps: m.vteps.clone(),
         vteps6: m.vteps6.clone(),
-        endpoints: w.pods.values().map(|p| (p.ip, ep(p))).collect(),
+        endpoints: w
+            .pods
+            .values()
+            .filter_map(|p| Some((p.ip?, ep(p))))
+            .collect(),
         endpoints6: w
             .pods
             .values()
@@ -353,7 +357,7 @@ fn attach(ifname: &str, ifindex: u32) -> Op {
 }
 fn put_endpoint(p: &EndpointRecord, ifindex: u32) -> Op {
     Op::Map(MapOp::PutEndpoint(
-        p.ip,
+        p.ip.unwrap(),
         Endpoint {
             host_ifindex: ifindex,
             pod_mac: p.mac.0,
@@ -590,17 +594,17 @@ const ROWS: &[Row] = &[
             let mut l = link(22, "vethfl-c", Some(InfoKind::Veth));
             l.controller = Some(BRIDGE);
             w.have.links.insert(l.name.clone(), l);
-            w.pods.insert(p.ip, p);
+            w.pods.insert(p.key().unwrap(), p);
         },
         |w| {
-            let p = &w.pods[&ip("10.244.1.4")];
+            let p = &w.pods[&aip("10.244.1.4")];
             vec![attach("vethfl-c", 22), put_endpoint(p, 22)]
         },
     ),
     (
         "pod removed",
         |w| {
-            w.pods.remove(&ip("10.244.1.3"));
+            w.pods.remove(&aip("10.244.1.3"));
         },
         |_| vec![del_endpoint("10.244.1.3"), detach(POD_B)],
     ),
@@ -613,7 +617,7 @@ const ROWS: &[Row] = &[
             vec![
                 del_endpoint("10.244.1.2"),
                 detach(POD_A),
-                Op::ForgetPod(ip("10.244.1.2")),
+                Op::ForgetPod(aip("10.244.1.2")),
             ]
         },
     ),
@@ -638,7 +642,7 @@ const ROWS: &[Row] = &[
             w.have.links.get_mut("vethfl-b").unwrap().index = 31;
         },
         |w| {
-            let p = &w.pods[&ip("10.244.1.3")];
+            let p = &w.pods[&aip("10.244.1.3")];
             vec![attach("vethfl-b", 31), put_endpoint(p, 31), detach(POD_B)]
         },
     ),
@@ -687,7 +691,7 @@ const ROWS: &[Row] = &[
             vec![
                 program(r2()),
                 program(remote("10.244.4.0/24", "10.0.0.4", mac(0x44))),
-                Op::ForgetPod(ip("10.244.1.3")),
+                Op::ForgetPod(aip("10.244.1.3")),
             ]
         },
     ),
@@ -1610,6 +1614,39 @@ fn ipv6_only_programs_every_remote_over_ipv6_and_nothing_of_ipv4() {
         "{ops:?}"
     );
     assert!(ops.contains(&Op::Device(DeviceOp::Vtep(want.vtep6.clone().unwrap()))));
+    // An IPv6-only pod: named by its IPv6 address, an IPv6 endpoint entry
+    // and none of IPv4; forgotten by that name once its veth is gone.
+    let pod6 = EndpointRecord {
+        ip: None,
+        ip6: Some(ip6("fd00:10:244:1::5")),
+        ..pod("10.244.1.5", "vethfl-6", 0x6)
+    };
+    w.pods.insert(pod6.key().unwrap(), pod6.clone());
+    let want = w.want();
+    let mut have = Observed {
+        maps: Some(Maps::default()),
+        ..Observed::default()
+    };
+    have.links.insert(
+        "vethfl-6".into(),
+        link(POD_A, "vethfl-6", Some(InfoKind::Veth)),
+    );
+    let ops = diff(&want, &have);
+    let ep = Endpoint {
+        host_ifindex: POD_A,
+        pod_mac: mac(0x6).0,
+        _pad: [0; 2],
+    };
+    assert!(ops.contains(&Op::Map(MapOp::PutEndpoint6(ip6("fd00:10:244:1::5"), ep))));
+    assert!(!ops
+        .iter()
+        .any(|op| matches!(op, Op::Map(MapOp::PutEndpoint(..)))));
+    have.links.clear();
+    let ops = diff(&want, &have);
+    assert!(
+        ops.contains(&Op::ForgetPod(aip("fd00:10:244:1::5"))),
+        "{ops:?}"
+    );
 
     // A cluster with IPv4 cannot use such a lease: set aside, IPv6 too.
     let mut dual = dual_stack_world(
@@ -1727,7 +1764,7 @@ fn dual_stack_adds_flannels_ipv6_device_and_entries() {
     pod.ip6 = Some(ip6("fd00:10:244:1::2"));
     let pod = pod.clone();
     let maps = w.have.maps.as_mut().unwrap();
-    let ep = maps.endpoints[&pod.ip];
+    let ep = maps.endpoints[&pod.ip.unwrap()];
     maps.endpoints6.insert(ip6("fd00:10:244:1::99"), ep);
     let ops = diff(&w.want(), &w.have);
     assert_eq!(

@@ -48,7 +48,7 @@ enum Source<'a> {
 }
 
 pub fn trace(want: &Desired, have: &Observed, node_ip: Ipv4Addr, q: &Query) -> Trace {
-    let pod = want.pods.values().find(|p| p.ip == q.src);
+    let pod = want.pods.values().find(|p| p.ip == Some(q.src));
     let remote_of = |ip| remote_lease(want, ip);
     let src = if let Some(p) = pod {
         Source::LocalPod(&p.host_ifname)
@@ -69,7 +69,7 @@ pub fn trace(want: &Desired, have: &Observed, node_ip: Ipv4Addr, q: &Query) -> T
     let mut expect = Vec::new();
     let ebpf = want.maps.is_some();
     let maps = have.maps.as_ref();
-    let local_dst = want.pods.values().find(|p| p.ip == q.dst);
+    let local_dst = want.pods.values().find(|p| p.ip == Some(q.dst));
     let probe_from = match src {
         Source::LocalPod(_) => "pod",
         Source::Node => "node",
@@ -237,7 +237,7 @@ fn from_pod(
     if let Some(ep) = endpoint {
         let ifname = want
             .pods
-            .get(&q.dst)
+            .get(&std::net::IpAddr::V4(q.dst))
             .map_or("?", |p| p.host_ifname.as_str());
         steps.push(step(
             "tc_from_pod",
