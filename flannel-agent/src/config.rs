@@ -331,15 +331,16 @@ impl NetConfig {
         })
     }
 
-    /// Refuses what is valid for Flannel but not carried by this version:
-    /// IPv6-only clusters. Dual-stack is carried with every backend and
-    /// DirectRouting.
-    pub fn check_carried(&self) -> Result<(), ConfigError> {
-        if self.enable_ipv6 && !self.enable_ipv4 {
+    /// Refuses what the store `store` (`local`, `etcd`, `kube`) cannot
+    /// hold: an IPv6-only cluster in etcd, as Flannel's etcd registry
+    /// gives every lease an IPv4 subnet (and so cannot hold a second
+    /// IPv6-only one).
+    pub fn check_store(&self, store: &str) -> Result<(), ConfigError> {
+        if store == "etcd" && !self.enable_ipv4 {
             return Err(invalid(
                 "EnableIPv4",
                 false,
-                "IPv6-only clusters are not carried by this version; dual-stack is (EnableIPv4 and EnableIPv6 both true)",
+                "IPv6-only clusters need --kube-subnet-mgr (or the local store): Flannel's etcd registry gives every lease an IPv4 subnet",
             ));
         }
         Ok(())
@@ -923,10 +924,10 @@ mod tests {
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMax":"fd01::","Backend":{"Type":"vxlan"}}"#, Err("IPv6SubnetMax: fd01:: is invalid: expected an address inside IPv6Network fd00::/56")),
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:10::","IPv6SubnetMax":"fd00:0:0:12::","Backend":{"Type":"vxlan"}}"#, ok(|c| c.subnets6().count() == 3 && c.in_range6("fd00:0:0:11::/64".parse().unwrap()) && !c.in_range6("fd00:0:0:13::/64".parse().unwrap()))),
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::1/56","Backend":{"Type":"vxlan"}}"#, Err("IPv6Network: fd00::1/56 is invalid: host bits are set; did you mean fd00::/56?")),
-            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, ok(|c| !c.enable_ipv4 && c.enable_ipv6 && c.check_carried().unwrap_err().to_string().contains("IPv6-only clusters are not carried"))),
-            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, ok(|c| c.check_carried().is_ok())),
-            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#, ok(|c| c.check_carried().is_ok() && c.backend.kind == BackendType::HostGw)),
-            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#, ok(|c| c.check_carried().is_ok() && c.backend.direct_routing)),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, ok(|c| !c.enable_ipv4 && c.enable_ipv6 && c.lease_slots() == 0 && c.check_store("kube").is_ok() && c.check_store("local").is_ok() && c.check_store("etcd").unwrap_err().to_string().contains("need --kube-subnet-mgr"))),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#, ok(|c| c.check_store("etcd").is_ok())),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#, ok(|c| c.backend.kind == BackendType::HostGw)),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#, ok(|c| c.backend.direct_routing)),
             (r#"{"Network":"10.244.0.0/16","IPv6Network":"nope","Backend":{"Type":"vxlan"}}"#, Err("IPv6Network: nope is invalid")),
             (r#"{"Network":"10.244.0.0/16","EnableIPv4":"true","Backend":{"Type":"vxlan"}}"#, Err("EnableIPv4: \"true\" is invalid: expected true or false")),
             // Not JSON objects.

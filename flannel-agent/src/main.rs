@@ -560,7 +560,7 @@ fn probe(
             let (records, _) = cni::record::list(cni_data_dir);
             let rec = records
                 .into_iter()
-                .find(|r| r.ip.addr() == src)
+                .find(|r| r.ip.map(|n| n.addr()) == Some(src))
                 .with_context(|| {
                     format!(
                         "no CNI record for pod {src} under {}: is it a pod of this node added by \

@@ -28,7 +28,10 @@ use axum::{
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::{lab::FABRIC_IP, netns::spawn_in_netns};
+use crate::{
+    lab::{FABRIC_IP, FABRIC_IP6},
+    netns::spawn_in_netns,
+};
 
 pub const PORT: u16 = 6443;
 /// The HTTPS side, which also checks the bearer token.
@@ -124,6 +127,13 @@ fn tls_config() -> Result<(String, tokio_rustls::rustls::ServerConfig)> {
 
 pub fn url() -> String {
     format!("http://{FABRIC_IP}:{PORT}")
+}
+
+/// The plain endpoint over IPv6, for labs whose nodes have no IPv4 (it
+/// listens there when the fabric has its IPv6 address, as labs with IPv6
+/// give it).
+pub fn url6() -> String {
+    format!("http://[{FABRIC_IP6}]:{PORT}")
 }
 
 fn status(code: StatusCode, reason: &str, msg: String) -> Response {
@@ -360,6 +370,7 @@ impl FakeKube {
                 .build()?;
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::bind((FABRIC_IP, PORT)).await?;
+                let l6 = tokio::net::TcpListener::bind((FABRIC_IP6, PORT)).await.ok();
                 let tls = TlsListener {
                     tcp: tokio::net::TcpListener::bind((FABRIC_IP, TLS_PORT)).await?,
                     acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
@@ -372,6 +383,9 @@ impl FakeKube {
                         let _ = rx.recv().await;
                     }
                 };
+                let plain6 = l6.map(|l6| {
+                    axum::serve(l6, app.clone()).with_graceful_shutdown(stopped(&stop_all))
+                });
                 let plain = axum::serve(l, app).with_graceful_shutdown(stopped(&stop_all));
                 let secure = axum::serve(tls, tls_app).with_graceful_shutdown(stopped(&stop_all));
                 let stop = async move {
@@ -381,6 +395,12 @@ impl FakeKube {
                 };
                 tokio::try_join!(
                     async { plain.await.map_err(anyhow::Error::from) },
+                    async {
+                        match plain6 {
+                            Some(p) => p.await.map_err(anyhow::Error::from),
+                            None => Ok(()),
+                        }
+                    },
                     async { secure.await.map_err(anyhow::Error::from) },
                     stop
                 )?;
@@ -495,7 +515,11 @@ pub fn start_for_lab(lab: &mut crate::Lab) -> Result<()> {
             fake.add_node_cidrs(&crate::lab::node_name(i), &cidrs, ann);
             continue;
         }
-        let mut cidrs = vec![format!("10.244.{}.0/24", 11 + i)];
+        // An IPv6-only cluster's nodes get an IPv6 podCIDR alone.
+        let mut cidrs = Vec::new();
+        if !lab.ipv6_only() {
+            cidrs.push(format!("10.244.{}.0/24", 11 + i));
+        }
         if dual {
             cidrs.push(format!("fd00:10:244:{}::/64", 11 + i));
         }

@@ -566,9 +566,18 @@ impl Lab {
         self.net_config().backend.kind
     }
 
-    /// Whether the lab's config is dual-stack (`EnableIPv6`).
+    /// Whether the lab's config has IPv6 (`EnableIPv6`: dual-stack or
+    /// IPv6-only).
     pub fn dual(&self) -> bool {
         self.net_config().enable_ipv6
+    }
+
+    /// Whether the lab is an IPv6-only cluster (`EnableIPv4: false`): its
+    /// node network is IPv6 alone, and nodes and pods have no IPv4
+    /// address (their `ip` is `0.0.0.0`, their `subnet` Flannel's empty
+    /// one).
+    pub fn ipv6_only(&self) -> bool {
+        !self.net_config().enable_ipv4
     }
 
     /// Whether nodes `i` and `j` route pod traffic to each other directly
@@ -727,11 +736,24 @@ impl Lab {
             } else {
                 // Flannel reuses the subnet of an existing subnet.env when
                 // it is free: that keeps the lab's addresses predictable.
-                let mut env =
-                    SubnetEnv::new("10.244.0.0/16".parse()?, node.subnet, self.pod_mtu(), false);
-                if let (Some(net6), Some(s6)) = (self.net_config().ipv6_network, node.subnet6) {
-                    env = env.with_ipv6(net6, s6);
-                }
+                let v6 = self.net_config().ipv6_network.zip(node.subnet6);
+                let env = match v6 {
+                    Some((net6, s6)) if self.ipv6_only() => {
+                        SubnetEnv::ipv6_only(net6, s6, self.pod_mtu(), false)
+                    }
+                    _ => {
+                        let env = SubnetEnv::new(
+                            "10.244.0.0/16".parse()?,
+                            node.subnet,
+                            self.pod_mtu(),
+                            false,
+                        );
+                        match v6 {
+                            Some((net6, s6)) => env.with_ipv6(net6, s6),
+                            None => env,
+                        }
+                    }
+                };
                 env.write(&node.subnet_file())?;
             }
         }
@@ -776,29 +798,41 @@ impl Lab {
         } else {
             (Ipv4Addr::new(172, 30, 0, n as u8), FABRIC_IP)
         };
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{node_ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
+        // An IPv6-only lab's node network has no IPv4.
+        let only6 = self.ipv6_only();
+        let node_ip = if only6 {
+            Ipv4Addr::UNSPECIFIED
+        } else {
+            node_ip
+        };
+        if !only6 {
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{node_ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
+        }
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        // A default route, so the agent finds its uplink as Flannel does.
-        ip(&[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &gateway.to_string(),
-            "dev",
-            "eth0",
-            "onlink",
-        ])?;
+        // A default route, so the agent finds its uplink as Flannel does
+        // (in an IPv6-only lab the IPv6 one, below).
+        if !only6 {
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+                "dev",
+                "eth0",
+                "onlink",
+            ])?;
+        }
         sysctl(&ns, "net.ipv4.ip_forward", "1")?;
         let (ip6, subnet6) = if self.dual() {
             // The far nodes on their own IPv6 network too; each network
@@ -822,6 +856,11 @@ impl Lab {
             ip(&[
                 "-n", &ns, "-6", "route", "add", &other6, "via", &gw6, "dev", "eth0",
             ])?;
+            if only6 {
+                ip(&[
+                    "-n", &ns, "-6", "route", "add", "default", "via", &gw6, "dev", "eth0",
+                ])?;
+            }
             sysctl(&ns, "net.ipv6.conf.all.forwarding", "1")?;
             let subnet6 =
                 Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x10, 0x244, n as u16, 0, 0, 0, 0), 64)?;
@@ -851,7 +890,10 @@ impl Lab {
                 (_, Some(ip6)) => MacAddr::for_vtep6(ip6, VNI),
                 (_, None) => MacAddr([0x0e, 0x66, 0, 0, 6, n as u8]),
             },
-            subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, n as u8, 0), 24)?,
+            subnet: match only6 {
+                true => Ipv4Net::default(),
+                false => Ipv4Net::new(Ipv4Addr::new(10, 244, n as u8, 0), 24)?,
+            },
             vtep_mac: match kind {
                 NodeKind::StockFlannel => MacAddr([0x0e, 0x66, 0, 0, 0, n as u8]),
                 // What the agent derives for a fresh flannel.<VNI>.
@@ -1067,8 +1109,11 @@ impl Lab {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(st) = self.nodes[i].status() {
-                // The store decides the subnet; the lab follows it.
-                self.nodes[i].subnet = st.subnet.parse()?;
+                // The store decides the subnet; the lab follows it (an
+                // IPv6-only node's lease is named by its IPv6 subnet).
+                if let ipnet::IpNet::V4(subnet) = st.subnet.parse()? {
+                    self.nodes[i].subnet = subnet;
+                }
                 if let Some(env) = SubnetEnv::read(&self.nodes[i].subnet_file()) {
                     if env.lease6().is_some() {
                         self.nodes[i].subnet6 = env.lease6();
@@ -1610,10 +1655,17 @@ impl Lab {
         let conf = self.cni_conf(i, "1.0.0");
         let call = self.cni(i, "ADD", &id, &netns_path(&pod_ns), "eth0", &conf)?;
         let out = call.ok()?;
-        let ip: Ipv4Net = out["ips"][0]["address"]
-            .as_str()
-            .context("ADD result has no address")?
-            .parse()?;
+        // No IPv4 address in an IPv6-only lab (`0.0.0.0` stands for none).
+        let ip = out["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["address"].as_str()?.parse::<Ipv4Net>().ok())
+            .map(|n| n.addr())
+            .next();
+        if ip.is_none() && !self.ipv6_only() {
+            bail!("ADD result has no IPv4 address: {out}");
+        }
         let ip6 = out["ips"]
             .as_array()
             .into_iter()
@@ -1631,7 +1683,7 @@ impl Lab {
             .to_string();
         self.nodes[i].pods.push(Pod {
             ns: pod_ns,
-            ip: ip.addr(),
+            ip: ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
             ip6,
             mac,
             host_if,
@@ -1723,8 +1775,18 @@ impl Lab {
                 if a == b {
                     continue;
                 }
-                let (before, vtep_before) = (snapshot()?, vtep());
                 let (pa, pb) = (self.pod(a), self.pod(b));
+                // IPv6-only pods have no IPv4 side to exercise.
+                if pa.ip.is_unspecified() || pb.ip.is_unspecified() {
+                    if let Some(b6) = pb.ip6.filter(|_| pa.ip6.is_some()) {
+                        port += 1;
+                        self.ipv6_pair(a, b, b6, port)?;
+                    } else {
+                        bail!("{} -> {}: neither family is shared", pa.ns, pb.ns);
+                    }
+                    continue;
+                }
+                let (before, vtep_before) = (snapshot()?, vtep());
                 if !self.ping(a, pb.ip, 3, 56)? {
                     bail!("ping {} -> {} failed", pa.ip, pb.ip);
                 }

@@ -377,6 +377,130 @@ fn dual_stack_vxlan_carries_both_families_between_every_kind_of_node() -> Result
     Ok(())
 }
 
+const IPV6_ONLY: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1,"Port":4789}}"#;
+
+/// An IPv6-only cluster (`EnableIPv4: false`) on a node network with no
+/// IPv4 at all: leases with Flannel's empty IPv4 side
+/// (`0.0.0.0-0&<IPv6 subnet>`, no IPv4 BackendData), subnet.env with the
+/// IPv6 pair alone, no `flannel.1` and no IPv4 on `cni0` or in the pods;
+/// every ordered pod pair between eBPF and kernel-path nodes over
+/// ICMPv6, TCP and UDP, the counters proving the path (the eBPF nodes
+/// encapsulate and decapsulate IPv6 themselves); and the IPv6 MTU edge.
+#[test]
+fn ipv6_only_cluster_carries_every_pair_over_ipv6_alone() -> Result<()> {
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 2),
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+        ],
+        with_conf(IPV6_ONLY),
+    )?;
+    assert!(lab.ipv6_only());
+    let leases = lab.local_store()?.leases()?;
+    assert_eq!(leases.len(), 3, "{leases:?}");
+    for n in &lab.nodes {
+        let s6 = n.subnet6.context("no IPv6 lease")?;
+        let l = &leases[&ipnet::IpNet::V6(s6)];
+        assert!(!l.has_ipv4(), "{l:?}");
+        assert_eq!(l.key(), format!("0.0.0.0-0&{}-64", s6.network()));
+        assert_eq!(l.attrs.public_ipv6, n.ip6);
+        assert!(l.attrs.backend_data.is_null(), "{l:?}");
+        let env = std::fs::read_to_string(n.subnet_file())?;
+        assert_eq!(
+            env,
+            format!(
+                "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET={}1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+                s6.network()
+            )
+        );
+        // No flannel.1; flannel-v6.1 over the node's IPv6.
+        assert!(ip(&["-n", &n.ns, "link", "show", "flannel.1"]).is_err());
+        let dev = ip(&["-n", &n.ns, "-d", "-j", "link", "show", "flannel-v6.1"])?;
+        let v: serde_json::Value = serde_json::from_str(&dev)?;
+        assert_eq!(
+            v[0]["linkinfo"]["info_data"]["local6"],
+            n.ip6.context("no IPv6")?.to_string(),
+            "{dev}"
+        );
+        // IPv4 nowhere: the node network, the bridge, the pods.
+        for (ns, dev) in [(&n.ns, "eth0"), (&n.ns, "cni0"), (&n.pods[0].ns, "eth0")] {
+            let v4 = ip(&["-n", ns, "-4", "addr", "show", "dev", dev])?;
+            assert!(!v4.contains("inet "), "{ns} {dev}: {v4}");
+        }
+        assert!(n.pods[0].ip.is_unspecified() && n.pods[0].ip6.is_some());
+    }
+    lab.every_pair(25700)?;
+    // The eBPF nodes carried it all as IPv6: nothing IPv4 encapsulated,
+    // decapsulated or redirected.
+    for i in [0, 1] {
+        let c = lab.nodes[i].counters()?;
+        assert!(
+            c["pod_encap6_redirect"] + c["pod_encap6_neigh"] >= 10 && c["uplink_decap6"] >= 10,
+            "node {i}: {c:?}"
+        );
+        for v4 in ["pod_encap_redirect", "pod_local_redirect", "uplink_decap"] {
+            assert_eq!(c[v4], 0, "node {i}: {v4}");
+        }
+    }
+    assert!(lab.nodes[0].counters()?["pod_local_redirect6"] >= 10);
+    // Without --ip-masq the CNI plugin masquerades (ipMasq), IPv6 alone:
+    // a pod's packet to outside the cluster leaves with the node's IPv6.
+    let seen = udp_source_seen(&lab.pod((0, 0)).ns, &lab.fabric, FABRIC_IP6, 7206)?;
+    assert_eq!(seen, IpAddr::from(lab.nodes[0].ip6.context("no IPv6")?));
+    // Pods at 1450 (Flannel's FLANNEL_MTU), flannel-v6.1 at 1430: the
+    // kernel says "packet too big" past it, as in a dual-stack cluster.
+    mtu_edge6(&lab, 0, 1, 1430)?;
+    mtu_edge6(&lab, 0, 2, 1430)?;
+    Ok(())
+}
+
+/// The IPv6-only cluster over the kube subnet manager (the store Flannel
+/// carries IPv6-only clusters in): Nodes with an IPv6 podCIDR alone,
+/// annotated as Flannel annotates them there (the IPv6 pair, neither
+/// `public-ip` nor `backend-data`), the API server reached over IPv6, and
+/// every ordered pod pair between an eBPF and a kernel-path node.
+#[test]
+fn ipv6_only_cluster_over_the_kube_subnet_manager() -> Result<()> {
+    use flannel_agent::subnet::kube::{BACKEND_DATA, BACKEND_V6_DATA, PUBLIC_IP, PUBLIC_IPV6};
+    use flannel_tests::{fakekube, lab::node_name, lab::LabStore};
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 2),
+            NodeSpec::new(NodeKind::Kernel, 1),
+        ],
+        LabOptions {
+            net_conf: Some(IPV6_ONLY.into()),
+            store: LabStore::Kube(fakekube::url6()),
+            before_agents: Some(fakekube::start_for_lab),
+            ..Default::default()
+        },
+    )?;
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let node = fakekube::of(&lab)
+            .node(&node_name(i))
+            .context("no Node object")?;
+        let ann = &node["metadata"]["annotations"];
+        assert_eq!(ann[PUBLIC_IPV6], n.ip6.context("no IPv6")?.to_string());
+        assert!(
+            ann[BACKEND_V6_DATA]
+                .as_str()
+                .is_some_and(|d| d.contains("VtepMAC")),
+            "{ann}"
+        );
+        assert!(
+            ann.get(PUBLIC_IP).is_none() && ann.get(BACKEND_DATA).is_none(),
+            "{ann}"
+        );
+        // The podCIDR decided the lease.
+        let want: ipnet::Ipv6Net = format!("fd00:10:244:{}::/64", 11 + i).parse()?;
+        assert_eq!(n.subnet6, Some(want));
+        assert_eq!(n.status()?.subnet, want.to_string());
+    }
+    lab.every_pair(25800)?;
+    Ok(())
+}
+
 const DUAL_STACK_DIRECT_ROUTING: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1,"Port":4789,"DirectRouting":true}}"#;
 const DUAL_STACK_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}"#;
 

@@ -405,11 +405,12 @@ impl Agent {
         Status {
             datapath: self.datapath.name().into(),
             reason: self.reason.clone(),
-            subnet: self.node.lease.subnet.to_string(),
+            // The lease by its id: the IPv6 subnet in an IPv6-only cluster.
+            subnet: self.node.lease.id().to_string(),
             remote_leases: self.remotes,
             endpoints: self.pods.records().len(),
             subnet_manager: self.store.name().into(),
-            public_ip: self.node.ip.to_string(),
+            public_ip: self.node.lease.public_addr().to_string(),
             ignored_leases: self.ignored.len(),
         }
     }
@@ -554,9 +555,13 @@ impl Agent {
             }
         }
         // Remote leases, each once: over VXLAN or routed directly (its
-        // IPv6 side, routed either way, is the same lease).
-        self.remotes =
-            want.remotes.len() + want.direct.keys().filter(|n| n.addr().is_ipv4()).count();
+        // IPv6 side, routed either way, is the same lease); in an
+        // IPv6-only cluster each lease is its IPv6 side.
+        self.remotes = if self.cfg.enable_ipv4 {
+            want.remotes.len() + want.direct.keys().filter(|n| n.addr().is_ipv4()).count()
+        } else {
+            want.remotes6.len() + want.direct.keys().filter(|n| n.addr().is_ipv6()).count()
+        };
         self.ignored = want.ignored.clone();
         let ops = reconcile::diff(&want, &observed);
         let report = reconcile::apply(

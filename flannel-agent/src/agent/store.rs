@@ -93,7 +93,7 @@ pub async fn network_config(
         ),
     };
     let cfg = NetConfig::parse(&text).with_context(|| format!("network config from {source}"))?;
-    cfg.check_carried()
+    cfg.check_store(store.name())
         .with_context(|| format!("network config from {source}"))?;
     for field in &cfg.unknown_fields {
         tracing::warn!(

@@ -177,21 +177,27 @@ fn ipam_replay<'a>(env: &'a CniEnv, rec: &Record) -> CniResult<Ipam<'a>> {
 
 /// `cni0`: created as the agent creates it when missing; when present, a
 /// bridge that gets the gateway address if it lacks it. Anything else by
-/// that name is an error, never replaced.
-async fn pod_bridge(nl: &Netlink, name: &str, gateway: Ipv4Net, mtu: u32) -> CniResult<Link> {
+/// that name is an error, never replaced. `gateway` is `None` in an
+/// IPv6-only cluster, where `gateway6` names the bridge's MAC as the
+/// agent does (the IPv6 address itself is added by the caller).
+async fn pod_bridge(
+    nl: &Netlink,
+    name: &str,
+    gateway: Option<Ipv4Net>,
+    gateway6: Option<std::net::Ipv6Addr>,
+    mtu: u32,
+) -> CniResult<Link> {
+    let mac = match (gateway, gateway6) {
+        (None, Some(g6)) => MacAddr::for_bridge6(g6),
+        (g, _) => MacAddr::for_bridge(g.map_or(Ipv4Addr::UNSPECIFIED, |g| g.addr())),
+    };
     match nl
         .link_by_name(name)
         .await
         .map_err(nl_err("reading the bridge"))?
     {
         None => nl
-            .ensure_bridge(
-                name,
-                Some(gateway),
-                None,
-                mtu,
-                MacAddr::for_bridge(gateway.addr()),
-            )
+            .ensure_bridge(name, gateway, None, mtu, mac)
             .await
             .map_err(nl_err("creating the bridge")),
         Some(l) if l.kind == Some(netlink_packet_route::link::InfoKind::Bridge) => {
@@ -199,7 +205,7 @@ async fn pod_bridge(nl: &Netlink, name: &str, gateway: Ipv4Net, mtu: u32) -> Cni
                 .ipv4_addrs(l.index)
                 .await
                 .map_err(nl_err("reading the bridge's addresses"))?;
-            if !addrs.iter().any(|a| a.addr() == gateway.addr()) {
+            if let Some(gateway) = gateway.filter(|g| !addrs.iter().any(|a| a.addr() == g.addr())) {
                 nl.add_addr(l.index, gateway)
                     .await
                     .map_err(nl_err("adding the gateway address"))?;
@@ -224,7 +230,8 @@ struct Teardown<'a> {
     env: &'a CniEnv,
     conf: &'a NetConf,
     host_ifname: String,
-    ip: Option<Ipv4Addr>,
+    /// The pod's name with the agent (`EndpointRecord::key`).
+    ip: Option<std::net::IpAddr>,
     ipam: Option<Ipam<'a>>,
 }
 
@@ -243,7 +250,6 @@ impl Teardown<'_> {
             }
         }
         if let Some(ip) = self.ip {
-            let ip = std::net::IpAddr::V4(ip);
             match api::call(&self.conf.agent_socket, &Request::Del { ip }) {
                 Ok(_) => {}
                 Err(e) => log(format_args!(
@@ -293,7 +299,15 @@ async fn add(env: &CniEnv, conf: &NetConf) -> CniResult<Value> {
         }
     };
     let host_ifname = record::host_ifname(&env.container_id, &env.ifname);
-    let Some(ipc) = ipres.ips.first().cloned() else {
+    // An IPv4 address in a cluster with IPv4 (subnet.env has its pair), an
+    // IPv6 one in an IPv6-only cluster.
+    let ipc = ipres.ips.first().cloned();
+    let missing = match (&ipc, senv.network, ipres.ips6.first()) {
+        (None, Some(_), _) => Some(("IPv4", "an IPv4 range")),
+        (None, None, None) => Some(("IPv6", "an IPv6 range")),
+        _ => None,
+    };
+    if let Some((family, range)) = missing {
         let undo = Teardown {
             env,
             conf,
@@ -304,11 +318,32 @@ async fn add(env: &CniEnv, conf: &NetConf) -> CniResult<Value> {
         let _ = undo.run(&host).await;
         return Err(CniError::new(
             code::INVALID_CONFIG,
-            format!("IPAM plugin {} returned no IPv4 address", conf.ipam_type()),
+            format!(
+                "IPAM plugin {} returned no {family} address",
+                conf.ipam_type()
+            ),
         )
-        .details("give it an IPv4 range (ipam.ranges or ipam.subnet)"));
-    };
-    let wired = wire(env, conf, &senv, &ns, &pod, &host, &ipam, &ipres, &ipc).await;
+        .details(format!("give it {range} (ipam.ranges or ipam.subnet)")));
+    }
+    let key = ipc
+        .as_ref()
+        .map(|c| std::net::IpAddr::V4(c.address.addr()))
+        .or(ipres
+            .ips6
+            .first()
+            .map(|c| std::net::IpAddr::V6(c.address.addr())));
+    let wired = wire(
+        env,
+        conf,
+        &senv,
+        &ns,
+        &pod,
+        &host,
+        &ipam,
+        &ipres,
+        ipc.as_ref(),
+    )
+    .await;
     match wired {
         Ok(out) => Ok(out.to_json(&conf.cni_version)),
         Err(e) => {
@@ -316,7 +351,7 @@ async fn add(env: &CniEnv, conf: &NetConf) -> CniResult<Value> {
                 env,
                 conf,
                 host_ifname,
-                ip: Some(ipc.address.addr()),
+                ip: key,
                 ipam: Some(ipam),
             };
             if let Err(u) = undo.run(&host).await {
@@ -338,22 +373,46 @@ async fn wire(
     host: &Netlink,
     ipam: &Ipam<'_>,
     ipres: &CniOutput,
-    ipc: &IpConfig,
+    ipc: Option<&IpConfig>,
 ) -> CniResult<CniOutput> {
     use std::os::fd::AsRawFd;
     let mtu = conf.mtu(senv);
-    let gateway = ipc
-        .gateway
-        .or(senv.subnet.map(|s| s.addr()))
-        .ok_or_else(|| {
-            CniError::new(
+    let gateway = match ipc {
+        None => None,
+        Some(ipc) => Some(
+            ipc.gateway
+                .or(senv.subnet.map(|s| s.addr()))
+                .ok_or_else(|| {
+                    CniError::new(
                 code::INVALID_CONFIG,
                 "IPAM gave an IPv4 address but neither it nor subnet.env names an IPv4 gateway",
             )
-        })?;
-    let gw_net = Ipv4Net::new(gateway, ipc.address.prefix_len())
-        .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("gateway: {e}")))?;
-    let bridge = pod_bridge(host, conf.bridge(), gw_net, mtu).await?;
+                })?,
+        ),
+    };
+    let gw_net = match (gateway, ipc) {
+        (Some(gateway), Some(ipc)) => Some(
+            Ipv4Net::new(gateway, ipc.address.prefix_len())
+                .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("gateway: {e}")))?,
+        ),
+        _ => None,
+    };
+    // The IPv6 gateway: the one IPAM gave, or subnet.env's.
+    let ip6 = ipres.ips6.first().cloned();
+    let gateway6 = match &ip6 {
+        None => None,
+        Some(c6) => Some(
+            c6.gateway
+                .or(senv.ipv6_subnet.map(|s| s.addr()))
+                .ok_or_else(|| {
+                    CniError::new(
+                code::INVALID_CONFIG,
+                "IPAM gave an IPv6 address but neither it nor subnet.env names an IPv6 gateway",
+            )
+                })?,
+        ),
+    };
+    let bridge = pod_bridge(host, conf.bridge(), gw_net, gateway6, mtu).await?;
     let host_ifname = record::host_ifname(&env.container_id, &env.ifname);
     let made = host
         .add_veth(&host_ifname, &env.ifname, ns.as_raw_fd(), mtu, bridge.index)
@@ -384,48 +443,41 @@ async fn wire(
         .require_link(&env.ifname)
         .await
         .map_err(nl_err("reading the container interface"))?;
-    pod.add_addr(plink.index, ipc.address)
-        .await
-        .map_err(nl_err("addressing the container interface"))?;
+    if let Some(ipc) = ipc {
+        pod.add_addr(plink.index, ipc.address)
+            .await
+            .map_err(nl_err("addressing the container interface"))?;
+    }
     pod.set_up(plink.index)
         .await
         .map_err(nl_err("bringing the container interface up"))?;
-    let mut routes: Vec<Route> = ipres
-        .routes
-        .iter()
-        .map(|r| Route {
-            dst: r.dst,
-            gw: Some(r.gw.unwrap_or(gateway)),
-        })
-        .collect();
-    if conf.delegate.is_default_gateway && !routes.iter().any(|r| r.dst.prefix_len() == 0) {
-        routes.push(Route {
-            dst: Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"),
-            gw: Some(gateway),
-        });
+    let mut routes: Vec<Route> = Vec::new();
+    if let Some(gateway) = gateway {
+        routes = ipres
+            .routes
+            .iter()
+            .map(|r| Route {
+                dst: r.dst,
+                gw: Some(r.gw.unwrap_or(gateway)),
+            })
+            .collect();
+        if conf.delegate.is_default_gateway && !routes.iter().any(|r| r.dst.prefix_len() == 0) {
+            routes.push(Route {
+                dst: Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"),
+                gw: Some(gateway),
+            });
+        }
     }
     for r in &routes {
         pod.add_route(plink.index, r.dst, r.gw)
             .await
             .map_err(nl_err("adding a container route"))?;
     }
-    // Dual-stack: the IPv6 address IPAM gave, and the IPv6 routes (the
-    // IPv6 network's, and a default one with isDefaultGateway) via the
-    // bridge's IPv6 gateway.
-    let ip6 = ipres.ips6.first().cloned();
+    // Dual-stack or IPv6-only: the IPv6 address IPAM gave, and the IPv6
+    // routes (the IPv6 network's, and a default one with
+    // isDefaultGateway) via the bridge's IPv6 gateway.
     let mut routes6 = Vec::new();
-    let mut gateway6 = None;
-    if let Some(c6) = &ip6 {
-        let gw6 = c6
-            .gateway
-            .or(senv.ipv6_subnet.map(|s| s.addr()))
-            .ok_or_else(|| {
-                CniError::new(
-                    code::INVALID_CONFIG,
-                    "IPAM gave an IPv6 address but neither it nor subnet.env names an IPv6 gateway",
-                )
-            })?;
-        gateway6 = Some(gw6);
+    if let (Some(c6), Some(gw6)) = (&ip6, gateway6) {
         let gw_net6 = Ipv6Net::new(gw6, c6.address.prefix_len())
             .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("IPv6 gateway: {e}")))?;
         let have = host
@@ -475,7 +527,7 @@ async fn wire(
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
         netns: env.netns.clone(),
-        ip: ipc.address,
+        ip: ipc.map(|c| c.address),
         gateway,
         ip6: ip6.as_ref().map(|c| c.address),
         gateway6,
@@ -511,11 +563,14 @@ async fn wire(
                 mtu: Some(mtu),
             },
         ],
-        ips: vec![IpConfig {
-            address: ipc.address,
-            gateway: Some(gateway),
-            interface: Some(2),
-        }],
+        ips: ipc
+            .map(|c| IpConfig {
+                address: c.address,
+                gateway,
+                interface: Some(2),
+            })
+            .into_iter()
+            .collect(),
         routes,
         ips6: ip6
             .map(|c| IpConfig6 {
@@ -539,7 +594,7 @@ fn register(conf: &NetConf, rec: &Record) -> CniResult<()> {
         Ok(_) => Ok(()),
         Err(ClientError::Refused(why)) => Err(CniError::new(
             code::AGENT_REFUSED,
-            format!("the agent refused pod {}", rec.ip.addr()),
+            format!("the agent refused pod {}", pod_name(rec)),
         )
         .details(why)),
         Err(e) => {
@@ -550,6 +605,11 @@ fn register(conf: &NetConf, rec: &Record) -> CniResult<()> {
             Ok(())
         }
     }
+}
+
+/// The pod's address as messages name it.
+fn pod_name(rec: &Record) -> String {
+    rec.key().map_or_else(|| "?".into(), |k| k.to_string())
 }
 
 fn load_record(conf: &NetConf, id: &str, ifname: &str) -> Option<Record> {
@@ -573,7 +633,7 @@ async fn del(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
             env,
             conf,
             host_ifname: rec.host_ifname.clone(),
-            ip: Some(rec.ip.addr()),
+            ip: rec.key(),
             ipam: Some(ipam_replay(env, rec)?),
         },
         None => Teardown {
@@ -613,10 +673,12 @@ async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
             ),
         )
     })?;
-    if !prev.ips.iter().any(|i| i.address == rec.ip) {
+    if let Some(ip) = rec
+        .ip
+        .filter(|ip| !prev.ips.iter().any(|i| i.address == *ip))
+    {
         return Err(check_failed(format!(
-            "prevResult does not hold the pod's address {}",
-            rec.ip
+            "prevResult does not hold the pod's address {ip}"
         )));
     }
     if let Some(ip6) = rec.ip6 {
@@ -659,10 +721,10 @@ async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
         .ipv4_addrs(plink.index)
         .await
         .map_err(nl_err("reading the container's addresses"))?;
-    if !addrs.contains(&rec.ip) {
+    if let Some(ip) = rec.ip.filter(|ip| !addrs.contains(ip)) {
         return Err(check_failed(format!(
-            "{} has lost its address {} (has {addrs:?})",
-            env.ifname, rec.ip
+            "{} has lost its address {ip} (has {addrs:?})",
+            env.ifname
         )));
     }
     let routes = pod
@@ -725,7 +787,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
         if !resp.endpoints.unwrap_or_default().contains(&want) {
             return Err(check_failed(format!(
                 "the agent does not have pod {} registered",
-                rec.ip.addr()
+                pod_name(&rec)
             )));
         }
     }
@@ -788,7 +850,7 @@ async fn gc(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
             env: &scoped,
             conf,
             host_ifname: rec.host_ifname.clone(),
-            ip: Some(rec.ip.addr()),
+            ip: rec.key(),
             ipam: Some(ipam_replay(&scoped, &rec)?),
         };
         undo.run(&host).await?;

@@ -27,9 +27,12 @@ pub struct Record {
     pub container_id: String,
     pub ifname: String,
     pub netns: String,
-    /// The pod's address with the lease's prefix length.
-    pub ip: Ipv4Net,
-    pub gateway: Ipv4Addr,
+    /// The pod's address with the lease's prefix length, and its gateway;
+    /// `None` in an IPv6-only cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
     /// Dual-stack: the pod's IPv6 address (with the IPv6 lease's prefix
     /// length) and its gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,11 +61,17 @@ impl Record {
     /// The pod as the agent registers it.
     pub fn endpoint(&self) -> crate::api::EndpointRecord {
         crate::api::EndpointRecord {
-            ip: Some(self.ip.addr()),
+            ip: self.ip.map(|n| n.addr()),
             mac: self.mac,
             host_ifname: self.host_ifname.clone(),
             ip6: self.ip6.map(|n| n.addr()),
         }
+    }
+
+    /// The pod's name with the agent (`EndpointRecord::key`): its IPv4
+    /// address, or in an IPv6-only cluster its IPv6 one.
+    pub fn key(&self) -> Option<std::net::IpAddr> {
+        self.endpoint().key()
     }
 
     pub fn path(&self, dir: &Path) -> PathBuf {
@@ -93,7 +102,10 @@ impl Record {
         if self.ipam_type != "host-local" {
             return true;
         }
-        let file = host_local_dir(&self.ipam, &self.network).join(self.ip.addr().to_string());
+        let Some(key) = self.key() else {
+            return false;
+        };
+        let file = host_local_dir(&self.ipam, &self.network).join(key.to_string());
         std::fs::read_to_string(file)
             .is_ok_and(|t| t.lines().next().map(str::trim) == Some(self.container_id.as_str()))
     }
@@ -126,7 +138,7 @@ pub fn list(dir: &Path) -> (Vec<Record>, Vec<String>) {
             Err(e) => bad.push(format!("{}: {e}", p.display())),
         }
     }
-    out.sort_by_key(|r| r.ip.addr());
+    out.sort_by_key(Record::key);
     (out, bad)
 }
 
@@ -181,8 +193,8 @@ mod tests {
             container_id: "c1".into(),
             ifname: "eth0".into(),
             netns: "/run/netns/x".into(),
-            ip: "10.244.1.5/24".parse().unwrap(),
-            gateway: "10.244.1.1".parse().unwrap(),
+            ip: Some("10.244.1.5/24".parse().unwrap()),
+            gateway: Some("10.244.1.1".parse().unwrap()),
             ip6: Some("fd00:10:244:1::5/64".parse().unwrap()),
             gateway6: Some("fd00:10:244:1::1".parse().unwrap()),
             mac: "0a:00:00:00:00:05".parse().unwrap(),
