@@ -501,6 +501,62 @@ fn ipv6_only_cluster_over_the_kube_subnet_manager() -> Result<()> {
     Ok(())
 }
 
+/// IPv6-only DirectRouting and host-gw: with DirectRouting the on-link
+/// nodes routed directly (`<IPv6 subnet> via <node IPv6> dev eth0`) and
+/// the far one over `flannel-v6.1`; with host-gw every node routed
+/// directly and no VXLAN device at all, pods at the uplink's MTU. Every
+/// ordered pod pair over ICMPv6, TCP and UDP between eBPF and
+/// kernel-path nodes, the counters proving the path.
+#[test]
+fn ipv6_only_direct_routing_and_host_gw_route_directly_on_link() -> Result<()> {
+    const DR: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1,"Port":4789,"DirectRouting":true}}"#;
+    const HOST_GW6: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}"#;
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 2),
+            NodeSpec::new(NodeKind::Kernel, 1),
+            NodeSpec::new(NodeKind::Ebpf, 1).far(),
+        ],
+        with_conf(DR),
+    )?;
+    for i in [0, 1] {
+        for (j, o) in lab.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+            let s6 = o.subnet6.context("no IPv6 lease")?;
+            let r = route6(&lab, i, &s6.to_string())?;
+            let want = match o.far {
+                true => format!("via {} dev flannel-v6.1", s6.network()),
+                false => format!("via {} dev eth0", o.ip6.context("no IPv6")?),
+            };
+            assert!(r.contains(&want), "node {i} to node {j}: {r}");
+        }
+    }
+    lab.every_pair(25900)?;
+    drop(lab);
+
+    let lab = Lab::with(
+        &[
+            NodeSpec::new(NodeKind::Ebpf, 2),
+            NodeSpec::new(NodeKind::Ebpf, 1),
+            NodeSpec::new(NodeKind::Kernel, 1),
+        ],
+        with_conf(HOST_GW6),
+    )?;
+    for n in &lab.nodes {
+        for dev in ["flannel.1", "flannel-v6.1"] {
+            assert!(ip(&["-n", &n.ns, "link", "show", dev]).is_err(), "{dev}");
+        }
+        let env = std::fs::read_to_string(n.subnet_file())?;
+        assert!(env.contains("FLANNEL_MTU=1500"), "{env}");
+    }
+    let leases = lab.local_store()?.leases()?;
+    for l in leases.values() {
+        assert!(!l.has_ipv4() && l.attrs.backend_type == "host-gw", "{l:?}");
+        assert!(l.attrs.public_ipv6.is_some() && l.attrs.backend_v6_data.is_null());
+    }
+    lab.every_pair(26100)?;
+    Ok(())
+}
+
 const DUAL_STACK_DIRECT_ROUTING: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1,"Port":4789,"DirectRouting":true}}"#;
 const DUAL_STACK_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}"#;
 
