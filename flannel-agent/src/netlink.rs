@@ -84,6 +84,21 @@ pub struct Link {
 }
 
 impl Link {
+    /// A plain link that is up, MTU 1500, no MAC (tests).
+    #[cfg(test)]
+    pub fn plain(index: u32, name: &str) -> Self {
+        Link {
+            index,
+            name: name.into(),
+            mac: None,
+            mtu: 1500,
+            up: true,
+            kind: None,
+            controller: None,
+            vxlan: Vec::new(),
+        }
+    }
+
     fn from_message(msg: &LinkMessage) -> Self {
         let mut link = Link {
             index: msg.header.index,

@@ -374,16 +374,7 @@ mod tests {
             ipnet::Ipv4Net::default()
         };
         Node {
-            uplink: Link {
-                index: 2,
-                name: "eth0".into(),
-                mac: None,
-                mtu: 1500,
-                up: true,
-                kind: None,
-                controller: None,
-                vxlan: Vec::new(),
-            },
+            uplink: Link::plain(2, "eth0"),
             uplink_nets: Vec::new(),
             uplink_nets6: Vec::new(),
             ip: std::net::Ipv4Addr::UNSPECIFIED,

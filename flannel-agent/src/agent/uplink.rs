@@ -104,16 +104,7 @@ mod tests {
     use super::*;
 
     fn link(index: u32, name: &str) -> Link {
-        Link {
-            index,
-            name: name.into(),
-            mac: None,
-            mtu: 1500,
-            up: true,
-            kind: None,
-            controller: None,
-            vxlan: Vec::new(),
-        }
+        Link::plain(index, name)
     }
 
     #[test]

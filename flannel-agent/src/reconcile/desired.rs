@@ -538,6 +538,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
 }
 
 /// The remote leases, sorted by how they are reached.
+#[derive(Default)]
 struct Remotes {
     vxlan: BTreeMap<Ipv4Net, RemoteEntry>,
     direct: BTreeMap<IpNet, DirectRoute>,
@@ -566,12 +567,7 @@ struct Remotes6 {
 fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
     let own = node.lease.subnet;
     let kind = cfg.backend.kind;
-    let mut out = Remotes {
-        vxlan: BTreeMap::new(),
-        direct: BTreeMap::new(),
-        ignored: BTreeMap::new(),
-        with6: Vec::new(),
-    };
+    let mut out = Remotes::default();
     for l in leases.values() {
         if l.attrs.public_ip == node.ip || l.subnet == own {
             continue;
@@ -596,11 +592,7 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
         let why = if own.contains(&l.subnet.network()) || l.subnet.contains(&own.network()) {
             format!("overlaps this node's lease {own}")
         } else if l.attrs.backend_type != kind.lease_name() {
-            format!(
-                "backend type {:?} is not {} (Flannel ignores it too)",
-                l.attrs.backend_type,
-                kind.lease_name()
-            )
+            other_backend(l, kind)
         } else {
             match kind {
                 BackendType::HostGw if node.on_link(ip) => {
@@ -648,17 +640,21 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
     out
 }
 
+/// Why a lease of another backend type is set aside.
+fn other_backend(l: &Lease, kind: BackendType) -> String {
+    format!(
+        "backend type {:?} is not {} (Flannel ignores it too)",
+        l.attrs.backend_type,
+        kind.lease_name()
+    )
+}
+
 /// An IPv6-only cluster's remote leases: no IPv4 side to decide, so every
 /// other node's lease of our backend type has its IPv6 side decided (by
 /// `remotes6`); one of another type is set aside.
 fn remotes_ipv6_only(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
     let kind = cfg.backend.kind;
-    let mut out = Remotes {
-        vxlan: BTreeMap::new(),
-        direct: BTreeMap::new(),
-        ignored: BTreeMap::new(),
-        with6: Vec::new(),
-    };
+    let mut out = Remotes::default();
     for l in leases.values() {
         if l.id() == node.lease.id() {
             continue;
@@ -667,11 +663,7 @@ fn remotes_ipv6_only(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes
             out.with6.push(l.id());
             continue;
         }
-        let why = format!(
-            "backend type {:?} is not {} (Flannel ignores it too)",
-            l.attrs.backend_type,
-            kind.lease_name()
-        );
+        let why = other_backend(l, kind);
         out.ignored.insert(
             l.id(),
             Ignored {
