@@ -45,6 +45,18 @@ impl MacAddr {
         MacAddr([0x0e, 0xb6, o[4], o[5], o[6], o[7]])
     }
 
+    /// The bridge's MAC from its gateways, as the agent and the CNI plugin
+    /// both set it: from the IPv4 one, or without IPv4 from the IPv6 one.
+    pub fn for_bridge_of(
+        gateway: Option<std::net::Ipv4Addr>,
+        gateway6: Option<std::net::Ipv6Addr>,
+    ) -> Self {
+        match (gateway, gateway6) {
+            (None, Some(g6)) => Self::for_bridge6(g6),
+            (g, _) => Self::for_bridge(g.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)),
+        }
+    }
+
     pub fn is_unicast(&self) -> bool {
         self.0[0] & 1 == 0 && self.0 != [0; 6]
     }

@@ -736,24 +736,13 @@ impl Lab {
             } else {
                 // Flannel reuses the subnet of an existing subnet.env when
                 // it is free: that keeps the lab's addresses predictable.
-                let v6 = self.net_config().ipv6_network.zip(node.subnet6);
-                let env = match v6 {
-                    Some((net6, s6)) if self.ipv6_only() => {
-                        SubnetEnv::ipv6_only(net6, s6, self.pod_mtu(), false)
-                    }
-                    _ => {
-                        let env = SubnetEnv::new(
-                            "10.244.0.0/16".parse()?,
-                            node.subnet,
-                            self.pod_mtu(),
-                            false,
-                        );
-                        match v6 {
-                            Some((net6, s6)) => env.with_ipv6(net6, s6),
-                            None => env,
-                        }
-                    }
-                };
+                let v4 = Some(("10.244.0.0/16".parse()?, node.subnet));
+                let env = SubnetEnv::of(
+                    v4.filter(|_| !self.ipv6_only()),
+                    self.net_config().ipv6_network.zip(node.subnet6),
+                    self.pod_mtu(),
+                    false,
+                );
                 env.write(&node.subnet_file())?;
             }
         }

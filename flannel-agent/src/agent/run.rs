@@ -290,18 +290,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         bail!("{op}: {err}");
     }
     // subnet.env last: the CNI plugin may create pods once it exists.
-    let (mtu, ip_masq) = (agent.node.pod_mtu(&agent.cfg), agent.opts.ip_masq);
-    let v6 = agent.cfg.ipv6_network.zip(agent.node.lease.ipv6_subnet);
-    let env = match v6 {
-        Some((net6, lease6)) if !agent.cfg.enable_ipv4 => {
-            SubnetEnv::ipv6_only(net6, lease6, mtu, ip_masq)
-        }
-        Some((net6, lease6)) => {
-            SubnetEnv::new(agent.cfg.network, agent.node.lease.subnet, mtu, ip_masq)
-                .with_ipv6(net6, lease6)
-        }
-        None => SubnetEnv::new(agent.cfg.network, agent.node.lease.subnet, mtu, ip_masq),
-    };
+    let env = SubnetEnv::of(
+        Some((agent.cfg.network, agent.node.lease.subnet)).filter(|_| agent.cfg.enable_ipv4),
+        agent.cfg.ipv6_network.zip(agent.node.lease.ipv6_subnet),
+        agent.node.pod_mtu(&agent.cfg),
+        agent.opts.ip_masq,
+    );
     env.write(&agent.opts.subnet_file)
         .with_context(|| format!("writing {}", agent.opts.subnet_file.display()))?;
     // The conflist goes in last: a runtime that sees it may ADD at once.

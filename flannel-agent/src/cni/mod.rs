@@ -187,10 +187,7 @@ async fn pod_bridge(
     gateway6: Option<std::net::Ipv6Addr>,
     mtu: u32,
 ) -> CniResult<Link> {
-    let mac = match (gateway, gateway6) {
-        (None, Some(g6)) => MacAddr::for_bridge6(g6),
-        (g, _) => MacAddr::for_bridge(g.map_or(Ipv4Addr::UNSPECIFIED, |g| g.addr())),
-    };
+    let mac = MacAddr::for_bridge_of(gateway.map(|g| g.addr()), gateway6);
     match nl
         .link_by_name(name)
         .await
@@ -377,19 +374,10 @@ async fn wire(
 ) -> CniResult<CniOutput> {
     use std::os::fd::AsRawFd;
     let mtu = conf.mtu(senv);
-    let gateway = match ipc {
-        None => None,
-        Some(ipc) => Some(
-            ipc.gateway
-                .or(senv.subnet.map(|s| s.addr()))
-                .ok_or_else(|| {
-                    CniError::new(
-                code::INVALID_CONFIG,
-                "IPAM gave an IPv4 address but neither it nor subnet.env names an IPv4 gateway",
-            )
-                })?,
-        ),
-    };
+    // Each family's gateway: the one IPAM gave, or subnet.env's.
+    let gateway = ipc
+        .map(|c| gateway_of(c.gateway, senv.subnet.map(|s| s.addr()), "IPv4"))
+        .transpose()?;
     let gw_net = match (gateway, ipc) {
         (Some(gateway), Some(ipc)) => Some(
             Ipv4Net::new(gateway, ipc.address.prefix_len())
@@ -397,21 +385,11 @@ async fn wire(
         ),
         _ => None,
     };
-    // The IPv6 gateway: the one IPAM gave, or subnet.env's.
     let ip6 = ipres.ips6.first().cloned();
-    let gateway6 = match &ip6 {
-        None => None,
-        Some(c6) => Some(
-            c6.gateway
-                .or(senv.ipv6_subnet.map(|s| s.addr()))
-                .ok_or_else(|| {
-                    CniError::new(
-                code::INVALID_CONFIG,
-                "IPAM gave an IPv6 address but neither it nor subnet.env names an IPv6 gateway",
-            )
-                })?,
-        ),
-    };
+    let gateway6 = ip6
+        .as_ref()
+        .map(|c| gateway_of(c.gateway, senv.ipv6_subnet.map(|s| s.addr()), "IPv6"))
+        .transpose()?;
     let bridge = pod_bridge(host, conf.bridge(), gw_net, gateway6, mtu).await?;
     let host_ifname = record::host_ifname(&env.container_id, &env.ifname);
     let made = host
@@ -582,6 +560,16 @@ async fn wire(
             .collect(),
         routes6,
         dns: ipres.dns.clone(),
+    })
+}
+
+/// A family's gateway for the pod: the one IPAM gave, else subnet.env's.
+fn gateway_of<A>(given: Option<A>, env: Option<A>, family: &str) -> CniResult<A> {
+    given.or(env).ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!("IPAM gave an {family} address but neither it nor subnet.env names an {family} gateway"),
+        )
     })
 }
 

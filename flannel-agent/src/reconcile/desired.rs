@@ -307,10 +307,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         gateway,
         gateway6,
         mtu,
-        mac: match (gateway, gateway6) {
-            (None, Some(g6)) => MacAddr::for_bridge6(g6.addr()),
-            (g, _) => MacAddr::for_bridge(g.map_or(Ipv4Addr::UNSPECIFIED, |g| g.addr())),
-        },
+        mac: MacAddr::for_bridge_of(gateway.map(|g| g.addr()), gateway6.map(|g| g.addr())),
     };
     let vxlan = i.cfg.backend.kind == BackendType::Vxlan;
     // flannel.<VNI> carries IPv4 only: none in an IPv6-only cluster.
@@ -574,7 +571,7 @@ fn remotes(node: &Node, cfg: &NetConfig, leases: &LeaseSet) -> Remotes {
         }
         let ip = l.attrs.public_ip;
         if !l.has_ipv4() {
-            let why = "no IPv4 subnet (an IPv6-only node in a cluster with EnableIPv4; Flannel cannot read its lease either)".to_string();
+            let why = "no IPv4 subnet: an IPv6-only node in a cluster with EnableIPv4 (give every node the same net-conf.json; Flannel cannot read its lease either)".to_string();
             out.ignored.insert(
                 l.id(),
                 Ignored {

@@ -45,17 +45,30 @@ impl SubnetEnv {
         self
     }
 
-    /// An IPv6-only cluster's file: the IPv6 pair alone.
-    pub fn ipv6_only(network: Ipv6Net, lease: Ipv6Net, mtu: u32, ipmasq: bool) -> Self {
-        SubnetEnv {
-            network: None,
-            subnet: None,
-            ipv6_network: None,
-            ipv6_subnet: None,
-            mtu,
-            ipmasq,
+    /// The file for whichever families the cluster has: `v4` and `v6` as
+    /// (network, lease) pairs; an IPv6-only cluster's has the IPv6 pair
+    /// alone.
+    pub fn of(
+        v4: Option<(Ipv4Net, Ipv4Net)>,
+        v6: Option<(Ipv6Net, Ipv6Net)>,
+        mtu: u32,
+        ipmasq: bool,
+    ) -> Self {
+        let env = match v4 {
+            Some((network, lease)) => SubnetEnv::new(network, lease, mtu, ipmasq),
+            None => SubnetEnv {
+                network: None,
+                subnet: None,
+                ipv6_network: None,
+                ipv6_subnet: None,
+                mtu,
+                ipmasq,
+            },
+        };
+        match v6 {
+            Some((network, lease)) => env.with_ipv6(network, lease),
+            None => env,
         }
-        .with_ipv6(network, lease)
     }
 
     /// Flannel's file, in its order: the IPv4 pair, the IPv6 pair, MTU,
@@ -183,9 +196,12 @@ mod tests {
         assert_eq!(dual.lease6(), Some("fd00:10:244:7::/64".parse().unwrap()));
         assert_eq!(env.lease6(), None);
         // IPv6-only: Flannel writes the IPv6 pair alone.
-        let only6 = SubnetEnv::ipv6_only(
-            "fd00:10:244::/56".parse().unwrap(),
-            "fd00:10:244:7::/64".parse().unwrap(),
+        let only6 = SubnetEnv::of(
+            None,
+            Some((
+                "fd00:10:244::/56".parse().unwrap(),
+                "fd00:10:244:7::/64".parse().unwrap(),
+            )),
             1430,
             false,
         );
